@@ -1,0 +1,129 @@
+"""Fashion-MNIST: finding the files on disk and serving them as PIL images.
+
+The four IDX files are read with gzip + numpy rather than torchvision's MNIST reader: torchvision's
+`read_image_file` only opens uncompressed files, so using it would mean decompressing into a cache
+directory (extra disk, atomic-write and staleness handling) to save ~10 lines of header parsing.
+The whole split is loaded into memory once (60k x 28 x 28 uint8 = 47 MB) and shared by reference.
+"""
+
+import functools
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+SPLIT_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's `dataset-fashion-mnist` package
+_REPO_ROOT = Path(__file__).resolve().parents[3]  # src/star/data/x.py -> repo root
+
+
+def _file_in(folder: Path, name: str) -> Path | None:
+    for candidate in (folder / f"{name}.gz", folder / name):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _has_all_files(folder: Path) -> bool:
+    return all(_file_in(folder, name) for files in SPLIT_FILES.values() for name in files)
+
+
+def _candidate_dirs(root) -> list[Path]:
+    """Every folder searched, in priority order."""
+    if root is not None:
+        return [Path(root)]
+    dirs = []
+    if os.environ.get("STAR_DATA"):
+        star_data = Path(os.environ["STAR_DATA"])
+        dirs += [star_data, star_data / "fashion-mnist"]
+    shared = Path("..") / "shared" / "data" / "fashion-mnist"
+    dirs += [(_REPO_ROOT / shared).resolve(), (Path.cwd() / shared).resolve(), SYSTEM_DIR]
+    return dirs
+
+
+def find_fashion_mnist(root=None) -> Path:
+    """Return the folder holding the four Fashion-MNIST IDX files (gz or uncompressed).
+
+    Search order: `root` if given (and nothing else); `$STAR_DATA` or `$STAR_DATA/fashion-mnist`;
+    `../shared/data/fashion-mnist` next to the repo root, then next to the working directory;
+    `/usr/share/datasets/fashion-mnist`.
+    """
+    searched = _candidate_dirs(root)
+    for folder in searched:
+        if _has_all_files(folder):
+            return folder
+    needed = ", ".join(f"{name}[.gz]" for files in SPLIT_FILES.values() for name in files)
+    looked = "\n".join(f"  - {folder}" for folder in searched)
+    raise FileNotFoundError(
+        f"Fashion-MNIST not found. A folder must hold {needed}. Looked in:\n{looked}\n"
+        "Get the data with `apt-get install dataset-fashion-mnist` (installs into "
+        f"{SYSTEM_DIR}), or download the files and set STAR_DATA=/path/to/folder."
+    )
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Parse an IDX file of unsigned bytes: magic (0x0000 08 ndim), ndim big-endian int32 dims, data."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if data[:3] != b"\x00\x00\x08":
+        raise ValueError(f"{path} is not an IDX file of uint8 values (bad magic number {data[:4].hex()})")
+    ndim = data[3]
+    shape = tuple(np.frombuffer(data, dtype=">i4", count=ndim, offset=4))
+    array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if array.size != np.prod(shape):
+        raise ValueError(f"{path} is truncated: header says {shape}, found {array.size} values")
+    return array.reshape(shape)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Cached so that building train and eval datasets (or several in tests) decodes each file once."""
+    image_name, label_name = SPLIT_FILES[split]
+    images = _read_idx(_file_in(folder, image_name))
+    labels = _read_idx(_file_in(folder, label_name))
+    if images.ndim != 3 or labels.shape != images.shape[:1]:
+        raise ValueError(f"Fashion-MNIST {split} files in {folder} disagree: images {images.shape}, labels {labels.shape}")
+    return images, labels
+
+
+class FashionMNIST(Dataset):
+    """Fashion-MNIST split returning (PIL image, int label); mode "L", or "RGB" when in_chans=3."""
+
+    classes = list(CLASSES)
+
+    def __init__(self, root=None, split="train", transform=None, in_chans=1):
+        if split not in SPLIT_FILES:
+            raise ValueError(f"Fashion-MNIST split must be one of {sorted(SPLIT_FILES)}, got {split!r}")
+        if in_chans not in (1, 3):
+            raise ValueError(f"in_chans must be 1 (grayscale) or 3 (RGB), got {in_chans}")
+        self.root = find_fashion_mnist(root)
+        self.split = split
+        self.transform = transform
+        self.in_chans = in_chans
+        self.images, labels = _load_split(self.root, split)
+        self.targets = labels.tolist()
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, index):
+        img = Image.fromarray(self.images[index])
+        if self.in_chans == 3:
+            img = img.convert("RGB")
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.targets[index]
+
+    def __repr__(self):
+        return f"FashionMNIST(split={self.split!r}, num_samples={len(self)}, root='{self.root}')"

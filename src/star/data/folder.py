@@ -1,0 +1,98 @@
+"""ImageNet-layout image folders (`root/<split>/<class>/<image>`) with explicit handling of bad files.
+
+Corrupt files are detected lazily, when a sample is loaded, instead of by an up-front scan: verifying
+1.28M ImageNet JPEGs before training would take longer than an epoch. With `skip_corrupt=True` a bad
+file is replaced by the next good sample in file order (deterministic, whichever worker loads it) and
+flagged in a shared-memory tensor, so flags set inside DataLoader worker processes are visible to the
+main process: after an epoch, `dataset.num_skipped` / `dataset.skipped_paths` report every bad file met.
+"""
+
+from pathlib import Path
+
+import torch
+import torchvision.datasets
+from PIL import Image
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+LAYOUT_HINT = "expected layout: <root>/<split>/<class_name>/<image> (e.g. root/train/n01440764/x.JPEG)"
+MODES = {1: "L", 3: "RGB"}
+
+
+class CorruptImageError(ValueError, OSError):
+    """An image file that cannot be opened or decoded."""
+
+
+def load_image(path, mode: str) -> Image.Image:
+    """Open and fully decode an image (convert() forces the decode, so truncated files fail here)."""
+    try:
+        with Image.open(path) as img:
+            return img.convert(mode)
+    except (OSError, SyntaxError, ValueError) as err:  # PIL raises all three for broken files
+        raise CorruptImageError(f"cannot read image {path}: {err}") from err
+
+
+class ImageFolder(torchvision.datasets.ImageFolder):
+    """One split of an ImageNet-layout folder, returning (PIL image in "RGB" or "L", int label).
+
+    Class names come from `root/train` when it exists, so every split shares one label mapping even if
+    a validation split lacks some class folders.
+    """
+
+    def __init__(self, root, split="train", transform=None, in_chans=3, skip_corrupt=False):
+        if in_chans not in MODES:
+            raise ValueError(f"in_chans must be 1 (grayscale) or 3 (RGB), got {in_chans}")
+        self.dataset_root = Path(root)
+        split_dir = self.dataset_root / split
+        if not split_dir.is_dir():
+            found = sorted(p.name for p in self.dataset_root.iterdir() if p.is_dir()) if self.dataset_root.is_dir() else None
+            where = f"{self.dataset_root} has sub-folders {found}" if found is not None else f"{self.dataset_root} does not exist"
+            raise FileNotFoundError(f"image folder split {split!r} not found at {split_dir} ({where}); {LAYOUT_HINT}")
+        super().__init__(split_dir, transform=transform, allow_empty=True)
+        if not self.samples:
+            raise FileNotFoundError(
+                f"no images found under {split_dir} (extensions {', '.join(IMG_EXTENSIONS)}); {LAYOUT_HINT}"
+            )
+        self.split = split
+        self.mode = MODES[in_chans]
+        self.skip_corrupt = skip_corrupt
+        self._corrupt = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
+
+    def find_classes(self, directory):
+        class_root = self.dataset_root / "train"
+        if not class_root.is_dir():
+            class_root = Path(directory)
+        classes = sorted(entry.name for entry in class_root.iterdir() if entry.is_dir())
+        if not classes:
+            raise FileNotFoundError(f"no class folders in {class_root}; {LAYOUT_HINT}")
+        unknown = sorted({entry.name for entry in Path(directory).iterdir() if entry.is_dir()} - set(classes))
+        if unknown:
+            raise ValueError(f"{directory} has class folders missing from {class_root}: {unknown[:10]}")
+        return classes, {name: index for index, name in enumerate(classes)}
+
+    @property
+    def skipped_paths(self) -> list[str]:
+        return [self.samples[i][0] for i in self._corrupt.nonzero().flatten().tolist()]
+
+    @property
+    def num_skipped(self) -> int:
+        return int(self._corrupt.sum())
+
+    def __getitem__(self, index):
+        if not self.skip_corrupt:
+            return self._sample(index)
+        for offset in range(len(self.samples)):
+            candidate = (index + offset) % len(self.samples)
+            if self._corrupt[candidate]:
+                continue
+            try:
+                return self._sample(candidate)
+            except CorruptImageError:
+                self._corrupt[candidate] = True
+        raise CorruptImageError(f"every image under {self.root} is corrupt")
+
+    def _sample(self, index):
+        path, target = self.samples[index]
+        img = load_image(path, self.mode)
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, target
