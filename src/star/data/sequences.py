@@ -1,0 +1,150 @@
+"""STAR batching: images are grouped into sequences of K distinct images, sequences into batches.
+
+Batch size counts IMAGES (as in the paper's recipe), so a batch of B images holds B // K sequences
+and the per-image learning-rate scaling stays the same for any K. Each epoch is a seeded permutation
+(seed + epoch) cut into sequences, so the batches depend only on (seed, epoch, world size) and a
+resumed run replays exactly the batches an uninterrupted run would have seen.
+"""
+
+import functools
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Sampler
+
+
+def _check_sizes(batch_size: int, images_per_seq: int) -> None:
+    if images_per_seq < 1:
+        raise ValueError(f"images per sequence K must be >= 1, got K={images_per_seq}")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1 image, got {batch_size}")
+    if images_per_seq > batch_size:
+        raise ValueError(f"K={images_per_seq} images per sequence does not fit a batch of {batch_size} images")
+    if batch_size % images_per_seq:
+        raise ValueError(
+            f"batch size ({batch_size} images) must be a multiple of K={images_per_seq} images per sequence; "
+            f"e.g. {batch_size - batch_size % images_per_seq} or {batch_size + images_per_seq - batch_size % images_per_seq}"
+        )
+
+
+class StarBatchSampler(Sampler[list[int]]):
+    """Yields batches of dataset indices, `batch_size` images = `batch_size // K` sequences of K images.
+
+    The indices of one sequence are contiguous in the batch (see `collate_sequences`). With
+    `num_replicas` > 1 (default: the torch.distributed world, if initialised) every rank takes a
+    disjoint, equally long slice of the epoch's sequences; the few sequences that do not divide
+    evenly are dropped rather than duplicated. Call `set_epoch(e)` before each epoch, as with
+    DistributedSampler, or every epoch repeats the same order.
+    """
+
+    def __init__(self, num_images, batch_size, images_per_seq, seed=0, drop_last=True, num_replicas=None, rank=None):
+        _check_sizes(batch_size, images_per_seq)
+        if num_replicas is None:
+            num_replicas = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if rank is None:
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, {num_replicas}), got {rank}")
+        self.num_images = num_images
+        self.batch_size = batch_size
+        self.images_per_seq = images_per_seq
+        self.seed = seed
+        self.drop_last = drop_last
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.seqs_per_batch = batch_size // images_per_seq
+        self.seqs_per_rank = num_images // images_per_seq // num_replicas
+        if self.seqs_per_rank < self.seqs_per_batch:
+            raise ValueError(
+                f"dataset of {num_images} images is smaller than one batch of {batch_size} images "
+                f"(K={images_per_seq}) per rank on {num_replicas} rank(s)"
+            )
+        self.epoch = 0
+        self._start_batch = 0  # where the next pass begins (non-zero only right after a resume)
+        self._batches_yielded = 0
+
+    def __len__(self):
+        full, rest = divmod(self.seqs_per_rank, self.seqs_per_batch)
+        return full + int(rest > 0 and not self.drop_last)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's permutation; keeps a pending resume offset only for the resumed epoch."""
+        if epoch != self.epoch:
+            self._start_batch = 0
+        self.epoch = epoch
+
+    def _rank_sequences(self) -> torch.Tensor:
+        """(seqs_per_rank, K) image indices of this rank for the current epoch."""
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.num_images, generator=generator)
+        num_used = self.seqs_per_rank * self.num_replicas
+        sequences = order[: num_used * self.images_per_seq].view(num_used, self.images_per_seq)
+        return sequences[self.rank :: self.num_replicas]
+
+    def __iter__(self):
+        start, self._start_batch = self._start_batch, 0
+        batches = self._rank_sequences().split(self.seqs_per_batch)[: len(self)]
+        self._batches_yielded = start
+        for batch in batches[start:]:
+            self._batches_yielded += 1
+            yield batch.flatten().tolist()
+
+    def state_dict(self, batches_done: int | None = None) -> dict:
+        """Position in the epoch, for resuming mid-epoch.
+
+        With DataLoader workers the sampler runs ahead of the training loop by the prefetch depth, so
+        pass `batches_done` = the number of batches the loop has actually consumed this epoch; without
+        it the count of batches this sampler has handed out is stored (exact for num_workers=0).
+        """
+        return {
+            "epoch": self.epoch,
+            "batches_done": self._batches_yielded if batches_done is None else batches_done,
+            "seed": self.seed,
+            "num_images": self.num_images,
+            "batch_size": self.batch_size,
+            "images_per_seq": self.images_per_seq,
+            "num_replicas": self.num_replicas,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume: the next pass over epoch `state["epoch"]` starts after the batches already done."""
+        for key in ("seed", "num_images", "batch_size", "images_per_seq", "num_replicas"):
+            if state[key] != getattr(self, key):
+                raise ValueError(
+                    f"cannot resume: sampler state has {key}={state[key]} but this run has {getattr(self, key)}; "
+                    "the remaining batches would differ from the interrupted run"
+                )
+        if not 0 <= state["batches_done"] <= len(self):
+            raise ValueError(f"batches_done must be in [0, {len(self)}], got {state['batches_done']}")
+        self.epoch = state["epoch"]
+        self._start_batch = self._batches_yielded = state["batches_done"]
+
+
+def collate_sequences(samples, images_per_seq):
+    """List of B*K (image tensor, label) -> images (B, K, C, H, W) and labels (B, K)."""
+    if len(samples) % images_per_seq:
+        raise ValueError(f"{len(samples)} samples cannot be cut into sequences of K={images_per_seq} images")
+    if not isinstance(samples[0][0], torch.Tensor):
+        raise TypeError(
+            f"samples must be image tensors, got {type(samples[0][0]).__name__}; "
+            "give the dataset a transform that ends in ToTensor/Normalize"
+        )
+    images = torch.stack([image for image, _ in samples])
+    labels = torch.tensor([label for _, label in samples])
+    return images.view(-1, images_per_seq, *images.shape[1:]), labels.view(-1, images_per_seq)
+
+
+def build_sequence_loader(dataset, batch_size, images_per_seq, seed=0, num_workers=0, drop_last=True,
+                          pin_memory=False, num_replicas=None, rank=None, **loader_kwargs) -> DataLoader:
+    """DataLoader yielding STAR batches; `loader.batch_sampler` gives set_epoch / state_dict / load_state_dict."""
+    sampler = StarBatchSampler(len(dataset), batch_size, images_per_seq, seed=seed, drop_last=drop_last,
+                               num_replicas=num_replicas, rank=rank)
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=functools.partial(collate_sequences, images_per_seq=images_per_seq),
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        **loader_kwargs,
+    )
