@@ -100,8 +100,6 @@ def _load_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
 class FashionMNIST(Dataset):
     """Fashion-MNIST split returning (PIL image, int label); mode "L", or "RGB" when in_chans=3."""
 
-    classes = list(CLASSES)
-
     def __init__(self, root=None, split="train", transform=None, in_chans=1):
         if split not in SPLIT_FILES:
             raise ValueError(f"Fashion-MNIST split must be one of {sorted(SPLIT_FILES)}, got {split!r}")
@@ -111,6 +109,7 @@ class FashionMNIST(Dataset):
         self.split = split
         self.transform = transform
         self.in_chans = in_chans
+        self.classes = list(CLASSES)
         self.images, labels = _load_split(self.root, split)
         self.targets = labels.tolist()
 

@@ -34,7 +34,8 @@ class StarBatchSampler(Sampler[list[int]]):
     `num_replicas` > 1 (default: the torch.distributed world, if initialised) every rank takes a
     disjoint, equally long slice of the epoch's sequences; the few sequences that do not divide
     evenly are dropped rather than duplicated. Call `set_epoch(e)` before each epoch, as with
-    DistributedSampler, or every epoch repeats the same order.
+    DistributedSampler, or every epoch repeats the same order. len() is always a full epoch's batches
+    (what LR schedules need), also while a resumed epoch yields only its remaining batches.
     """
 
     def __init__(self, num_images, batch_size, images_per_seq, seed=0, drop_last=True, num_replicas=None, rank=None):
