@@ -1,0 +1,305 @@
+"""Run configuration: nested dataclasses, YAML presets and `--dotted.name value` overrides.
+
+One `TrainConfig` describes a whole run (pretrain, finetune or linprobe). Presets ship as
+`star/configs/NAME.yaml`: shared keys at the top plus one section per task (`pretrain:`,
+`finetune:`, `linprobe:`) merged over them, so `star pretrain --config fmnist-tiny` and
+`star finetune --config fmnist-tiny` read the same file. Every value is checked against its
+field's type when loaded, so a typo fails at once with the field's name, not hours into a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+TASKS = ("pretrain", "finetune", "linprobe")
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class ModelConfig:
+    """A registry model plus optional overrides; None keeps the registry default."""
+
+    name: str = "star_tiny_patch16_192"
+    img_size: Optional[int] = None
+    patch_size: Optional[int] = None
+    in_chans: Optional[int] = None
+    cluster_size: Optional[int] = None  # patches per cluster side (4 -> 4x4 patches per cluster)
+    num_images: Optional[int] = None  # K images packed into one pretraining sequence
+    separator: Optional[Literal["cluster", "token", "fixed", "none"]] = None
+    cls_token: Optional[bool] = None
+    decoder_dim: Optional[int] = None
+    decoder_depth: Optional[int] = None
+    num_classes: Optional[int] = None
+    drop_path_rate: Optional[float] = None
+
+    def overrides(self) -> dict[str, Any]:
+        """The keyword arguments to pass to the model factory (name excluded, None dropped)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "name" and v is not None}
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "fashion-mnist"  # "fashion-mnist", "synthetic", or a path to an image-folder root
+    root: str = "data"  # where named datasets are stored / downloaded
+    img_size: Optional[int] = None  # None = the model's input size
+    in_chans: Optional[int] = None  # None = the model's input channels
+    num_workers: int = 4
+    skip_corrupt: bool = False  # skip unreadable images instead of failing
+    label_fraction: float = 1.0  # fine-tune on this fraction of the labelled training set
+    val_size: int = 0  # training images held out for validation; 0 = use the dataset's own split
+    num_samples: Optional[int] = None  # synthetic: images to generate; others: cap on training images
+    mean_std: str = "imagenet"  # normalization preset name
+    # augmentation (timm names)
+    scale_min: float = 0.2  # RandomResizedCrop scale lower bound
+    hflip: bool = True
+    auto_augment: Optional[str] = None  # e.g. "rand-m9-mstd0.5-inc1"
+    re_prob: float = 0.0  # random erasing probability
+    mixup: float = 0.0  # mixup alpha, 0 = off
+    cutmix: float = 0.0  # cutmix alpha, 0 = off
+    crop_pct: float = 0.875  # eval: resize to img_size / crop_pct, then center crop
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 100
+    warmup_epochs: float = 5.0
+    batch_size: int = 64  # images per optimizer micro-step per device
+    accum_iter: int = 1  # micro-steps per optimizer step
+    blr: float = 1.5e-4  # base lr, scaled by effective batch / 256 (see star.training.schedule)
+    lr: Optional[float] = None  # absolute lr; None = derived from blr
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip_grad: Optional[float] = None  # max global grad norm, None = no clipping
+    layer_decay: Optional[float] = None  # layer-wise lr decay (fine-tuning), None = off
+    smoothing: float = 0.0  # label smoothing
+    ema_decay: Optional[float] = None  # model EMA decay per optimizer step, None = off
+
+
+@dataclass
+class TrainConfig:
+    task: Literal["pretrain", "finetune", "linprobe"] = "pretrain"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    output_dir: str = "runs/star"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Literal["auto", "bf16", "none"] = "auto"  # auto = bf16 autocast on CUDA, off on CPU
+    compile: bool = False  # torch.compile the model
+    log_every: int = 20  # optimizer steps between metric rows
+    save_every: int = 0  # optimizer steps between checkpoints; 0 = at epoch ends only
+    eval_every: int = 1  # epochs between evaluations (0 = only at the end)
+    max_steps: Optional[int] = None  # stop after this many optimizer steps (smoke runs)
+    resume: Optional[str] = None  # checkpoint dir, run dir, or "auto" (latest in output_dir)
+    pretrained: Optional[str] = None  # weights to start fine-tuning from (run dir, checkpoint, file)
+    keep_last: int = 3  # checkpoints kept on disk; 0 = keep all
+
+
+# ---------------------------------------------------------------------------- parsing values
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "one of " + "|".join(str(a) for a in args)
+    if origin is Union:
+        return " or ".join(_type_name(a) for a in args if a is not type(None)) + " or none"
+    if origin is tuple:
+        return "comma-separated " + ",".join(_type_name(a) for a in args)
+    return tp.__name__
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Convert `value` (from YAML or the command line) to type `tp`, or raise naming the field."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    bad = ValueError(f"config field '{name}': expected {_type_name(tp)}, got {value!r}")
+    if origin is Union:
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, name)
+    if origin is Literal:
+        if value not in args:
+            raise bad
+        return value
+    if origin is tuple:
+        items = [s.strip() for s in value.split(",")] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or len(items) != len(args):
+            raise bad
+        return tuple(_coerce(v, a, name) for v, a in zip(items, args))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
+            return value.lower() in _TRUE
+        raise bad
+    if tp in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise bad
+        try:
+            out = tp(value)
+        except ValueError:
+            raise bad from None
+        if tp is int and isinstance(value, float) and value != out:
+            raise bad
+        return out
+    if tp is str and isinstance(value, str):
+        return value
+    raise bad
+
+
+def _fields(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _all_names(cls: type = None, prefix: str = "") -> list[str]:
+    """Every dotted field name of TrainConfig, for "did you mean" hints."""
+    names = []
+    for name, tp in _fields(cls or TrainConfig).items():
+        names += _all_names(tp, f"{prefix}{name}.") if dataclasses.is_dataclass(tp) else [prefix + name]
+    return names
+
+
+def _unknown_key(key: str, prefix: str, allowed: list[str]) -> ValueError:
+    names = _all_names()
+    close = difflib.get_close_matches(prefix + key, names, n=1) or [n for n in names if n.endswith("." + key)][:1]
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    section = prefix.rstrip(".") or "the top level"
+    return ValueError(f"unknown config key '{prefix}{key}'.{hint} Allowed keys in {section}: {', '.join(allowed)}")
+
+
+def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a (possibly partial) dict, checking every key and value."""
+    if not isinstance(data, dict):
+        raise ValueError(f"config section '{prefix.rstrip('.')}' must be a mapping, got {data!r}")
+    fields = _fields(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise _unknown_key(key, prefix, list(fields))
+        tp = fields[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _from_dict(tp, value or {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, prefix + key)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict) -> TrainConfig:
+    return _from_dict(TrainConfig, data)
+
+
+def config_to_dict(cfg: TrainConfig) -> dict:
+    """Plain nested dict (tuples as lists), suitable for YAML and for checkpoints."""
+
+    def plain(v):
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return list(v) if isinstance(v, tuple) else v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+# ---------------------------------------------------------------------------- files and presets
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(name_or_path: str, task: Optional[str] = None) -> TrainConfig:
+    """Load a preset name (see `list_presets()`) or a YAML file path.
+
+    A file with task sections needs `task` (or a top-level `task:` key) to pick one; a flat
+    file (e.g. a saved run config) loads as is, with `task` replacing its task if given.
+    """
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = PRESET_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            raise ValueError(f"config '{name_or_path}' is neither a YAML file nor a preset; presets: {', '.join(list_presets())}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping of config keys at the top level")
+    if task is not None and task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    sections = {t: raw.pop(t) for t in TASKS if t in raw}
+    task = task or raw.get("task")
+    if sections:
+        if task is None and len(sections) == 1:
+            task = next(iter(sections))
+        if task not in sections:
+            raise ValueError(f"{path} has no '{task}' recipe; it has: {', '.join(sections)}")
+        raw = _merge(raw, sections[task] or {})
+    if task is not None:
+        raw["task"] = task
+    return config_from_dict(raw)
+
+
+def save_config(cfg: TrainConfig, path: Union[str, Path]) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def apply_overrides(cfg: TrainConfig, args: list[str]) -> TrainConfig:
+    """Return a copy of `cfg` with `--section.field value` / `--field=value` overrides applied.
+
+    A bool field given without a value (`--compile`) is set to true.
+    """
+    data = config_to_dict(cfg)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ValueError(f"expected an override like --optim.blr 1e-4, got {arg!r}")
+        name, has_value, value = arg[2:].partition("=")
+        tp = _lookup(name)
+        if not has_value:
+            if i + 1 < len(args) and not args[i + 1].startswith("--"):
+                value, i = args[i + 1], i + 1
+            elif tp is bool:
+                value = "true"
+            else:
+                raise ValueError(f"override --{name} needs a value ({_type_name(tp)})")
+        *parents, leaf = name.split(".")
+        node = data
+        for p in parents:
+            node = node[p]
+        node[leaf] = _coerce(value, tp, name)
+        i += 1
+    return config_from_dict(data)
+
+
+def _lookup(name: str) -> Any:
+    """The type of dotted field `name`, or a ValueError naming what is allowed."""
+    cls, prefix = TrainConfig, ""
+    parts = name.split(".")
+    for depth, part in enumerate(parts):
+        fields = _fields(cls)
+        if part not in fields:
+            raise _unknown_key(part, prefix, list(fields))
+        tp, section = fields[part], f"{prefix}{part}"
+        if depth == len(parts) - 1:
+            if dataclasses.is_dataclass(tp):
+                raise ValueError(f"'{name}' is a section; set one of its fields: {', '.join(f'{section}.{f}' for f in _fields(tp))}")
+            return tp
+        if not dataclasses.is_dataclass(tp):
+            raise ValueError(f"'{section}' is not a section, so '{name}' does not exist")
+        cls, prefix = tp, section + "."

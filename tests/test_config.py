@@ -1,0 +1,71 @@
+"""Config loading, overrides, error messages and round-trips."""
+
+import pytest
+
+from star.config import (TASKS, TrainConfig, apply_overrides, config_from_dict, list_presets, load_config,
+                         save_config)
+
+
+def test_presets_load_for_every_recipe_they_hold():
+    assert {"fmnist-tiny", "imagenet-base", "imagenet-large"} <= set(list_presets())
+    for task in TASKS:
+        cfg = load_config("fmnist-tiny", task)
+        assert cfg.task == task and cfg.data.dataset == "fashion-mnist" and cfg.model.img_size == 32
+    pre, fine = load_config("imagenet-base", "pretrain"), load_config("imagenet-base", "finetune")
+    # the paper's recipes (STAR_SPEC sections 3 and 4)
+    assert (pre.optim.blr, pre.optim.betas, pre.optim.clip_grad, pre.model.num_images) == (1.5e-4, (0.9, 0.95), 3.0, 4)
+    assert (fine.optim.layer_decay, fine.model.drop_path_rate, fine.optim.ema_decay) == (0.65, 0.1, 0.99992)
+    assert load_config("imagenet-large", "finetune").optim.layer_decay == 0.75
+    with pytest.raises(ValueError, match="no 'linprobe' recipe"):
+        load_config("imagenet-base", "linprobe")
+    with pytest.raises(ValueError, match="presets: .*fmnist-tiny"):
+        load_config("no-such-preset")
+
+
+def test_overrides_parse_by_field_type():
+    cfg = apply_overrides(load_config("fmnist-tiny", "pretrain"), [
+        "--optim.blr", "1e-4", "--model.num_images", "8", "--data.hflip", "false", "--optim.betas", "0.8,0.9",
+        "--optim.clip_grad=none", "--model.separator=token", "--compile", "--max_steps", "5"])
+    assert cfg.optim.blr == 1e-4 and isinstance(cfg.optim.blr, float)
+    assert cfg.model.num_images == 8 and cfg.data.hflip is False and cfg.optim.betas == (0.8, 0.9)
+    assert cfg.optim.clip_grad is None and cfg.model.separator == "token" and cfg.compile is True and cfg.max_steps == 5
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--optim.blrr", "1"], ["optim.blrr", "optim.blr"]),  # unknown name: suggests the close match
+    (["--optim.blr", "fast"], ["optim.blr", "float"]),
+    (["--model.num_images", "2.5"], ["model.num_images", "int"]),
+    (["--model.separator", "dots"], ["model.separator", "cluster|token|fixed|none"]),
+    (["--optim.betas", "0.9"], ["optim.betas", "float,float"]),
+    (["--data.hflip", "maybe"], ["data.hflip", "bool"]),
+    (["--optim", "3"], ["optim", "section", "optim.blr"]),
+    (["--seed.x", "3"], ["seed", "not a section"]),
+    (["--epochs", "3"], ["epochs", "optim.epochs"]),
+    (["--optim.blr"], ["optim.blr", "needs a value"]),
+])
+def test_bad_overrides_name_the_field(args, words):
+    with pytest.raises(ValueError) as err:
+        apply_overrides(TrainConfig(), args)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_yaml_errors_name_the_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("optim:\n  warmup_epoch: 3\n")
+    with pytest.raises(ValueError, match=r"optim\.warmup_epoch.*optim\.warmup_epochs"):
+        load_config(str(path))
+    path.write_text("task: distill\n")
+    with pytest.raises(ValueError, match="task.*pretrain|finetune|linprobe"):
+        load_config(str(path))
+
+
+def test_save_load_round_trip(tmp_path):
+    cfg = apply_overrides(load_config("imagenet-base", "finetune"), ["--optim.lr", "3e-3", "--resume", "auto"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(str(tmp_path / "config.yaml")) == cfg
+    # YAML 1.1 reads "1e-4" as a string; the field type still makes it a float
+    path = tmp_path / "plain.yaml"
+    path.write_text("optim:\n  blr: 1e-4\n  betas: [0.9, 0.95]\n")
+    assert load_config(str(path)).optim.blr == 1e-4
+    assert config_from_dict({}) == TrainConfig()
