@@ -1,0 +1,386 @@
+"""One training engine for pretraining, fine-tuning and linear probing (MAE-style loop).
+
+`Trainer(cfg, model, loss_fn, train_loader, val_loader).fit()` runs a whole job: AdamW with
+per-step warmup + cosine lr, gradient accumulation, grad clipping, bf16 autocast on CUDA,
+optional EMA, evaluation, metrics (tqdm, `metrics.csv`, TensorBoard) and checkpoints.
+
+Resuming is exact: a checkpoint holds the weights, optimizer, EMA, step, the position inside the
+epoch and all RNG states, and the RNG is restored after the data iterator is created, so a
+resumed run retraces the uninterrupted one (bit-exact on CPU with num_workers=0; with workers,
+augmentation randomness is only as reproducible as the dataset's own seeding).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from star.config import TrainConfig, config_to_dict, save_config
+from star.training.checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
+from star.training.optim import create_optimizer, freeze_for_linear_probe
+from star.training.schedule import CosineSchedule, resolve_lr
+
+LossFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, dict]"]
+
+
+# ---------------------------------------------------------------------------- runtime helpers
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but no CUDA device is available; use --device cpu")
+    if device == "cuda" and dist.is_available() and dist.is_initialized():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(device)
+
+
+def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype: bf16 on CUDA for "auto", None (full fp32) on CPU for "auto"."""
+    if amp == "bf16" or (amp == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def get_rng_state() -> dict:
+    """Every RNG the training step may draw from, in a form `torch.load(weights_only=True)` accepts."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _to_device(batch, device: torch.device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _num_images(batch) -> int:
+    """Images in a batch: B*K for pretraining sequences (B, K, C, H, W), else B."""
+    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+    return x.shape[0] * x.shape[1] if x.ndim == 5 else x.shape[0]
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", amp_dtype: Optional[torch.dtype] = None) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy of a classifier over (images, labels) batches."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top1, top5, count
+    for images, targets in loader:
+        images, targets = _to_device(images, device), _to_device(targets, device)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            logits = model(images)
+        logits = logits.float()
+        topk = logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]
+        totals += torch.stack([F.cross_entropy(logits, targets, reduction="sum"), topk[:, 0].sum(),
+                               topk.any(dim=1).sum(), torch.tensor(targets.shape[0], device=device)]).double()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(totals)
+    model.train(was_training)
+    loss, top1, top5, count = totals.tolist()
+    if count == 0:
+        raise ValueError("evaluate: the loader yielded no samples")
+    return {"loss": loss / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count}
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+class MetricsLogger:
+    """Appends metric rows to `metrics.csv` (columns grow as new metrics appear) and TensorBoard.
+
+    On resume, rows logged after the checkpoint's step (by a run that died later) are dropped so
+    the file reads as one uninterrupted run.
+    """
+
+    def __init__(self, run_dir: Path, resume_step: Optional[int] = None):
+        self.path = run_dir / "metrics.csv"
+        self.fields, self.rows = ["step"], []
+        if resume_step is not None and self.path.is_file():
+            with open(self.path, newline="") as f:
+                reader = csv.DictReader(f)
+                self.fields = list(reader.fieldnames or ["step"])
+                self.rows = [r for r in reader if int(r["step"]) <= resume_step]
+        self._rewrite()
+        purge = None if resume_step is None else resume_step + 1
+        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=purge)
+
+    def _rewrite(self) -> None:
+        with open(self.path, "w", newline="") as f:
+            writer = csv.DictWriter(f, self.fields)
+            writer.writeheader()
+            writer.writerows(self.rows)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        row = {"step": step, **{k: repr(float(v)) for k, v in metrics.items()}}
+        self.rows.append(row)
+        if any(k not in self.fields for k in row):
+            self.fields += [k for k in row if k not in self.fields]
+            self._rewrite()
+        else:
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, self.fields).writerow(row)
+        for k, v in metrics.items():
+            self.tb.add_scalar(k, float(v), step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        self.tb.close()
+
+
+# ---------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    """Trains `model` with `loss_fn(model, batch) -> (loss, logs)` as `cfg` says.
+
+    `train_loader` yields a fixed number of batches per epoch (`len(loader)`). Its batch sampler
+    (e.g. `star.data.StarBatchSampler`, K=1 for classification) should have `set_epoch(epoch)`,
+    `state_dict(batches_done=n)` and `load_state_dict(state)`, the last making the next iter() start
+    at batch n of the saved epoch; without them resuming mid-epoch draws and discards the batches
+    already consumed (correct, but slow). `val_loader`, for classification tasks, yields (images, labels).
+    For `task == "linprobe"` everything but `model.head` is frozen here.
+    """
+
+    def __init__(self, cfg: TrainConfig, model: nn.Module, loss_fn: LossFn, train_loader, val_loader=None):
+        self.cfg, self.loss_fn = cfg, loss_fn
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.rank, self.world_size = _dist_rank_world()
+        self.is_main = self.rank == 0
+        self.device = resolve_device(cfg.device)
+        self.amp_dtype = resolve_amp(cfg.amp, self.device)
+        self.run_dir = Path(cfg.output_dir)
+        seed_everything(cfg.seed + self.rank)
+
+        if cfg.task == "linprobe":
+            freeze_for_linear_probe(model)
+        self.model = model.to(self.device)
+        self.train_model = self.model  # what the loss sees: wrapped for DDP / compiled
+        if self.world_size > 1:
+            self.train_model = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if cfg.compile:
+            self.train_model = torch.compile(self.train_model)
+
+        optim = cfg.optim
+        self.steps_per_epoch = len(train_loader) // optim.accum_iter
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the train loader has {len(train_loader)} batches per epoch, fewer than accum_iter={optim.accum_iter}")
+        self.total_steps = optim.epochs * self.steps_per_epoch
+        self.lr = resolve_lr(optim, self.world_size)
+        self.optimizer = create_optimizer(self.model, optim, self.lr)
+        self.schedule = CosineSchedule(self.optimizer, self.lr, optim.min_lr, optim.warmup_epochs * self.steps_per_epoch, self.total_steps)
+        self.ema = ModelEmaV3(self.model, decay=optim.ema_decay) if optim.ema_decay is not None else None
+
+        self.step = 0  # optimizer steps done
+        self.epoch = 0  # current epoch
+        self.batches_done = 0  # micro-batches of the current epoch consumed
+        self.last_checkpoint: Optional[Path] = None
+        self._rng_to_restore: Optional[dict] = None
+        self._sampler_to_restore: Optional[dict] = None
+        if cfg.resume is not None:
+            self.resume(cfg.resume)
+        elif (found := latest_checkpoint(self.run_dir)) is not None:
+            raise ValueError(f"{self.run_dir} already holds checkpoints (latest: {found}); "
+                             "pass --resume auto to continue that run, or choose another --output_dir")
+        self.metrics = None
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+            self.metrics = MetricsLogger(self.run_dir, resume_step=self.step if self.last_checkpoint else None)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "data": {"epoch": self.epoch, "batches_done": self.batches_done, "sampler": self._sampler_state()},
+            "optimizer": self.optimizer.state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "rng": get_rng_state(),
+            "config": config_to_dict(self.cfg),
+        }
+
+    def save(self) -> None:
+        if self.is_main:
+            self.last_checkpoint = save_checkpoint(self.run_dir, self.step, self.model, self.state_dict(), self.cfg.keep_last)
+
+    def resume(self, path: str) -> None:
+        """Continue from checkpoint `path` ("auto" = this run's latest, or start fresh if none)."""
+        ckpt = latest_checkpoint(self.run_dir) if path == "auto" else resolve_checkpoint(path)
+        if ckpt is None:
+            return
+        state = load_checkpoint(ckpt, self.model)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None:
+            if state["ema"] is None:
+                raise ValueError(f"{ckpt} has no EMA weights but optim.ema_decay is set")
+            self.ema.module.load_state_dict(state["ema"])
+        self.step = state["step"]
+        self.epoch, self.batches_done = state["data"]["epoch"], state["data"]["batches_done"]
+        self._sampler_to_restore = state["data"]["sampler"]
+        self._rng_to_restore = state["rng"]
+        self.last_checkpoint = ckpt
+        if self.is_main:
+            print(f"resumed from {ckpt}: step {self.step}, epoch {self.epoch}, batch {self.batches_done}")
+
+    # ------------------------------------------------------------------ loop
+
+    def _done(self) -> bool:
+        return self.step >= self.total_steps or (self.cfg.max_steps is not None and self.step >= self.cfg.max_steps)
+
+    def fit(self) -> dict[str, float]:
+        """Train to the end of the schedule (or `max_steps`); returns the last evaluation, if any."""
+        results: dict[str, float] = {}
+        try:
+            while not self._done():
+                self.train_one_epoch()
+                epoch_end = self.batches_done == 0
+                final = self._done()
+                every = self.cfg.eval_every
+                if final or (epoch_end and every > 0 and self.epoch % every == 0):
+                    results = self.evaluate_all()
+                if epoch_end or final:
+                    self.save()
+        finally:
+            if self.metrics is not None:
+                self.metrics.close()
+        return results
+
+    def evaluate_all(self) -> dict[str, float]:
+        """Evaluate the model (and its EMA) on `val_loader`; leaves every RNG untouched so that
+        evaluating never changes the training trajectory."""
+        if self.val_loader is None or self.cfg.task == "pretrain":
+            return {}
+        rng = get_rng_state()
+        results = {f"val/{k}": v for k, v in evaluate(self.train_model, self.val_loader, self.device, self.amp_dtype).items()}
+        if self.ema is not None:
+            results.update({f"val_ema/{k}": v for k, v in evaluate(self.ema.module, self.val_loader, self.device, self.amp_dtype).items()})
+        set_rng_state(rng)
+        if self.is_main:
+            self.metrics.log(self.step, {"epoch": self.epoch, **results})
+            print(f"epoch {self.epoch} step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
+        return results
+
+    def _sampler_state(self) -> Optional[dict]:
+        sampler = getattr(self.train_loader, "batch_sampler", None)
+        return sampler.state_dict(batches_done=self.batches_done) if hasattr(sampler, "state_dict") else None
+
+    def _start_epoch_iterator(self):
+        sampler = getattr(self.train_loader, "batch_sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.epoch)
+        skip = self.batches_done
+        if skip and self._sampler_to_restore is not None:
+            sampler.load_state_dict(self._sampler_to_restore)
+            skip = 0
+        self._sampler_to_restore = None
+        it = iter(self.train_loader)
+        for _ in range(skip):
+            next(it)
+        if self._rng_to_restore is not None:  # after iter(): creating it draws from the RNG
+            set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
+        return it
+
+    def train_one_epoch(self) -> None:
+        """Run optimizer steps until the epoch ends or training is done; resumes mid-epoch."""
+        cfg, accum = self.cfg, self.cfg.optim.accum_iter
+        num_batches = self.steps_per_epoch * accum  # a trailing partial accumulation is dropped
+        it = self._start_epoch_iterator()
+        self.train_model.train()
+        bar = tqdm(total=num_batches, initial=self.batches_done, desc=f"{cfg.task} epoch {self.epoch}",
+                   disable=not self.is_main, dynamic_ncols=True)
+        images, t_last = 0, time.perf_counter()
+        try:
+            while not self._done():
+                losses, logs = [], {}
+                for micro in range(accum):
+                    batch = _to_device(next(it), self.device)
+                    sync = self.train_model.no_sync() if self.world_size > 1 and micro < accum - 1 else contextlib.nullcontext()
+                    with sync:
+                        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None):
+                            loss, logs = self.loss_fn(self.train_model, batch)
+                        (loss / accum).backward()
+                    losses.append(loss.detach().float())
+                    images += _num_images(batch)
+                    self.batches_done += 1
+                    bar.update(1)
+                loss = torch.stack(losses).mean().item()  # the one host sync per optimizer step
+                if not math.isfinite(loss):
+                    raise FloatingPointError(
+                        f"non-finite loss ({loss}) at optimizer step {self.step + 1} (epoch {self.epoch}, batch "
+                        f"{self.batches_done}/{num_batches}); weights were not updated. Last good checkpoint: "
+                        f"{self.last_checkpoint or 'none saved yet'}")
+                lr = self.schedule.step(self.step)
+                metrics = {"epoch": self.epoch + self.batches_done / num_batches, "train/loss": loss, "train/lr": lr}
+                if cfg.optim.clip_grad is not None:
+                    metrics["train/grad_norm"] = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                if self.ema is not None:
+                    self.ema.update(self.model, step=self.step)
+                if self.is_main and (self.step % cfg.log_every == 0 or self.step == 1):
+                    now = time.perf_counter()
+                    metrics["train/img_s"] = images / (now - t_last)
+                    images, t_last = 0, now
+                    metrics.update({f"train/{k}": float(v) for k, v in logs.items()})
+                    self.metrics.log(self.step, metrics)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{metrics['train/img_s']:.0f}")
+                if self.batches_done == num_batches:
+                    self.epoch, self.batches_done = self.epoch + 1, 0
+                    break  # epoch ends are evaluated and saved by fit()
+                if cfg.save_every and self.step % cfg.save_every == 0:
+                    self.save()
+        finally:
+            bar.close()
