@@ -1,0 +1,9 @@
+"""Triton kernels for the Mamba mixer: selective scan and depthwise causal conv1d (forward and backward).
+
+Both entry points are autograd-aware wrappers around `torch.library` custom ops, so torch.compile and
+CUDA graphs capture them; they also run on CPU tensors under TRITON_INTERPRET=1 (for tests).
+"""
+from .causal_conv1d import causal_conv1d_triton
+from .selective_scan import selective_scan_triton
+
+__all__ = ["causal_conv1d_triton", "selective_scan_triton"]

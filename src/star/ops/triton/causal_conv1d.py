@@ -1,0 +1,184 @@
+"""Depthwise causal conv1d + bias + SiLU in Triton, forward and backward, (batch, length, channels) layout.
+
+Working in (b, l, d) directly saves the two transposes that torch's conv1d needs ((b, d, l) layout) and
+fuses bias and SiLU. Each tap is a shifted (BLOCK_L, BLOCK_D) tile load that hits L1/L2 after the first.
+Causal:      y[t] = sum_j w[:, j] x[t - (k-1-j)]
+reverse:     y[t] = sum_j w[:, j] x[t + (k-1-j)]   (anti-causal mirror; no flipped copies)
+The backward recomputes the pre-activation instead of storing it, and writes weight/bias gradients as
+per-(batch, time segment) partials that torch sums in a fixed order (deterministic, no atomics).
+"""
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+BLOCK_L = 64
+BLOCK_D = 64
+SEGMENT_TILES = 8  # backward: time tiles per program, so weight-gradient partials stay small
+NUM_WARPS = 4
+
+
+@triton.jit
+def _conv_pre(x_ptr, w_ptr, bias_ptr, row0, offs_t, offs_d, L, D,
+              K: tl.constexpr, STEP: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Pre-activation at times offs_t (fp32); zero outside [0, L) so the backward can use it as padding."""
+    mask_d = offs_d < D
+    acc = tl.zeros((offs_t.shape[0], offs_d.shape[0]), dtype=tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+    for j in tl.static_range(K):
+        src = offs_t + STEP * (K - 1 - j)
+        m = ((src >= 0) & (src < L))[:, None] & mask_d[None, :]
+        x = tl.load(x_ptr + (row0 + src)[:, None] * D + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + offs_d * K + j, mask=mask_d, other=0.0).to(tl.float32)
+        acc += w[None, :] * x
+    return acc
+
+
+@triton.jit
+def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, L, D,
+                     K: tl.constexpr, STEP: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    row0 = tl.program_id(0).to(tl.int64) * L
+    offs_t = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    y = _conv_pre(x_ptr, w_ptr, bias_ptr, row0, offs_t, offs_d, L, D, K, STEP, HAS_BIAS)
+    if SILU:
+        y = y * tl.sigmoid(y)
+    mask = (offs_t < L)[:, None] & (offs_d < D)[None, :]
+    tl.store(y_ptr + (row0 + offs_t)[:, None] * D + offs_d[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grad_pre(x_ptr, w_ptr, bias_ptr, dy_ptr, row0, offs_t, offs_d, L, D,
+              K: tl.constexpr, STEP: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
+    """Gradient w.r.t. the pre-activation at times offs_t; zero outside [0, L)."""
+    m = ((offs_t >= 0) & (offs_t < L))[:, None] & (offs_d < D)[None, :]
+    dy = tl.load(dy_ptr + (row0 + offs_t)[:, None] * D + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+    if SILU:
+        pre = _conv_pre(x_ptr, w_ptr, bias_ptr, row0, offs_t, offs_d, L, D, K, STEP, HAS_BIAS)
+        sig = tl.sigmoid(pre)
+        dy = dy * sig * (1.0 + pre * (1.0 - sig))
+    return dy
+
+
+@triton.jit
+def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, dx_ptr, dw_part_ptr, dbias_part_ptr, L, D,
+                     K: tl.constexpr, STEP: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, SEGMENT_TILES: tl.constexpr,
+                     K_PAD: tl.constexpr):
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_seg = tl.program_id(1)
+    row0 = pid_b * L
+    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    taps = tl.arange(0, K_PAD)
+    dw_acc = tl.zeros((BLOCK_D, K_PAD), dtype=tl.float32)
+    dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    first_tile = pid_seg * SEGMENT_TILES
+    for tile in range(first_tile, tl.minimum(first_tile + SEGMENT_TILES, tl.cdiv(L, BLOCK_L))):
+        offs_t = tile * BLOCK_L + tl.arange(0, BLOCK_L)
+        mask = (offs_t < L)[:, None] & mask_d[None, :]
+        dpre = _grad_pre(x_ptr, w_ptr, bias_ptr, dy_ptr, row0, offs_t, offs_d, L, D, K, STEP, HAS_BIAS, SILU)
+        dbias_acc += tl.sum(dpre, axis=0)
+        dx = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
+        for j in tl.static_range(K):
+            shift = STEP * (K - 1 - j)
+            # dx[s] gets w_j * dpre[s - shift]; dw_j gets dpre[t] * x[t + shift].
+            w = tl.load(w_ptr + offs_d * K + j, mask=mask_d, other=0.0).to(tl.float32)
+            if shift == 0:
+                dpre_j = dpre
+            else:
+                dpre_j = _grad_pre(x_ptr, w_ptr, bias_ptr, dy_ptr, row0, offs_t - shift, offs_d, L, D,
+                                   K, STEP, HAS_BIAS, SILU)
+            dx += w[None, :] * dpre_j
+            src = offs_t + shift
+            m = ((src >= 0) & (src < L))[:, None] & mask_d[None, :]
+            x = tl.load(x_ptr + (row0 + src)[:, None] * D + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+            dw_j = tl.sum(dpre * x, axis=0)
+            dw_acc += tl.where(taps[None, :] == j, dw_j[:, None], 0.0)
+        tl.store(dx_ptr + (row0 + offs_t)[:, None] * D + offs_d[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    part = pid_b * tl.num_programs(1) + pid_seg
+    tl.store(dw_part_ptr + (part * D + offs_d[:, None]) * K + taps[None, :], dw_acc,
+             mask=mask_d[:, None] & (taps < K)[None, :])
+    if HAS_BIAS:
+        tl.store(dbias_part_ptr + part * D + offs_d, dbias_acc, mask=mask_d)
+
+
+def _flags(weight: Tensor, bias: Optional[Tensor], activation: Optional[str], reverse: bool) -> dict:
+    return dict(K=weight.shape[1], STEP=1 if reverse else -1, HAS_BIAS=bias is not None, SILU=activation == "silu",
+                BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D)
+
+
+@torch.library.custom_op("star::causal_conv1d_fwd", mutates_args=())
+def _causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str],
+                       reverse: bool) -> Tensor:
+    b, l, d = x.shape
+    y = torch.empty_like(x)
+    grid = (b, triton.cdiv(l, BLOCK_L), triton.cdiv(d, BLOCK_D))
+    _conv_fwd_kernel[grid](x, weight, bias if bias is not None else weight, y, l, d,
+                           **_flags(weight, bias, activation, reverse), num_warps=NUM_WARPS)
+    return y
+
+
+@_causal_conv1d_fwd.register_fake
+def _(x, weight, bias, activation, reverse):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("star::causal_conv1d_bwd", mutates_args=())
+def _causal_conv1d_bwd(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str],
+                       reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns dx, dweight, dbias (dbias empty when there is no bias)."""
+    b, l, d = x.shape
+    k = weight.shape[1]
+    n_segments = triton.cdiv(l, BLOCK_L * SEGMENT_TILES)
+    dx = torch.empty_like(x)
+    dw_part = x.new_empty((b * n_segments, d, k), dtype=torch.float32)
+    dbias_part = x.new_empty((b * n_segments, d) if bias is not None else (0,), dtype=torch.float32)
+    grid = (b, n_segments, triton.cdiv(d, BLOCK_D))
+    _conv_bwd_kernel[grid](x, weight, bias if bias is not None else weight, dy, dx, dw_part, dbias_part, l, d,
+                           **_flags(weight, bias, activation, reverse), SEGMENT_TILES=SEGMENT_TILES,
+                           K_PAD=triton.next_power_of_2(k), num_warps=NUM_WARPS)
+    dbias = dbias_part.sum(0).to(bias.dtype) if bias is not None else x.new_empty(0)
+    return dx, dw_part.sum(0).to(weight.dtype), dbias
+
+
+@_causal_conv1d_bwd.register_fake
+def _(dy, x, weight, bias, activation, reverse):
+    return torch.empty_like(x), torch.empty_like(weight), x.new_empty(0) if bias is None else torch.empty_like(bias)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, activation, reverse = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.activation, ctx.reverse = activation, reverse
+
+
+def _backward(ctx, dy):
+    x, weight, bias = ctx.saved_tensors
+    dx, dweight, dbias = _causal_conv1d_bwd(dy.contiguous(), x, weight, bias, ctx.activation, ctx.reverse)
+    return dx, dweight, dbias if bias is not None else None, None, None
+
+
+_causal_conv1d_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def causal_conv1d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                         activation: Optional[str] = None, reverse: bool = False) -> Tensor:
+    """Depthwise causal conv1d on (b, l, d) with fused bias and optional SiLU; output in x's dtype."""
+    if x.dim() != 3:
+        raise ValueError(f"x must be (batch, length, channels), got shape {tuple(x.shape)}")
+    d = x.shape[2]
+    if weight.dim() != 2 or weight.shape[0] != d:
+        raise ValueError(f"weight must be (channels={d}, kernel_size), got shape {tuple(weight.shape)}")
+    if not 1 <= weight.shape[1] <= 16:
+        raise ValueError(f"kernel_size must be in [1, 16] for the Triton conv, got {weight.shape[1]}")
+    if bias is not None and tuple(bias.shape) != (d,):
+        raise ValueError(f"bias must have shape ({d},), got {tuple(bias.shape)}")
+    if activation not in (None, "silu"):
+        raise ValueError(f"activation must be None or 'silu', got {activation!r}")
+    bias = bias.contiguous() if bias is not None else None
+    return _causal_conv1d_fwd(x.contiguous(), weight.contiguous(), bias, activation, reverse)

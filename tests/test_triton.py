@@ -1,0 +1,169 @@
+"""Triton selective scan and causal conv1d vs the float64 PyTorch references: outputs and every gradient.
+
+On a CUDA machine the tests run the compiled kernels at moderate shapes. Without CUDA they run in a
+child pytest with TRITON_INTERPRET=1 (the interpreter must be switched on before any kernel module is
+imported, which this process cannot promise once other test files have imported star), at small shapes.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if CUDA else "cpu"
+needs_kernels = pytest.mark.skipif(not (CUDA or INTERPRETED), reason="runs in the TRITON_INTERPRET=1 child")
+
+# Relative L2 error allowed vs float64, by input dtype (fp32 math inside, half-precision inputs/outputs).
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+# Interpreter chunks are 8 steps, CUDA chunks 16: lengths below one chunk, odd, and several chunks.
+SHORT, ODD, LONG = (5, 19, 30) if not CUDA else (11, 333, 1000)
+CHANNELS = 12 if not CUDA else 200
+
+
+@pytest.mark.skipif(CUDA or INTERPRETED, reason="this process already runs the kernels")
+def test_kernels_in_interpreter_subprocess():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-m", "pytest", __file__, "-o", "addopts=", "-p", "no:cacheprovider"],
+                            cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout
+
+
+def _rel_err(x, ref):
+    return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _scan_inputs(b, l, d, n, dtype, optional):
+    g = torch.Generator().manual_seed(l * 1000 + d + n)
+    randn = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    A = -(0.1 + 3 * torch.rand(d, n, generator=g))  # mixes slow and fast decay
+    inputs = dict(u=randn(b, l, d), delta=0.5 * randn(b, l, d), A=A, B=randn(b, l, n), C=randn(b, l, n))
+    if optional:
+        inputs.update(D=randn(d), z=randn(b, l, d), delta_bias=0.5 * randn(d) - 1.0)
+    # A and the per-channel parameters stay fp32 as in the model; activations take the tested dtype.
+    keep_fp32 = {"A", "D", "delta_bias"}
+    return {k: v.to(DEVICE, torch.float32 if k in keep_fp32 else dtype).requires_grad_() for k, v in inputs.items()}
+
+
+def _check_against_reference(fn, ref_fn, inputs, dtype, **kwargs):
+    reference_inputs = {k: v.detach().double().cpu().requires_grad_() for k, v in inputs.items()}
+    out = fn(**inputs, **kwargs)
+    ref = ref_fn(**reference_inputs, **kwargs)
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert torch.isfinite(out).all()
+    tol = TOLERANCE[dtype]
+    assert _rel_err(out, ref) < tol
+    grad_out = torch.randn(ref.shape, dtype=torch.float64)
+    out.backward(grad_out.to(DEVICE, dtype))
+    ref.backward(grad_out)
+    for name, x in inputs.items():
+        assert x.grad is not None and x.grad.dtype == x.dtype, name
+        assert _rel_err(x.grad, reference_inputs[name].grad) < tol, name
+
+
+@needs_kernels
+@pytest.mark.parametrize("length,reverse,dtype,optional,d_state", [
+    (SHORT, False, torch.float32, True, 16),
+    (ODD, True, torch.float32, True, 16),
+    (LONG, False, torch.float32, False, 5),
+    (ODD, False, torch.bfloat16, True, 16),
+    (LONG, True, torch.float16, True, 16),
+])
+def test_selective_scan_matches_reference(length, reverse, dtype, optional, d_state):
+    from star.ops import selective_scan
+    from star.ops.triton import selective_scan_triton
+
+    def ref(**kw):
+        return selective_scan(**kw, impl="ref")
+
+    inputs = _scan_inputs(2, length, CHANNELS, d_state, dtype, optional)
+    _check_against_reference(selective_scan_triton, ref, inputs, dtype, reverse=reverse, delta_softplus=optional)
+
+
+@needs_kernels
+def test_selective_scan_gradients_are_deterministic():
+    from star.ops.triton import selective_scan_triton
+
+    grads = []
+    for _ in range(2):
+        inputs = _scan_inputs(3 if CUDA else 1, ODD, CHANNELS, 16, torch.float32, optional=True)
+        selective_scan_triton(**inputs).square().sum().backward()
+        grads.append([x.grad for x in inputs.values()])
+    for first, second in zip(*grads):
+        assert torch.equal(first, second)
+
+
+@needs_kernels
+@pytest.mark.parametrize("kernel_size,reverse,activation,use_bias,dtype", [
+    (4, False, "silu", True, torch.float32),
+    (3, True, None, False, torch.float32),
+    (4, True, "silu", True, torch.bfloat16),
+    (2, False, None, True, torch.float16),
+])
+def test_causal_conv1d_matches_reference(kernel_size, reverse, activation, use_bias, dtype):
+    from star.ops import causal_conv1d
+    from star.ops.triton import causal_conv1d_triton
+
+    def ref(**kw):
+        return causal_conv1d(**kw, impl="ref")
+
+    length = 700 if CUDA else 150  # several backward time segments on CUDA, several tiles on CPU
+    g = torch.Generator().manual_seed(kernel_size)
+    inputs = dict(x=torch.randn(2, length, CHANNELS + 60, generator=g),
+                  weight=torch.randn(CHANNELS + 60, kernel_size, generator=g) / kernel_size)
+    if use_bias:
+        inputs["bias"] = torch.randn(CHANNELS + 60, generator=g)
+    inputs = {k: v.to(DEVICE, dtype).requires_grad_() for k, v in inputs.items()}
+    _check_against_reference(causal_conv1d_triton, ref, inputs, dtype, activation=activation, reverse=reverse)
+
+
+@needs_kernels
+def test_custom_ops_pass_opcheck():
+    """Schema, fake (meta) functions and autograd registration are consistent, so torch.compile can trace."""
+    from star.ops.triton import causal_conv1d, selective_scan
+
+    inputs = _scan_inputs(1, SHORT, 8, 4, torch.float32, optional=True)
+    args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    torch.library.opcheck(selective_scan._selective_scan_fwd, (*args, True, False, True),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    x = torch.randn(1, 9, 8, device=DEVICE, requires_grad=True)
+    w = torch.randn(8, 4, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(causal_conv1d._causal_conv1d_fwd, (x, w, None, "silu", False),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@needs_kernels
+def test_scan_and_conv_compile_without_graph_breaks():
+    from star.ops.triton import causal_conv1d_triton, selective_scan_triton
+
+    def mixer(x, weight, **scan_inputs):
+        return selective_scan_triton(causal_conv1d_triton(x, weight, activation="silu"), **scan_inputs)
+
+    inputs = _scan_inputs(2, ODD, CHANNELS, 16, torch.float32, optional=True)
+    x = inputs.pop("u")
+    weight = torch.randn(CHANNELS, 4, device=DEVICE, requires_grad=True)
+    compiled = torch.compile(mixer, fullgraph=True, backend="inductor" if CUDA else "aot_eager")
+    out = compiled(x, weight, **inputs)
+    torch.testing.assert_close(out, mixer(x, weight, **inputs), rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert weight.grad is not None and torch.isfinite(weight.grad).all()
+
+
+@needs_kernels
+def test_bad_inputs_raise_value_errors():
+    from star.ops.triton import causal_conv1d_triton, selective_scan_triton
+
+    inputs = {k: v.detach() for k, v in _scan_inputs(1, SHORT, 8, 4, torch.float32, optional=False).items()}
+    with pytest.raises(ValueError, match="B must have shape"):
+        selective_scan_triton(**{**inputs, "B": inputs["B"][:, :-1]})
+    with pytest.raises(ValueError, match="u must be"):
+        selective_scan_triton(**{**inputs, "u": inputs["u"][0]})
+    with pytest.raises(ValueError, match="activation"):
+        causal_conv1d_triton(inputs["u"], torch.randn(8, 4, device=DEVICE), activation="relu")
+    with pytest.raises(ValueError, match="kernel_size"):
+        causal_conv1d_triton(inputs["u"], torch.randn(8, 40, device=DEVICE))
