@@ -1,0 +1,120 @@
+"""The fine-tuning model: a 4-direction Vision Mamba classifier, and its construction from a STAR checkpoint.
+
+Tokens are the patches in row-major order with one cls token in the middle. Every layer scans them four
+ways (rows forward, rows backward, columns forward, columns backward) and averages. The head pools the mean
+of the tokens before the cls token and the mean of those after it, then LayerNorm and a linear layer.
+"""
+
+from pathlib import Path
+from typing import List, NamedTuple, Union
+
+import torch
+import torch.nn as nn
+from timm.layers import PatchEmbed, trunc_normal_
+
+from star.models.hub import PretrainedMixin, load_pretrained, register_architecture, state_dict_mismatches
+from star.models.mamba import build_blocks, no_weight_decay_names
+from star.models.patches import check_images, resize_pos_embed, sincos_pos_embed
+from star.models.star import StarPretrain
+
+
+def column_order(grid: int, cls_pos: int) -> torch.Tensor:
+    """Sequence positions visited by a column-major scan of the patches, with the cls token kept in the
+    middle of that scan (patches after the cls token sit one position later in the sequence)."""
+    patches = torch.arange(grid * grid).reshape(grid, grid).t().reshape(-1)
+    seq = patches + (patches >= cls_pos).long()
+    return torch.cat([seq[:cls_pos], torch.tensor([cls_pos]), seq[cls_pos:]])
+
+
+@register_architecture
+class VisionMambaClassifier(PretrainedMixin, nn.Module):
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
+                 embed_dim: int = 768, depth: int = 12, d_state: int = 16, d_conv: int = 4, expand: int = 1,
+                 drop_path_rate: float = 0.0, scan_impl: str = "auto"):
+        super().__init__()
+        self.init_args = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
+                              embed_dim=embed_dim, depth=depth, d_state=d_state, d_conv=d_conv, expand=expand,
+                              drop_path_rate=drop_path_rate, scan_impl=scan_impl)
+        if img_size % patch_size:
+            raise ValueError(f"img_size={img_size} is not a multiple of patch_size={patch_size}")
+        self.img_size, self.in_chans, self.num_classes = img_size, in_chans, num_classes
+        grid = img_size // patch_size
+        self.cls_pos = grid * grid // 2
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.register_buffer("pos_embed", sincos_pos_embed(embed_dim, grid))
+        self.cls_token = nn.Parameter(trunc_normal_(torch.zeros(1, 1, embed_dim), std=0.02))
+        self.blocks = build_blocks(embed_dim, depth, num_directions=4, d_state=d_state, d_conv=d_conv,
+                                   expand=expand, drop_path_rate=drop_path_rate, scan_impl=scan_impl)
+        self.register_buffer("column_order", column_order(grid, self.cls_pos), persistent=False)
+        self.fc_norm = nn.LayerNorm(embed_dim)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes else nn.Identity()
+        if num_classes:
+            trunc_normal_(self.head.weight, std=2e-5)
+            nn.init.zeros_(self.head.bias)
+
+    def no_weight_decay(self) -> set:
+        return no_weight_decay_names(self)
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's layer grouping (used for layer-wise lr decay): stem, one group per block, then the head."""
+        return dict(stem=r"^cls_token|^pos_embed|^patch_embed", blocks=[(r"^blocks\.(\d+)", None),
+                                                                         (r"^fc_norm", (99999,))])
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        check_images(images, self.in_chans, self.img_size, ("batch",))
+        x = self.patch_embed(images) + self.pos_embed
+        b, m = x.shape[0], self.cls_pos
+        x = torch.cat([x[:, :m], self.cls_token.expand(b, -1, -1), x[:, m:]], dim=1)
+        orders = [(None, False), (None, True), (self.column_order, False), (self.column_order, True)]
+        for block in self.blocks:
+            x = block(x, orders)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        m = self.cls_pos
+        x = self.fc_norm((x[:, :m].mean(dim=1) + x[:, m + 1:].mean(dim=1)) / 2)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(images))
+
+
+class TransferReport(NamedTuple):
+    missing_keys: List[str]     # classifier weights that start fresh (head, fc_norm; cls_token if none was pretrained)
+    unexpected_keys: List[str]  # pretraining weights left behind (decoder, separator, ...)
+
+
+def classifier_from_pretrain(source: Union[str, Path, StarPretrain], **overrides):
+    """A classifier initialised from a STAR/ARM pretraining model (a `save_pretrained` folder or the module).
+
+    The encoder's forward direction seeds all four scan directions, the position embedding is interpolated
+    to the new grid, and the decoder is dropped. `overrides` set classifier arguments (img_size, num_classes,
+    drop_path_rate, ...). Returns (model, TransferReport).
+    """
+    pretrain = load_pretrained(source) if isinstance(source, (str, Path)) else source
+    if not isinstance(pretrain, StarPretrain):
+        raise ValueError(f"{source} holds a {type(pretrain).__name__}, not a STAR pretraining model")
+    encoder_args = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "d_state", "d_conv", "expand",
+                    "scan_impl")
+    model = VisionMambaClassifier(**{**{k: pretrain.init_args[k] for k in encoder_args}, **overrides})
+
+    own = model.state_dict()
+    state, unused = {}, []
+    for key, value in pretrain.state_dict().items():
+        if key == "pos_embed":
+            state[key] = resize_pos_embed(value, int(own[key].shape[1] ** 0.5))
+        elif ".mixer.directions.0." in key:
+            for i in range(len(model.blocks[0].mixer.directions)):
+                state[key.replace(".directions.0.", f".directions.{i}.")] = value.clone()
+        elif key in own:
+            state[key] = value
+        else:
+            unused.append(key)
+    mismatched = state_dict_mismatches(model, state)["mismatched"]
+    if mismatched:
+        raise ValueError("the pretrained encoder does not fit the classifier: " + "; ".join(mismatched))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    return model, TransferReport(sorted(missing), sorted(unused + list(unexpected)))

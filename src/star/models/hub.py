@@ -1,0 +1,82 @@
+"""Weights as safetensors with a JSON config beside them, loadable without the code that trained them."""
+
+import json
+from pathlib import Path
+from typing import Dict, Mapping, Union
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+ARCHITECTURES: Dict[str, type] = {}  # class name -> class, filled by `register_architecture`
+
+
+def register_architecture(cls: type) -> type:
+    ARCHITECTURES[cls.__name__] = cls
+    return cls
+
+
+def state_dict_mismatches(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> Dict[str, list]:
+    """Missing, unexpected and shape-mismatched keys of `state_dict` against `model`."""
+    own = model.state_dict()
+    return {
+        "missing": sorted(k for k in own if k not in state_dict),
+        "unexpected": sorted(k for k in state_dict if k not in own),
+        "mismatched": sorted(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                             for k, v in state_dict.items() if k in own and v.shape != own[k].shape),
+    }
+
+
+def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint"):
+    """`load_state_dict(strict=True)`, but a mismatch fails with every offending key listed by kind."""
+    problems = {kind: keys for kind, keys in state_dict_mismatches(model, state_dict).items() if keys}
+    if problems:
+        lines = [f"{source} does not fit {type(model).__name__} (another architecture or size?):"]
+        for kind, keys in problems.items():
+            shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+            lines.append(f"  {kind} keys: {shown}")
+        raise ValueError("\n".join(lines))
+    model.load_state_dict(state_dict, strict=True)
+
+
+class PretrainedMixin:
+    """`save_pretrained(dir)` / `from_pretrained(dir)`. Models keep their constructor arguments in `init_args`."""
+
+    init_args: dict
+
+    def save_pretrained(self, path: Union[str, Path]) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        config = {"architecture": type(self).__name__, **self.init_args}
+        tmp = path / (WEIGHTS_NAME + ".tmp")
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(tmp))
+        tmp.replace(path / WEIGHTS_NAME)
+        (path / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: Union[str, Path], **overrides) -> nn.Module:
+        """Build the model its config.json names and load its weights; `overrides` change constructor
+        arguments that don't alter the weights' shapes (e.g. drop_path_rate, scan_impl)."""
+        path = Path(path)
+        if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(f"{path} is not a saved star model: expected {CONFIG_NAME} and {WEIGHTS_NAME} "
+                                    f"in it (written by save_pretrained)")
+        config = json.loads((path / CONFIG_NAME).read_text())
+        arch = config.pop("architecture", None)
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"{path / CONFIG_NAME} names architecture {arch!r}; known: {sorted(ARCHITECTURES)}")
+        model_cls = ARCHITECTURES[arch]
+        if cls is not PretrainedMixin and not issubclass(model_cls, cls):
+            raise ValueError(f"{path} holds a {arch}, not a {cls.__name__}")
+        model = model_cls(**{**config, **overrides})
+        load_state_dict_checked(model, load_file(str(path / WEIGHTS_NAME)), source=str(path))
+        return model
+
+
+def load_pretrained(path: Union[str, Path], **overrides) -> nn.Module:
+    """Load any star model saved with `save_pretrained`, whatever its class."""
+    return PretrainedMixin.from_pretrained(path, **overrides)

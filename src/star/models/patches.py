@@ -1,0 +1,66 @@
+"""Image <-> patch geometry shared by the pretraining model and the classifier."""
+
+from typing import Sequence
+
+import torch
+from timm.layers import resample_abs_pos_embed
+from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+
+
+def check_images(images: torch.Tensor, in_chans: int, img_size: int, leading: Sequence[str]) -> None:
+    """Fail with a readable message (not deep inside a conv) when images don't fit the model."""
+    shape = f"({', '.join(leading)}, {in_chans}, {img_size}, {img_size})"
+    if images.ndim != len(leading) + 3:
+        raise ValueError(f"expected images of shape {shape}, got a {images.ndim}-d tensor {tuple(images.shape)}")
+    c, h, w = images.shape[-3:]
+    if c != in_chans:
+        raise ValueError(f"the model expects {in_chans}-channel images, got {c} channels (shape "
+                         f"{tuple(images.shape)}); convert the images or build the model with in_chans={c}")
+    if (h, w) != (img_size, img_size):
+        raise ValueError(f"the model expects {img_size}x{img_size} images, got {h}x{w} (shape {tuple(images.shape)}); "
+                         f"resize them or build the model with another img_size")
+
+
+def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
+    """Fixed 2D sin-cos position embedding of a grid x grid image, raster order, shape (1, grid*grid, dim)."""
+    return build_sincos2d_pos_embed([grid, grid], dim=dim).unsqueeze(0)
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, new_grid: int) -> torch.Tensor:
+    """Bicubic interpolation of a (1, g*g, dim) grid embedding to new_grid x new_grid (e.g. 12x12 -> 14x14)."""
+    return resample_abs_pos_embed(pos_embed, [new_grid, new_grid], num_prefix_tokens=0)
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(N, C, H, W) -> (N, H/p * W/p, p*p*C) in raster order, pixels (row, col, channel) inside a patch."""
+    n, c, h, w = images.shape
+    p = patch_size
+    x = images.reshape(n, c, h // p, p, w // p, p)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(n, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(patches: torch.Tensor, patch_size: int, in_chans: int) -> torch.Tensor:
+    """Inverse of `patchify` for square images."""
+    n, num, _ = patches.shape
+    g, p = int(round(num ** 0.5)), patch_size
+    x = patches.reshape(n, g, g, p, p, in_chans).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(n, in_chans, g * p, g * p)
+
+
+def normalize_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Per-patch normalized pixels, the regression target: (x - mean) / sqrt(var + eps) over each patch.
+
+    The variance is the unbiased one, as in MAE's and ARM's norm_pix_loss.
+    """
+    mean = patches.mean(dim=-1, keepdim=True)
+    var = patches.var(dim=-1, keepdim=True)
+    return (patches - mean) / (var + eps) ** 0.5
+
+
+def cluster_order(grid: int, cluster_size: int) -> torch.Tensor:
+    """Raster patch indices in STAR's serialization: clusters in raster order, patches raster inside each."""
+    if grid % cluster_size:
+        raise ValueError(f"a {grid}x{grid} patch grid can't be cut into {cluster_size}x{cluster_size} clusters; "
+                         f"choose cluster_size dividing {grid}")
+    idx = torch.arange(grid * grid).reshape(grid // cluster_size, cluster_size, grid // cluster_size, cluster_size)
+    return idx.permute(0, 2, 1, 3).reshape(-1)

@@ -1,0 +1,211 @@
+"""STAR: autoregressive pretraining of a causal Vision Mamba on K images per sequence, with separators.
+
+Data path (one sequence of K images):
+    images (B, K, C, H, W) -> patches + sin-cos position -> serialized cluster by cluster
+    -> per image [separator (S tokens), cluster 1 .. cluster n]  -> K images concatenated (+ cls at the end)
+    -> causal Mamba encoder (1 direction) -> features of 4 depths, LayerNormed, concatenated, projected
+    -> 4 cross-attention decoder blocks; the query of cluster j of image k sees only encoder tokens that
+       come before that cluster (block-causal mask) -> per-patch normalized pixels, MSE.
+K = 1 with separator="none" is ARM. With a separator, the first cluster of every image is a target too.
+"""
+
+import math
+from typing import Dict, List, NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import Mlp, PatchEmbed, trunc_normal_
+
+from star.models.hub import PretrainedMixin, register_architecture
+from star.models.mamba import build_blocks, no_weight_decay_names
+from star.models.patches import (check_images, cluster_order, normalize_patches, patchify, sincos_pos_embed,
+                                 unpatchify)
+
+SEPARATORS = ("cluster", "token", "fixed", "none")
+
+
+class SequenceLayout(NamedTuple):
+    """Index bookkeeping of a K-image STAR sequence (depends only on K and the geometry)."""
+    target_pos: torch.Tensor  # (Nt,) serialized patch positions within an image that are predicted
+    mask: torch.Tensor        # (K*Nt, L) bool: query may attend to encoder token
+
+
+class CrossAttentionBlock(nn.Module):
+    """Pre-norm cross-attention (queries read one level of encoder features) + MLP."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"decoder_dim={dim} must be divisible by decoder_num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.norm_q, self.norm_kv = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, nq, d = q.shape
+        h = self.num_heads
+        query = self.q(self.norm_q(q)).reshape(b, nq, h, d // h).transpose(1, 2)
+        key, value = self.kv(self.norm_kv(kv)).reshape(b, -1, 2, h, d // h).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+        q = q + self.proj(attn.transpose(1, 2).reshape(b, nq, d))
+        return q + self.mlp(self.norm2(q))
+
+
+def default_feature_layers(depth: int, num_levels: int = 4) -> List[int]:
+    """Evenly spaced depths over the upper half of the encoder: 6/8/10/12 of 12, 12/16/20/24 of 24."""
+    if num_levels == 1:
+        return [depth]
+    return [math.floor(depth / 2 + i * depth / (2 * (num_levels - 1)) + 0.5) for i in range(num_levels)]
+
+
+@register_architecture
+class StarPretrain(PretrainedMixin, nn.Module):
+    def __init__(self, img_size: int = 192, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
+                 depth: int = 12, d_state: int = 16, d_conv: int = 4, expand: int = 1, cluster_size: int = 4,
+                 num_images: int = 4, separator: str = "cluster", separator_value: float = 1.0,
+                 cls_token: bool = False, feature_layers: Optional[Sequence[int]] = None, decoder_dim: int = 512,
+                 decoder_depth: int = 4, decoder_num_heads: int = 8, decoder_mlp_ratio: float = 4.0,
+                 scan_impl: str = "auto"):
+        super().__init__()
+        feature_layers = list(feature_layers or default_feature_layers(depth, decoder_depth))
+        self.init_args = dict(
+            img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
+            d_state=d_state, d_conv=d_conv, expand=expand, cluster_size=cluster_size, num_images=num_images,
+            separator=separator, separator_value=separator_value, cls_token=cls_token,
+            feature_layers=feature_layers, decoder_dim=decoder_dim, decoder_depth=decoder_depth,
+            decoder_num_heads=decoder_num_heads, decoder_mlp_ratio=decoder_mlp_ratio, scan_impl=scan_impl)
+        if separator not in SEPARATORS:
+            raise ValueError(f"separator={separator!r}; choose one of {SEPARATORS}")
+        if img_size % patch_size:
+            raise ValueError(f"img_size={img_size} is not a multiple of patch_size={patch_size}")
+        if num_images < 1:
+            raise ValueError(f"num_images (K) must be >= 1, got {num_images}")
+        if len(feature_layers) != decoder_depth or not all(1 <= i <= depth for i in feature_layers):
+            raise ValueError(f"feature_layers={feature_layers} must list decoder_depth={decoder_depth} "
+                             f"layer numbers in 1..depth={depth}")
+        self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
+        self.num_images, self.feature_layers = num_images, feature_layers
+        grid = img_size // patch_size
+        self.grid, self.cluster_len = grid, cluster_size ** 2
+        self.register_buffer("order", cluster_order(grid, cluster_size), persistent=False)
+
+        # encoder
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.register_buffer("pos_embed", sincos_pos_embed(embed_dim, grid))
+        self.separator_len = {"cluster": self.cluster_len, "fixed": self.cluster_len, "token": 1, "none": 0}[separator]
+        if separator in ("cluster", "token"):  # one learned vector, repeated: all separator tokens are identical
+            self.separator = nn.Parameter(trunc_normal_(torch.zeros(1, 1, embed_dim), std=0.02))
+        elif separator == "fixed":
+            self.register_buffer("separator", torch.full((1, 1, embed_dim), float(separator_value)))
+        self.cls_token = nn.Parameter(trunc_normal_(torch.zeros(1, 1, embed_dim), std=0.02)) if cls_token else None
+        self.blocks = build_blocks(embed_dim, depth, num_directions=1, d_state=d_state, d_conv=d_conv,
+                                   expand=expand, scan_impl=scan_impl)
+
+        # decoder
+        self.feature_norms = nn.ModuleList(nn.LayerNorm(embed_dim) for _ in feature_layers)
+        self.feature_proj = nn.Linear(len(feature_layers) * embed_dim, decoder_depth * decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.register_buffer("decoder_pos_embed", sincos_pos_embed(decoder_dim, grid)[:, self.order],
+                             persistent=False)
+        self.decoder_blocks = nn.ModuleList(CrossAttentionBlock(decoder_dim, decoder_num_heads, decoder_mlp_ratio)
+                                            for _ in range(decoder_depth))
+        self.decoder_norm = nn.LayerNorm(decoder_dim)
+        self.decoder_pred = nn.Linear(decoder_dim, patch_size ** 2 * in_chans)
+        self._init_decoder()
+        self._layouts: Dict[tuple, SequenceLayout] = {}
+
+    def _init_decoder(self):
+        nn.init.normal_(self.mask_token, std=0.02)
+        for m in [self.feature_proj, self.decoder_pred, *self.decoder_blocks.modules()]:
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def no_weight_decay(self) -> set:
+        return no_weight_decay_names(self)
+
+    def layout(self, num_images: int, device: torch.device) -> SequenceLayout:
+        """Targets and the block-causal mask for K images. Every token carries a 'unit' number (a separator
+        or a cluster); the query predicting unit u may only read encoder tokens of units < u."""
+        key = (num_images, str(device))
+        if key not in self._layouts:
+            n, t, s = self.grid ** 2, self.cluster_len, self.separator_len
+            units_per_image = n // t + 1  # the separator (present or not) and the clusters
+            image_units = torch.cat([torch.zeros(s, dtype=torch.long), 1 + torch.arange(n) // t])
+            token_units = torch.cat([k * units_per_image + image_units for k in range(num_images)]
+                                    + ([torch.tensor([num_images * units_per_image])] if self.cls_token is not None
+                                       else []))
+            target_pos = torch.arange(n) if s else torch.arange(t, n)
+            query_units = torch.cat([k * units_per_image + 1 + target_pos // t for k in range(num_images)])
+            mask = token_units[None, :] < query_units[:, None]
+            self._layouts[key] = SequenceLayout(target_pos.to(device), mask.to(device))
+        return self._layouts[key]
+
+    def build_sequence(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, K, C, H, W) -> STAR token sequence (B, L, D): [separator, clusters] per image (+ cls)."""
+        b, k = images.shape[:2]
+        x = self.patch_embed(images.flatten(0, 1)) + self.pos_embed
+        x = x[:, self.order]
+        if self.separator_len:
+            x = torch.cat([self.separator.to(x.dtype).expand(b * k, self.separator_len, -1), x], dim=1)
+        x = x.reshape(b, -1, x.shape[-1])
+        if self.cls_token is not None:  # at the very end: nothing reads it in pretraining, it is kept for transfer
+            x = torch.cat([x, self.cls_token.expand(b, -1, -1)], dim=1)
+        return x
+
+    def forward_features(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """Run the causal encoder; return the outputs of `feature_layers` (1-based)."""
+        outputs = {}
+        for i, block in enumerate(self.blocks[:max(self.feature_layers)], start=1):
+            x = block(x, [(None, False)])
+            outputs[i] = x
+        return [outputs[i] for i in self.feature_layers]
+
+    def forward_decoder(self, features: List[torch.Tensor], num_images: int) -> torch.Tensor:
+        layout = self.layout(num_images, features[0].device)
+        levels = torch.cat([norm(f) for norm, f in zip(self.feature_norms, features)], dim=-1)
+        keys = self.feature_proj(levels).chunk(len(self.decoder_blocks), dim=-1)
+        q = (self.mask_token + self.decoder_pos_embed[:, layout.target_pos]).repeat(1, num_images, 1)
+        q = q.expand(features[0].shape[0], -1, -1)
+        for block, kv in zip(self.decoder_blocks, keys):
+            q = block(q, kv, layout.mask)
+        return self.decoder_pred(self.decoder_norm(q))
+
+    def targets(self, images: torch.Tensor) -> torch.Tensor:
+        """Per-patch normalized pixels of the predicted patches, (B, K, Nt, p*p*C), in serialized order."""
+        b, k = images.shape[:2]
+        patches = patchify(images.flatten(0, 1).float(), self.patch_size)[:, self.order]
+        target_pos = self.layout(k, images.device).target_pos
+        return normalize_patches(patches[:, target_pos]).reshape(b, k, len(target_pos), -1)
+
+    def forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        check_images(images, self.in_chans, self.img_size, ("batch", "images per sequence"))
+        b, k = images.shape[:2]
+        pred = self.forward_decoder(self.forward_features(self.build_sequence(images)), k)
+        pred = pred.float().reshape(b, k, -1, pred.shape[-1])
+        target = self.targets(images)
+        loss = (pred - target).pow(2).mean()
+        return {"loss": loss, "pred": pred, "target": target}
+
+    @torch.no_grad()
+    def predict_images(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The model's next-cluster predictions drawn as images (B, K, C, H, W): each predicted patch is put back
+        in pixel space with the mean/std of the real patch (as MAE shows its reconstructions); patches that are
+        never predicted (the first cluster without a separator) are left at 0. `predicted` marks those drawn."""
+        b, k = images.shape[:2]
+        out = self.forward(images)
+        patches = patchify(images.flatten(0, 1).float(), self.patch_size)
+        target_raster = self.order[self.layout(k, images.device).target_pos]
+        real = patches[:, target_raster]
+        mean, std = real.mean(-1, keepdim=True), (real.var(-1, keepdim=True) + 1e-6) ** 0.5
+        canvas = torch.zeros_like(patches)
+        canvas[:, target_raster] = out["pred"].flatten(0, 1) * std + mean
+        drawn = torch.zeros_like(patches)
+        drawn[:, target_raster] = 1.0
+        shape = (b, k, self.in_chans, self.img_size, self.img_size)
+        return {"images": unpatchify(canvas, self.patch_size, self.in_chans).reshape(shape),
+                "predicted": unpatchify(drawn, self.patch_size, self.in_chans).reshape(shape) > 0,
+                "loss": out["loss"]}

@@ -1,0 +1,232 @@
+import math
+
+import pytest
+import torch
+
+import star
+from star.models import StarPretrain, VisionMambaClassifier, classifier_from_pretrain, create_model, load_pretrained
+from star.models.classifier import column_order
+from star.models.patches import cluster_order, normalize_patches, patchify, unpatchify
+
+# 16 px grayscale, patch 4 -> 4x4 grid, clusters of 2x2 patches -> 4 clusters of 4 tokens per image
+TINY = dict(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=4, cluster_size=2, decoder_dim=32,
+            decoder_num_heads=4, scan_impl="chunked")
+TINY_CLF = dict(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=4, scan_impl="chunked")
+
+
+def tiny_pretrain(**kw):
+    torch.manual_seed(0)
+    return StarPretrain(**{**TINY, **kw}).eval()
+
+
+def images(b=2, k=4, c=1, size=16, seed=0):
+    return torch.randn(b, k, c, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_cluster_order_is_clusters_then_patches_in_raster_order():
+    # 4x4 grid, 2x2 clusters: cluster 0 = patches 0,1,4,5; cluster 1 = 2,3,6,7; ...
+    assert cluster_order(4, 2).tolist() == [0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15]
+    with pytest.raises(ValueError, match="cluster"):
+        cluster_order(6, 4)
+
+
+def test_column_order_keeps_cls_in_the_middle():
+    # patches 0 1 / 2 3 with cls between p1 and p2: sequence [p0, p1, cls, p2, p3]; columns visit p0 p2 p1 p3
+    assert column_order(2, cls_pos=2).tolist() == [0, 3, 2, 1, 4]
+    assert sorted(column_order(5, cls_pos=12).tolist()) == list(range(26))
+
+
+def test_patchify_roundtrip():
+    x = torch.randn(3, 2, 8, 8)
+    assert torch.equal(unpatchify(patchify(x, 4), 4, 2), x)
+
+
+def test_separators_identical_and_before_each_image():
+    model = tiny_pretrain()
+    seq = model.build_sequence(images())
+    per_image = model.separator_len + 16
+    assert model.separator_len == 4 and seq.shape == (2, 4 * per_image, 32)
+    for k in range(4):
+        sep = seq[:, k * per_image:k * per_image + model.separator_len]
+        assert torch.equal(sep, model.separator.expand_as(sep))
+    # no separator token anywhere else: image tokens carry a position embedding
+    image_tokens = torch.cat([seq[:, k * per_image + 4:(k + 1) * per_image] for k in range(4)], 1)
+    assert not torch.isclose(image_tokens, model.separator, atol=1e-6).all(-1).any()
+
+
+@pytest.mark.parametrize("separator,sep_len", [("cluster", 4), ("token", 1), ("fixed", 4), ("none", 0)])
+def test_separator_modes(separator, sep_len):
+    model = tiny_pretrain(separator=separator, separator_value=0.5)
+    out = model(images(k=2))
+    assert model.separator_len == sep_len
+    assert out["pred"].shape == out["target"].shape == (2, 2, 16 if sep_len else 12, 16)
+    learned = [n for n, _ in model.named_parameters() if n == "separator"]
+    assert learned == (["separator"] if separator in ("cluster", "token") else [])
+    if separator == "fixed":
+        assert torch.all(model.separator == 0.5)
+
+
+def test_targets_and_loss_on_a_hand_checked_example():
+    # 4x4 image, patch 2, one patch per cluster, ARM (K=1, no separator): patches 2..4 are predicted
+    model = StarPretrain(img_size=4, patch_size=2, in_chans=1, embed_dim=16, depth=2, cluster_size=1,
+                         num_images=1, separator="none", decoder_dim=16, decoder_num_heads=2, scan_impl="ref")
+    img = torch.arange(16.0).reshape(1, 1, 1, 4, 4)
+    target = model.targets(img)
+    # patch 1 (top right) holds pixels 2, 3, 6, 7: mean 4.5, unbiased variance (6.25+2.25+2.25+6.25)/3 = 17/3
+    expected = (torch.tensor([2.0, 3.0, 6.0, 7.0]) - 4.5) / math.sqrt(17 / 3 + 1e-6)
+    assert target.shape == (1, 1, 3, 4)
+    assert torch.allclose(target[0, 0, 0], expected)
+    # a decoder that predicts 0 everywhere costs the mean squared target: 3/4 * var / (var + eps) per patch
+    torch.nn.init.zeros_(model.decoder_pred.weight)
+    torch.nn.init.zeros_(model.decoder_pred.bias)
+    assert torch.allclose(model(img)["loss"], torch.tensor(0.75), atol=1e-6)
+    # STAR with a separator predicts the first cluster too
+    star_model = StarPretrain(**{**model.init_args, "separator": "cluster", "num_images": 2})
+    assert star_model.targets(img.repeat(1, 2, 1, 1, 1)).shape == (1, 2, 4, 4)
+
+
+def test_encoder_is_causal():
+    model = tiny_pretrain()
+    seq = model.build_sequence(images())
+    cut = 37
+    later = seq.clone()
+    later[:, cut:] += torch.randn_like(later[:, cut:])
+    a, b = model.forward_features(seq)[-1], model.forward_features(later)[-1]
+    assert torch.allclose(a[:, :cut], b[:, :cut], atol=1e-6)
+    assert not torch.allclose(a[:, cut:], b[:, cut:], atol=1e-3)
+
+
+@pytest.mark.parametrize("separator", ["cluster", "none"])
+def test_predictions_never_see_the_future(separator):
+    model = tiny_pretrain(separator=separator)
+    x = images()
+    base = model(x)["pred"]
+    # change cluster 2 (patches 8, 9, 12, 13 in raster order -> rows 2-3, cols 0-1) of image 1
+    changed = x.clone()
+    changed[:, 1, :, 8:16, 0:8] += 1.0
+    pred = model(changed)["pred"]
+    per_cluster = 4
+    first_changed = (2 if separator == "cluster" else 1) * per_cluster  # target index of cluster 2 in image 1
+    assert torch.allclose(pred[:, 0], base[:, 0], atol=1e-6)  # earlier image untouched
+    # clusters up to and including the changed one are predicted from earlier context only
+    assert torch.allclose(pred[:, 1, :first_changed + per_cluster], base[:, 1, :first_changed + per_cluster],
+                          atol=1e-6)
+    assert not torch.allclose(pred[:, 1, first_changed + per_cluster:], base[:, 1, first_changed + per_cluster:],
+                              atol=1e-4)
+    assert not torch.allclose(pred[:, 2:], base[:, 2:], atol=1e-4)  # later images do see it
+
+
+def test_first_cluster_predicted_only_with_separator():
+    with_sep, without = tiny_pretrain(separator="token"), tiny_pretrain(separator="none")
+    assert with_sep.layout(3, torch.device("cpu")).target_pos.tolist() == list(range(16))
+    assert without.layout(3, torch.device("cpu")).target_pos.tolist() == list(range(4, 16))
+
+
+@pytest.mark.parametrize("size,params", [("tiny", 6e6), ("base", 85e6), ("large", 297e6)])
+def test_parameter_counts_match_the_spec(size, params):
+    with torch.device("meta"):
+        model = create_model(f"star_{size}_patch16_224")
+    count = sum(p.numel() for p in model.parameters())
+    assert abs(count - params) / params < 0.03, count
+
+
+def test_registry_and_timm():
+    import timm
+
+    assert "star_base_patch16_192" in star.list_models() and "star_huge_patch16_224" in star.list_models()
+    assert isinstance(timm.create_model("star_tiny_patch16_224", **TINY_CLF, num_classes=3),
+                      VisionMambaClassifier)
+    model = create_model("star_tiny_patch16_192", **TINY)
+    assert isinstance(model, StarPretrain) and model.init_args["embed_dim"] == 32
+    with pytest.raises(ValueError, match="unknown model"):
+        create_model("star_tiny_patch16_193")
+    with pytest.raises(ValueError, match="star_tiny_patch16_192"):
+        create_model("star_tiny_patch16_192", not_an_argument=1)
+
+
+def test_bad_images_give_clear_errors():
+    model = tiny_pretrain()
+    with pytest.raises(ValueError, match="1-channel images, got 3"):
+        model(images(c=3))
+    with pytest.raises(ValueError, match="16x16 images, got 20x20"):
+        model(images(size=20))
+    with pytest.raises(ValueError, match="shape"):
+        model(torch.randn(2, 1, 16, 16))
+
+
+def test_pretrain_to_classifier_transfer(tmp_path):
+    pretrain = tiny_pretrain(cls_token=True)
+    pretrain.save_pretrained(tmp_path / "pre")
+    clf, report = classifier_from_pretrain(tmp_path / "pre", img_size=24, num_classes=5)
+    assert clf.pos_embed.shape == (1, 36, 32)  # 4x4 grid interpolated to 6x6
+    pre_state = pretrain.state_dict()
+    for name, value in clf.state_dict().items():
+        if ".mixer.directions." in name:
+            src = name.replace(".directions." + name.split(".directions.")[1].split(".")[0] + ".", ".directions.0.")
+            assert torch.equal(value, pre_state[src]), name
+        elif name in pre_state and name != "pos_embed":
+            assert torch.equal(value, pre_state[name]), name
+    assert set(report.missing_keys) == {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}
+    assert "separator" in report.unexpected_keys and any(k.startswith("decoder_") for k in report.unexpected_keys)
+    assert clf(torch.randn(2, 1, 24, 24)).shape == (2, 5)
+    with pytest.raises(ValueError, match="does not fit"):
+        classifier_from_pretrain(pretrain, embed_dim=48)
+
+
+def test_classifier_directions_and_pooling():
+    torch.manual_seed(0)
+    clf = VisionMambaClassifier(**TINY_CLF, num_classes=3)
+    assert len(clf.blocks[0].mixer.directions) == 4
+    x = torch.randn(2, 1, 16, 16)
+    assert clf(x).shape == (2, 3)
+    # every direction contributes: the last patch influences the first token through the backward scans
+    feats = clf.forward_features(x)
+    x2 = x.clone()
+    x2[..., 12:, 12:] += 1
+    assert not torch.allclose(clf.forward_features(x2)[:, 0], feats[:, 0], atol=1e-5)
+    groups = clf.group_matcher()
+    assert "stem" in groups and "blocks" in groups
+    assert {n for n in clf.no_weight_decay() if n.endswith("A_log")}
+
+
+def test_save_and_load_pretrained(tmp_path):
+    model = tiny_pretrain()
+    x = images(k=2)
+    model.save_pretrained(tmp_path / "m")
+    loaded = load_pretrained(tmp_path / "m").eval()
+    assert isinstance(loaded, StarPretrain)
+    assert torch.equal(model(x)["pred"], loaded(x)["pred"])
+    with pytest.raises(ValueError, match="not a VisionMambaClassifier"):
+        VisionMambaClassifier.from_pretrained(tmp_path / "m")
+    with pytest.raises(FileNotFoundError, match="save_pretrained"):
+        load_pretrained(tmp_path / "nothing")
+    # weights of another size: every mismatched key is named
+    other = StarPretrain(**{**model.init_args, "embed_dim": 48})
+    other.save_pretrained(tmp_path / "other")
+    (tmp_path / "other" / "config.json").write_text((tmp_path / "m" / "config.json").read_text())
+    with pytest.raises(ValueError, match=r"mismatched keys: blocks.0.mixer.directions.0.A_log: checkpoint \(48, 16\) vs model \(32, 16\)"):
+        load_pretrained(tmp_path / "other")
+
+
+def test_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    model = StarPretrain(**{**TINY, "depth": 2}).train()
+    x = torch.randn(1, 2, 1, 16, 16)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(120):
+        loss = model(x)["loss"]
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert min(losses[-5:]) < losses[0] / 10, losses[::10]
+
+
+def test_predict_images_fills_predicted_clusters():
+    model = tiny_pretrain(separator="none", num_images=1)
+    x = images(k=1)
+    out = model.predict_images(x)
+    assert out["images"].shape == x.shape
+    # the first cluster (rows 0-7, cols 0-7) is never predicted without a separator
+    assert not out["predicted"][..., :8, :8].any() and out["predicted"][..., 8:, :].all()
