@@ -307,7 +307,8 @@ class Trainer:
             results.update({f"val_ema/{k}": v for k, v in evaluate(self.ema.module, self.val_loader, self.device, self.amp_dtype).items()})
         set_rng_state(rng)
         if self.is_main:
-            self.metrics.log(self.step, {"epoch": self.epoch, **results})
+            epoch = self.epoch + self.batches_done / (self.steps_per_epoch * self.cfg.optim.accum_iter)
+            self.metrics.log(self.step, {"epoch": epoch, **results})
             print(f"epoch {self.epoch} step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
         return results
 
