@@ -2,7 +2,8 @@
 
 `Trainer(cfg, model, loss_fn, train_loader, val_loader).fit()` runs a whole job: AdamW with
 per-step warmup + cosine lr, gradient accumulation, grad clipping, bf16 autocast on CUDA,
-optional EMA, evaluation, metrics (tqdm, `metrics.csv`, TensorBoard) and checkpoints.
+optional EMA, evaluation, metrics (tqdm, `metrics.csv`, TensorBoard) and checkpoints. There is no
+GradScaler: bf16 has fp32's exponent range, so gradients need no loss scaling (fp16 is not offered).
 
 Resuming is exact: a checkpoint holds the weights, optimizer, EMA, step, the position inside the
 epoch and all RNG states, and the RNG is restored after the data iterator is created, so a
