@@ -28,9 +28,9 @@ D_STATE = 16
 MODELS = {"tiny": 192, "base": 768}
 LENGTHS = (160, 640, 2560)
 REF_LENGTHS = (160,)
-SWEEP = [dict(BLOCK_D=32, CHUNK=16, num_warps=8), dict(BLOCK_D=16, CHUNK=16, num_warps=4),
-         dict(BLOCK_D=32, CHUNK=8, num_warps=4), dict(BLOCK_D=64, CHUNK=8, num_warps=8),
-         dict(BLOCK_D=16, CHUNK=32, num_warps=8)]
+SWEEP = [dict(BLOCK_D=32, CHUNK=4, num_warps=1), dict(BLOCK_D=64, CHUNK=4, num_warps=2),
+         dict(BLOCK_D=128, CHUNK=4, num_warps=4), dict(BLOCK_D=32, CHUNK=8, num_warps=1),
+         dict(BLOCK_D=64, CHUNK=8, num_warps=2)]
 
 
 def copy_bandwidth() -> float:

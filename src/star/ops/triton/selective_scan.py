@@ -2,10 +2,11 @@
 
 One program owns one (batch, block of channels) pair and walks the sequence in chunks of CHUNK steps.
 Inside a chunk the recurrence h_t = a_t * h_{t-1} + b_t is solved for all CHUNK steps at once with
-`tl.associative_scan` on a (CHUNK, BLOCK_D, N) fp32 tile, so each chunk's loads are one coalesced
-(CHUNK, BLOCK_D) tile instead of CHUNK tiny dependent loads.
+`tl.associative_scan` on a (CHUNK, N, BLOCK_D) fp32 tile, so each chunk's loads are one coalesced
+(CHUNK, BLOCK_D) tile instead of CHUNK tiny dependent loads. Channels are the last (thread) axis, so the
+time scan and the sum over the state run inside each thread, not across lanes.
 
-The forward stores only the state entering each chunk (b, n_chunks, d, n) fp32. The backward walks the
+The forward stores only the state entering each chunk (b, n_chunks, n, d) fp32. The backward walks the
 chunks in the opposite order, recomputes the chunk's states from that checkpoint, runs the adjoint
 recurrence g_t = a_{t+1} g_{t+1} + C_t dy_t as a reverse scan, and reads every gradient off (h_t, g_t).
 Nothing is accumulated with atomics: dA, dD and d_delta_bias are per-batch partials and dB, dC are
@@ -22,7 +23,7 @@ from torch import Tensor
 
 # Tile sizes per device type. The interpreter (CPU, TRITON_INTERPRET=1) runs scans element by element in
 # Python, so it gets small tiles; CHUNK is also the checkpoint interval and shapes the saved states.
-CUDA_CONFIG = dict(BLOCK_D=32, CHUNK=16, num_warps=8)
+CUDA_CONFIG = dict(BLOCK_D=32, CHUNK=4, num_warps=1)  # fastest in the H100 sweep (docs/benchmarks)
 INTERPRETER_CONFIG = dict(BLOCK_D=8, CHUNK=8, num_warps=1)
 
 
@@ -77,22 +78,22 @@ def _scan_fwd_kernel(
     offs_n = tl.arange(0, N_PAD)
     mask_d = offs_d < D
     mask_n = offs_n < N
-    mask_dn = mask_d[:, None] & mask_n[None, :]
+    mask_nd = mask_n[:, None] & mask_d[None, :]
     rows = tl.arange(0, CHUNK)
 
-    A2 = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32) * 1.4426950408889634
+    A2 = tl.load(A_ptr + offs_d[None, :] * N + offs_n[:, None], mask=mask_nd, other=0.0).to(tl.float32) * 1.4426950408889634
     bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     Dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    ckpt_base = ckpt_ptr + (pid_b * n_chunks * D + offs_d[:, None]) * N + offs_n[None, :]
+    ckpt_base = ckpt_ptr + pid_b * n_chunks * N * D + offs_n[:, None] * D + offs_d[None, :]
 
-    h = tl.zeros((BLOCK_D, N_PAD), dtype=tl.float32)
+    h = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
     for chunk in range(n_chunks):
         if SAVE_STATES:
-            tl.store(ckpt_base + chunk * D * N, h, mask=mask_dn)
+            tl.store(ckpt_base + chunk * N * D, h, mask=mask_nd)
         t, mask_t = _chunk_rows(chunk, L, CHUNK, REVERSE)
         mask = mask_t[:, None] & mask_d[None, :]
         offs = (pid_b * L + t)[:, None] * D + offs_d[None, :]
@@ -104,11 +105,11 @@ def _scan_fwd_kernel(
         Bt = tl.load(B_ptr + offs_bc, mask=mask_bc, other=0.0).to(tl.float32)
         Ct = tl.load(C_ptr + offs_bc, mask=mask_bc, other=0.0).to(tl.float32)
 
-        a = tl.exp2(delta[:, :, None] * A2[None, :, :])
-        b = (delta * u)[:, :, None] * Bt[:, None, :]
+        a = tl.exp2(delta[:, None, :] * A2[None, :, :])
+        b = (delta * u)[:, None, :] * Bt[:, :, None]
         a_cum, b_cum = tl.associative_scan((a, b), 0, _linear_recurrence)
         hs = a_cum * h[None, :, :] + b_cum
-        y = tl.sum(hs * Ct[:, None, :], axis=2)
+        y = tl.sum(hs * Ct[:, :, None], axis=1)
         if HAS_D:
             y += Dv[None, :] * u
         if HAS_Z:
@@ -134,10 +135,10 @@ def _scan_bwd_kernel(
     offs_n = tl.arange(0, N_PAD)
     mask_d = offs_d < D
     mask_n = offs_n < N
-    mask_dn = mask_d[:, None] & mask_n[None, :]
+    mask_nd = mask_n[:, None] & mask_d[None, :]
     rows = tl.arange(0, CHUNK)
 
-    A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
+    A = tl.load(A_ptr + offs_d[None, :] * N + offs_n[:, None], mask=mask_nd, other=0.0).to(tl.float32)
     A2 = A * 1.4426950408889634
     bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_BIAS:
@@ -145,16 +146,16 @@ def _scan_bwd_kernel(
     Dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    ckpt_base = ckpt_ptr + (pid_b * n_chunks * D + offs_d[:, None]) * N + offs_n[None, :]
+    ckpt_base = ckpt_ptr + pid_b * n_chunks * N * D + offs_n[:, None] * D + offs_d[None, :]
     part_bc_base = (pid_b * n_dblocks + pid_d) * L
 
-    g_next = tl.zeros((BLOCK_D, N_PAD), dtype=tl.float32)  # adjoint of the state at the next chunk's first step
-    dA_acc = tl.zeros((BLOCK_D, N_PAD), dtype=tl.float32)
+    g_next = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)  # adjoint of the state at the next chunk's first step
+    dA_acc = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for step in range(n_chunks):
         chunk = n_chunks - 1 - step
-        h0 = tl.load(ckpt_base + chunk * D * N, mask=mask_dn, other=0.0)
+        h0 = tl.load(ckpt_base + chunk * N * D, mask=mask_nd, other=0.0)
         t, mask_t = _chunk_rows(chunk, L, CHUNK, REVERSE)
         t_next = t - 1 if REVERSE else t + 1  # the next scan position
         mask = mask_t[:, None] & mask_d[None, :]
@@ -172,15 +173,15 @@ def _scan_bwd_kernel(
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
 
         # Recompute this chunk's states from its checkpoint.
-        a = tl.exp2(delta[:, :, None] * A2[None, :, :])
-        b = (delta * u)[:, :, None] * Bt[:, None, :]
+        a = tl.exp2(delta[:, None, :] * A2[None, :, :])
+        b = (delta * u)[:, None, :] * Bt[:, :, None]
         a_cum, b_cum = tl.associative_scan((a, b), 0, _linear_recurrence)
         hs = a_cum * h0[None, :, :] + b_cum
 
         if HAS_Z:
             z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             sig_z = tl.sigmoid(z)
-            y = tl.sum(hs * Ct[:, None, :], axis=2)
+            y = tl.sum(hs * Ct[:, :, None], axis=1)
             if HAS_D:
                 y += Dv[None, :] * u
             dz = dy * y * sig_z * (1.0 + z * (1.0 - sig_z))
@@ -188,31 +189,30 @@ def _scan_bwd_kernel(
             dy = dy * z * sig_z
 
         # Adjoint: g_t = a_{t+1} g_{t+1} + C_t dy_t, carried in from the next chunk through g_next.
-        a_next = tl.exp2(delta_next[:, :, None] * A2[None, :, :])
-        c = dy[:, :, None] * Ct[:, None, :]
+        a_next = tl.exp2(delta_next[:, None, :] * A2[None, :, :])
+        c = dy[:, None, :] * Ct[:, :, None]
         a_rcum, g_in = tl.associative_scan((a_next, c), 0, _linear_recurrence, reverse=True)
         g = g_in + a_rcum * g_next[None, :, :]
         g_next = tl.sum(tl.where(rows[:, None, None] == 0, g, 0.0), axis=0)
 
         decayed = hs - b  # a_t h_{t-1}, without needing the shifted state
-        gB = g * Bt[:, None, :]
-        ddelta = tl.sum(g * decayed * A[None, :, :] + gB * u[:, :, None], axis=2)
-        du = tl.sum(gB, axis=2) * delta
+        gB = g * Bt[:, :, None]
+        ddelta = tl.sum(g * decayed * A[None, :, :] + gB * u[:, None, :], axis=1)
+        du = tl.sum(gB, axis=1) * delta
         if HAS_D:
             du += Dv[None, :] * dy
             dD_acc += tl.sum(dy * u, axis=0)
-        dA_acc += tl.sum(g * decayed * delta[:, :, None], axis=0)
+        dA_acc += tl.sum(g * decayed * delta[:, None, :], axis=0)
         ddelta = tl.where(mask, ddelta * dsoftplus, 0.0)
         dbias_acc += tl.sum(ddelta, axis=0)
         tl.store(du_ptr + offs, du.to(du_ptr.dtype.element_ty), mask=mask)
         tl.store(ddelta_ptr + offs, ddelta.to(ddelta_ptr.dtype.element_ty), mask=mask)
 
         part_offs = (part_bc_base + t)[:, None] * N + offs_n[None, :]
-        tl.store(dB_part_ptr + part_offs, tl.sum(g * (delta * u)[:, :, None], axis=1), mask=mask_bc)
-        tl.store(dC_part_ptr + part_offs, tl.sum(hs * dy[:, :, None], axis=1), mask=mask_bc)
+        tl.store(dB_part_ptr + part_offs, tl.sum(g * (delta * u)[:, None, :], axis=2), mask=mask_bc)
+        tl.store(dC_part_ptr + part_offs, tl.sum(hs * dy[:, None, :], axis=2), mask=mask_bc)
 
-    part_dn = (pid_b * D + offs_d[:, None]) * N + offs_n[None, :]
-    tl.store(dA_part_ptr + part_dn, dA_acc, mask=mask_dn)
+    tl.store(dA_part_ptr + pid_b * N * D + offs_n[:, None] * D + offs_d[None, :], dA_acc, mask=mask_nd)
     if HAS_D:
         tl.store(dD_part_ptr + pid_b * D + offs_d, dD_acc, mask=mask_d)
     if HAS_BIAS:
@@ -242,7 +242,7 @@ def _selective_scan_fwd(
     n = A.shape[1]
     n_chunks = triton.cdiv(l, _config(u)["CHUNK"])
     y = torch.empty_like(u)
-    ckpt = u.new_empty((b, n_chunks, d, n) if save_states else (0,), dtype=torch.float32)
+    ckpt = u.new_empty((b, n_chunks, n, d) if save_states else (0,), dtype=torch.float32)
     grid = (b, triton.cdiv(d, _config(u)["BLOCK_D"]))
     _scan_fwd_kernel[grid](
         u, delta, A, B, C, _empty_if_none(D, u), _empty_if_none(z, u), _empty_if_none(delta_bias, u), y, ckpt,
@@ -256,7 +256,7 @@ def _selective_scan_fwd(
 @_selective_scan_fwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, save_states):
     b, l, d = u.shape
-    ckpt_shape = (b, math.ceil(l / _config(u)["CHUNK"]), d, A.shape[1]) if save_states else (0,)
+    ckpt_shape = (b, math.ceil(l / _config(u)["CHUNK"]), A.shape[1], d) if save_states else (0,)
     return torch.empty_like(u), u.new_empty(ckpt_shape, dtype=torch.float32)
 
 
@@ -274,7 +274,7 @@ def _selective_scan_bwd(
     f32 = dict(dtype=torch.float32)
     du, ddelta = torch.empty_like(u), torch.empty_like(delta)
     dz = torch.empty_like(z) if z is not None else u.new_empty(0)
-    dA_part = u.new_empty((b, d, n), **f32)
+    dA_part = u.new_empty((b, n, d), **f32)
     dB_part = u.new_empty((b, n_dblocks, l, n), **f32)
     dC_part = u.new_empty((b, n_dblocks, l, n), **f32)
     dD_part = u.new_empty((b, d) if D is not None else (0,), **f32)
@@ -286,7 +286,7 @@ def _selective_scan_bwd(
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
         REVERSE=reverse,
     )
-    dA = dA_part.sum(0).to(A.dtype)
+    dA = dA_part.sum(0).t().contiguous().to(A.dtype)  # fake impl promises A's contiguous layout
     dB = dB_part.sum(1).to(B.dtype)
     dC = dC_part.sum(1).to(C.dtype)
     dD = dD_part.sum(0).to(D.dtype) if D is not None else u.new_empty(0)
