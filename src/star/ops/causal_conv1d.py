@@ -1,0 +1,93 @@
+"""Depthwise causal conv1d of the Mamba mixer, in (batch, length, d) layout.
+
+    y[t] = bias + sum_j weight[:, j] * x[t - (k - 1) + j]     (zeros before the start), then SiLU
+
+`reverse=True` is the anti-causal mirror, flip(conv(flip(x))), used by the backward scan directions:
+padding goes on the right and the (tiny) kernel's taps are reversed, so the sequence is never flipped.
+"""
+import torch
+import torch.nn.functional as F
+
+from .selective_scan import check_shape, pick_impl
+
+CONV_IMPLS = ("auto", "ref", "triton")
+ACTIVATIONS = (None, "silu")
+
+
+def _check_activation(activation):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def causal_conv1d_ref(x, weight, bias=None, activation=None, reverse=False):
+    """F.conv1d with explicit one-sided padding. No shape checks here; use `causal_conv1d`."""
+    k = weight.shape[1]
+    weight = weight.to(x.dtype)
+    bias = None if bias is None else bias.to(x.dtype)
+    padding = (0, k - 1) if reverse else (k - 1, 0)
+    taps = weight.flip(-1) if reverse else weight
+    y = F.conv1d(F.pad(x.transpose(1, 2), padding), taps.unsqueeze(1), bias, groups=x.shape[2])
+    if activation == "silu":
+        y = F.silu(y)
+    return y.transpose(1, 2)
+
+
+def causal_conv1d(x, weight, bias=None, activation=None, reverse=False, impl="auto"):
+    """Depthwise causal (or, with `reverse`, anti-causal) conv1d.
+
+    Args:
+        x: (batch, length, d). weight: (d, k). bias: (d,) or None. activation: None or "silu".
+        impl: "ref" (F.conv1d), "triton" (star.ops.triton), or "auto" (Triton for CUDA tensors when it
+            imports, else "ref").
+    Returns:
+        y: (batch, length, d) in x's dtype (for impl="ref", a transposed view of a (batch, d, length) result).
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        raise ValueError(f"x must be a (batch, length, d) tensor, got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    batch, length, d = x.shape
+    check_shape("x", x, batch=batch, length=length, d=d)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] < 1:
+        raise ValueError(f"weight must be a (d, k) tensor with d = {d} and k >= 1, got "
+                         f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+    check_shape("weight", weight, d=d, k=weight.shape[1])
+    if bias is not None:
+        check_shape("bias", bias, d=d)
+    _check_activation(activation)
+
+    fn = pick_impl(impl, CONV_IMPLS, x, "causal_conv1d_triton", cpu_default="ref")
+    fn = causal_conv1d_ref if fn == "ref" else fn
+    return fn(x, weight, bias=bias, activation=activation, reverse=reverse)
+
+
+def causal_conv1d_update(conv_state, x, weight, bias=None, activation=None):
+    """One step of `causal_conv1d` (forward direction) for incremental decoding; functional.
+
+    Args:
+        conv_state: (batch, d, k - 1), the previous k - 1 inputs, oldest first. x: (batch, d).
+        weight: (d, k). bias: (d,) or None. activation: None or "silu".
+    Returns:
+        (y, new_conv_state): y (batch, d) in x's dtype; new_conv_state like conv_state, x appended.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"x must be a (batch, d) tensor, got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    batch, d = x.shape
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] < 1:
+        raise ValueError(f"weight must be a (d, k) tensor with d = {d} and k >= 1, got "
+                         f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+    k = weight.shape[1]
+    check_shape("x", x, batch=batch, d=d)
+    check_shape("weight", weight, d=d, k=k)
+    check_shape("conv_state", conv_state, batch=batch, d=d, k_minus_1=k - 1)
+    if bias is not None:
+        check_shape("bias", bias, d=d)
+    _check_activation(activation)
+
+    window = torch.cat([conv_state, x.unsqueeze(-1).to(conv_state.dtype)], dim=-1)  # (batch, d, k)
+    y = (window * weight).sum(-1)
+    if bias is not None:
+        y = y + bias
+    if activation == "silu":
+        y = F.silu(y)
+    return y.to(x.dtype), window[..., 1:]
