@@ -163,6 +163,8 @@ def test_scan_bad_inputs_raise_value_error():
         selective_scan(**dict(inputs, A=inputs["A"][0]))
     with pytest.raises(ValueError, match=r"u must be a \(batch, length, d\) tensor"):
         selective_scan(**dict(inputs, u=inputs["u"][0]))
+    with pytest.raises(ValueError, match=r"u must have at least one time step"):
+        selective_scan(**{k: v[:, :0] if v is not None and v.dim() == 3 else v for k, v in inputs.items()})
     with pytest.raises(ValueError, match=r"impl must be one of \('auto', 'ref', 'chunked', 'triton'\)"):
         selective_scan(**inputs, impl="cuda")
     with pytest.raises(ValueError, match=r"B must be \(batch, d_state\)"):
