@@ -27,17 +27,22 @@ class ModelConfig:
     """A registry model plus optional overrides; None keeps the registry default."""
 
     name: str = "star_tiny_patch16_192"
+    embed_dim: Optional[int] = None
+    depth: Optional[int] = None
     img_size: Optional[int] = None
     patch_size: Optional[int] = None
     in_chans: Optional[int] = None
     cluster_size: Optional[int] = None  # patches per cluster side (4 -> 4x4 patches per cluster)
     num_images: Optional[int] = None  # K images packed into one pretraining sequence
     separator: Optional[Literal["cluster", "token", "fixed", "none"]] = None
+    separator_value: Optional[float] = None  # the constant of separator "fixed"
     cls_token: Optional[bool] = None
     decoder_dim: Optional[int] = None
     decoder_depth: Optional[int] = None
+    decoder_num_heads: Optional[int] = None
     num_classes: Optional[int] = None
     drop_path_rate: Optional[float] = None
+    scan_impl: Optional[Literal["auto", "ref", "chunked", "triton"]] = None
 
     def overrides(self) -> dict[str, Any]:
         """The keyword arguments to pass to the model factory (name excluded, None dropped)."""
@@ -47,7 +52,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     dataset: str = "fashion-mnist"  # "fashion-mnist", "synthetic", or a path to an image-folder root
-    root: str = "data"  # where named datasets are stored / downloaded
+    root: Optional[str] = None  # Fashion-MNIST folder; None = search $STAR_DATA, ../shared/data, /usr/share/datasets
     img_size: Optional[int] = None  # None = the model's input size
     in_chans: Optional[int] = None  # None = the model's input channels
     num_workers: int = 4
@@ -94,6 +99,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["auto", "bf16", "none"] = "auto"  # auto = bf16 autocast on CUDA, off on CPU
     compile: bool = False  # torch.compile the model
+    distributed: Literal["ddp", "fsdp"] = "ddp"  # multi-GPU: replicate (ddp) or shard with FSDP2 (large/huge)
     log_every: int = 20  # optimizer steps between metric rows
     save_every: int = 0  # optimizer steps between checkpoints; 0 = at epoch ends only
     eval_every: int = 1  # epochs between evaluations (0 = only at the end)

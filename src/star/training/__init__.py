@@ -4,7 +4,6 @@ from star.training.checkpoint import (
     atomic_write,
     latest_checkpoint,
     load_checkpoint,
-    load_state_dict_strict,
     load_weights,
     resolve_checkpoint,
     save_checkpoint,

@@ -23,6 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from star.models.hub import load_state_dict_checked
+
 PathLike = Union[str, Path]
 WEIGHTS_NAME, STATE_NAME, LATEST_NAME = "model.safetensors", "state.pt", "latest"
 
@@ -110,28 +112,9 @@ def load_weights(path: PathLike) -> dict[str, torch.Tensor]:
     return load_file(str(resolve_checkpoint(path) / WEIGHTS_NAME))
 
 
-def load_state_dict_strict(model: nn.Module, weights: dict[str, torch.Tensor], source: PathLike = "checkpoint") -> None:
-    """`model.load_state_dict(weights)`, but a mismatch raises a ValueError listing the
-    missing, unexpected and shape-mismatched keys instead of a wall of text."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    shapes = [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in expected.items() if k in weights and weights[k].shape != v.shape]
-    if missing or unexpected or shapes:
-
-        def listing(title, items):
-            more = f" ... (+{len(items) - 10} more)" if len(items) > 10 else ""
-            return f"\n  {title} ({len(items)}): " + ", ".join(items[:10]) + more if items else ""
-
-        raise ValueError(f"{source} does not match {type(model).__name__} (different architecture or config?)"
-                         + listing("missing", missing) + listing("unexpected", unexpected) + listing("shape mismatch", shapes))
-    model.load_state_dict(weights)
-
-
 def load_checkpoint(path: PathLike, model: nn.Module) -> dict[str, Any]:
     """Load weights from checkpoint `path` (see `resolve_checkpoint`) into `model` and return
     its training state (the dict given to `save_checkpoint`)."""
     ckpt = resolve_checkpoint(path)
-    load_state_dict_strict(model, load_file(str(ckpt / WEIGHTS_NAME)), ckpt)
+    load_state_dict_checked(model, load_file(str(ckpt / WEIGHTS_NAME)), str(ckpt))
     return torch.load(ckpt / STATE_NAME, map_location="cpu", weights_only=True)
