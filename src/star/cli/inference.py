@@ -1,0 +1,127 @@
+"""Using trained models: accuracy on a dataset, classes of image files, and pictures of next-cluster predictions."""
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader
+
+from star.config import TrainConfig, load_config
+from star.data import PRESETS, build_dataset, finetune_transform
+from star.models import StarPretrain, VisionMambaClassifier, load_pretrained
+from star.cli.train import CLASSES_FILE, resolve_model_dir
+from star.training import evaluate, resolve_device
+
+
+def load_run(path: str, task: str):
+    """The saved model of a run (or model folder) and the run's config (defaults when there is none)."""
+    model_dir = resolve_model_dir(path)
+    run_config = model_dir.parent / "config.yaml"
+    cfg = load_config(str(run_config)) if run_config.is_file() else TrainConfig(task=task)
+    return load_pretrained(model_dir), model_dir, cfg
+
+
+def eval_transform(cfg: TrainConfig, model):
+    preset = PRESETS[cfg.data.mean_std]
+    return finetune_transform(model.img_size, preset.mean, preset.std, train=False, crop_pct=cfg.data.crop_pct)
+
+
+def evaluate_run(path: str, cfg_overrides, split: str = "test", device: str = "auto",
+                 batch_size: Optional[int] = None) -> dict:
+    """Top-1/top-5 accuracy of a fine-tuned run (or model folder) on `split` of its dataset."""
+    from star.config import apply_overrides
+
+    model, _, cfg = load_run(path, "finetune")
+    cfg = apply_overrides(cfg, cfg_overrides)
+    if not isinstance(model, VisionMambaClassifier):
+        raise ValueError(f"{path} holds a {type(model).__name__}; `star eval` measures classifiers "
+                         "(fine-tune or linear-probe it first)")
+    data = cfg.data
+    dataset = build_dataset(data.dataset, split, eval_transform(cfg, model), root=data.root,
+                            in_chans=model.in_chans, img_size=model.img_size, skip_corrupt=data.skip_corrupt)
+    loader = DataLoader(dataset, batch_size=batch_size or cfg.optim.batch_size, num_workers=data.num_workers)
+    dev = resolve_device(device)
+    return {"split": split, "images": len(dataset), **evaluate(model.to(dev), loader, dev)}
+
+
+def _open_image(path: Path, in_chans: int, convert: bool) -> Image.Image:
+    try:
+        image = Image.open(path)
+        image.load()
+    except (OSError, UnidentifiedImageError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+    channels = len(image.getbands())
+    mode = "L" if in_chans == 1 else "RGB"
+    if channels != in_chans and not convert and not (in_chans == 3 and image.mode == "P"):
+        raise ValueError(f"{path} has {channels} channel(s) ({image.mode}) but the model takes {in_chans}; "
+                         f"pass --convert to convert it to {mode}")
+    return image.convert(mode)
+
+
+def predict_files(path: str, files: List[str], topk: int = 5, convert: bool = False, device: str = "auto"):
+    """[(file, [(class name, probability), ...])] for each image file, best first."""
+    model, model_dir, cfg = load_run(path, "finetune")
+    if not isinstance(model, VisionMambaClassifier):
+        raise ValueError(f"{path} holds a {type(model).__name__}, not a classifier")
+    classes_file = model_dir / CLASSES_FILE
+    names = json.loads(classes_file.read_text()) if classes_file.is_file() else [str(i) for i in
+                                                                                 range(model.num_classes)]
+    transform = eval_transform(cfg, model)
+    batch = torch.stack([transform(_open_image(Path(f), model.in_chans, convert)) for f in files])
+    dev = resolve_device(device)
+    with torch.no_grad():
+        probs = model.to(dev).eval()(batch.to(dev)).float().softmax(-1).cpu()
+    top = probs.topk(min(topk, probs.shape[1]), dim=1)
+    return [(f, [(names[i], p) for p, i in zip(values.tolist(), indices.tolist())])
+            for f, values, indices in zip(files, top.values, top.indices)]
+
+
+def draw_predictions(path: str, out: str, num_sequences: int = 4, split: str = "test", device: str = "auto") -> Path:
+    """A PNG of real images next to the pretrained model's next-cluster predictions (each cluster predicted
+    from everything before it in the STAR sequence)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    model, _, cfg = load_run(path, "pretrain")
+    if not isinstance(model, StarPretrain):
+        raise ValueError(f"{path} holds a {type(model).__name__}; `star visualize` draws a pretraining model")
+    preset = PRESETS[cfg.data.mean_std]
+    k = model.num_images
+    dataset = build_dataset(cfg.data.dataset, split, eval_transform(cfg, model), root=cfg.data.root,
+                            in_chans=model.in_chans, img_size=model.img_size)
+    if len(dataset) < num_sequences * k:
+        raise ValueError(f"{split} split has {len(dataset)} images, fewer than {num_sequences} sequences of {k}")
+    images = torch.stack([dataset[i][0] for i in range(num_sequences * k)]).view(num_sequences, k,
+                                                                                 *dataset[0][0].shape)
+    dev = resolve_device(device)
+    out_dict = model.to(dev).eval().predict_images(images.to(dev))
+    mean = torch.tensor(preset.mean).view(-1, 1, 1)
+    std = torch.tensor(preset.std).view(-1, 1, 1)
+
+    def to_numpy(img):
+        img = (img.cpu() * std + mean).clamp(0, 1)
+        return img[0].numpy() if img.shape[0] == 1 else img.permute(1, 2, 0).numpy()
+
+    fig, axes = plt.subplots(num_sequences, 2 * k, figsize=(2 * k * 1.3, num_sequences * 1.4), squeeze=False)
+    for s in range(num_sequences):
+        for j in range(k):
+            pred = torch.where(out_dict["predicted"][s, j].cpu(), out_dict["images"][s, j].cpu(),
+                               torch.zeros(()))
+            for col, (img, title) in enumerate(((images[s, j], "real"), (pred, "predicted"))):
+                ax = axes[s, 2 * j + col]
+                ax.imshow(to_numpy(img), cmap="gray" if model.in_chans == 1 else None, vmin=0, vmax=1)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if s == 0:
+                    ax.set_title(f"image {j + 1}\n{title}", fontsize=8)
+    fig.suptitle(f"next-cluster predictions, {k} images per sequence (loss {out_dict['loss'].item():.3f})",
+                 fontsize=9)
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return Path(out)

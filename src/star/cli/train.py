@@ -1,0 +1,130 @@
+"""Turn a `TrainConfig` into a model, data loaders and a finished run (the entry point's half of MAE's split:
+the engine in `star.training` trains; this module decides what it trains on)."""
+
+import json
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from star.config import TrainConfig
+from star.data import (PRESETS, LabeledSubset, StarBatchSampler, build_dataset, build_sequence_loader,
+                       finetune_transform, label_subset, pretrain_transform, train_val_split)
+from star.models import classifier_from_pretrain, create_model, load_pretrained
+from star.training import Trainer, create_loss_fn
+
+MODEL_DIR = "model"  # a finished run keeps its final weights here, loadable with star.load_pretrained
+CLASSES_FILE = "classes.json"  # class names beside a classifier's weights
+
+
+def resolve_model_dir(path: str) -> Path:
+    """A `save_pretrained` folder, or a run directory holding one."""
+    path = Path(path)
+    for candidate in (path, path / MODEL_DIR):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise FileNotFoundError(f"{path} holds no saved model: expected config.json + model.safetensors there or in "
+                            f"{path / MODEL_DIR} (a finished `star pretrain/finetune` run writes them)")
+
+
+def build_model(cfg: TrainConfig) -> nn.Module:
+    """The pretraining model, or a classifier (from `cfg.pretrained` when given, else from scratch)."""
+    overrides = cfg.model.overrides()
+    if cfg.task == "pretrain":
+        return create_model(cfg.model.name, **overrides)
+    if not cfg.pretrained:
+        if cfg.task == "linprobe":
+            raise ValueError("linprobe needs --pretrained RUN_DIR (a linear probe of random weights measures nothing)")
+        return create_model(cfg.model.name, **overrides)
+    source = load_pretrained(resolve_model_dir(cfg.pretrained))
+    pretrain_only = ("cluster_size", "num_images", "separator", "cls_token", "decoder_dim", "decoder_depth")
+    model, report = classifier_from_pretrain(
+        source, **{k: v for k, v in overrides.items() if k not in pretrain_only})
+    print(f"initialised from {cfg.pretrained}: {len(report.missing_keys)} new weights "
+          f"({', '.join(report.missing_keys)}), {len(report.unexpected_keys)} pretraining-only weights dropped")
+    return model
+
+
+def _geometry(cfg: TrainConfig, model: nn.Module) -> Tuple[int, int]:
+    img_size = cfg.data.img_size or model.img_size
+    in_chans = cfg.data.in_chans or model.in_chans
+    if in_chans != model.in_chans or img_size != model.img_size:
+        raise ValueError(f"data gives {in_chans}-channel {img_size} px images but the model takes "
+                         f"{model.in_chans}-channel {model.img_size} px ones; fix --data.* or --model.*")
+    return img_size, in_chans
+
+
+def build_loaders(cfg: TrainConfig, model: nn.Module) -> Tuple[DataLoader, Optional[DataLoader]]:
+    """Train loader (STAR sequences for pretraining, single images otherwise) and, for classification, a
+    validation loader: a holdout of the training set when data.val_size > 0, else the dataset's own split."""
+    data, optim = cfg.data, cfg.optim
+    if data.mean_std not in PRESETS:
+        raise ValueError(f"data.mean_std={data.mean_std!r}; choose one of {sorted(PRESETS)}")
+    preset = PRESETS[data.mean_std]
+    img_size, in_chans = _geometry(cfg, model)
+    common = dict(root=data.root, in_chans=in_chans, img_size=img_size, skip_corrupt=data.skip_corrupt,
+                  seed=cfg.seed)
+    if cfg.task == "pretrain":
+        transform = pretrain_transform(img_size, preset.mean, preset.std, scale=(data.scale_min, 1.0),
+                                       hflip=data.hflip)
+        train = build_dataset(data.dataset, "train", transform, num_samples=data.num_samples, **common)
+        train = _subset(train, data.num_samples, cfg.seed)
+        return build_sequence_loader(train, optim.batch_size, model.num_images, seed=cfg.seed,
+                                     num_workers=data.num_workers), None
+
+    def transform(is_train):
+        return finetune_transform(img_size, preset.mean, preset.std, is_train, auto_augment=data.auto_augment,
+                                  re_prob=data.re_prob, crop_pct=data.crop_pct, hflip=0.5 if data.hflip else 0.0)
+
+    train = build_dataset(data.dataset, "train", transform(True), num_samples=data.num_samples, **common)
+    if data.val_size > 0:
+        train_idx, val_idx = train_val_split(len(train), data.val_size, cfg.seed)
+        val = LabeledSubset(build_dataset(data.dataset, "train", transform(False), num_samples=data.num_samples,
+                                          **common), val_idx)
+        train = LabeledSubset(train, train_idx)
+    else:
+        val = build_dataset(data.dataset, "val", transform(False), **common)
+    train = _subset(train, data.num_samples, cfg.seed)
+    if data.label_fraction < 1.0:
+        train = LabeledSubset(train, label_subset(train.targets, data.label_fraction, cfg.seed))
+    sampler = StarBatchSampler(len(train), optim.batch_size, 1, seed=cfg.seed)
+    train_loader = DataLoader(train, batch_sampler=sampler, num_workers=data.num_workers,
+                              persistent_workers=data.num_workers > 0)
+    val_loader = DataLoader(val, batch_size=optim.batch_size, num_workers=data.num_workers)
+    return train_loader, val_loader
+
+
+def _subset(dataset, num_samples: Optional[int], seed: int):
+    """The first `num_samples` of a seeded shuffle (a smaller, class-mixed training set), or all of it."""
+    if num_samples is None or num_samples >= len(dataset):
+        return dataset
+    return LabeledSubset(dataset, train_val_split(len(dataset), len(dataset) - num_samples, seed)[0])
+
+
+def _root_dataset(dataset):
+    while hasattr(dataset, "dataset"):  # through Subset wrappers
+        dataset = dataset.dataset
+    return dataset
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Train as `cfg` says; the final weights go to `<output_dir>/model` (and `model_ema` with EMA)."""
+    model = build_model(cfg)
+    train_loader, val_loader = build_loaders(cfg, model)
+    num_classes = getattr(model, "num_classes", None)
+    trainer = Trainer(cfg, model, create_loss_fn(cfg, num_classes), train_loader, val_loader)
+    results = trainer.fit()
+    if trainer.is_main:
+        saved = [(model, trainer.run_dir / MODEL_DIR)]
+        if trainer.ema is not None:
+            saved.append((trainer.ema.module, trainer.run_dir / f"{MODEL_DIR}_ema"))
+        for weights, folder in saved:
+            weights.save_pretrained(folder)
+            if cfg.task != "pretrain":  # `star predict` names classes with it
+                (folder / CLASSES_FILE).write_text(json.dumps(list(train_loader.dataset.classes)) + "\n")
+        skipped = getattr(_root_dataset(train_loader.dataset), "num_skipped", 0)
+        if skipped:
+            print(f"skipped {skipped} corrupt image files (--data.skip_corrupt)")
+        print(f"saved {trainer.run_dir / MODEL_DIR}")
+    return results

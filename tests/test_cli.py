@@ -1,0 +1,125 @@
+"""The `star` command end to end on tiny synthetic data, and its answers to bad input."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from star.cli.main import main
+from star.data import write_image_folder
+
+# 16 px grayscale, 4x4 patch grid, 2x2-patch clusters, a 2-block model of width 32
+TINY = ["--model.embed_dim", "32", "--model.depth", "2", "--model.img_size", "16", "--model.patch_size", "4",
+        "--model.in_chans", "1", "--data.num_workers", "0", "--data.mean_std", "small-grayscale",
+        "--optim.batch_size", "16", "--optim.epochs", "1", "--optim.warmup_epochs", "0", "--log_every", "1",
+        "--device", "cpu", "--model.scan_impl", "chunked"]
+SYNTHETIC = ["--data.dataset", "synthetic", "--data.num_samples", "64"]
+PRETRAIN = TINY + ["--model.cluster_size", "2", "--model.decoder_dim", "32", "--model.decoder_num_heads", "4"]
+FINETUNE = TINY + ["--data.val_size", "16", "--model.num_classes", "10", "--data.auto_augment", "none"]
+
+
+def star(*args):
+    return main([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "pre"
+    assert star("pretrain", *PRETRAIN, *SYNTHETIC, "--output_dir", out) == 0
+    return out
+
+
+def test_pretrain_finetune_eval_predict(pretrained, tmp_path, capsys):
+    assert (pretrained / "model" / "config.json").is_file() and (pretrained / "metrics.csv").is_file()
+    assert (pretrained / "config.yaml").is_file()
+    ft = tmp_path / "ft"
+    assert star("finetune", *FINETUNE, *SYNTHETIC, "--pretrained", pretrained, "--output_dir", ft) == 0
+    out = capsys.readouterr().out
+    assert "initialised from" in out and "head.weight" in out
+    assert star("eval", ft, "--split", "test", "--device", "cpu") == 0
+    out = capsys.readouterr().out
+    assert "test: 256 images, top-1" in out
+    # predict names classes from the run's classes.json
+    classes = json.loads((ft / "model" / "classes.json").read_text())
+    img = tmp_path / "a.png"
+    Image.new("L", (16, 16), 128).save(img)
+    assert star("predict", ft, img, "--topk", "3", "--device", "cpu") == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(str(img)) and sum(name in line for name in classes) == 3
+    # the pretrained model draws its next-cluster predictions
+    png = tmp_path / "pred.png"
+    assert star("visualize", pretrained, "--out", png, "--sequences", "2", "--device", "cpu") == 0
+    assert Image.open(png).size[0] > 100
+
+
+def test_linprobe_trains_only_the_head(pretrained, tmp_path):
+    out = tmp_path / "lp"
+    assert star("linprobe", *FINETUNE, *SYNTHETIC, "--pretrained", pretrained, "--output_dir", out) == 0
+    from star import load_pretrained
+    from safetensors.torch import load_file
+
+    probe = load_pretrained(out / "model")
+    pre = load_file(str(pretrained / "model" / "model.safetensors"))
+    assert torch.equal(probe.state_dict()["blocks.0.mixer.in_proj.weight"], pre["blocks.0.mixer.in_proj.weight"])
+
+
+def test_config_errors_name_the_field(capsys):
+    assert star("pretrain", "--optim.blrr", "1e-3") == 2
+    err = capsys.readouterr().err
+    assert "optim.blrr" in err and "optim.blr" in err
+    assert star("pretrain", "--model.separator", "dots") == 2
+    assert "model.separator" in capsys.readouterr().err
+    assert star("pretrain", "--config", "no-such-preset") == 2
+    assert "fmnist-tiny" in capsys.readouterr().err
+
+
+def test_k_larger_than_batch(tmp_path, capsys):
+    args = PRETRAIN + SYNTHETIC + ["--model.num_images", "8", "--optim.batch_size", "4", "--output_dir", tmp_path]
+    assert star("pretrain", *args) == 2
+    assert "does not fit a batch of 4 images" in capsys.readouterr().err
+
+
+def test_bad_image_folders(tmp_path, capsys):
+    root = tmp_path / "imgs"
+    write_image_folder(root, num_per_class=8, classes=["a", "b"], img_size=16, in_chans=1, seed=0)
+    bad = root / "train" / "a" / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    folder = ["--data.dataset", root]
+    assert star("pretrain", *PRETRAIN, *folder, "--optim.batch_size", "8", "--output_dir", tmp_path / "r1") == 2
+    assert "broken.jpg" in capsys.readouterr().err
+    assert star("pretrain", *PRETRAIN, *folder, "--optim.batch_size", "8", "--data.skip_corrupt", "true",
+                "--output_dir", tmp_path / "r2") == 0
+    assert "skipped 1 corrupt" in capsys.readouterr().out
+    empty = tmp_path / "empty"
+    (empty / "train").mkdir(parents=True)
+    assert star("pretrain", *PRETRAIN, "--data.dataset", empty, "--output_dir", tmp_path / "r3") == 2
+    assert str(empty / "train") in capsys.readouterr().err
+
+
+def test_checkpoint_of_another_architecture(pretrained, tmp_path, capsys):
+    other = tmp_path / "other"
+    args = PRETRAIN + SYNTHETIC + ["--model.embed_dim", "48", "--max_steps", "1", "--output_dir", other]
+    assert star("pretrain", *args) == 0
+    # resuming a run with weights of another width lists the mismatched keys
+    args = PRETRAIN + SYNTHETIC + ["--resume", other, "--output_dir", tmp_path / "again"]
+    assert star("pretrain", *args) == 2
+    err = capsys.readouterr().err
+    assert "mismatched keys" in err and "checkpoint (48" in err
+    # a classifier is not a pretraining model to start from
+    assert star("eval", pretrained, "--device", "cpu") == 2
+    assert "StarPretrain" in capsys.readouterr().err
+
+
+def test_predict_wrong_channels_and_unreadable_files(pretrained, tmp_path, capsys):
+    ft = tmp_path / "ft"
+    assert star("finetune", *FINETUNE, *SYNTHETIC, "--pretrained", "none", "--max_steps", "1", "--output_dir", ft) == 0
+    rgb = tmp_path / "rgb.png"
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(rgb)
+    assert star("predict", ft, rgb, "--device", "cpu") == 2
+    assert "3 channel(s)" in capsys.readouterr().err
+    assert star("predict", ft, rgb, "--convert", "--device", "cpu") == 0
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"junk")
+    assert star("predict", ft, broken, "--device", "cpu") == 2
+    assert "broken.png" in capsys.readouterr().err
