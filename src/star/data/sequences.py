@@ -2,8 +2,10 @@
 
 Batch size counts IMAGES (as in the paper's recipe), so a batch of B images holds B // K sequences
 and the per-image learning-rate scaling stays the same for any K. Each epoch is a seeded permutation
-(seed + epoch) cut into sequences, so the batches depend only on (seed, epoch, world size) and a
-resumed run replays exactly the batches an uninterrupted run would have seen.
+(seed + epoch) cut into sequences, and the sequences into consecutive batches; with N ranks, global
+batch i is batches i*N .. i*N+N-1 and rank r takes the r-th of them. So N ranks with batch B see
+exactly what one process with batch B and N-fold gradient accumulation sees, and the position in an
+epoch is a number of sequences, which lets a run resume on a different number of ranks.
 """
 
 import functools
@@ -31,11 +33,12 @@ class StarBatchSampler(Sampler[list[int]]):
     """Yields batches of dataset indices, `batch_size` images = `batch_size // K` sequences of K images.
 
     The indices of one sequence are contiguous in the batch (see `collate_sequences`). With
-    `num_replicas` > 1 (default: the torch.distributed world, if initialised) every rank takes a
-    disjoint, equally long slice of the epoch's sequences; the few sequences that do not divide
-    evenly are dropped rather than duplicated. Call `set_epoch(e)` before each epoch, as with
-    DistributedSampler, or every epoch repeats the same order. len() is always a full epoch's batches
-    (what LR schedules need), also while a resumed epoch yields only its remaining batches.
+    `num_replicas` > 1 (default: the torch.distributed world, if initialised) rank r takes every
+    num_replicas-th batch starting at r, so all ranks yield equally many batches of disjoint
+    sequences; the tail that does not fill a global batch is dropped (drop_last) or split evenly over
+    the ranks, never duplicated. Call `set_epoch(e)` before each epoch, as with DistributedSampler,
+    or every epoch repeats the same order. len() is always a full epoch's batches (what LR schedules
+    need), also while a resumed epoch yields only its remaining batches.
     """
 
     def __init__(self, num_images, batch_size, images_per_seq, seed=0, drop_last=True, num_replicas=None, rank=None):
@@ -54,8 +57,8 @@ class StarBatchSampler(Sampler[list[int]]):
         self.num_replicas = num_replicas
         self.rank = rank
         self.seqs_per_batch = batch_size // images_per_seq
-        self.seqs_per_rank = num_images // images_per_seq // num_replicas
-        if self.seqs_per_rank < self.seqs_per_batch:
+        self.num_sequences = num_images // images_per_seq
+        if self.num_sequences // num_replicas < self.seqs_per_batch:
             raise ValueError(
                 f"dataset of {num_images} images is smaller than one batch of {batch_size} images "
                 f"(K={images_per_seq}) per rank on {num_replicas} rank(s)"
@@ -65,8 +68,8 @@ class StarBatchSampler(Sampler[list[int]]):
         self._batches_yielded = 0
 
     def __len__(self):
-        full, rest = divmod(self.seqs_per_rank, self.seqs_per_batch)
-        return full + int(rest > 0 and not self.drop_last)
+        full, rest = divmod(self.num_sequences, self.seqs_per_batch * self.num_replicas)
+        return full + int(rest >= self.num_replicas and not self.drop_last)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch's permutation; keeps a pending resume offset only for the resumed epoch."""
@@ -74,17 +77,24 @@ class StarBatchSampler(Sampler[list[int]]):
             self._start_batch = 0
         self.epoch = epoch
 
-    def _rank_sequences(self) -> torch.Tensor:
-        """(seqs_per_rank, K) image indices of this rank for the current epoch."""
+    def _rank_batches(self) -> list[torch.Tensor]:
+        """This rank's batches of the current epoch, each (sequences, K) image indices."""
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.num_images, generator=generator)
-        num_used = self.seqs_per_rank * self.num_replicas
-        sequences = order[: num_used * self.images_per_seq].view(num_used, self.images_per_seq)
-        return sequences[self.rank :: self.num_replicas]
+        sequences = order[: self.num_sequences * self.images_per_seq].view(self.num_sequences, self.images_per_seq)
+        per_step = self.seqs_per_batch * self.num_replicas
+        num_full = self.num_sequences // per_step
+        full = sequences[: num_full * per_step].view(num_full, self.num_replicas, self.seqs_per_batch, -1)
+        batches = list(full[:, self.rank])
+        if len(self) > num_full:  # the tail, split evenly over the ranks
+            tail = sequences[num_full * per_step:]
+            share = len(tail) // self.num_replicas
+            batches.append(tail[self.rank * share:(self.rank + 1) * share])
+        return batches
 
     def __iter__(self):
         start, self._start_batch = self._start_batch, 0
-        batches = self._rank_sequences().split(self.seqs_per_batch)[: len(self)]
+        batches = self._rank_batches()
         self._batches_yielded = start
         for batch in batches[start:]:
             self._batches_yielded += 1
@@ -96,10 +106,15 @@ class StarBatchSampler(Sampler[list[int]]):
         With DataLoader workers the sampler runs ahead of the training loop by the prefetch depth, so
         pass `batches_done` = the number of batches the loop has actually consumed this epoch; without
         it the count of batches this sampler has handed out is stored (exact for num_workers=0).
+        `sequences_done` counts the sequences all ranks together consumed: the world-size-free position.
         """
+        batches_done = self._batches_yielded if batches_done is None else batches_done
+        if not 0 <= batches_done <= len(self):
+            raise ValueError(f"batches_done must be in [0, {len(self)}], got {batches_done}")
         return {
             "epoch": self.epoch,
-            "batches_done": self._batches_yielded if batches_done is None else batches_done,
+            "batches_done": batches_done,
+            "sequences_done": min(batches_done * self.seqs_per_batch * self.num_replicas, self.num_sequences),
             "seed": self.seed,
             "num_images": self.num_images,
             "batch_size": self.batch_size,
@@ -108,17 +123,29 @@ class StarBatchSampler(Sampler[list[int]]):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume: the next pass over epoch `state["epoch"]` starts after the batches already done."""
-        for key in ("seed", "num_images", "batch_size", "images_per_seq", "num_replicas"):
+        """Resume: the next pass over epoch `state["epoch"]` starts after the sequences already done.
+
+        The state may come from a run on another number of ranks (or another per-rank batch size):
+        the epoch's sequence order is the same, so this run continues at the same sequence as long as
+        that is a whole number of its own global batches. `state_dict()["batches_done"]` then says
+        where, in this run's batches.
+        """
+        for key in ("seed", "num_images", "images_per_seq"):
             if state[key] != getattr(self, key):
                 raise ValueError(
                     f"cannot resume: sampler state has {key}={state[key]} but this run has {getattr(self, key)}; "
                     "the remaining batches would differ from the interrupted run"
                 )
-        if not 0 <= state["batches_done"] <= len(self):
-            raise ValueError(f"batches_done must be in [0, {len(self)}], got {state['batches_done']}")
+        per_step = self.seqs_per_batch * self.num_replicas
+        start, rest = divmod(state["sequences_done"], per_step)
+        if rest and state["sequences_done"] < self.num_sequences:
+            raise ValueError(
+                f"cannot resume: {state['sequences_done']} sequences of epoch {state['epoch']} were consumed (batch_size="
+                f"{state['batch_size']} on {state['num_replicas']} rank(s)), not a whole number of this run's global "
+                f"batches (batch_size={self.batch_size} images on {self.num_replicas} rank(s) = {per_step} sequences)"
+            )
         self.epoch = state["epoch"]
-        self._start_batch = self._batches_yielded = state["batches_done"]
+        self._start_batch = self._batches_yielded = min(start + bool(rest), len(self))
 
 
 def collate_sequences(samples, images_per_seq):

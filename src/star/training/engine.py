@@ -9,6 +9,11 @@ Resuming is exact: a checkpoint holds the weights, optimizer, EMA, step, the pos
 epoch and all RNG states, and the RNG is restored after the data iterator is created, so a
 resumed run retraces the uninterrupted one (bit-exact on CPU with num_workers=0; with workers,
 augmentation randomness is only as reproducible as the dataset's own seeding).
+
+Under torchrun/SLURM (see `star.training.distributed`) the model is wrapped in DDP or sharded with
+FSDP2 (`cfg.distributed`), every rank draws from its own seed, logged losses are global-batch
+means, and rank 0 writes full checkpoints that resume on any number of ranks: the data position is
+kept in sequences, each rank's RNG is kept too (a rank new to the run is seeded from its rank).
 """
 
 from __future__ import annotations
@@ -27,12 +32,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from timm.utils import ModelEmaV3
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from star.config import TrainConfig, config_to_dict, save_config
-from star.training.checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
+from star.training.checkpoint import (STATE_NAME, latest_checkpoint, load_checkpoint, load_weights, resolve_checkpoint,
+                                      save_checkpoint)
+from star.training.distributed import (all_gather_objects, full_model_state_dict, is_sharded, load_full_model_state_dict,
+                                       load_optimizer_state_by_name, optimizer_state_by_name, wrap_model)
 from star.training.optim import create_optimizer, freeze_for_linear_probe
 from star.training.schedule import CosineSchedule, resolve_lr
 
@@ -81,8 +88,9 @@ def set_rng_state(state: dict) -> None:
     kind, key, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if torch.cuda.is_available():  # a resumed run may see fewer GPUs than the one that saved
+        for device, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)
 
 
 def _dist_rank_world() -> tuple[int, int]:
@@ -208,7 +216,9 @@ class Trainer:
         self.model = model.to(self.device)
         self.train_model = self.model  # what the loss sees: wrapped for DDP / compiled
         if self.world_size > 1:
-            self.train_model = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            if cfg.distributed == "fsdp" and cfg.optim.ema_decay is not None:
+                raise ValueError("optim.ema_decay (model EMA) is not supported with distributed=fsdp; use ddp")
+            self.train_model = wrap_model(self.model, self.device, cfg.distributed)
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
 
@@ -242,26 +252,36 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict:
+        """Training state besides the weights; a collective, so every rank calls it."""
+        rank_rngs = all_gather_objects(get_rng_state())
         return {
             "step": self.step,
             "data": {"epoch": self.epoch, "batches_done": self.batches_done, "sampler": self._sampler_state()},
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state_by_name(self.model, self.optimizer),
             "ema": self.ema.module.state_dict() if self.ema is not None else None,
-            "rng": get_rng_state(),
+            "rng": rank_rngs[0],
+            "rank_rngs": rank_rngs,
             "config": config_to_dict(self.cfg),
         }
 
     def save(self) -> None:
+        """Write a checkpoint (rank 0); every rank must call this, as it gathers state from all."""
+        weights = _StateDictView(full_model_state_dict(self.model)) if is_sharded(self.model) else self.model
+        state = self.state_dict()
         if self.is_main:
-            self.last_checkpoint = save_checkpoint(self.run_dir, self.step, self.model, self.state_dict(), self.cfg.keep_last)
+            self.last_checkpoint = save_checkpoint(self.run_dir, self.step, weights, state, self.cfg.keep_last)
 
     def resume(self, path: str) -> None:
         """Continue from checkpoint `path` ("auto" = this run's latest, or start fresh if none)."""
         ckpt = latest_checkpoint(self.run_dir) if path == "auto" else resolve_checkpoint(path)
         if ckpt is None:
             return
-        state = load_checkpoint(ckpt, self.model)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if is_sharded(self.model):
+            state = torch.load(ckpt / STATE_NAME, map_location="cpu", weights_only=True)
+            load_full_model_state_dict(self.model, load_weights(ckpt))
+        else:
+            state = load_checkpoint(ckpt, self.model)
+        load_optimizer_state_by_name(self.model, self.optimizer, state["optimizer"])
         if self.ema is not None:
             if state["ema"] is None:
                 raise ValueError(f"{ckpt} has no EMA weights but optim.ema_decay is set")
@@ -269,7 +289,11 @@ class Trainer:
         self.step = state["step"]
         self.epoch, self.batches_done = state["data"]["epoch"], state["data"]["batches_done"]
         self._sampler_to_restore = state["data"]["sampler"]
-        self._rng_to_restore = state["rng"]
+        rank_rngs = state.get("rank_rngs") or [state["rng"]]
+        if len(rank_rngs) == self.world_size or self.rank == 0:
+            self._rng_to_restore = rank_rngs[self.rank]
+        else:  # a rank the saved run did not have: its own stream, distinct from every other rank's
+            seed_everything(self.cfg.seed + self.rank + 1_000_003 * self.step)
         self.last_checkpoint = ckpt
         if self.is_main:
             print(f"resumed from {ckpt}: step {self.step}, epoch {self.epoch}, batch {self.batches_done}")
@@ -324,7 +348,7 @@ class Trainer:
         skip = self.batches_done
         if skip and self._sampler_to_restore is not None:
             sampler.load_state_dict(self._sampler_to_restore)
-            skip = 0
+            self.batches_done, skip = sampler.state_dict()["batches_done"], 0  # in this run's batches (world size)
         self._sampler_to_restore = None
         it = iter(self.train_loader)
         for _ in range(skip):
@@ -348,8 +372,7 @@ class Trainer:
                 losses, logs = [], {}
                 for micro in range(accum):
                     batch = _to_device(next(it), self.device)
-                    sync = self.train_model.no_sync() if self.world_size > 1 and micro < accum - 1 else contextlib.nullcontext()
-                    with sync:
+                    with self._gradient_sync(micro == accum - 1):
                         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None):
                             loss, logs = self.loss_fn(self.train_model, batch)
                         (loss / accum).backward()
@@ -357,7 +380,11 @@ class Trainer:
                     images += _num_images(batch)
                     self.batches_done += 1
                     bar.update(1)
-                loss = torch.stack(losses).mean().item()  # the one host sync per optimizer step
+                loss = torch.stack(losses).mean()
+                if self.world_size > 1:  # the global batch's loss, and every rank stops together on a NaN
+                    dist.all_reduce(loss)
+                    loss /= self.world_size
+                loss = loss.item()  # the one host sync per optimizer step
                 if not math.isfinite(loss):
                     raise FloatingPointError(
                         f"non-finite loss ({loss}) at optimizer step {self.step + 1} (epoch {self.epoch}, batch "
@@ -366,7 +393,8 @@ class Trainer:
                 lr = self.schedule.step(self.step)
                 metrics = {"epoch": self.epoch + self.batches_done / num_batches, "train/loss": loss, "train/lr": lr}
                 if cfg.optim.clip_grad is not None:
-                    metrics["train/grad_norm"] = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad)
+                    grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad)
+                    metrics["train/grad_norm"] = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
@@ -374,7 +402,7 @@ class Trainer:
                     self.ema.update(self.model, step=self.step)
                 if self.is_main and (self.step % cfg.log_every == 0 or self.step == 1):
                     now = time.perf_counter()
-                    metrics["train/img_s"] = images / (now - t_last)
+                    metrics["train/img_s"] = images * self.world_size / (now - t_last)  # ranks see equal batches
                     images, t_last = 0, now
                     metrics.update({f"train/{k}": float(v) for k, v in logs.items()})
                     self.metrics.log(self.step, metrics)
@@ -386,3 +414,23 @@ class Trainer:
                     self.save()
         finally:
             bar.close()
+
+    def _gradient_sync(self, sync: bool):
+        """Context for one micro-step's backward: gradients are reduced across ranks only when `sync`
+        (the last micro-step of an accumulation)."""
+        if is_sharded(self.model):
+            self.model.set_requires_gradient_sync(sync)
+        elif self.world_size > 1 and not sync:
+            return self.train_model.no_sync()
+        return contextlib.nullcontext()
+
+
+class _StateDictView:
+    """Stands in for a sharded model where `save_checkpoint` reads `model.state_dict()`: its full,
+    gathered weights."""
+
+    def __init__(self, weights: dict):
+        self.weights = weights
+
+    def state_dict(self) -> dict:
+        return self.weights
