@@ -32,7 +32,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from timm.utils import ModelEmaV3
 from torch import nn
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from star.config import TrainConfig, config_to_dict, save_config
@@ -162,7 +161,13 @@ class MetricsLogger:
                 self.rows = [r for r in reader if int(r["step"]) <= resume_step]
         self._rewrite()
         purge = None if resume_step is None else resume_step + 1
-        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=purge)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is a dependency, but a bare GPU image may lack it: keep the CSV
+            print("tensorboard is not installed: metrics go to metrics.csv only")
+            self.tb = None
+        else:
+            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=purge)
 
     def _rewrite(self) -> None:
         with open(self.path, "w", newline="") as f:
@@ -179,12 +184,14 @@ class MetricsLogger:
         else:
             with open(self.path, "a", newline="") as f:
                 csv.DictWriter(f, self.fields).writerow(row)
-        for k, v in metrics.items():
-            self.tb.add_scalar(k, float(v), step)
-        self.tb.flush()
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, float(v), step)
+            self.tb.flush()
 
     def close(self) -> None:
-        self.tb.close()
+        if self.tb is not None:
+            self.tb.close()
 
 
 # ---------------------------------------------------------------------------- trainer
