@@ -1,17 +1,23 @@
 """Selective scan (Mamba-1 S6) in Triton, forward and backward, (batch, length, channels) layout.
 
 One program owns one (batch, block of channels) pair and walks the sequence in chunks of CHUNK steps.
-Inside a chunk the recurrence h_t = a_t * h_{t-1} + b_t is solved for all CHUNK steps at once with
-`tl.associative_scan` on a (CHUNK, N, BLOCK_D) fp32 tile, so each chunk's loads are one coalesced
-(CHUNK, BLOCK_D) tile instead of CHUNK tiny dependent loads. Channels are the last (thread) axis, so the
-time scan and the sum over the state run inside each thread, not across lanes.
+A chunk is a (CHUNK, N, BLOCK_D) fp32 tile: channels are the thread axis, time and state sit inside each
+thread, so each chunk's loads are one coalesced (CHUNK, BLOCK_D) tile, the recurrence
+h_t = a_t * h_{t-1} + b_t is CHUNK unrolled FMAs per element, and sums over the state stay in-thread.
 
-The forward stores only the state entering each chunk (b, n_chunks, n, d) fp32. The backward walks the
-chunks in the opposite order, recomputes the chunk's states from that checkpoint, runs the adjoint
-recurrence g_t = a_{t+1} g_{t+1} + C_t dy_t as a reverse scan, and reads every gradient off (h_t, g_t).
+Memory traffic is kept near the floor by saving the state only every SEGMENT = CHUNK * SEG_CHUNKS steps
+(fp32, (b, n_segments, n, d): 64 / SEGMENT bytes per token-channel). The backward walks the segments
+from last to first, each in two passes:
+  1. forward over the segment from its checkpoint: stores the state entering each chunk into a small
+     per-program scratch (L2-resident), and uses the states it has in hand for dz, dC and dD;
+  2. backward over the segment's chunks: reloads the chunk's entering state, recomputes the chunk
+     (one exp per element), runs the adjoint g_t = a_{t+1} g_{t+1} + C_t dy_t as a reverse scan, and
+     reads du, d_delta, dB and dA off (h_t, g_t). a_{t+1} comes from the chunk's own decay tile,
+     carried inside the reverse scan, and from the following chunk, so no second exp is needed.
 Nothing is accumulated with atomics: dA, dD and d_delta_bias are per-batch partials and dB, dC are
 per-channel-block partials, summed afterwards by torch in a fixed order, so gradients are deterministic.
-reverse=True only changes which time index a scan position reads, so no flipped copies are made.
+u, delta and z may be strided views (only the channel stride must be 1), which saves the copies of the
+mixer's (x, z) split. reverse=True only changes which time index a scan position reads.
 """
 import math
 from typing import Optional
@@ -22,31 +28,44 @@ import triton.language as tl
 from torch import Tensor
 
 # Tile sizes per device type. The interpreter (CPU, TRITON_INTERPRET=1) runs scans element by element in
-# Python, so it gets small tiles; CHUNK is also the checkpoint interval and shapes the saved states.
-CUDA_CONFIG = dict(BLOCK_D=32, CHUNK=4, num_warps=1)  # fastest in the H100 sweep (docs/benchmarks)
-INTERPRETER_CONFIG = dict(BLOCK_D=8, CHUNK=8, num_warps=1)
+# Python, so it gets small tiles and short segments (several segments even in short test sequences).
+CUDA_CONFIG = dict(BLOCK_D=32, CHUNK=4, SEG_CHUNKS=16, num_warps=1)
+INTERPRETER_CONFIG = dict(BLOCK_D=8, CHUNK=4, SEG_CHUNKS=2, num_warps=1)
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E): exp2 is the hardware instruction
 
 
 @triton.jit
-def _linear_recurrence(a1, b1, a2, b2):
-    # Composition of h -> a1 h + b1 followed by h -> a2 h + b2.
-    return a1 * a2, b1 * a2 + b2
+def _row(x, index: tl.constexpr, CHUNK: tl.constexpr):
+    """x[index] of a (CHUNK, ...) tile. Time sits inside each thread and the other rows are -0.0 (x + -0.0 == x
+    exactly), so after constant folding this is plain register moves."""
+    rows = tl.arange(0, CHUNK)[:, None, None]
+    return tl.sum(tl.where(rows == index, x, -0.0), axis=0)
 
 
 @triton.jit
-def _softplus(x):
-    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+def _set_row(x, index: tl.constexpr, value, CHUNK: tl.constexpr):
+    rows = tl.arange(0, CHUNK)[:, None, None]
+    return tl.where(rows == index, value[None, :, :], x)
 
 
 @triton.jit
-def _load_delta(delta_ptr, bias, offs, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """Returns (delta after bias/softplus, zeroed where masked; d softplus / d input)."""
-    raw = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+def _load_rows(ptr, stride_b, stride_l, pid_b, t, offs_d, mask):
+    return tl.load(ptr + pid_b * stride_b + t[:, None] * stride_l + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_delta(delta_ptr, stride_b, stride_l, pid_b, t, offs_d, mask, bias,
+                HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """Returns (delta after bias/softplus, zeroed where masked; d softplus / d input).
+
+    softplus and its derivative share one exp: log(1 + e) and e / (1 + e), linear above 20 as in Mamba."""
+    raw = _load_rows(delta_ptr, stride_b, stride_l, pid_b, t, offs_d, mask)
     if HAS_BIAS:
         raw += bias[None, :]
     if SOFTPLUS:
-        delta = _softplus(raw)
-        dsoftplus = tl.where(raw > 20.0, 1.0, tl.sigmoid(raw))
+        e = tl.exp(tl.minimum(raw, 20.0))
+        delta = tl.where(raw > 20.0, raw, tl.log(1.0 + e))
+        dsoftplus = tl.where(raw > 20.0, 1.0, e / (1.0 + e))
     else:
         delta = raw
         dsoftplus = tl.full(raw.shape, 1.0, tl.float32)
@@ -55,7 +74,7 @@ def _load_delta(delta_ptr, bias, offs, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: t
 
 @triton.jit
 def _chunk_rows(chunk, L, CHUNK: tl.constexpr, REVERSE: tl.constexpr):
-    """Scan positions of one chunk, the time index each reads, and which exist."""
+    """Time index each scan position of one chunk reads, and which positions exist."""
     pos = chunk * CHUNK + tl.arange(0, CHUNK)
     if REVERSE:
         t = L - 1 - pos
@@ -65,66 +84,78 @@ def _chunk_rows(chunk, L, CHUNK: tl.constexpr, REVERSE: tl.constexpr):
 
 
 @triton.jit
+def _chunk_states(h, delta, u, Bt, A2, CHUNK: tl.constexpr):
+    """Decays a, inputs b and states h_t (CHUNK, N, BLOCK_D) of one chunk entered with state h; also its last
+    state. The steps are unrolled: one FMA per element and step, no scan machinery."""
+    a = tl.exp2(delta[:, None, :] * A2[None, :, :])
+    b = (delta * u)[:, None, :] * Bt[:, :, None]
+    hs = tl.zeros_like(a)
+    for i in tl.static_range(CHUNK):
+        h = _row(a, i, CHUNK) * h + _row(b, i, CHUNK)
+        hs = _set_row(hs, i, h, CHUNK)
+    return a, b, hs, h
+
+
+@triton.jit
+def _gate(z, dy):
+    """dy through the output gate y * silu(z): (dy * silu(z), dy * silu'(z), which times y is dz)."""
+    sig_z = tl.sigmoid(z)
+    return dy * z * sig_z, dy * sig_z * (1.0 + z * (1.0 - sig_z))
+
+
+@triton.jit
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, ckpt_ptr,
-    L, D, n_chunks,
-    N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+    L, D, n_segments, stride_ub, stride_ul, stride_deltab, stride_deltal, stride_zb, stride_zl,
+    N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, SEG_CHUNKS: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, SAVE_STATES: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, N_PAD)
     mask_d = offs_d < D
-    mask_n = offs_n < N
-    mask_nd = mask_n[:, None] & mask_d[None, :]
-    rows = tl.arange(0, CHUNK)
+    mask_nd = (offs_n < N)[:, None] & mask_d[None, :]
 
-    A2 = tl.load(A_ptr + offs_d[None, :] * N + offs_n[:, None], mask=mask_nd, other=0.0).to(tl.float32) * 1.4426950408889634
+    A2 = tl.load(A_ptr + offs_d[None, :] * N + offs_n[:, None], mask=mask_nd, other=0.0).to(tl.float32) * LOG2E
     bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     Dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    ckpt_base = ckpt_ptr + pid_b * n_chunks * N * D + offs_n[:, None] * D + offs_d[None, :]
+    ckpt_base = ckpt_ptr + pid_b * n_segments * N * D + offs_n[:, None] * D + offs_d[None, :]
+    n_chunks = tl.cdiv(L, CHUNK)
 
     h = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
-    for chunk in range(n_chunks):
+    for seg in range(n_segments):
         if SAVE_STATES:
-            tl.store(ckpt_base + chunk * N * D, h, mask=mask_nd)
-        t, mask_t = _chunk_rows(chunk, L, CHUNK, REVERSE)
-        mask = mask_t[:, None] & mask_d[None, :]
-        offs = (pid_b * L + t)[:, None] * D + offs_d[None, :]
-        offs_bc = (pid_b * L + t)[:, None] * N + offs_n[None, :]
-        mask_bc = mask_t[:, None] & mask_n[None, :]
+            tl.store(ckpt_base + seg * N * D, h, mask=mask_nd)
+        for chunk in range(seg * SEG_CHUNKS, tl.minimum(seg * SEG_CHUNKS + SEG_CHUNKS, n_chunks)):
+            t, mask_t = _chunk_rows(chunk, L, CHUNK, REVERSE)
+            mask = mask_t[:, None] & mask_d[None, :]
+            mask_bc = mask_t[:, None] & (offs_n < N)[None, :]
+            offs_bc = (pid_b * L + t)[:, None] * N + offs_n[None, :]
 
-        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        delta, _ = _load_delta(delta_ptr, bias, offs, mask, HAS_BIAS, SOFTPLUS)
-        Bt = tl.load(B_ptr + offs_bc, mask=mask_bc, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + offs_bc, mask=mask_bc, other=0.0).to(tl.float32)
-
-        a = tl.exp2(delta[:, None, :] * A2[None, :, :])
-        b = (delta * u)[:, None, :] * Bt[:, :, None]
-        a_cum, b_cum = tl.associative_scan((a, b), 0, _linear_recurrence)
-        hs = a_cum * h[None, :, :] + b_cum
-        y = tl.sum(hs * Ct[:, :, None], axis=1)
-        if HAS_D:
-            y += Dv[None, :] * u
-        if HAS_Z:
-            z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            y *= z * tl.sigmoid(z)
-        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
-        h = tl.sum(tl.where(rows[:, None, None] == CHUNK - 1, hs, 0.0), axis=0)
+            u = _load_rows(u_ptr, stride_ub, stride_ul, pid_b, t, offs_d, mask)
+            delta, _ = _load_delta(delta_ptr, stride_deltab, stride_deltal, pid_b, t, offs_d, mask, bias,
+                                   HAS_BIAS, SOFTPLUS)
+            Bt = tl.load(B_ptr + offs_bc, mask=mask_bc, other=0.0).to(tl.float32)
+            Ct = tl.load(C_ptr + offs_bc, mask=mask_bc, other=0.0).to(tl.float32)
+            _, _, hs, h = _chunk_states(h, delta, u, Bt, A2, CHUNK)
+            y = tl.sum(hs * Ct[:, :, None], axis=1) + Dv[None, :] * u
+            if HAS_Z:
+                z = _load_rows(z_ptr, stride_zb, stride_zl, pid_b, t, offs_d, mask)
+                y *= z * tl.sigmoid(z)
+            tl.store(y_ptr + (pid_b * L + t)[:, None] * D + offs_d[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _scan_bwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_ptr, ckpt_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_ptr, ckpt_ptr, scratch_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dA_part_ptr, dB_part_ptr, dC_part_ptr, dD_part_ptr, dbias_part_ptr,
-    L, D, n_chunks,
-    N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+    L, D, n_segments, stride_ub, stride_ul, stride_deltab, stride_deltal, stride_zb, stride_zl,
+    N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, SEG_CHUNKS: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr,
 ):
@@ -136,81 +167,95 @@ def _scan_bwd_kernel(
     mask_d = offs_d < D
     mask_n = offs_n < N
     mask_nd = mask_n[:, None] & mask_d[None, :]
-    rows = tl.arange(0, CHUNK)
 
-    A = tl.load(A_ptr + offs_d[None, :] * N + offs_n[:, None], mask=mask_nd, other=0.0).to(tl.float32)
-    A2 = A * 1.4426950408889634
+    A2 = tl.load(A_ptr + offs_d[None, :] * N + offs_n[:, None], mask=mask_nd, other=0.0).to(tl.float32) * LOG2E
     bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     Dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    ckpt_base = ckpt_ptr + pid_b * n_chunks * N * D + offs_n[:, None] * D + offs_d[None, :]
+    ckpt_base = ckpt_ptr + pid_b * n_segments * N * D + offs_n[:, None] * D + offs_d[None, :]
+    scratch_base = (scratch_ptr + (pid_b * n_dblocks + pid_d) * SEG_CHUNKS * N_PAD * BLOCK_D
+                    + offs_n[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :])
     part_bc_base = (pid_b * n_dblocks + pid_d) * L
+    n_chunks = tl.cdiv(L, CHUNK)
 
-    g_next = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)  # adjoint of the state at the next chunk's first step
+    carry = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)  # a_{t+1} g_{t+1} at the step after the current chunk
     dA_acc = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for step in range(n_chunks):
-        chunk = n_chunks - 1 - step
-        h0 = tl.load(ckpt_base + chunk * N * D, mask=mask_nd, other=0.0)
-        t, mask_t = _chunk_rows(chunk, L, CHUNK, REVERSE)
-        t_next = t - 1 if REVERSE else t + 1  # the next scan position
-        mask = mask_t[:, None] & mask_d[None, :]
-        mask_next = ((chunk * CHUNK + rows + 1) < L)[:, None] & mask_d[None, :]
-        offs = (pid_b * L + t)[:, None] * D + offs_d[None, :]
-        offs_next = (pid_b * L + t_next)[:, None] * D + offs_d[None, :]
-        offs_bc = (pid_b * L + t)[:, None] * N + offs_n[None, :]
-        mask_bc = mask_t[:, None] & mask_n[None, :]
+    for step in range(n_segments):
+        seg = n_segments - 1 - step
+        first = seg * SEG_CHUNKS
+        seg_chunks = tl.minimum(SEG_CHUNKS, n_chunks - first)
 
-        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        delta, dsoftplus = _load_delta(delta_ptr, bias, offs, mask, HAS_BIAS, SOFTPLUS)
-        delta_next, _ = _load_delta(delta_ptr, bias, offs_next, mask_next, HAS_BIAS, SOFTPLUS)
-        Bt = tl.load(B_ptr + offs_bc, mask=mask_bc, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + offs_bc, mask=mask_bc, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        # Pass 1, forward: the state entering each chunk goes to scratch; dz, dC and dD use the states.
+        h = tl.load(ckpt_base + seg * N * D, mask=mask_nd, other=0.0)
+        for k in range(seg_chunks):
+            tl.store(scratch_base + k * N_PAD * BLOCK_D, h)
+            t, mask_t = _chunk_rows(first + k, L, CHUNK, REVERSE)
+            mask = mask_t[:, None] & mask_d[None, :]
+            mask_bc = mask_t[:, None] & mask_n[None, :]
+            offs_bc = (pid_b * L + t)[:, None] * N + offs_n[None, :]
+            offs = (pid_b * L + t)[:, None] * D + offs_d[None, :]
 
-        # Recompute this chunk's states from its checkpoint.
-        a = tl.exp2(delta[:, None, :] * A2[None, :, :])
-        b = (delta * u)[:, None, :] * Bt[:, :, None]
-        a_cum, b_cum = tl.associative_scan((a, b), 0, _linear_recurrence)
-        hs = a_cum * h0[None, :, :] + b_cum
-
-        if HAS_Z:
-            z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            sig_z = tl.sigmoid(z)
-            y = tl.sum(hs * Ct[:, :, None], axis=1)
-            if HAS_D:
-                y += Dv[None, :] * u
-            dz = dy * y * sig_z * (1.0 + z * (1.0 - sig_z))
-            tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
-            dy = dy * z * sig_z
-
-        # Adjoint: g_t = a_{t+1} g_{t+1} + C_t dy_t, carried in from the next chunk through g_next.
-        a_next = tl.exp2(delta_next[:, None, :] * A2[None, :, :])
-        c = dy[:, None, :] * Ct[:, :, None]
-        a_rcum, g_in = tl.associative_scan((a_next, c), 0, _linear_recurrence, reverse=True)
-        g = g_in + a_rcum * g_next[None, :, :]
-        g_next = tl.sum(tl.where(rows[:, None, None] == 0, g, 0.0), axis=0)
-
-        decayed = hs - b  # a_t h_{t-1}, without needing the shifted state
-        gB = g * Bt[:, :, None]
-        ddelta = tl.sum(g * decayed * A[None, :, :] + gB * u[:, None, :], axis=1)
-        du = tl.sum(gB, axis=1) * delta
-        if HAS_D:
-            du += Dv[None, :] * dy
+            u = _load_rows(u_ptr, stride_ub, stride_ul, pid_b, t, offs_d, mask)
+            delta, _ = _load_delta(delta_ptr, stride_deltab, stride_deltal, pid_b, t, offs_d, mask, bias,
+                                   HAS_BIAS, SOFTPLUS)
+            Bt = tl.load(B_ptr + offs_bc, mask=mask_bc, other=0.0).to(tl.float32)
+            Ct = tl.load(C_ptr + offs_bc, mask=mask_bc, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            _, _, hs, h = _chunk_states(h, delta, u, Bt, A2, CHUNK)
+            if HAS_Z:
+                z = _load_rows(z_ptr, stride_zb, stride_zl, pid_b, t, offs_d, mask)
+                y = tl.sum(hs * Ct[:, :, None], axis=1) + Dv[None, :] * u
+                dy, dy_dsilu = _gate(z, dy)
+                tl.store(dz_ptr + offs, (dy_dsilu * y).to(dz_ptr.dtype.element_ty), mask=mask)
+            tl.store(dC_part_ptr + (part_bc_base + t)[:, None] * N + offs_n[None, :],
+                     tl.sum(hs * dy[:, None, :], axis=2), mask=mask_bc)
             dD_acc += tl.sum(dy * u, axis=0)
-        dA_acc += tl.sum(g * decayed * delta[:, None, :], axis=0)
-        ddelta = tl.where(mask, ddelta * dsoftplus, 0.0)
-        dbias_acc += tl.sum(ddelta, axis=0)
-        tl.store(du_ptr + offs, du.to(du_ptr.dtype.element_ty), mask=mask)
-        tl.store(ddelta_ptr + offs, ddelta.to(ddelta_ptr.dtype.element_ty), mask=mask)
 
-        part_offs = (part_bc_base + t)[:, None] * N + offs_n[None, :]
-        tl.store(dB_part_ptr + part_offs, tl.sum(g * (delta * u)[:, None, :], axis=2), mask=mask_bc)
-        tl.store(dC_part_ptr + part_offs, tl.sum(hs * dy[:, None, :], axis=2), mask=mask_bc)
+        # Pass 2, backward over the same chunks: recompute each from its entering state, then the adjoint.
+        for j in range(seg_chunks):
+            k = seg_chunks - 1 - j
+            h0 = tl.load(scratch_base + k * N_PAD * BLOCK_D)
+            t, mask_t = _chunk_rows(first + k, L, CHUNK, REVERSE)
+            mask = mask_t[:, None] & mask_d[None, :]
+            mask_bc = mask_t[:, None] & mask_n[None, :]
+            offs_bc = (pid_b * L + t)[:, None] * N + offs_n[None, :]
+            offs = (pid_b * L + t)[:, None] * D + offs_d[None, :]
+
+            u = _load_rows(u_ptr, stride_ub, stride_ul, pid_b, t, offs_d, mask)
+            delta, dsoftplus = _load_delta(delta_ptr, stride_deltab, stride_deltal, pid_b, t, offs_d, mask, bias,
+                                           HAS_BIAS, SOFTPLUS)
+            Bt = tl.load(B_ptr + offs_bc, mask=mask_bc, other=0.0).to(tl.float32)
+            Ct = tl.load(C_ptr + offs_bc, mask=mask_bc, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_Z:
+                z = _load_rows(z_ptr, stride_zb, stride_zl, pid_b, t, offs_d, mask)
+                dy, _ = _gate(z, dy)
+            a, b, hs, _ = _chunk_states(h0, delta, u, Bt, A2, CHUNK)
+
+            # Adjoint, last step first: g_t = C_t dy_t + a_{t+1} g_{t+1}; `carry` is a_{t+1} g_{t+1}.
+            c = dy[:, None, :] * Ct[:, :, None]
+            g = tl.zeros_like(c)
+            for i in tl.static_range(CHUNK - 1, -1, -1):
+                g_i = _row(c, i, CHUNK) + carry
+                g = _set_row(g, i, g_i, CHUNK)
+                carry = _row(a, i, CHUNK) * g_i
+
+            g_decayed = g * (hs - b)  # g_t * a_t h_{t-1}
+            gB_sum = tl.sum(g * Bt[:, :, None], axis=1)
+            ddelta = tl.sum(g_decayed * A2[None, :, :], axis=1) * (1.0 / LOG2E) + gB_sum * u
+            ddelta = tl.where(mask, ddelta * dsoftplus, 0.0)
+            du = gB_sum * delta + Dv[None, :] * dy
+            dA_acc += tl.sum(g_decayed * delta[:, None, :], axis=0)
+            dbias_acc += tl.sum(ddelta, axis=0)
+            tl.store(du_ptr + offs, du.to(du_ptr.dtype.element_ty), mask=mask)
+            tl.store(ddelta_ptr + offs, ddelta.to(ddelta_ptr.dtype.element_ty), mask=mask)
+            tl.store(dB_part_ptr + (part_bc_base + t)[:, None] * N + offs_n[None, :],
+                     tl.sum(g * (delta * u)[:, None, :], axis=2), mask=mask_bc)
 
     tl.store(dA_part_ptr + pid_b * N * D + offs_n[:, None] * D + offs_d[None, :], dA_acc, mask=mask_nd)
     if HAS_D:
@@ -223,13 +268,25 @@ def _config(u: Tensor) -> dict:
     return CUDA_CONFIG if u.is_cuda else INTERPRETER_CONFIG
 
 
-def _launch_args(u: Tensor, A: Tensor) -> dict:
+def _n_segments(length: int, config: dict) -> int:
+    return math.ceil(length / (config["CHUNK"] * config["SEG_CHUNKS"]))
+
+
+def _launch_args(u: Tensor, A: Tensor, delta: Tensor, z: Optional[Tensor]) -> dict:
     n = A.shape[1]
-    return dict(N=n, N_PAD=triton.next_power_of_2(n), **_config(u))
+    z_strides = z.stride()[:2] if z is not None else (0, 0)
+    return dict(stride_ub=u.stride(0), stride_ul=u.stride(1), stride_deltab=delta.stride(0),
+                stride_deltal=delta.stride(1), stride_zb=z_strides[0], stride_zl=z_strides[1],
+                N=n, N_PAD=triton.next_power_of_2(n), **_config(u))
 
 
 def _empty_if_none(x: Optional[Tensor], like: Tensor) -> Tensor:
     return like.new_empty(0) if x is None else x
+
+
+def _flags(D, z, delta_bias, delta_softplus, reverse) -> dict:
+    return dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+                SOFTPLUS=delta_softplus, REVERSE=reverse)
 
 
 @torch.library.custom_op("star::selective_scan_fwd", mutates_args=())
@@ -240,15 +297,14 @@ def _selective_scan_fwd(
 ) -> tuple[Tensor, Tensor]:
     b, l, d = u.shape
     n = A.shape[1]
-    n_chunks = triton.cdiv(l, _config(u)["CHUNK"])
-    y = torch.empty_like(u)
-    ckpt = u.new_empty((b, n_chunks, n, d) if save_states else (0,), dtype=torch.float32)
-    grid = (b, triton.cdiv(d, _config(u)["BLOCK_D"]))
-    _scan_fwd_kernel[grid](
+    config = _config(u)
+    n_segments = _n_segments(l, config)
+    y = u.new_empty((b, l, d))
+    ckpt = u.new_empty((b, n_segments, n, d) if save_states else (0,), dtype=torch.float32)
+    _scan_fwd_kernel[(b, triton.cdiv(d, config["BLOCK_D"]))](
         u, delta, A, B, C, _empty_if_none(D, u), _empty_if_none(z, u), _empty_if_none(delta_bias, u), y, ckpt,
-        l, d, n_chunks, **_launch_args(u, A),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-        REVERSE=reverse, SAVE_STATES=save_states,
+        l, d, n_segments, **_launch_args(u, A, delta, z), **_flags(D, z, delta_bias, delta_softplus, reverse),
+        SAVE_STATES=save_states,
     )
     return y, ckpt
 
@@ -256,8 +312,8 @@ def _selective_scan_fwd(
 @_selective_scan_fwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, save_states):
     b, l, d = u.shape
-    ckpt_shape = (b, math.ceil(l / _config(u)["CHUNK"]), A.shape[1], d) if save_states else (0,)
-    return torch.empty_like(u), u.new_empty(ckpt_shape, dtype=torch.float32)
+    ckpt_shape = (b, _n_segments(l, _config(u)), A.shape[1], d) if save_states else (0,)
+    return u.new_empty((b, l, d)), u.new_empty(ckpt_shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("star::selective_scan_bwd", mutates_args=())
@@ -272,8 +328,9 @@ def _selective_scan_bwd(
     config = _config(u)
     n_dblocks = triton.cdiv(d, config["BLOCK_D"])
     f32 = dict(dtype=torch.float32)
-    du, ddelta = torch.empty_like(u), torch.empty_like(delta)
-    dz = torch.empty_like(z) if z is not None else u.new_empty(0)
+    du, ddelta = u.new_empty((b, l, d)), delta.new_empty((b, l, d))
+    dz = z.new_empty((b, l, d)) if z is not None else u.new_empty(0)
+    scratch = u.new_empty((b, n_dblocks, config["SEG_CHUNKS"], triton.next_power_of_2(n), config["BLOCK_D"]), **f32)
     dA_part = u.new_empty((b, n, d), **f32)
     dB_part = u.new_empty((b, n_dblocks, l, n), **f32)
     dC_part = u.new_empty((b, n_dblocks, l, n), **f32)
@@ -281,10 +338,9 @@ def _selective_scan_bwd(
     dbias_part = u.new_empty((b, d) if delta_bias is not None else (0,), **f32)
     _scan_bwd_kernel[(b, n_dblocks)](
         u, delta, A, B, C, _empty_if_none(D, u), _empty_if_none(z, u), _empty_if_none(delta_bias, u),
-        dy, ckpt, du, ddelta, dz, dA_part, dB_part, dC_part, dD_part, dbias_part,
-        l, d, triton.cdiv(l, config["CHUNK"]), **_launch_args(u, A),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-        REVERSE=reverse,
+        dy, ckpt, scratch, du, ddelta, dz, dA_part, dB_part, dC_part, dD_part, dbias_part,
+        l, d, _n_segments(l, config), **_launch_args(u, A, delta, z),
+        **_flags(D, z, delta_bias, delta_softplus, reverse),
     )
     dA = dA_part.sum(0).t().contiguous().to(A.dtype)  # fake impl promises A's contiguous layout
     dB = dB_part.sum(1).to(B.dtype)
@@ -297,9 +353,11 @@ def _selective_scan_bwd(
 @_selective_scan_bwd.register_fake
 def _(dy, u, delta, A, B, C, D, z, delta_bias, ckpt, delta_softplus, reverse):
     empty = u.new_empty(0)
+    b, l, d = u.shape
     return (
-        torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A), torch.empty_like(B), torch.empty_like(C),
-        empty if D is None else torch.empty_like(D), empty if z is None else torch.empty_like(z),
+        u.new_empty((b, l, d)), delta.new_empty((b, l, d)), torch.empty_like(A, memory_format=torch.contiguous_format),
+        torch.empty_like(B), torch.empty_like(C),
+        empty if D is None else torch.empty_like(D), empty if z is None else z.new_empty((b, l, d)),
         empty if delta_bias is None else torch.empty_like(delta_bias),
     )
 
@@ -341,6 +399,11 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias):
             raise ValueError(f"{name} is on {x.device} but u is on {u.device}")
 
 
+def _channels_contiguous(x: Optional[Tensor]) -> Optional[Tensor]:
+    """(b, l, d) activations are read through their batch/time strides; only the channel stride must be 1."""
+    return x if x is None or x.stride(-1) == 1 else x.contiguous()
+
+
 def selective_scan_triton(
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     D: Optional[Tensor] = None, z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
@@ -349,7 +412,8 @@ def selective_scan_triton(
     """Fused selective scan; same contract as `star.ops.selective_scan` (layout (b, l, d)), output in u's dtype."""
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     tensors = [u, delta, A, B, C, D, z, delta_bias]
-    u, delta, A, B, C, D, z, delta_bias = [x.contiguous() if x is not None else None for x in tensors]
+    u, delta, z = (_channels_contiguous(x) for x in (u, delta, z))
+    A, B, C, D, delta_bias = (x.contiguous() if x is not None else None for x in (A, B, C, D, delta_bias))
     save_states = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
     y, _ = _selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, save_states)
     return y
