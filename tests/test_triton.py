@@ -19,9 +19,10 @@ needs_kernels = pytest.mark.skipif(not (CUDA or INTERPRETED), reason="runs in th
 
 # Relative L2 error allowed vs float64, by input dtype (fp32 math inside, half-precision inputs/outputs).
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
-# Interpreter chunks are 8 steps, CUDA chunks 16: lengths below one chunk, odd, and several chunks.
+# Interpreter segments (steps between saved states) are 8 steps, CUDA segments 64: lengths below one
+# segment, odd, and several segments. Channels span two channel blocks, the second one partial.
 SHORT, ODD, LONG = (5, 19, 30) if not CUDA else (11, 333, 1000)
-CHANNELS = 12 if not CUDA else 200
+CHANNELS = 20 if not CUDA else 200
 
 
 @pytest.mark.skipif(CUDA or INTERPRETED, reason="this process already runs the kernels")
@@ -85,6 +86,26 @@ def test_selective_scan_matches_reference(length, reverse, dtype, optional, d_st
 
     inputs = _scan_inputs(2, length, CHANNELS, d_state, dtype, optional)
     _check_against_reference(selective_scan_triton, ref, inputs, dtype, reverse=reverse, delta_softplus=optional)
+
+
+@needs_kernels
+def test_selective_scan_reads_strided_activations():
+    """u, delta and z may be views with a channel stride of 1 (the mixer's (x, z) split): same result as copies."""
+    from star.ops.triton import selective_scan_triton
+
+    inputs = {k: v.detach() for k, v in _scan_inputs(2, ODD, CHANNELS, 16, torch.float32, optional=True).items()}
+    packed = torch.cat([inputs["u"], inputs["z"], inputs["delta"]], dim=-1).requires_grad_()
+    u, z, delta = packed.split(CHANNELS, dim=-1)
+    assert not u.is_contiguous() and u.stride(-1) == 1
+    out = selective_scan_triton(**{**inputs, "u": u, "z": z, "delta": delta})
+    ref_inputs = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    ref = selective_scan_triton(**ref_inputs)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    ref.backward(grad_out)
+    expected = torch.cat([ref_inputs["u"].grad, ref_inputs["z"].grad, ref_inputs["delta"].grad], dim=-1)
+    torch.testing.assert_close(packed.grad, expected, rtol=0, atol=0)
 
 
 @needs_kernels

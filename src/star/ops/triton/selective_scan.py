@@ -27,10 +27,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# Tile sizes per device type. The interpreter (CPU, TRITON_INTERPRET=1) runs scans element by element in
-# Python, so it gets small tiles and short segments (several segments even in short test sequences).
-CUDA_CONFIG = dict(BLOCK_D=32, CHUNK=4, SEG_CHUNKS=16, num_warps=1)
-INTERPRETER_CONFIG = dict(BLOCK_D=8, CHUNK=4, SEG_CHUNKS=2, num_warps=1)
+# Tile sizes per device type and direction. SEGMENT (steps between saved states) is shared by both
+# directions; each direction's CHUNK must divide it. The backward holds more tiles per element, so it runs
+# with shorter chunks (fewer registers). The interpreter (CPU, TRITON_INTERPRET=1) runs element by element in
+# Python, so it gets small tiles and short segments (several segments even in short test sequences); tl.dot
+# needs at least 16 channels.
+CUDA_CONFIG = dict(SEGMENT=64, fwd=dict(BLOCK_D=32, CHUNK=4, num_warps=1), bwd=dict(BLOCK_D=32, CHUNK=2, num_warps=1))
+INTERPRETER_CONFIG = dict(SEGMENT=8, fwd=dict(BLOCK_D=16, CHUNK=4, num_warps=1),
+                          bwd=dict(BLOCK_D=16, CHUNK=2, num_warps=1))
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E): exp2 is the hardware instruction
 
 
@@ -97,6 +101,23 @@ def _chunk_states(h, delta, u, Bt, A2, CHUNK: tl.constexpr):
 
 
 @triton.jit
+def _store_channel_sum(ptr, x, t, part_base, mask_t, N: tl.constexpr, N_PAD: tl.constexpr, CHUNK: tl.constexpr,
+                       BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """Stores sum over channels of x (CHUNK, N_PAD, BLOCK_D) at rows t of a (.., l, N) partial.
+
+    Channels are spread over the lanes, where tl.sum would cost 5 butterfly shuffles per value; a matrix
+    product with a ones matrix does the sum on the tensor cores instead (column 0 of the product is kept)."""
+    ones = tl.full((BLOCK_D, 16), 1.0, tl.float32)
+    sums = tl.dot(tl.reshape(x, (CHUNK * N_PAD, BLOCK_D)), ones, input_precision=PRECISION)
+    rows = tl.arange(0, CHUNK * N_PAD)
+    cols = tl.arange(0, 16)
+    t_rows = tl.reshape(tl.broadcast_to(t[:, None], (CHUNK, N_PAD)), (CHUNK * N_PAD,))
+    mask_rows = tl.reshape(tl.broadcast_to(mask_t[:, None], (CHUNK, N_PAD)), (CHUNK * N_PAD,)) & (rows % N_PAD < N)
+    offs = (part_base + t_rows) * N + rows % N_PAD
+    tl.store(ptr + offs[:, None] + cols[None, :], sums, mask=mask_rows[:, None] & (cols == 0)[None, :])
+
+
+@triton.jit
 def _gate(z, dy):
     """dy through the output gate y * silu(z): (dy * silu(z), dy * silu'(z), which times y is dz)."""
     sig_z = tl.sigmoid(z)
@@ -157,7 +178,7 @@ def _scan_bwd_kernel(
     L, D, n_segments, stride_ub, stride_ul, stride_deltab, stride_deltal, stride_zb, stride_zl,
     N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, SEG_CHUNKS: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    REVERSE: tl.constexpr,
+    REVERSE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
@@ -212,8 +233,8 @@ def _scan_bwd_kernel(
                 y = tl.sum(hs * Ct[:, :, None], axis=1) + Dv[None, :] * u
                 dy, dy_dsilu = _gate(z, dy)
                 tl.store(dz_ptr + offs, (dy_dsilu * y).to(dz_ptr.dtype.element_ty), mask=mask)
-            tl.store(dC_part_ptr + (part_bc_base + t)[:, None] * N + offs_n[None, :],
-                     tl.sum(hs * dy[:, None, :], axis=2), mask=mask_bc)
+            _store_channel_sum(dC_part_ptr, hs * dy[:, None, :], t, part_bc_base, mask_t, N, N_PAD, CHUNK, BLOCK_D,
+                               PRECISION)
             dD_acc += tl.sum(dy * u, axis=0)
 
         # Pass 2, backward over the same chunks: recompute each from its entering state, then the adjoint.
@@ -254,8 +275,8 @@ def _scan_bwd_kernel(
             dbias_acc += tl.sum(ddelta, axis=0)
             tl.store(du_ptr + offs, du.to(du_ptr.dtype.element_ty), mask=mask)
             tl.store(ddelta_ptr + offs, ddelta.to(ddelta_ptr.dtype.element_ty), mask=mask)
-            tl.store(dB_part_ptr + (part_bc_base + t)[:, None] * N + offs_n[None, :],
-                     tl.sum(g * (delta * u)[:, None, :], axis=2), mask=mask_bc)
+            _store_channel_sum(dB_part_ptr, g * (delta * u)[:, None, :], t, part_bc_base, mask_t, N, N_PAD, CHUNK,
+                               BLOCK_D, PRECISION)
 
     tl.store(dA_part_ptr + pid_b * N * D + offs_n[:, None] * D + offs_d[None, :], dA_acc, mask=mask_nd)
     if HAS_D:
@@ -268,16 +289,21 @@ def _config(u: Tensor) -> dict:
     return CUDA_CONFIG if u.is_cuda else INTERPRETER_CONFIG
 
 
-def _n_segments(length: int, config: dict) -> int:
-    return math.ceil(length / (config["CHUNK"] * config["SEG_CHUNKS"]))
+def _n_segments(length: int, u: Tensor) -> int:
+    return math.ceil(length / _config(u)["SEGMENT"])
 
 
-def _launch_args(u: Tensor, A: Tensor, delta: Tensor, z: Optional[Tensor]) -> dict:
+def _launch_args(u: Tensor, A: Tensor, delta: Tensor, z: Optional[Tensor], direction: str) -> dict:
     n = A.shape[1]
+    config = _config(u)
+    tiles = config[direction]
+    if config["SEGMENT"] % tiles["CHUNK"]:
+        raise ValueError(f"selective_scan_triton: SEGMENT={config['SEGMENT']} is not a multiple of the "
+                         f"{direction} CHUNK={tiles['CHUNK']}")
     z_strides = z.stride()[:2] if z is not None else (0, 0)
     return dict(stride_ub=u.stride(0), stride_ul=u.stride(1), stride_deltab=delta.stride(0),
                 stride_deltal=delta.stride(1), stride_zb=z_strides[0], stride_zl=z_strides[1],
-                N=n, N_PAD=triton.next_power_of_2(n), **_config(u))
+                N=n, N_PAD=triton.next_power_of_2(n), SEG_CHUNKS=config["SEGMENT"] // tiles["CHUNK"], **tiles)
 
 
 def _empty_if_none(x: Optional[Tensor], like: Tensor) -> Tensor:
@@ -297,13 +323,12 @@ def _selective_scan_fwd(
 ) -> tuple[Tensor, Tensor]:
     b, l, d = u.shape
     n = A.shape[1]
-    config = _config(u)
-    n_segments = _n_segments(l, config)
+    n_segments = _n_segments(l, u)
     y = u.new_empty((b, l, d))
     ckpt = u.new_empty((b, n_segments, n, d) if save_states else (0,), dtype=torch.float32)
-    _scan_fwd_kernel[(b, triton.cdiv(d, config["BLOCK_D"]))](
+    _scan_fwd_kernel[(b, triton.cdiv(d, _config(u)["fwd"]["BLOCK_D"]))](
         u, delta, A, B, C, _empty_if_none(D, u), _empty_if_none(z, u), _empty_if_none(delta_bias, u), y, ckpt,
-        l, d, n_segments, **_launch_args(u, A, delta, z), **_flags(D, z, delta_bias, delta_softplus, reverse),
+        l, d, n_segments, **_launch_args(u, A, delta, z, "fwd"), **_flags(D, z, delta_bias, delta_softplus, reverse),
         SAVE_STATES=save_states,
     )
     return y, ckpt
@@ -312,7 +337,7 @@ def _selective_scan_fwd(
 @_selective_scan_fwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, save_states):
     b, l, d = u.shape
-    ckpt_shape = (b, _n_segments(l, _config(u)), A.shape[1], d) if save_states else (0,)
+    ckpt_shape = (b, _n_segments(l, u), A.shape[1], d) if save_states else (0,)
     return u.new_empty((b, l, d)), u.new_empty(ckpt_shape, dtype=torch.float32)
 
 
@@ -325,12 +350,13 @@ def _selective_scan_bwd(
     """Returns du, ddelta, dA, dB, dC, dD, dz, d_delta_bias; the last three are empty when unused."""
     b, l, d = u.shape
     n = A.shape[1]
-    config = _config(u)
-    n_dblocks = triton.cdiv(d, config["BLOCK_D"])
+    tiles = _config(u)["bwd"]
+    n_dblocks = triton.cdiv(d, tiles["BLOCK_D"])
     f32 = dict(dtype=torch.float32)
     du, ddelta = u.new_empty((b, l, d)), delta.new_empty((b, l, d))
     dz = z.new_empty((b, l, d)) if z is not None else u.new_empty(0)
-    scratch = u.new_empty((b, n_dblocks, config["SEG_CHUNKS"], triton.next_power_of_2(n), config["BLOCK_D"]), **f32)
+    scratch = u.new_empty((b, n_dblocks, _config(u)["SEGMENT"] // tiles["CHUNK"], triton.next_power_of_2(n),
+                           tiles["BLOCK_D"]), **f32)
     dA_part = u.new_empty((b, n, d), **f32)
     dB_part = u.new_empty((b, n_dblocks, l, n), **f32)
     dC_part = u.new_empty((b, n_dblocks, l, n), **f32)
@@ -339,8 +365,9 @@ def _selective_scan_bwd(
     _scan_bwd_kernel[(b, n_dblocks)](
         u, delta, A, B, C, _empty_if_none(D, u), _empty_if_none(z, u), _empty_if_none(delta_bias, u),
         dy, ckpt, scratch, du, ddelta, dz, dA_part, dB_part, dC_part, dD_part, dbias_part,
-        l, d, _n_segments(l, config), **_launch_args(u, A, delta, z),
+        l, d, _n_segments(l, u), **_launch_args(u, A, delta, z, "bwd"),
         **_flags(D, z, delta_bias, delta_softplus, reverse),
+        PRECISION="tf32x3" if u.dtype == torch.float32 else "tf32",
     )
     dA = dA_part.sum(0).t().contiguous().to(A.dtype)  # fake impl promises A's contiguous layout
     dB = dB_part.sum(1).to(B.dtype)
