@@ -28,9 +28,13 @@ D_STATE = 16
 MODELS = {"tiny": 192, "base": 768}
 LENGTHS = (160, 640, 2560)
 REF_LENGTHS = (160,)
-SWEEP = [dict(BLOCK_D=32, CHUNK=4, num_warps=1), dict(BLOCK_D=64, CHUNK=4, num_warps=2),
-         dict(BLOCK_D=128, CHUNK=4, num_warps=4), dict(BLOCK_D=32, CHUNK=8, num_warps=1),
-         dict(BLOCK_D=64, CHUNK=8, num_warps=2)]
+# Tile candidates per direction (the forward is timed alone, the backward as forward+backward with the best
+# forward), then the segment length (steps between saved states).
+FWD_SWEEP = [dict(BLOCK_D=32, CHUNK=4, num_warps=1), dict(BLOCK_D=32, CHUNK=2, num_warps=1),
+             dict(BLOCK_D=64, CHUNK=4, num_warps=2)]
+BWD_SWEEP = [dict(BLOCK_D=32, CHUNK=2, num_warps=1), dict(BLOCK_D=32, CHUNK=4, num_warps=1),
+             dict(BLOCK_D=64, CHUNK=2, num_warps=2)]
+SEGMENT_SWEEP = (32, 64, 128)
 
 
 def copy_bandwidth() -> float:
@@ -99,17 +103,21 @@ def conv_fn(impl, d):
 
 
 def sweep_configs(bandwidth):
-    """Pick the scan tile sizes with the fastest forward+backward at base, l=640."""
+    """Pick the scan tiles (forward, then backward, then segment length) that are fastest at base, l=640."""
     b, l, d = TOKENS // 640, 640, MODELS["base"]
+    config = triton_scan_module.CUDA_CONFIG
     results = []
-    for config in SWEEP:
-        triton_scan_module.CUDA_CONFIG.update(config)
-        ms = try_time(scan_fn("triton"), scan_inputs(b, l, d, D_STATE), backward=True)
-        floor_ms = scan_bytes(b, l, d, D_STATE, 2, True) / bandwidth * 1e3
-        results.append(dict(config=dict(config), fwd_bwd_ms=ms, x_floor=ms / floor_ms if ms else None))
-        print(f"sweep {config}: {ms} ms", flush=True)
-    best = min((r for r in results if r["fwd_bwd_ms"]), key=lambda r: r["fwd_bwd_ms"])
-    triton_scan_module.CUDA_CONFIG.update(best["config"])
+    for key, candidates, backward in (("fwd", FWD_SWEEP, False), ("bwd", BWD_SWEEP, True),
+                                      ("SEGMENT", SEGMENT_SWEEP, True)):
+        timed = []
+        for candidate in candidates:
+            config[key] = candidate
+            ms = try_time(scan_fn("triton"), scan_inputs(b, l, d, D_STATE), backward)
+            floor_ms = scan_bytes(b, l, d, D_STATE, 2, backward) / bandwidth * 1e3
+            timed.append((ms, candidate))
+            results.append(dict(key=key, config=candidate, fwd_bwd=backward, ms=ms, x_floor=ms / floor_ms if ms else None))
+            print(f"sweep {key}={candidate} ({'fwd+bwd' if backward else 'fwd'}): {ms} ms", flush=True)
+        config[key] = min((t for t in timed if t[0]), key=lambda t: t[0])[1]
     return results
 
 
@@ -119,7 +127,7 @@ def run(args):
     sweep = sweep_configs(bandwidth) if args.sweep else []
     rows = []
     for model, d in MODELS.items():
-        for l in LENGTHS:
+        for l in args.lengths:
             b = TOKENS // l
             ops = [("scan", "triton", scan_fn("triton")), ("scan", "chunked", scan_fn("chunked")),
                    ("conv", "triton", conv_fn("triton", d)), ("conv", "torch", conv_fn("ref", d))]
@@ -166,13 +174,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
     parser.add_argument("--sweep", action="store_true", help="try several scan tile sizes first, keep the fastest")
+    parser.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS), help="sequence lengths to time")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/scan.py needs a CUDA GPU")
     bandwidth, sweep, rows = run(args)
     meta = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
                 torch=torch.__version__, triton=triton.__version__, commit=git_commit(),
-                bandwidth_tb_s=bandwidth / 1e12, scan_config=dict(triton_scan_module.CUDA_CONFIG),
+                bandwidth_tb_s=bandwidth / 1e12, scan_config=json.loads(json.dumps(triton_scan_module.CUDA_CONFIG)),
                 tokens=TOKENS, d_state=D_STATE, ref_lengths=list(REF_LENGTHS))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "scan.json").write_text(json.dumps(dict(meta=meta, sweep=sweep, rows=rows), indent=1))

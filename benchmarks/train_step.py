@@ -1,0 +1,158 @@
+"""Pretraining throughput of STAR (linear-time Mamba) vs a ViT of the same width and depth (quadratic attention).
+
+    python benchmarks/train_step.py [--out docs/benchmarks] [--sizes tiny small base] [--num-images 1 4 16]
+
+One training step = bf16-autocast forward, backward, AdamW step, on random images already on the GPU (no
+data loading). STAR models are `star_{size}_patch16_192` with K images per sequence (K * 160 encoder tokens:
+144 patches + a 16-token separator per image) for each scan implementation; "chunked" (plain PyTorch) runs
+only where --chunked-sizes/--chunked-max-images allow, since it launches kernels per time step. The ViT is
+timm's VisionTransformer (PyTorch SDPA attention, no class token, average pooling, 1000-way head) at
+img_size = 192 * sqrt(K), i.e. the same K * 144 patch tokens per sequence. Every configuration runs
+--images images per step (batch = images // K sequences). Writes train_step.json and train_step.md.
+"""
+import argparse
+import datetime
+import json
+import math
+import subprocess
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from timm.models.vision_transformer import VisionTransformer
+
+import star
+
+SIZES = {"tiny": (192, 12), "small": (384, 12), "base": (768, 12)}  # (width, depth), as star's registry
+
+
+def time_steps(step, warmup: int, steps: int) -> tuple:
+    """Median ms per step (CUDA events around each step) and peak GiB allocated."""
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2], torch.cuda.max_memory_allocated() / 2**30
+
+
+def training_step(model, loss_fn):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = loss_fn(model)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def bench_star(size, k, impl, images_per_step, warmup, steps):
+    model = star.create_model(f"star_{size}_patch16_192", num_images=k, scan_impl=impl).cuda()
+    images = torch.randn(images_per_step // k, k, 3, 192, 192, device="cuda")
+    ms, mem = time_steps(training_step(model, lambda m: m(images)["loss"]), warmup, steps)
+    return dict(model=f"star_{size}", impl=impl, tokens_per_seq=k * 160, ms=ms, peak_gib=mem)
+
+
+def bench_vit(size, k, images_per_step, warmup, steps):
+    dim, depth = SIZES[size]
+    img_size = round(192 * math.sqrt(k))
+    model = VisionTransformer(img_size=img_size, patch_size=16, embed_dim=dim, depth=depth, num_heads=dim // 64,
+                              class_token=False, global_pool="avg", num_classes=1000).cuda()
+    batch = images_per_step // k
+    images = torch.randn(batch, 3, img_size, img_size, device="cuda")
+    labels = torch.randint(0, 1000, (batch,), device="cuda")
+    ms, mem = time_steps(training_step(model, lambda m: F.cross_entropy(m(images), labels)), warmup, steps)
+    return dict(model=f"vit_{size}", impl="sdpa", tokens_per_seq=k * 144, ms=ms, peak_gib=mem)
+
+
+def run(args):
+    rows = []
+    for size in args.sizes:
+        for k in args.num_images:
+            runs = [(f"vit_{size}", "sdpa", lambda: bench_vit(size, k, args.images, args.warmup, args.steps))]
+            for impl in args.impls:
+                if impl == "chunked" and (size not in args.chunked_sizes or k > args.chunked_max_images):
+                    continue
+                runs.append((f"star_{size}", impl,
+                             lambda impl=impl: bench_star(size, k, impl, args.images, args.warmup, args.steps)))
+            for model, impl, bench in runs:
+                try:
+                    row = bench()
+                except torch.OutOfMemoryError:
+                    row = dict(model=model, impl=impl, ms=None, error="OOM")
+                torch.cuda.empty_cache()
+                row.update(size=size, num_images=k, batch=args.images // k)
+                if row["ms"]:
+                    row["images_per_s"] = row["batch"] * k / (row["ms"] * 1e-3)
+                    row["tokens_per_s"] = row["batch"] * row["tokens_per_seq"] / (row["ms"] * 1e-3)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def markdown(meta, rows):
+    lines = [f"# Pretraining step throughput ({meta['device']}, {meta['date']})", "",
+             f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}. One step = bf16 autocast "
+             f"forward + backward + fused AdamW on {meta['images']} random 192 px images (batch = images / K "
+             f"sequences); median of {meta['steps']} steps after {meta['warmup']} warm-up steps. STAR: K * 160 "
+             f"encoder tokens per sequence (+ the 4-block decoder); ViT: same width/depth, img_size 192 * sqrt(K) "
+             f"= K * 144 patch tokens, SDPA attention.", "",
+             "| size | K | model | scan / attention | batch | ms / step | images / s | tokens / s | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if not r.get("ms"):
+            lines.append(f"| {r['size']} | {r['num_images']} | {r['model']} | {r['impl']} | {r['batch']} | "
+                         f"{r.get('error', 'failed')} | | | |")
+            continue
+        lines.append(f"| {r['size']} | {r['num_images']} | {r['model']} | {r['impl']} | {r['batch']} | "
+                     f"{r['ms']:.1f} | {r['images_per_s']:.0f} | {r['tokens_per_s']:.0f} | {r['peak_gib']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--num-images", type=int, nargs="+", default=[1, 4, 16], help="K, images per sequence")
+    parser.add_argument("--impls", nargs="+", default=["triton", "chunked"], choices=["triton", "chunked", "ref"])
+    parser.add_argument("--chunked-sizes", nargs="+", default=["tiny"], help="sizes the chunked scan runs at")
+    parser.add_argument("--chunked-max-images", type=int, default=4, help="largest K the chunked scan runs at")
+    parser.add_argument("--images", type=int, default=64, help="images per step (a multiple of every K)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/train_step.py needs a CUDA GPU")
+    bad = [k for k in args.num_images if k < 1 or args.images % k]
+    if bad:
+        raise SystemExit(f"--images {args.images} must be a positive multiple of every K; not of {bad}")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    rows = run(args)
+    meta = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), torch=torch.__version__,
+                triton=triton.__version__, commit=git_commit(), images=args.images, steps=args.steps,
+                warmup=args.warmup)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "train_step.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    (args.out / "train_step.md").write_text(markdown(meta, rows))
+    print(markdown(meta, rows))
+
+
+if __name__ == "__main__":
+    main()
