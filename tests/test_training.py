@@ -195,7 +195,7 @@ def test_load_checkpoint_names_mismatched_keys(tmp_path):
     with pytest.raises(ValueError) as err:
         load_checkpoint(tmp_path, TinyClassifier(depth=3, num_classes=5))
     msg = str(err.value)
-    assert "missing (5)" in msg and "blocks.2.fc.weight" in msg
+    assert "missing keys: blocks.2." in msg and "blocks.2.fc.weight" in msg
     assert "head.weight: checkpoint (4, 16) vs model (5, 16)" in msg
 
 

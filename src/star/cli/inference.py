@@ -6,13 +6,13 @@ from typing import List, Optional
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader
 
 from star.config import TrainConfig, load_config
 from star.data import PRESETS, build_dataset, finetune_transform
 from star.models import StarPretrain, VisionMambaClassifier, load_pretrained
-from star.cli.train import CLASSES_FILE, resolve_model_dir
+from star.cli.train import CLASSES_FILE, eval_loader, resolve_model_dir
 from star.training import evaluate, resolve_device
+from star.training.distributed import destroy_distributed, init_distributed
 
 
 def load_run(path: str, task: str):
@@ -41,9 +41,13 @@ def evaluate_run(path: str, cfg_overrides, split: str = "test", device: str = "a
     data = cfg.data
     dataset = build_dataset(data.dataset, split, eval_transform(cfg, model), root=data.root,
                             in_chans=model.in_chans, img_size=model.img_size, skip_corrupt=data.skip_corrupt)
-    loader = DataLoader(dataset, batch_size=batch_size or cfg.optim.batch_size, num_workers=data.num_workers)
-    dev = resolve_device(device)
-    return {"split": split, "images": len(dataset), **evaluate(model.to(dev), loader, dev)}
+    init_distributed(device)  # under torchrun each rank evaluates its share; counts are all-reduced
+    try:
+        loader = eval_loader(dataset, batch_size or cfg.optim.batch_size, data.num_workers)
+        dev = resolve_device(device)
+        return {"split": split, "images": len(dataset), **evaluate(model.to(dev), loader, dev)}
+    finally:
+        destroy_distributed()
 
 
 def _open_image(path: Path, in_chans: int, convert: bool) -> Image.Image:

@@ -7,6 +7,7 @@
     star predict   RUN_DIR IMAGE [IMAGE ...] [--topk 5]               classes of image files
     star visualize RUN_DIR [--out predictions.png]                   next-cluster predictions as a PNG
     star demo      [--output_dir runs/demo]                          pretrain + fine-tune + eval on Fashion-MNIST
+    star shards    SRC OUT                                           tar shards of an ImageNet-layout folder
 
 Every config field can be overridden with --dotted.name value; `star pretrain --help` lists them.
 """
@@ -47,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job: STAR pretrain + fine-tune + test accuracy on Fashion-MNIST")
     p.add_argument("--output_dir", default="runs/demo")
     p.add_argument("--config", default="fmnist-demo")
+    p = sub.add_parser("shards", help="write WebDataset-format tar shards of an ImageNet-layout folder")
+    p.add_argument("src", help="folder with train/<class>/* (and val/<class>/*)")
+    p.add_argument("out", help="output folder: OUT/train/*.tar, OUT/val/*.tar")
+    p.add_argument("--samples-per-shard", type=int, default=5000)
+    p.add_argument("--seed", type=int, default=0)
     sub.add_parser("configs", help="list the shipped config presets")
     return parser
 
@@ -92,6 +98,17 @@ def main(argv: Optional[List[str]] = None) -> int:
             from star.cli.demo import demo
 
             demo(args.output_dir, args.config)
+        elif args.command == "shards":
+            from pathlib import Path
+
+            from star.data.shards import write_shards
+
+            splits = [s for s in ("train", "val") if (Path(args.src) / s).is_dir()]
+            if not splits:
+                raise ValueError(f"{args.src} has neither train/ nor val/: expected an ImageNet-layout folder")
+            for split in splits:
+                shards = write_shards(args.src, args.out, split, args.samples_per_shard, args.seed)
+                print(f"{split}: {len(shards)} shards in {Path(args.out) / split}")
         elif args.command == "configs":
             from star.config import list_presets
 

@@ -12,7 +12,9 @@ from star.config import TrainConfig
 from star.data import (PRESETS, LabeledSubset, StarBatchSampler, build_dataset, build_sequence_loader,
                        finetune_transform, label_subset, pretrain_transform, train_val_split)
 from star.models import classifier_from_pretrain, create_model, load_pretrained
-from star.training import Trainer, create_loss_fn
+from star.training import Trainer, create_loss_fn, seed_everything
+from star.training.distributed import (EvalBatchSampler, destroy_distributed, full_model_state_dict,
+                                       init_distributed, is_sharded)
 
 MODEL_DIR = "model"  # a finished run keeps its final weights here, loadable with star.load_pretrained
 CLASSES_FILE = "classes.json"  # class names beside a classifier's weights
@@ -91,8 +93,12 @@ def build_loaders(cfg: TrainConfig, model: nn.Module) -> Tuple[DataLoader, Optio
     sampler = StarBatchSampler(len(train), optim.batch_size, 1, seed=cfg.seed)
     train_loader = DataLoader(train, batch_sampler=sampler, num_workers=data.num_workers,
                               persistent_workers=data.num_workers > 0)
-    val_loader = DataLoader(val, batch_size=optim.batch_size, num_workers=data.num_workers)
-    return train_loader, val_loader
+    return train_loader, eval_loader(val, optim.batch_size, data.num_workers)
+
+
+def eval_loader(dataset, batch_size: int, num_workers: int) -> DataLoader:
+    """Every image exactly once across all ranks, so all-reduced accuracy counts are exact."""
+    return DataLoader(dataset, batch_sampler=EvalBatchSampler(len(dataset), batch_size), num_workers=num_workers)
 
 
 def _subset(dataset, num_samples: Optional[int], seed: int):
@@ -109,22 +115,29 @@ def _root_dataset(dataset):
 
 
 def run(cfg: TrainConfig) -> dict:
-    """Train as `cfg` says; the final weights go to `<output_dir>/model` (and `model_ema` with EMA)."""
-    model = build_model(cfg)
-    train_loader, val_loader = build_loaders(cfg, model)
-    num_classes = getattr(model, "num_classes", None)
-    trainer = Trainer(cfg, model, create_loss_fn(cfg, num_classes), train_loader, val_loader)
-    results = trainer.fit()
-    if trainer.is_main:
-        saved = [(model, trainer.run_dir / MODEL_DIR)]
-        if trainer.ema is not None:
-            saved.append((trainer.ema.module, trainer.run_dir / f"{MODEL_DIR}_ema"))
-        for weights, folder in saved:
-            weights.save_pretrained(folder)
-            if cfg.task != "pretrain":  # `star predict` names classes with it
-                (folder / CLASSES_FILE).write_text(json.dumps(list(train_loader.dataset.classes)) + "\n")
-        skipped = getattr(_root_dataset(train_loader.dataset), "num_skipped", 0)
-        if skipped:
-            print(f"skipped {skipped} corrupt image files (--data.skip_corrupt)")
-        print(f"saved {trainer.run_dir / MODEL_DIR}")
-    return results
+    """Train as `cfg` says, on one process or under torchrun/SLURM; the final weights go to
+    `<output_dir>/model` (and `model_ema` with EMA)."""
+    init_distributed(cfg.device)
+    try:
+        seed_everything(cfg.seed)  # every rank builds the same initial weights
+        model = build_model(cfg)
+        train_loader, val_loader = build_loaders(cfg, model)
+        num_classes = getattr(model, "num_classes", None)
+        trainer = Trainer(cfg, model, create_loss_fn(cfg, num_classes), train_loader, val_loader)
+        results = trainer.fit()
+        weights = full_model_state_dict(model) if is_sharded(model) else None  # a collective: all ranks
+        if trainer.is_main:
+            saved = [(model, weights, trainer.run_dir / MODEL_DIR)]
+            if trainer.ema is not None:
+                saved.append((trainer.ema.module, None, trainer.run_dir / f"{MODEL_DIR}_ema"))
+            for module, state, folder in saved:
+                module.save_pretrained(folder, state_dict=state)
+                if cfg.task != "pretrain":  # `star predict` names classes with it
+                    (folder / CLASSES_FILE).write_text(json.dumps(list(train_loader.dataset.classes)) + "\n")
+            skipped = getattr(_root_dataset(train_loader.dataset), "num_skipped", 0)
+            if skipped:
+                print(f"skipped {skipped} corrupt image files (--data.skip_corrupt)")
+            print(f"saved {trainer.run_dir / MODEL_DIR}")
+        return results
+    finally:
+        destroy_distributed()

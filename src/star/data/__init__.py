@@ -4,6 +4,7 @@ from pathlib import Path
 
 from .fashion_mnist import FashionMNIST, find_fashion_mnist
 from .folder import CorruptImageError, ImageFolder
+from .shards import ShardDataset, write_shards
 from .sequences import StarBatchSampler, build_sequence_loader, collate_sequences
 from .subsets import LabeledSubset, label_subset, train_val_split
 from .synthetic import SyntheticImages, write_image_folder
@@ -18,7 +19,8 @@ SPLITS = ("train", "val", "test")
 
 def build_dataset(name, split, transform=None, root=None, in_chans=None, img_size=None, skip_corrupt=False,
                   num_samples=None, num_classes=None, seed=0):
-    """Build a dataset by name: "fashion-mnist", "synthetic", or a path to an ImageNet-layout folder.
+    """Build a dataset by name: "fashion-mnist", "synthetic", or a path to an ImageNet-layout folder or to
+    the WebDataset-format tar shards `star shards` wrote from one (<path>/<split>/*.tar).
 
     split: "train", "val" or "test". Fashion-MNIST has no val split, so "val" means its official test
     set (use `train_val_split` for a holdout); synthetic "val"/"test" draw images disjoint from "train".
@@ -39,6 +41,8 @@ def build_dataset(name, split, transform=None, root=None, in_chans=None, img_siz
             transform=transform,
             stream=SPLITS.index(split),
         )
+    if (Path(name) / split / "index.json").is_file() or any((Path(name) / split).glob("*.tar")):
+        return ShardDataset(name, split, transform, in_chans=in_chans or 3)
     if Path(name).is_dir():
         return ImageFolder(name, split, transform, in_chans=in_chans or 3, skip_corrupt=skip_corrupt)
     raise ValueError(
@@ -50,7 +54,7 @@ def build_dataset(name, split, transform=None, root=None, in_chans=None, img_siz
 __all__ = [
     "build_dataset", "DATASET_NAMES",
     "FashionMNIST", "find_fashion_mnist", "ImageFolder", "CorruptImageError", "SyntheticImages", "write_image_folder",
-    "StarBatchSampler", "collate_sequences", "build_sequence_loader",
+    "ShardDataset", "write_shards", "StarBatchSampler", "collate_sequences", "build_sequence_loader",
     "train_val_split", "label_subset", "LabeledSubset",
     "pretrain_transform", "finetune_transform", "build_mixup", "DataPreset", "PRESETS",
     "IMAGENET_MEAN", "IMAGENET_STD", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD",

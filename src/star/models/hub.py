@@ -47,12 +47,15 @@ class PretrainedMixin:
 
     init_args: dict
 
-    def save_pretrained(self, path: Union[str, Path]) -> Path:
+    def save_pretrained(self, path: Union[str, Path], state_dict: Mapping[str, torch.Tensor] = None) -> Path:
+        """Write config.json + model.safetensors; `state_dict` replaces this module's own (e.g. the full
+        weights gathered from a sharded model)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         config = {"architecture": type(self).__name__, **self.init_args}
         tmp = path / (WEIGHTS_NAME + ".tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(tmp))
+        state_dict = self.state_dict() if state_dict is None else state_dict
+        save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp))
         tmp.replace(path / WEIGHTS_NAME)
         (path / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         return path
