@@ -122,8 +122,8 @@ def draw_predictions(path: str, out: str, num_sequences: int = 4, split: str = "
                 ax.set_yticks([])
                 if s == 0:
                     ax.set_title(f"image {j + 1}\n{title}", fontsize=8)
-    fig.suptitle(f"next-cluster predictions, {k} images per sequence (loss {out_dict['loss'].item():.3f})",
-                 fontsize=9)
+    fig.suptitle(f"next-cluster predictions, {k} images per sequence (loss {out_dict['loss'].item():.3f}); "
+                 "each predicted patch is drawn with the real patch's mean and std, as MAE does", fontsize=9)
     fig.tight_layout()
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
