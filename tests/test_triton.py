@@ -19,7 +19,7 @@ needs_kernels = pytest.mark.skipif(not (CUDA or INTERPRETED), reason="runs in th
 
 # Relative L2 error allowed vs float64, by input dtype (fp32 math inside, half-precision inputs/outputs).
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
-# Interpreter segments (steps between saved states) are 8 steps, CUDA segments 64: lengths below one
+# Interpreter segments (steps between saved states) are 8 steps, CUDA segments 32: lengths below one
 # segment, odd, and several segments. Channels span two channel blocks, the second one partial.
 SHORT, ODD, LONG = (5, 19, 30) if not CUDA else (11, 333, 1000)
 CHANNELS = 20 if not CUDA else 200
