@@ -1,0 +1,378 @@
+"""Does packing K images per sequence (STAR) beat one image per sequence (ARM) on Fashion-MNIST?
+
+The whole study, on one GPU, in resumable stages:
+
+    python experiments/fashion_mnist/study.py run --stage 1            # seed 0 of scratch, ARM, STAR
+    python experiments/fashion_mnist/study.py run --next --budget-min 9  # whatever is left, until 9 min are used
+    python experiments/fashion_mnist/study.py status                   # done / to do
+    python experiments/fashion_mnist/study.py bench-loader             # data-loader images/s alone
+
+A unit of work is one arm x seed: pretraining (unless the arm is "scratch"), then four evaluations of the
+encoder, each a fresh classifier trained on the 55k-image training part and measured on the untouched test
+split: a linear probe, fine-tuning with 1% and 10% of the labels, and full fine-tuning. Every finished item
+is written at once to results.json (atomically), under a key that names the recipe, so a rerun skips it and
+results of another recipe are never mixed in. Pretrained weights live only in the runs folder, so a unit
+is planned to finish inside one call; a unit cut off re-pretrains when it resumes.
+
+Everything goes through the library (`star.cli.train.run`, `star.cli.inference.evaluate_run`); the only
+glue is the random-init encoder that gives the scratch arm's linear probe (a floor: what random features
+are worth).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from star.cli.inference import draw_predictions, evaluate_run
+from star.cli.train import build_loaders, build_model, run
+from star.config import TrainConfig, apply_overrides, load_config
+from star.models import create_model
+
+HERE = Path(__file__).resolve().parent
+PRESET = "fmnist-tiny"  # 32 px, patch 4 (8x8 grid), clusters of 2x2 patches (4x4 clusters per image)
+
+# Arm name -> pretraining model arguments (None: no pretraining). The issue's (a)..(f).
+ARMS = {
+    "scratch": None,                                          # (a) supervised only, compute-matched
+    "arm_k1": dict(num_images=1, separator="none"),           # (b) ARM: one image per sequence
+    "star_k4": dict(num_images=4, separator="cluster"),       # (c) STAR
+    "k4_nosep": dict(num_images=4, separator="none"),         # (d) K=4, no separators
+    "k4_token": dict(num_images=4, separator="token"),        # (e) K=4, one-token separator
+    "star_k2": dict(num_images=2, separator="cluster"),       # (f) K sweep with cluster separators
+    "star_k8": dict(num_images=8, separator="cluster"),
+    "star_k16": dict(num_images=16, separator="cluster"),
+}
+EVALS = ("linprobe", "ft1", "ft10", "ft100")
+SEEDS = (0, 1, 2)
+# Units in the order they run: stage 1 checks the pipeline and budget on the three arms the claim is about,
+# stage 2 completes seed 0 of every arm, stages 3-4 add the other seeds.
+STAGES = {
+    1: [("star_k4", 0), ("arm_k1", 0), ("scratch", 0)],
+    2: [(arm, 0) for arm in ("k4_nosep", "k4_token", "star_k2", "star_k8", "star_k16")],
+    3: [(arm, 1) for arm in ARMS],
+    4: [(arm, 2) for arm in ARMS],
+}
+
+# Recipes. "h100" is the study; "smoke" is the same pipeline shrunk to seconds on a CPU (tests, dry runs).
+# Batch sizes count images; 512 is a multiple of every K, so every arm takes the same optimizer steps and
+# sees the same images. Pretraining uses all 60k training images (no labels); the classifiers train on 55k and
+# select nothing on the test split. `train_images` caps the training set (smoke only). `estimate_s` is what an
+# item is assumed to take before one has been measured.
+RECIPES = {
+    "h100": dict(
+        dataset="fashion-mnist", train_images=None, num_workers=12, val_size=5000, max_steps=None,
+        model=dict(decoder_dim=256, decoder_num_heads=8),  # a 256-wide decoder: the encoder is only 192 wide
+        pretrain=dict(epochs=4, batch_size=512, blr=5e-4, warmup_epochs=0.5),
+        evals=dict(
+            linprobe=dict(task="linprobe", label_fraction=1.0, epochs=3, batch_size=512, blr=5e-3),
+            ft1=dict(task="finetune", label_fraction=0.01, epochs=50, batch_size=128, blr=5e-4),
+            ft10=dict(task="finetune", label_fraction=0.1, epochs=15, batch_size=256, blr=5e-4),
+            ft100=dict(task="finetune", label_fraction=1.0, epochs=3, batch_size=256, blr=5e-4),
+        ),
+        estimate_s=dict(pretrain=60, linprobe=25, ft1=20, ft10=35, ft100=75),
+    ),
+    "smoke": dict(
+        dataset="synthetic", train_images=64, num_workers=0, val_size=16, max_steps=2,
+        model=dict(embed_dim=32, depth=2, decoder_dim=32, decoder_num_heads=4, scan_impl="chunked"),
+        pretrain=dict(epochs=1, batch_size=16, blr=1e-3, warmup_epochs=0),
+        evals=dict(
+            linprobe=dict(task="linprobe", label_fraction=1.0, epochs=1, batch_size=16, blr=1e-3),
+            ft1=dict(task="finetune", label_fraction=0.01, epochs=1, batch_size=8, blr=1e-3),
+            ft10=dict(task="finetune", label_fraction=0.1, epochs=1, batch_size=8, blr=1e-3),
+            ft100=dict(task="finetune", label_fraction=1.0, epochs=1, batch_size=16, blr=1e-3),
+        ),
+        estimate_s=dict(pretrain=5, linprobe=5, ft1=5, ft10=5, ft100=5),
+    ),
+}
+# The smoke pipeline on the real data (a CPU dry run of a stage before spending GPU time on it).
+RECIPES["smoke-fmnist"] = {**RECIPES["smoke"], "dataset": "fashion-mnist", "train_images": None, "val_size": 5000,
+                           "num_workers": 2}
+
+
+def recipe_id(name: str) -> str:
+    """Name + hash of the recipe's contents (estimates aside): results of an edited recipe get new keys."""
+    recipe = {k: v for k, v in RECIPES[name].items() if k != "estimate_s"}
+    return f"{name}-{hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]}"
+
+
+# ---------------------------------------------------------------------------- results.json
+
+
+def load_results(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def save_result(path: Path, key: str, entry: dict) -> None:
+    """Add one entry and rewrite the file atomically (a call cut off never leaves half a file)."""
+    results = load_results(path)
+    results[key] = entry
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+        json.dump(results, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(f.name, path)
+
+
+def item_key(recipe: str, arm: str, seed: int, item: str) -> str:
+    return f"{recipe}/{arm}/s{seed}/{item}"
+
+
+def environment() -> dict:
+    """Where a number was measured: card, torch, commit."""
+    commit = os.environ.get("STAR_COMMIT")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+                                    text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            commit = "unknown"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {"device": device, "torch": torch.__version__, "commit": commit}
+
+
+# ---------------------------------------------------------------------------- configs
+
+
+def _flags(values: dict, section: str) -> list[str]:
+    return [a for k, v in values.items() for a in (f"--{section}.{k}", str(v))]
+
+
+def _common(recipe: dict, seed: int, output_dir: Path) -> list[str]:
+    flags = ["--seed", str(seed), "--output_dir", str(output_dir), "--eval_every", "0", "--keep_last", "1",
+             "--log_every", "10", "--data.dataset", recipe["dataset"], "--data.num_workers",
+             str(recipe["num_workers"])]
+    if recipe["max_steps"] is not None:
+        flags += ["--max_steps", str(recipe["max_steps"])]
+    return flags
+
+
+def pretrain_config(recipe: dict, arm: str, seed: int, output_dir: Path) -> TrainConfig:
+    flags = _common(recipe, seed, output_dir) + _flags(recipe["model"], "model")
+    flags += _flags(recipe["pretrain"], "optim") + ["--data.num_samples", str(recipe["train_images"])]
+    flags += ["--model.num_images", str(ARMS[arm]["num_images"])]
+    cfg = apply_overrides(load_config(PRESET, "pretrain"), flags)
+    # Set directly: the override parser reads "--model.separator none" as None, i.e. the default ("cluster").
+    cfg.model.separator = ARMS[arm]["separator"]
+    return cfg
+
+
+def eval_config(recipe: dict, item: str, seed: int, output_dir: Path, pretrained, extra_epochs: int = 0) -> TrainConfig:
+    """A classifier run. `pretrained` None trains from scratch; `extra_epochs` are the scratch arm's share of
+    the pretraining compute."""
+    spec = dict(recipe["evals"][item])
+    task, fraction = spec.pop("task"), spec.pop("label_fraction")
+    spec["epochs"] += extra_epochs
+    encoder = {k: v for k, v in recipe["model"].items() if not k.startswith("decoder")}
+    flags = _common(recipe, seed, output_dir) + _flags(encoder, "model") + _flags(spec, "optim")
+    flags += ["--data.label_fraction", str(fraction), "--data.val_size", str(recipe["val_size"]),
+              "--pretrained", str(pretrained), "--data.num_samples", str(recipe["train_images"])]
+    return apply_overrides(load_config(PRESET, task), flags)
+
+
+def random_encoder(recipe: dict, seed: int, folder: Path) -> Path:
+    """A never-trained pretraining model saved like a pretrained one, for the scratch arm's linear probe."""
+    cfg = pretrain_config(recipe, "star_k4", seed, folder)
+    torch.manual_seed(seed)
+    return create_model(cfg.model.name, **cfg.model.overrides()).save_pretrained(folder / "model")
+
+
+# ---------------------------------------------------------------------------- work items
+
+
+def _train_rows(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return [r for r in csv.DictReader(f) if r.get("train/loss")]
+
+
+def _throughput(run_dir: Path) -> float:
+    """Median training images/s over the logged steps (the first row, which holds the warm-up, left out)."""
+    rates = [float(r["train/img_s"]) for r in _train_rows(run_dir) if r.get("train/img_s")]
+    return statistics.median(rates[1:] or rates)
+
+
+def _prune(run_dir: Path) -> None:
+    """Checkpoints are only needed while a run trains: keep metrics.csv, config.yaml and the final model."""
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    shutil.rmtree(run_dir / "tb", ignore_errors=True)
+
+
+def _fresh(run_dir: Path) -> Path:
+    shutil.rmtree(run_dir, ignore_errors=True)  # a run cut off mid-way starts over
+    return run_dir
+
+
+def do_pretrain(recipe: dict, arm: str, seed: int, runs: Path, out: Path) -> dict:
+    run_dir = _fresh(runs / arm / f"s{seed}" / "pretrain")
+    cfg = pretrain_config(recipe, arm, seed, run_dir)
+    model = build_model(cfg)
+    built = {k: model.init_args[k] for k in ARMS[arm]}
+    if built != ARMS[arm]:
+        raise RuntimeError(f"arm {arm} asks for {ARMS[arm]} but the config built {built}")
+    loader, _ = build_loaders(cfg, model)
+    steps = min(cfg.optim.epochs * len(loader), cfg.max_steps or 10 ** 12)
+    del model, loader
+    start = time.perf_counter()
+    run(cfg)
+    wall = time.perf_counter() - start
+    _prune(run_dir)
+    curves = out / "curves"
+    curves.mkdir(parents=True, exist_ok=True)
+    shutil.copy(run_dir / "metrics.csv", curves / f"{arm}_s{seed}.csv")
+    entry = {"wall_s": wall, "images_seen": steps * cfg.optim.batch_size, "img_s": _throughput(run_dir),
+             "final_loss": float(_train_rows(run_dir)[-1]["train/loss"]), **ARMS[arm]}
+    if seed == 0:  # one picture of what the model predicts, per arm
+        figures = out / "figures"
+        draw_predictions(str(run_dir), str(figures / f"predictions_{arm}.png"), num_sequences=3,
+                         device=cfg.device)
+    return entry
+
+
+def do_eval(recipe: dict, arm: str, seed: int, item: str, runs: Path) -> dict:
+    unit = runs / arm / f"s{seed}"
+    run_dir = _fresh(unit / item)
+    if ARMS[arm] is not None:
+        pretrained, extra = unit / "pretrain", 0
+    elif item == "linprobe":
+        pretrained, extra = random_encoder(recipe, seed, _fresh(unit / "random_init")).parent, 0
+    else:
+        pretrained, extra = None, recipe["pretrain"]["epochs"]
+    cfg = eval_config(recipe, item, seed, run_dir, pretrained, extra)
+    start = time.perf_counter()
+    val = run(cfg)
+    wall = time.perf_counter() - start
+    eval_batch = min(1024, max(s["batch_size"] for s in recipe["evals"].values()))
+    test = evaluate_run(str(run_dir), ["--data.num_workers", str(recipe["num_workers"])], split="test",
+                        device=cfg.device, batch_size=eval_batch)
+    _prune(run_dir)
+    shutil.rmtree(run_dir / "model", ignore_errors=True)
+    return {"test_top1": test["top1"], "test_loss": test["loss"], "val_top1": val.get("val/top1"),
+            "wall_s": wall, "img_s": _throughput(run_dir), "epochs": cfg.optim.epochs,
+            "label_fraction": cfg.data.label_fraction}
+
+
+def unit_items(arm: str) -> list[str]:
+    return (["pretrain"] if ARMS[arm] is not None else []) + list(EVALS)
+
+
+def estimate(results: dict, recipe_name: str, arm: str, item: str) -> float:
+    """Seconds an item should take: the slowest measured item of its kind per epoch (pretraining: of the same
+    K) times this item's epochs, plus start-up; the recipe's guess before anything was measured."""
+    recipe, rid = RECIPES[recipe_name], recipe_id(recipe_name)
+    if item == "pretrain":
+        same = [e["wall_s"] for k, e in results.items() if k.startswith(rid + "/") and e.get("item") == item
+                and e.get("num_images") == ARMS[arm]["num_images"]]
+        return max(same) * 1.1 + 10 if same else recipe["estimate_s"][item]
+    epochs = recipe["evals"][item]["epochs"] + (recipe["pretrain"]["epochs"] if ARMS[arm] is None and item != "linprobe" else 0)
+    per_epoch = [e["wall_s"] / e["epochs"] for k, e in results.items() if k.startswith(rid + "/") and e.get("item") == item]
+    return max(per_epoch) * epochs * 1.1 + 10 if per_epoch else recipe["estimate_s"][item]
+
+
+def run_units(units, recipe_name: str, out: Path, runs: Path, budget_s: float | None) -> bool:
+    """Run every unfinished item of `units`; True if all are done. With a budget, a unit (or an item of one)
+    is started only when its estimated time still fits."""
+    recipe, rid = RECIPES[recipe_name], recipe_id(recipe_name)
+    results_path = out / "results.json"
+    start, env = time.perf_counter(), environment()
+    for arm, seed in units:
+        results = load_results(results_path)
+        todo = [i for i in unit_items(arm) if item_key(rid, arm, seed, i) not in results]
+        if not todo:
+            continue
+        needs_pretrain = ARMS[arm] is not None and not (runs / arm / f"s{seed}" / "pretrain" / "model").is_dir()
+        if needs_pretrain and "pretrain" not in todo:
+            todo.insert(0, "pretrain")  # weights gone (another call): pretrain again, same seed
+        for i, item in enumerate(todo):
+            # a unit with pretraining must fit whole before it starts (its weights do not outlive the call)
+            whole = i == 0 and ARMS[arm] is not None
+            needed = sum(estimate(results, recipe_name, arm, t) for t in (todo if whole else [item]))
+            left = None if budget_s is None else budget_s - (time.perf_counter() - start)
+            if left is not None and needed > left:
+                print(f"[study] stopping before {arm} s{seed} {item}: needs ~{needed:.0f}s, {left:.0f}s left")
+                return False
+            print(f"[study] {arm} seed {seed}: {item}", flush=True)
+            if item == "pretrain":
+                entry = do_pretrain(recipe, arm, seed, runs, out)
+            else:
+                entry = do_eval(recipe, arm, seed, item, runs)
+            entry.update(arm=arm, seed=seed, item=item, recipe=rid, finished=time.strftime("%Y-%m-%dT%H:%M:%S"), **env)
+            save_result(results_path, item_key(rid, arm, seed, item), entry)
+            results = load_results(results_path)
+            shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in entry.items()
+                     if k in ("test_top1", "val_top1", "wall_s", "img_s", "final_loss")}
+            print(f"[study] done {arm} seed {seed} {item}: {shown}", flush=True)
+        shutil.rmtree(runs / arm / f"s{seed}", ignore_errors=True)  # the unit is finished: free the weights
+    return True
+
+
+def bench_loader(recipe_name: str, out: Path, num_batches: int = 60) -> dict:
+    """Images/s of the library's loaders alone (pretraining, K=4; fine-tuning with RandAugment), to tell
+    whether training is bound by PIL augmentation on the CPU rather than by the GPU."""
+    recipe, rates = RECIPES[recipe_name], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        configs = {"pretrain_k4": pretrain_config(recipe, "star_k4", 0, Path(tmp)),
+                   "finetune": eval_config(recipe, "ft100", 0, Path(tmp), None)}
+        for name, cfg in configs.items():
+            loader, _ = build_loaders(cfg, build_model(cfg))
+            it = iter(loader)
+            next(it)  # workers started
+            count, start = 0, time.perf_counter()
+            for _, batch in zip(range(num_batches), it):
+                images = batch[0]
+                count += images.shape[0] * (images.shape[1] if images.ndim == 5 else 1)
+            rates[f"{name}_img_s"] = count / (time.perf_counter() - start)
+    entry = {**rates, "num_workers": recipe["num_workers"], "item": "loader", "recipe": recipe_id(recipe_name),
+             **environment()}
+    save_result(out / "results.json", f"{recipe_id(recipe_name)}/loader/{entry['device']}", entry)
+    print(f"[study] loader: {rates}")
+    return entry
+
+
+def status(recipe_name: str, out: Path) -> None:
+    results, rid = load_results(out / "results.json"), recipe_id(recipe_name)
+    for stage, units in STAGES.items():
+        done = sum(item_key(rid, a, s, i) in results for a, s in units for i in unit_items(a))
+        total = sum(len(unit_items(a)) for a, _ in units)
+        print(f"stage {stage}: {done}/{total} items done ({', '.join(f'{a} s{s}' for a, s in units)})")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("command", choices=("run", "status", "bench-loader"))
+    parser.add_argument("--stage", type=int, choices=sorted(STAGES), help="run this stage's units")
+    parser.add_argument("--next", action="store_true", help="run the unfinished units of every stage, in order")
+    parser.add_argument("--budget-min", type=float, default=None, help="start no work that would end past this")
+    parser.add_argument("--recipe", default="h100", choices=sorted(RECIPES))
+    parser.add_argument("--out", type=Path, default=HERE, help="where results.json, curves/ and figures/ go")
+    parser.add_argument("--runs", type=Path, default=HERE / "runs", help="scratch space for the runs' weights")
+    args = parser.parse_args(argv)
+    if args.command == "status":
+        status(args.recipe, args.out)
+        return 0
+    if args.command == "bench-loader":
+        bench_loader(args.recipe, args.out)
+        return 0
+    if (args.stage is None) == (not args.next):
+        parser.error("run needs exactly one of --stage N or --next")
+    units = STAGES[args.stage] if args.stage else [u for stage in STAGES.values() for u in stage]
+    budget = None if args.budget_min is None else 60 * args.budget_min
+    finished = run_units(units, args.recipe, args.out, args.runs, budget)
+    status(args.recipe, args.out)
+    return 0 if finished else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

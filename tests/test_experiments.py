@@ -1,0 +1,81 @@
+"""The Fashion-MNIST study harness end to end on CPU with the smoke recipe (tiny model, synthetic images,
+two optimizer steps per run): results are recorded, resuming skips them, the budget stops work, the arms
+build the models they name, and the report is built from what was recorded."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments" / "fashion_mnist"))
+import report  # noqa: E402
+import study  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def studied(tmp_path_factory):
+    """One pretrained unit (ARM) and the scratch arm's linear probe of a random encoder."""
+    out = tmp_path_factory.mktemp("study")
+    rid = study.recipe_id("smoke")
+    assert study.run_units([("arm_k1", 0)], "smoke", out, out / "runs", budget_s=None)
+    # only the scratch linear probe: mark its other items done so that the unit runs one item
+    for item in ("ft1", "ft10", "ft100"):
+        study.save_result(out / "results.json", study.item_key(rid, "scratch", 0, item),
+                          {"item": item, "test_top1": 10.0, "wall_s": 1.0, "epochs": 1, "seed": 0})
+    assert study.run_units([("scratch", 0)], "smoke", out, out / "runs", budget_s=None)
+    return out, rid
+
+
+def test_units_record_every_item(studied):
+    out, rid = studied
+    results = json.loads((out / "results.json").read_text())
+    for item in ("pretrain", *study.EVALS):
+        entry = results[f"{rid}/arm_k1/s0/{item}"]
+        assert entry["wall_s"] > 0 and entry["img_s"] > 0 and entry["device"] == "cpu"
+    for item in study.EVALS:
+        assert 0 <= results[f"{rid}/arm_k1/s0/{item}"]["test_top1"] <= 100
+    assert results[f"{rid}/arm_k1/s0/pretrain"]["separator"] == "none"
+    assert results[f"{rid}/arm_k1/s0/ft1"]["label_fraction"] == 0.01
+    assert 0 <= results[f"{rid}/scratch/s0/linprobe"]["test_top1"] <= 100
+    assert (out / "curves" / "arm_k1_s0.csv").is_file()
+    assert (out / "figures" / "predictions_arm_k1.png").stat().st_size > 1000
+    assert not (out / "runs" / "arm_k1" / "s0").exists()  # a finished unit frees its weights
+
+
+def test_done_items_are_skipped_and_budget_stops(studied, capsys):
+    out, _ = studied
+    before = (out / "results.json").read_text()
+    assert study.run_units([("arm_k1", 0)], "smoke", out, out / "runs", budget_s=None)
+    assert (out / "results.json").read_text() == before
+    assert not study.run_units([("star_k2", 0)], "smoke", out, out / "runs", budget_s=1.0)
+    assert "stopping before star_k2 s0 pretrain" in capsys.readouterr().out
+    assert (out / "results.json").read_text() == before
+
+
+@pytest.mark.parametrize("arm", ["arm_k1", "k4_nosep", "k4_token", "star_k16"])
+def test_arms_build_the_model_they_name(arm, tmp_path):
+    cfg = study.pretrain_config(study.RECIPES["h100"], arm, 0, tmp_path)
+    model = study.build_model(cfg)
+    assert {k: model.init_args[k] for k in study.ARMS[arm]} == study.ARMS[arm]
+
+
+def test_scratch_gets_the_pretraining_epochs(tmp_path):
+    recipe = study.RECIPES["h100"]
+    cfg = study.eval_config(recipe, "ft100", 0, tmp_path, None, recipe["pretrain"]["epochs"])
+    assert cfg.pretrained is None and cfg.task == "finetune"
+    assert cfg.optim.epochs == recipe["evals"]["ft100"]["epochs"] + recipe["pretrain"]["epochs"]
+
+
+def test_report_from_results(studied, tmp_path):
+    out, _ = studied
+    page = report.build("smoke", out, tmp_path)
+    text = page.read_text()
+    assert "| (b) ARM, K=1 |" in text and "not enough seeds" in text
+    assert (tmp_path / "fashion-mnist" / "pretrain_loss.png").is_file()
+    assert (tmp_path / "fashion-mnist" / "accuracy_vs_k.png").is_file()
+
+
+def test_run_needs_a_stage_or_next():
+    with pytest.raises(SystemExit):
+        study.main(["run"])
