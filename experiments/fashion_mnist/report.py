@@ -22,7 +22,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study import ARMS, EVALS, HERE, RECIPES, SEEDS, STAGES, load_results, recipe_id, unit_items  # noqa: E402
+from study import (ARMS, EVALS, HERE, RECIPES, SEEDS, STAGES, estimate, item_key, load_results, recipe_id,  # noqa: E402
+                   unit_items)
 
 REPO = HERE.parents[1]
 EVAL_NAMES = {"linprobe": "linear probe", "ft1": "1% labels", "ft10": "10% labels", "ft100": "full fine-tune"}
@@ -32,6 +33,13 @@ ARM_NAMES = {"scratch": "(a) no pretraining", "arm_k1": "(b) ARM, K=1", "star_k4
              "star_k16": "(f) K=16, cluster sep."}
 K_SWEEP = ("arm_k1", "star_k2", "star_k4", "star_k8", "star_k16")
 TARGET_TOP1 = 95.0
+GPU_COMMAND = """\
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:src STAR_DATA=$PWD/.fmnist STAR_COMMIT=<commit> TQDM_DISABLE=1 PYTHONUNBUFFERED=1
+mkdir -p $OUT/fm && cp -r experiments/fashion_mnist/{results.json,curves,figures} $OUT/fm/ 2>/dev/null
+python3 experiments/fashion_mnist/study.py bench-loader --out $OUT/fm          # once per card
+timeout 560 python3 experiments/fashion_mnist/study.py run --next --budget-min 9 --out $OUT/fm --runs /tmp/fmruns
+cd $OUT && tar czf fm.tgz fm && rm -rf fm                                      # one file back"""
 
 
 def collect(results: dict, rid: str) -> dict:
@@ -69,6 +77,32 @@ def compare(table: dict, better: str, worse: str, item: str) -> str:
     spread = max(statistics.stdev(a), statistics.stdev(b))
     verdict = "meets" if diff > 2 * spread else "does not meet"
     return line + f" = {diff / spread:+.1f} x the larger std ({spread:.2f}); {verdict} the > 2 std criterion"
+
+
+def conclusion(table: dict, full: dict) -> str:
+    """The claim's test in one paragraph, or why it cannot be made yet."""
+    seeds = {arm: min(len(table[arm, item]) for item in EVALS) for arm in ("star_k4", "arm_k1", "scratch")}
+    short = [f"{ARM_NAMES[a]} has {n}" for a, n in seeds.items() if n < 3]
+    if short:
+        return ("The claim is not tested yet: it needs all four evaluations of 3 seeds of STAR (c), ARM (b) and "
+                f"no pretraining (a), and so far {', '.join(short)}. Nothing here supports or contradicts STAR.")
+    def margin(item):
+        a = [e["test_top1"] for e in table["star_k4", item]]
+        b = [e["test_top1"] for e in table["arm_k1", item]]
+        return statistics.mean(a) - statistics.mean(b), max(statistics.stdev(a), statistics.stdev(b))
+    wins = {item: margin(item) for item in ("linprobe", "ft1")}
+    if all(d > 2 * s for d, s in wins.values()):
+        claim = "STAR beats ARM by more than 2 std on both the linear probe and the 1%-label fine-tune"
+    elif all(d <= 0 for d, _ in wins.values()):
+        claim = "STAR does not beat ARM: it is not ahead on the linear probe or the 1%-label fine-tune"
+    else:
+        claim = ("STAR's lead over ARM is not clear: the > 2 std margin is not reached on both the linear probe "
+                 "and the 1%-label fine-tune")
+    best = max(full, key=full.get)
+    target = "reaching" if full[best] >= TARGET_TOP1 else "short of"
+    return (f"At this scale and recipe, {claim} (" + "; ".join(f"{EVAL_NAMES[i]} {d:+.2f} points, std {s:.2f}"
+            for i, (d, s) in wins.items()) + f"). The best full fine-tune is {full[best]:.2f}% ({ARM_NAMES[best]}), "
+            f"{target} the {TARGET_TOP1}% target.")
 
 
 def plot_losses(curves: Path, batch_size: int, path: Path) -> bool:
@@ -123,6 +157,29 @@ def plot_accuracy_vs_k(table: dict, path: Path) -> bool:
         fig.savefig(path, dpi=120)
     plt.close(fig)
     return drawn
+
+
+def sizing(results: dict, recipe_name: str) -> list[str]:
+    """GPU time of the whole study: measured where an item ran, else estimated from measured items of the
+    same kind (per epoch; pretraining per K) or the recipe's guess."""
+    rid = recipe_id(recipe_name)
+    done_s = todo_s = 0.0
+    per_stage = []
+    for stage, units in STAGES.items():
+        stage_s = 0.0
+        for arm, seed in units:
+            for item in unit_items(arm):
+                entry = results.get(item_key(rid, arm, seed, item))
+                seconds = entry["wall_s"] if entry else estimate(results, recipe_name, arm, item)
+                stage_s += seconds
+                done_s += seconds if entry else 0
+                todo_s += 0 if entry else seconds
+        per_stage.append(f"stage {stage} ~{stage_s / 60:.0f} min")
+    return ["## Budget", "",
+            f"- GPU time of the whole study at this recipe: ~{(done_s + todo_s) / 60:.0f} min "
+            f"({done_s / 60:.1f} min spent, ~{todo_s / 60:.0f} min to go; " + ", ".join(per_stage) + "), not "
+            "counting machine start-up. Unmeasured items are estimated from measured ones of the same kind "
+            "(per epoch; pretraining per K) and, before any, from the recipe's guesses, which undershoot.", ""]
 
 
 def build(recipe_name: str, study_dir: Path, out: Path) -> Path:
@@ -189,6 +246,7 @@ def build(recipe_name: str, study_dir: Path, out: Path) -> Path:
         lines.append(f"- ARM (b) vs no pretraining (a), {compare(table, 'arm_k1', 'scratch', item)}.")
     lines.append("")
 
+    lines += ["## Conclusion", "", conclusion(table, full), ""]
     lines += ["## Plots", ""]
     batch = pre["batch_size"]
     if plot_losses(study_dir / "curves", batch, figures / "pretrain_loss.png"):
@@ -221,14 +279,17 @@ def build(recipe_name: str, study_dir: Path, out: Path) -> Path:
                              f"seed {e['seed']}: {e['img_s']:.0f} images/s, {e['wall_s']:.0f} s wall.")
     lines.append("")
 
+    lines += sizing(results, recipe_name)
     devices = sorted({(e["device"], e["torch"], e["commit"]) for e in ours})
     lines += ["## How this was run", "",
-              "Each stage fits one 10-minute GPU call; results are appended as items finish and rerunning skips "
-              "them (`--next` picks up wherever the last call stopped).", "", "```",
-              "python experiments/fashion_mnist/study.py bench-loader",
-              "python experiments/fashion_mnist/study.py run --stage 1 --budget-min 7",
-              "python experiments/fashion_mnist/study.py run --next --budget-min 9   # repeat until done",
-              "python experiments/fashion_mnist/report.py", "```", ""]
+              "The study runs in GPU calls of at most 10 minutes. Each call does the unfinished items that fit its "
+              "budget (a pretrained arm x seed needs its whole unit to fit, since its weights do not outlive the "
+              "call), appends them to results.json as they finish, and a rerun skips what is done. On the GPU "
+              "machine (repo root; `.whl` holds timm, `.fmnist` the four Fashion-MNIST .gz files, both carried):",
+              "", "```", GPU_COMMAND, "```", "",
+              "then, here: unpack `fm/` over `experiments/fashion_mnist/` (results.json, curves/, figures/) and "
+              "run `python experiments/fashion_mnist/report.py`. On a CPU the same pipeline runs in seconds with "
+              "`--recipe smoke` (synthetic images) or `--recipe smoke-fmnist`.", ""]
     lines += [f"- Measured on: {d} (torch {t}, commit {c})" for d, t, c in devices] + [""]
 
     lines += ["## Caveats", "",

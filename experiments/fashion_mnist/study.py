@@ -86,7 +86,7 @@ RECIPES = {
     ),
     "smoke": dict(
         dataset="synthetic", train_images=64, num_workers=0, val_size=16, max_steps=2,
-        model=dict(embed_dim=32, depth=2, decoder_dim=32, decoder_num_heads=4, scan_impl="chunked"),
+        model=dict(embed_dim=32, depth=2, img_size=16, decoder_dim=32, decoder_num_heads=4, scan_impl="chunked"),
         pretrain=dict(epochs=1, batch_size=16, blr=1e-3, warmup_epochs=0),
         evals=dict(
             linprobe=dict(task="linprobe", label_fraction=1.0, epochs=1, batch_size=16, blr=1e-3),
@@ -282,10 +282,11 @@ def estimate(results: dict, recipe_name: str, arm: str, item: str) -> float:
 
 def run_units(units, recipe_name: str, out: Path, runs: Path, budget_s: float | None) -> bool:
     """Run every unfinished item of `units`; True if all are done. With a budget, a unit (or an item of one)
-    is started only when its estimated time still fits."""
+    is started only when its estimated time still fits; a unit that does not fit is skipped for a later one
+    that does (the scratch arm's items need no pretraining, so they fill the end of a call)."""
     recipe, rid = RECIPES[recipe_name], recipe_id(recipe_name)
     results_path = out / "results.json"
-    start, env = time.perf_counter(), environment()
+    start, env, finished = time.perf_counter(), environment(), True
     for arm, seed in units:
         results = load_results(results_path)
         todo = [i for i in unit_items(arm) if item_key(rid, arm, seed, i) not in results]
@@ -300,8 +301,9 @@ def run_units(units, recipe_name: str, out: Path, runs: Path, budget_s: float | 
             needed = sum(estimate(results, recipe_name, arm, t) for t in (todo if whole else [item]))
             left = None if budget_s is None else budget_s - (time.perf_counter() - start)
             if left is not None and needed > left:
-                print(f"[study] stopping before {arm} s{seed} {item}: needs ~{needed:.0f}s, {left:.0f}s left")
-                return False
+                print(f"[study] skipping {arm} s{seed} {item}: needs ~{needed:.0f}s, {left:.0f}s left")
+                finished = False
+                break
             print(f"[study] {arm} seed {seed}: {item}", flush=True)
             if item == "pretrain":
                 entry = do_pretrain(recipe, arm, seed, runs, out)
@@ -313,8 +315,9 @@ def run_units(units, recipe_name: str, out: Path, runs: Path, budget_s: float | 
             shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in entry.items()
                      if k in ("test_top1", "val_top1", "wall_s", "img_s", "final_loss")}
             print(f"[study] done {arm} seed {seed} {item}: {shown}", flush=True)
-        shutil.rmtree(runs / arm / f"s{seed}", ignore_errors=True)  # the unit is finished: free the weights
-    return True
+        else:
+            shutil.rmtree(runs / arm / f"s{seed}", ignore_errors=True)  # the unit is finished: free the weights
+    return finished
 
 
 def bench_loader(recipe_name: str, out: Path, num_batches: int = 60) -> dict:
