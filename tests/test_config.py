@@ -69,3 +69,12 @@ def test_save_load_round_trip(tmp_path):
     path.write_text("optim:\n  blr: 1e-4\n  betas: [0.9, 0.95]\n")
     assert load_config(str(path)).optim.blr == 1e-4
     assert config_from_dict({}) == TrainConfig()
+
+
+def test_separator_none_is_a_choice_not_unset():
+    # "none" is one of model.separator's choices (ARM); "null" leaves the registry default
+    cfg = apply_overrides(TrainConfig(), ["--model.separator", "none"])
+    assert cfg.model.separator == "none" and cfg.model.overrides()["separator"] == "none"
+    assert config_from_dict({"model": {"separator": "none"}}).model.separator == "none"
+    assert apply_overrides(cfg, ["--model.separator", "null"]).model.separator is None
+    assert apply_overrides(TrainConfig(), ["--resume", "none"]).resume is None

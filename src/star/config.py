@@ -62,7 +62,7 @@ class DataConfig:
     num_samples: Optional[int] = None  # synthetic: images to generate; others: cap on training images
     mean_std: str = "imagenet"  # normalization preset name
     # augmentation (timm names)
-    scale_min: float = 0.2  # RandomResizedCrop scale lower bound
+    scale_min: float = 0.2  # RandomResizedCrop scale lower bound (pretraining and fine-tuning)
     hflip: bool = True
     auto_augment: Optional[str] = None  # e.g. "rand-m9-mstd0.5-inc1"
     re_prob: float = 0.0  # random erasing probability
@@ -130,9 +130,11 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     bad = ValueError(f"config field '{name}': expected {_type_name(tp)}, got {value!r}")
     if origin is Union:
+        (inner,) = [a for a in args if a is not type(None)]
+        if typing.get_origin(inner) is Literal and value in typing.get_args(inner):
+            return value  # a choice spelled "none" (separator: none) is that choice, not "unset"
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
-        (inner,) = [a for a in args if a is not type(None)]
         return _coerce(value, inner, name)
     if origin is Literal:
         if value not in args:

@@ -77,7 +77,8 @@ def build_loaders(cfg: TrainConfig, model: nn.Module) -> Tuple[DataLoader, Optio
 
     def transform(is_train):
         return finetune_transform(img_size, preset.mean, preset.std, is_train, auto_augment=data.auto_augment,
-                                  re_prob=data.re_prob, crop_pct=data.crop_pct, hflip=0.5 if data.hflip else 0.0)
+                                  re_prob=data.re_prob, crop_pct=data.crop_pct, scale=(data.scale_min, 1.0),
+                                  hflip=0.5 if data.hflip else 0.0)
 
     train = build_dataset(data.dataset, "train", transform(True), num_samples=data.num_samples, **common)
     if data.val_size > 0:
