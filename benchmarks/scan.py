@@ -13,6 +13,7 @@ divided by the measured bandwidth. Writes scan.json and scan.md into --out.
 import argparse
 import datetime
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -149,10 +150,12 @@ def run(args):
 
 
 def git_commit():
+    """The checkout's commit; STAR_COMMIT where the tree travelled without its .git (the device tool)."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        found = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
-        return "unknown"
+        found = ""
+    return found or os.environ.get("STAR_COMMIT", "unknown")
 
 
 def markdown(meta, rows):
