@@ -73,7 +73,8 @@ STAGES = {
 # item is assumed to take before one has been measured.
 RECIPES = {
     "h100": dict(
-        dataset="fashion-mnist", train_images=None, num_workers=12, val_size=5000, max_steps=None,
+        # code=2: since e194cd5 data.scale_min (0.6 in the preset) also bounds the fine-tuning crops (was 0.08)
+        code=2, dataset="fashion-mnist", train_images=None, num_workers=12, val_size=5000, max_steps=None,
         model=dict(decoder_dim=256, decoder_num_heads=8),  # a 256-wide decoder: the encoder is only 192 wide
         pretrain=dict(epochs=4, batch_size=512, blr=5e-4, warmup_epochs=0.5),
         evals=dict(
@@ -162,11 +163,8 @@ def _common(recipe: dict, seed: int, output_dir: Path) -> list[str]:
 def pretrain_config(recipe: dict, arm: str, seed: int, output_dir: Path) -> TrainConfig:
     flags = _common(recipe, seed, output_dir) + _flags(recipe["model"], "model")
     flags += _flags(recipe["pretrain"], "optim") + ["--data.num_samples", str(recipe["train_images"])]
-    flags += ["--model.num_images", str(ARMS[arm]["num_images"])]
-    cfg = apply_overrides(load_config(PRESET, "pretrain"), flags)
-    # Set directly: the override parser reads "--model.separator none" as None, i.e. the default ("cluster").
-    cfg.model.separator = ARMS[arm]["separator"]
-    return cfg
+    flags += ["--model.num_images", str(ARMS[arm]["num_images"]), "--model.separator", ARMS[arm]["separator"]]
+    return apply_overrides(load_config(PRESET, "pretrain"), flags)
 
 
 def eval_config(recipe: dict, item: str, seed: int, output_dir: Path, pretrained, extra_epochs: int = 0) -> TrainConfig:
