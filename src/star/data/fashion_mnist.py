@@ -48,7 +48,7 @@ def _candidate_dirs(root) -> list[Path]:
         dirs += [star_data, star_data / "fashion-mnist"]
     shared = Path("..") / "shared" / "data" / "fashion-mnist"
     dirs += [(_REPO_ROOT / shared).resolve(), (Path.cwd() / shared).resolve(), SYSTEM_DIR]
-    return dirs
+    return list(dict.fromkeys(dirs))  # the repo root is often the working directory: list each place once
 
 
 def find_fashion_mnist(root=None) -> Path:
