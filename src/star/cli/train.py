@@ -1,6 +1,7 @@
 """Turn a `TrainConfig` into a model, data loaders and a finished run (the entry point's half of MAE's split:
 the engine in `star.training` trains; this module decides what it trains on)."""
 
+import inspect
 import json
 from pathlib import Path
 from typing import Optional, Tuple
@@ -11,7 +12,7 @@ from torch.utils.data import DataLoader
 from star.config import TrainConfig
 from star.data import (PRESETS, LabeledSubset, StarBatchSampler, build_dataset, build_sequence_loader,
                        finetune_transform, label_subset, pretrain_transform, train_val_split)
-from star.models import classifier_from_pretrain, create_model, load_pretrained
+from star.models import VisionMambaClassifier, classifier_from_pretrain, create_model, load_pretrained
 from star.training import Trainer, create_loss_fn, seed_everything
 from star.training.distributed import (EvalBatchSampler, destroy_distributed, full_model_state_dict,
                                        init_distributed, is_sharded)
@@ -40,9 +41,9 @@ def build_model(cfg: TrainConfig) -> nn.Module:
             raise ValueError("linprobe needs --pretrained RUN_DIR (a linear probe of random weights measures nothing)")
         return create_model(cfg.model.name, **overrides)
     source = load_pretrained(resolve_model_dir(cfg.pretrained))
-    pretrain_only = ("cluster_size", "num_images", "separator", "cls_token", "decoder_dim", "decoder_depth")
+    classifier_args = inspect.signature(VisionMambaClassifier).parameters  # model.* fields that fit it
     model, report = classifier_from_pretrain(
-        source, **{k: v for k, v in overrides.items() if k not in pretrain_only})
+        source, **{k: v for k, v in overrides.items() if k in classifier_args})
     print(f"initialised from {cfg.pretrained}: {len(report.missing_keys)} new weights "
           f"({', '.join(report.missing_keys)}), {len(report.unexpected_keys)} pretraining-only weights dropped")
     return model
