@@ -7,10 +7,11 @@ from typing import List, Optional
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from star.config import TrainConfig, load_config
-from star.data import PRESETS, build_dataset, finetune_transform
+from star.config import TrainConfig, apply_overrides, load_config
+from star.data import build_dataset
 from star.models import StarPretrain, VisionMambaClassifier, load_pretrained
-from star.cli.train import CLASSES_FILE, eval_loader, resolve_model_dir
+from star.cli.train import (CLASSES_FILE, classification_transform, data_preset, eval_loader,
+                            resolve_model_dir)
 from star.training import evaluate, resolve_device
 from star.training.distributed import destroy_distributed, init_distributed
 
@@ -23,24 +24,18 @@ def load_run(path: str, task: str):
     return load_pretrained(model_dir), model_dir, cfg
 
 
-def eval_transform(cfg: TrainConfig, model):
-    preset = PRESETS[cfg.data.mean_std]
-    return finetune_transform(model.img_size, preset.mean, preset.std, train=False, crop_pct=cfg.data.crop_pct)
-
-
 def evaluate_run(path: str, cfg_overrides, split: str = "test", device: str = "auto",
                  batch_size: Optional[int] = None) -> dict:
     """Top-1/top-5 accuracy of a fine-tuned run (or model folder) on `split` of its dataset."""
-    from star.config import apply_overrides
-
     model, _, cfg = load_run(path, "finetune")
     cfg = apply_overrides(cfg, cfg_overrides)
     if not isinstance(model, VisionMambaClassifier):
         raise ValueError(f"{path} holds a {type(model).__name__}; `star eval` measures classifiers "
                          "(fine-tune or linear-probe it first)")
     data = cfg.data
-    dataset = build_dataset(data.dataset, split, eval_transform(cfg, model), root=data.root,
-                            in_chans=model.in_chans, img_size=model.img_size, skip_corrupt=data.skip_corrupt)
+    transform = classification_transform(cfg, model.img_size, train=False)
+    dataset = build_dataset(data.dataset, split, transform, root=data.root, in_chans=model.in_chans,
+                            img_size=model.img_size, skip_corrupt=data.skip_corrupt)
     init_distributed(device)  # under torchrun each rank evaluates its share; counts are all-reduced
     try:
         loader = eval_loader(dataset, batch_size or cfg.optim.batch_size, data.num_workers)
@@ -72,7 +67,7 @@ def predict_files(path: str, files: List[str], topk: int = 5, convert: bool = Fa
     classes_file = model_dir / CLASSES_FILE
     names = json.loads(classes_file.read_text()) if classes_file.is_file() else [str(i) for i in
                                                                                  range(model.num_classes)]
-    transform = eval_transform(cfg, model)
+    transform = classification_transform(cfg, model.img_size, train=False)
     batch = torch.stack([transform(_open_image(Path(f), model.in_chans, convert)) for f in files])
     dev = resolve_device(device)
     with torch.no_grad():
@@ -93,9 +88,10 @@ def draw_predictions(path: str, out: str, num_sequences: int = 4, split: str = "
     model, _, cfg = load_run(path, "pretrain")
     if not isinstance(model, StarPretrain):
         raise ValueError(f"{path} holds a {type(model).__name__}; `star visualize` draws a pretraining model")
-    preset = PRESETS[cfg.data.mean_std]
+    preset = data_preset(cfg)
     k = model.num_images
-    dataset = build_dataset(cfg.data.dataset, split, eval_transform(cfg, model), root=cfg.data.root,
+    transform = classification_transform(cfg, model.img_size, train=False)
+    dataset = build_dataset(cfg.data.dataset, split, transform, root=cfg.data.root,
                             in_chans=model.in_chans, img_size=model.img_size)
     if len(dataset) < num_sequences * k:
         raise ValueError(f"{split} split has {len(dataset)} images, fewer than {num_sequences} sequences of {k}")

@@ -10,7 +10,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from star.config import TrainConfig
-from star.data import (PRESETS, LabeledSubset, StarBatchSampler, build_dataset, build_sequence_loader,
+from star.data import (PRESETS, DataPreset, LabeledSubset, StarBatchSampler, build_dataset, build_sequence_loader,
                        finetune_transform, label_subset, pretrain_transform, train_val_split)
 from star.models import VisionMambaClassifier, classifier_from_pretrain, create_model, load_pretrained
 from star.training import Trainer, create_loss_fn, seed_everything
@@ -58,13 +58,26 @@ def _geometry(cfg: TrainConfig, model: nn.Module) -> Tuple[int, int]:
     return img_size, in_chans
 
 
+def data_preset(cfg: TrainConfig) -> DataPreset:
+    """The normalization/augmentation preset `data.mean_std` names."""
+    if cfg.data.mean_std not in PRESETS:
+        raise ValueError(f"data.mean_std={cfg.data.mean_std!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[cfg.data.mean_std]
+
+
+def classification_transform(cfg: TrainConfig, img_size: int, train: bool):
+    """Fine-tuning augmentation (train) or resize + centre crop (eval), as `cfg.data` says."""
+    data, preset = cfg.data, data_preset(cfg)
+    return finetune_transform(img_size, preset.mean, preset.std, train, auto_augment=data.auto_augment,
+                              re_prob=data.re_prob, crop_pct=data.crop_pct, scale=(data.scale_min, 1.0),
+                              hflip=0.5 if data.hflip else 0.0)
+
+
 def build_loaders(cfg: TrainConfig, model: nn.Module) -> Tuple[DataLoader, Optional[DataLoader]]:
     """Train loader (STAR sequences for pretraining, single images otherwise) and, for classification, a
     validation loader: a holdout of the training set when data.val_size > 0, else the dataset's own split."""
     data, optim = cfg.data, cfg.optim
-    if data.mean_std not in PRESETS:
-        raise ValueError(f"data.mean_std={data.mean_std!r}; choose one of {sorted(PRESETS)}")
-    preset = PRESETS[data.mean_std]
+    preset = data_preset(cfg)
     img_size, in_chans = _geometry(cfg, model)
     common = dict(root=data.root, in_chans=in_chans, img_size=img_size, skip_corrupt=data.skip_corrupt,
                   seed=cfg.seed)
@@ -76,19 +89,15 @@ def build_loaders(cfg: TrainConfig, model: nn.Module) -> Tuple[DataLoader, Optio
         return build_sequence_loader(train, optim.batch_size, model.num_images, seed=cfg.seed,
                                      num_workers=data.num_workers), None
 
-    def transform(is_train):
-        return finetune_transform(img_size, preset.mean, preset.std, is_train, auto_augment=data.auto_augment,
-                                  re_prob=data.re_prob, crop_pct=data.crop_pct, scale=(data.scale_min, 1.0),
-                                  hflip=0.5 if data.hflip else 0.0)
-
-    train = build_dataset(data.dataset, "train", transform(True), num_samples=data.num_samples, **common)
+    train_tf, eval_tf = classification_transform(cfg, img_size, True), classification_transform(cfg, img_size, False)
+    train = build_dataset(data.dataset, "train", train_tf, num_samples=data.num_samples, **common)
     if data.val_size > 0:
         train_idx, val_idx = train_val_split(len(train), data.val_size, cfg.seed)
-        val = LabeledSubset(build_dataset(data.dataset, "train", transform(False), num_samples=data.num_samples,
+        val = LabeledSubset(build_dataset(data.dataset, "train", eval_tf, num_samples=data.num_samples,
                                           **common), val_idx)
         train = LabeledSubset(train, train_idx)
     else:
-        val = build_dataset(data.dataset, "val", transform(False), **common)
+        val = build_dataset(data.dataset, "val", eval_tf, **common)
     train = _subset(train, data.num_samples, cfg.seed)
     if data.label_fraction < 1.0:
         train = LabeledSubset(train, label_subset(train.targets, data.label_fraction, cfg.seed))
