@@ -269,3 +269,67 @@ def test_conv_bad_inputs_raise_value_error():
         causal_conv1d(x, weight, impl="chunked")
     with pytest.raises(ValueError, match=r"conv_state must be \(batch, d, k_minus_1\) = \(2, 3, 3\), got \(2, 3, 4\)"):
         causal_conv1d_update(torch.zeros(2, 3, 4), x[:, 0], weight)
+
+
+def grouped_inputs(groups, per_group, length, d, n, seed=0):
+    """Scan inputs whose A, D and delta_bias carry one parameter set per group of sequences."""
+    inputs = make_scan_inputs(groups * per_group, length, d, n, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    return dict(inputs, A=-torch.exp(torch.randn(groups, d, n, generator=g, dtype=torch.float64)),
+                D=torch.randn(groups, d, generator=g, dtype=torch.float64),
+                delta_bias=0.5 * torch.randn(groups, d, generator=g, dtype=torch.float64))
+
+
+def group_slice(inputs, g, per_group):
+    rows = slice(g * per_group, (g + 1) * per_group)
+    return {k: v[g] if k in ("A", "D", "delta_bias") else v[rows] for k, v in inputs.items()}
+
+
+@pytest.mark.parametrize("impl", ["ref", "chunked"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_grouped_scan_equals_one_call_per_group(impl, reverse):
+    inputs = grouped_inputs(3, 2, 21, 5, 4)
+    y, grads = scan_and_grads(selective_scan, inputs, impl=impl, reverse=reverse)
+    loop = [scan_and_grads(selective_scan, group_slice(inputs, g, 2), impl="ref", reverse=reverse) for g in range(3)]
+    torch.testing.assert_close(y, torch.cat([ys for ys, _ in loop]), rtol=1e-10, atol=1e-12)
+    # the weights of the per-group calls are not the slices of the grouped call's: compare with matched weights
+    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=y.dtype)
+    leaves = with_grad(inputs)
+    (selective_scan(**leaves, impl=impl, reverse=reverse) * w).sum().backward()
+    for g in range(3):
+        part = with_grad(group_slice(inputs, g, 2))
+        (selective_scan(**part, impl="ref", reverse=reverse) * w[2 * g:2 * g + 2]).sum().backward()
+        for name in ("A", "D", "delta_bias"):
+            torch.testing.assert_close(leaves[name].grad[g], part[name].grad, rtol=1e-10, atol=1e-12, msg=name)
+        for name in ("u", "delta", "B", "C", "z"):
+            torch.testing.assert_close(leaves[name].grad[2 * g:2 * g + 2], part[name].grad, rtol=1e-10,
+                                       atol=1e-12, msg=name)
+    assert set(grads) == set(inputs)
+
+
+def test_grouped_conv_equals_one_call_per_group():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 9, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    for reverse in (False, True):
+        y = causal_conv1d(x, weight, bias, activation="silu", reverse=reverse)
+        loop = torch.cat([conv_loop(x[2 * i:2 * i + 2], weight[i], bias[i], "silu", reverse) for i in range(3)])
+        torch.testing.assert_close(y, loop, rtol=1e-12, atol=1e-12)
+        w = torch.randn(y.shape, generator=g, dtype=torch.float64)
+        grads = torch.autograd.grad((y * w).sum(), (x, weight, bias))
+        grads_loop = torch.autograd.grad((loop * w).sum(), (x, weight, bias))
+        for name, a, b in zip(("x", "weight", "bias"), grads, grads_loop):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=f"grad of {name}")
+
+
+def test_grouped_parameters_bad_shapes_raise_value_error():
+    inputs = grouped_inputs(3, 2, 5, 4, 2)
+    with pytest.raises(ValueError, match=r"batch=4 must be a multiple of the 3 parameter groups"):
+        selective_scan(**{k: v[:4] if k in ("u", "delta", "B", "C", "z") else v for k, v in inputs.items()})
+    with pytest.raises(ValueError, match=r"D must be \(groups, d\) = \(3, 4\), got \(4,\)"):
+        selective_scan(**dict(inputs, D=inputs["D"][0]))
+    with pytest.raises(ValueError, match=r"batch=5 must be a multiple of the 2 weight groups"):
+        causal_conv1d(torch.randn(5, 7, 3), torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match=r"bias must be \(groups, d\) = \(2, 3\), got \(3,\)"):
+        causal_conv1d(torch.randn(4, 7, 3), torch.randn(2, 3, 4), torch.randn(3))

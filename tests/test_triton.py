@@ -89,6 +89,29 @@ def test_selective_scan_matches_reference(length, reverse, dtype, optional, d_st
 
 
 @needs_kernels
+@pytest.mark.parametrize("reverse", [False, True])
+def test_grouped_parameters_match_reference(reverse):
+    """A (groups, d, n), D and delta_bias (groups, d), conv weights (groups, d, k): sequence run g of the batch
+    uses parameter set g (the 4-direction mixer's one-call form)."""
+    from star.ops import causal_conv1d, selective_scan
+    from star.ops.triton import causal_conv1d_triton, selective_scan_triton
+
+    groups, per_group = 3, 2 if CUDA else 1
+    inputs = _scan_inputs(groups * per_group, ODD, CHANNELS, 16, torch.float32, optional=True)
+    g = torch.Generator().manual_seed(7)
+    grouped = dict(A=-(0.1 + 3 * torch.rand(groups, CHANNELS, 16, generator=g)),
+                   D=torch.randn(groups, CHANNELS, generator=g), delta_bias=0.5 * torch.randn(groups, CHANNELS, generator=g))
+    inputs.update({k: v.to(DEVICE).requires_grad_() for k, v in grouped.items()})
+    _check_against_reference(selective_scan_triton, lambda **kw: selective_scan(**kw, impl="ref"), inputs,
+                             torch.float32, reverse=reverse)
+    conv_inputs = dict(x=inputs["u"].detach().clone().requires_grad_(),
+                       weight=torch.randn(groups, CHANNELS, 4, device=DEVICE).requires_grad_(),
+                       bias=torch.randn(groups, CHANNELS, device=DEVICE).requires_grad_())
+    _check_against_reference(causal_conv1d_triton, lambda **kw: causal_conv1d(**kw, impl="ref"), conv_inputs,
+                             torch.float32, activation="silu", reverse=reverse)
+
+
+@needs_kernels
 def test_selective_scan_reads_strided_activations():
     """u, delta and z may be views with a channel stride of 1 (the mixer's (x, z) split): same result as copies."""
     from star.ops.triton import selective_scan_triton

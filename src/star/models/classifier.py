@@ -13,7 +13,7 @@ import torch.nn as nn
 from timm.layers import PatchEmbed, trunc_normal_
 
 from star.models.hub import PretrainedMixin, load_pretrained, register_architecture, state_dict_mismatches
-from star.models.mamba import build_blocks, no_weight_decay_names
+from star.models.mamba import ScanOrders, build_blocks, no_weight_decay_names, scan_orders
 from star.models.patches import check_images, resize_pos_embed, sincos_pos_embed
 from star.models.star import StarPretrain
 
@@ -45,7 +45,10 @@ class VisionMambaClassifier(PretrainedMixin, nn.Module):
         self.cls_token = nn.Parameter(trunc_normal_(torch.zeros(1, 1, embed_dim), std=0.02))
         self.blocks = build_blocks(embed_dim, depth, num_directions=4, d_state=d_state, d_conv=d_conv,
                                    expand=expand, drop_path_rate=drop_path_rate, scan_impl=scan_impl)
-        self.register_buffer("column_order", column_order(grid, self.cls_pos), persistent=False)
+        rows, columns = torch.arange(grid * grid + 1), column_order(grid, self.cls_pos)
+        index, inverse = scan_orders([rows, rows.flip(0), columns, columns.flip(0)])
+        self.register_buffer("scan_index", index, persistent=False)  # the 4 directions (see models.mamba)
+        self.register_buffer("scan_inverse", inverse, persistent=False)
         self.fc_norm = nn.LayerNorm(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes else nn.Identity()
         if num_classes:
@@ -68,7 +71,7 @@ class VisionMambaClassifier(PretrainedMixin, nn.Module):
         x = self.patch_embed(images) + self.pos_embed
         b, m = x.shape[0], self.cls_pos
         x = torch.cat([x[:, :m], self.cls_token.expand(b, -1, -1), x[:, m:]], dim=1)
-        orders = [(None, False), (None, True), (self.column_order, False), (self.column_order, True)]
+        orders = ScanOrders(self.scan_index, self.scan_inverse)
         for block in self.blocks:
             x = block(x, orders)
         return x

@@ -5,10 +5,15 @@ sequence in `num_directions` orders: 1 (causal, for autoregressive pretraining) 
 forward and backward, for classification). Every direction owns its conv1d, x_proj, dt_proj, A_log and D
 (`mixer.directions.<i>.*`); in_proj and out_proj are shared. Direction 0 is always the plain forward scan,
 which is what lets a pretrained 1-direction mixer seed all four directions of a classifier.
+
+The directions run as one batch: the tokens are gathered into every direction's order one after another,
+(b, l) -> (directions * b, l), and the conv, projections and scan run once over that batch with grouped
+(per-direction) parameters. A reversed order is just a reversed gather. On a GPU this is a few large
+kernels instead of a dozen small ones per direction, which is what bounds small models.
 """
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -17,12 +22,30 @@ from timm.layers import DropPath, SwiGLU
 
 from star.ops import causal_conv1d, selective_scan
 
-# (permutation of the sequence or None, reverse): how one direction reads the token sequence.
-ScanOrder = Tuple[Optional[torch.Tensor], bool]
+class ScanOrders(NamedTuple):
+    """The scan orders of a multi-direction mixer as one gather: `index` (directions * l) lists the token
+    positions each direction visits, direction after direction; `inverse` (directions * l) finds each
+    token's output in that concatenation, direction after direction."""
+    index: torch.Tensor
+    inverse: torch.Tensor
+
+
+def scan_orders(orders: Sequence[torch.Tensor]) -> ScanOrders:
+    """`ScanOrders` from one permutation of range(l) per direction (e.g. rows, reversed rows, columns)."""
+    index = torch.stack(list(orders))
+    if index.dim() != 2:
+        raise ValueError(f"scan orders must be 1-d permutations of range(length), got shape {tuple(index.shape)}")
+    if index.device.type != "meta" and not torch.equal(  # meta: models built for counting parameters
+            index.sort(dim=1).values, torch.arange(index.shape[1], device=index.device).expand_as(index)):
+        raise ValueError("every scan order must be a permutation of range(length)")
+    num, length = index.shape
+    inverse = index.argsort(dim=1) + length * torch.arange(num, device=index.device)[:, None]
+    return ScanOrders(index.reshape(-1), inverse.reshape(-1))
 
 
 class SelectiveSSM(nn.Module):
-    """One scan direction: causal conv1d + SiLU, input-dependent (dt, B, C), selective scan gated by SiLU(z)."""
+    """The parameters of one scan direction: causal conv1d + SiLU, input-dependent (dt, B, C), and the
+    selective scan's A and D. `MambaMixer` runs all its directions together (see the module docstring)."""
 
     def __init__(self, d_inner: int, d_state: int = 16, d_conv: int = 4, dt_rank: int = 16,
                  dt_min: float = 1e-3, dt_max: float = 1e-1, dt_init_floor: float = 1e-4):
@@ -41,15 +64,6 @@ class SelectiveSSM(nn.Module):
         with torch.no_grad():
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
 
-    def forward(self, x: torch.Tensor, z: torch.Tensor, reverse: bool = False, impl: str = "auto") -> torch.Tensor:
-        conv_impl = "ref" if impl in ("ref", "chunked") else impl
-        x = causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu", reverse=reverse,
-                          impl=conv_impl)
-        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.linear(dt, self.dt_proj.weight)  # the bias is added (in fp32) inside the scan
-        return selective_scan(x, delta, -torch.exp(self.A_log.float()), B, C, self.D.float(), z=z,
-                              delta_bias=self.dt_proj.bias.float(), delta_softplus=True, reverse=reverse, impl=impl)
-
 
 class MambaMixer(nn.Module):
     """Mamba-1 mixer (expand 1, no bias on in/out projections) over one or several scan directions."""
@@ -66,16 +80,43 @@ class MambaMixer(nn.Module):
         with torch.no_grad():  # residual branches start small in deep stacks (Mamba/GPT-2 rescaling)
             self.out_proj.weight /= math.sqrt(depth)
 
-    def forward(self, x: torch.Tensor, orders: Sequence[ScanOrder]) -> torch.Tensor:
-        x, z = self.in_proj(x).chunk(2, dim=-1)
-        y = 0
-        for ssm, (perm, reverse) in zip(self.directions, orders):
-            if perm is None:
-                y = y + ssm(x, z, reverse, self.scan_impl)
-            else:  # scan a permuted copy (e.g. column order), then put the outputs back in token order
-                out = ssm(x[:, perm], z[:, perm], reverse, self.scan_impl)
-                y = y + torch.empty_like(out).index_copy_(1, perm, out)
-        return self.out_proj(y / len(self.directions))
+    def forward(self, x: torch.Tensor, orders: Optional[ScanOrders] = None) -> torch.Tensor:
+        """x: (b, l, dim). `orders`: one order per direction; None scans a 1-direction mixer in token order."""
+        xz = self.in_proj(x)
+        b, l, _ = xz.shape
+        num = len(self.directions)
+        if orders is None:
+            if num != 1:
+                raise ValueError(f"a {num}-direction mixer needs its scan orders")
+        else:
+            if orders.index.numel() != num * l:
+                raise ValueError(f"scan orders cover {orders.index.numel()} positions, expected {num} directions "
+                                 f"x {l} tokens")
+            xz = xz.index_select(1, orders.index).view(b, num, l, -1).transpose(0, 1).reshape(num * b, l, -1)
+        y = self._scan(*xz.chunk(2, dim=-1), num)
+        if orders is not None:
+            y = y.view(num, b, l, -1).transpose(0, 1).reshape(b, num * l, -1).index_select(1, orders.inverse)
+            y = y.view(b, num, l, -1).sum(1)
+        return self.out_proj(y / num)
+
+    def _scan(self, x: torch.Tensor, z: torch.Tensor, num: int) -> torch.Tensor:
+        """Conv, projections and scan of (num * b, l, d) sequences, run g with direction g's parameters."""
+        dirs = self.directions
+        ssm = dirs[0]
+
+        def stack(get):  # the directions' parameters as one (num, ...) grouped parameter
+            return get(ssm).unsqueeze(0) if num == 1 else torch.stack([get(s) for s in dirs])
+
+        impl = self.scan_impl
+        x = causal_conv1d(x, stack(lambda s: s.conv1d.weight[:, 0]), stack(lambda s: s.conv1d.bias),
+                          activation="silu", impl="ref" if impl in ("ref", "chunked") else impl)
+        n, l, d = x.shape
+        dt_bc = torch.bmm(x.reshape(num, -1, d), stack(lambda s: s.x_proj.weight).transpose(1, 2))
+        dt, B, C = dt_bc.split([ssm.dt_rank, ssm.d_state, ssm.d_state], dim=-1)
+        delta = torch.bmm(dt, stack(lambda s: s.dt_proj.weight).transpose(1, 2))  # bias added (fp32) in the scan
+        return selective_scan(
+            x, delta.reshape(n, l, d), -torch.exp(stack(lambda s: s.A_log)), B.reshape(n, l, -1), C.reshape(n, l, -1),
+            stack(lambda s: s.D), z=z, delta_bias=stack(lambda s: s.dt_proj.bias), delta_softplus=True, impl=impl)
 
 
 class MambaMLPBlock(nn.Module):
@@ -90,7 +131,7 @@ class MambaMLPBlock(nn.Module):
         self.mlp = SwiGLU(dim, hidden_features=int(dim * 4 * 2 / 3))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, orders: Sequence[ScanOrder]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, orders: Optional[ScanOrders] = None) -> torch.Tensor:
         x = x + self.drop_path(self.mixer(self.norm1(x), orders))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 

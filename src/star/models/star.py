@@ -160,7 +160,7 @@ class StarPretrain(PretrainedMixin, nn.Module):
         """Run the causal encoder; return the outputs of `feature_layers` (1-based)."""
         outputs = {}
         for i, block in enumerate(self.blocks[:max(self.feature_layers)], start=1):
-            x = block(x, [(None, False)])
+            x = block(x)
             outputs[i] = x
         return [outputs[i] for i in self.feature_layers]
 

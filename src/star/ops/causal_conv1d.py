@@ -4,6 +4,8 @@
 
 `reverse=True` is the anti-causal mirror, flip(conv(flip(x))), used by the backward scan directions:
 padding goes on the right and the (tiny) kernel's taps are reversed, so the sequence is never flipped.
+Grouped weights, (groups, d, k) with bias (groups, d), work as in `selective_scan`: the batch holds
+`groups` equal runs of sequences and run g is filtered with weight set g.
 """
 import torch
 import torch.nn.functional as F
@@ -20,23 +22,32 @@ def _check_activation(activation):
 
 
 def causal_conv1d_ref(x, weight, bias=None, activation=None, reverse=False):
-    """F.conv1d with explicit one-sided padding. No shape checks here; use `causal_conv1d`."""
-    k = weight.shape[1]
-    weight = weight.to(x.dtype)
-    bias = None if bias is None else bias.to(x.dtype)
+    """F.conv1d with explicit one-sided padding. No shape checks here; use `causal_conv1d`.
+
+    Grouped weights run as one conv over groups * d channels: (batch, l, d) is viewed as
+    (batch // groups, groups * d, l), so group g's sequences meet group g's filters."""
+    k = weight.shape[-1]
+    groups = weight.shape[0] if weight.dim() == 3 else 1
+    batch, length, d = x.shape
+    weight = weight.to(x.dtype).reshape(groups * d, k)
+    bias = None if bias is None else bias.to(x.dtype).reshape(groups * d)
     padding = (0, k - 1) if reverse else (k - 1, 0)
     taps = weight.flip(-1) if reverse else weight
-    y = F.conv1d(F.pad(x.transpose(1, 2), padding), taps.unsqueeze(1), bias, groups=x.shape[2])
+    channels_first = x.view(groups, batch // groups, length, d).permute(1, 0, 3, 2).reshape(-1, groups * d, length)
+    y = F.conv1d(F.pad(channels_first, padding), taps.unsqueeze(1), bias, groups=groups * d)
     if activation == "silu":
         y = F.silu(y)
-    return y.transpose(1, 2)
+    if groups == 1:
+        return y.transpose(1, 2)
+    return y.view(batch // groups, groups, d, length).permute(1, 0, 3, 2).reshape(batch, length, d)
 
 
 def causal_conv1d(x, weight, bias=None, activation=None, reverse=False, impl="auto"):
     """Depthwise causal (or, with `reverse`, anti-causal) conv1d.
 
     Args:
-        x: (batch, length, d). weight: (d, k). bias: (d,) or None. activation: None or "silu".
+        x: (batch, length, d). weight: (d, k), or (groups, d, k) (see the module docstring).
+        bias: (d,), (groups, d) or None. activation: None or "silu".
         impl: "ref" (F.conv1d), "triton" (star.ops.triton), or "auto" (Triton for CUDA tensors when it
             imports, else "ref").
     Returns:
@@ -47,12 +58,16 @@ def causal_conv1d(x, weight, bias=None, activation=None, reverse=False, impl="au
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     batch, length, d = x.shape
     check_shape("x", x, batch=batch, length=length, d=d)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] < 1:
-        raise ValueError(f"weight must be a (d, k) tensor with d = {d} and k >= 1, got "
+    if not isinstance(weight, torch.Tensor) or weight.dim() not in (2, 3) or weight.shape[-1] < 1:
+        raise ValueError(f"weight must be a (d, k) or (groups, d, k) tensor with d = {d} and k >= 1, got "
                          f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
-    check_shape("weight", weight, d=d, k=weight.shape[1])
+    groups = {} if weight.dim() == 2 else {"groups": weight.shape[0]}
+    check_shape("weight", weight, **groups, d=d, k=weight.shape[-1])
+    if groups and (groups["groups"] < 1 or batch % groups["groups"]):
+        raise ValueError(f"batch={batch} must be a multiple of the {groups['groups']} weight groups "
+                         f"(the batch holds one run of sequences per group)")
     if bias is not None:
-        check_shape("bias", bias, d=d)
+        check_shape("bias", bias, **groups, d=d)
     _check_activation(activation)
 
     fn = pick_impl(impl, CONV_IMPLS, x, "causal_conv1d_triton", cpu_default="ref")

@@ -8,6 +8,10 @@ The state and every accumulation are float32 (float64 for float64 inputs), whate
 and autocast is switched off inside so that bf16 training cannot push the recurrence into bf16.
 `selective_scan` is the one entry point the models use: it validates shapes once and dispatches to
 the sequential reference, the chunked CPU form, or the Triton kernels (star.ops.triton).
+
+Grouped parameters: A may be (groups, d, d_state) and D, delta_bias (groups, d). The batch then holds
+`groups` equal runs of sequences, and run g uses parameter set g. This is how the 4-direction mixer scans
+all its directions in one call, each with its own A, D and dt bias.
 """
 import functools
 import importlib
@@ -74,6 +78,15 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _per_sequence(A, D, delta_bias, batch: int):
+    """Grouped parameters (A: (groups, d, n)) as one row per sequence with a time axis, (batch, 1, ...), which
+    broadcasts over (batch, length, ...); row i is group i // (batch // groups). Ungrouped ones pass through."""
+    if A.dim() == 2:
+        return A, D, delta_bias
+    return tuple(None if p is None else p.repeat_interleave(batch // p.shape[0], dim=0).unsqueeze(1)
+                 for p in (A, D, delta_bias))
+
+
 def _effective_delta(delta, delta_bias, delta_softplus, dtype):
     delta = delta.to(dtype)
     if delta_bias is not None:
@@ -104,12 +117,13 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     No shape checks here; go through `selective_scan` for those.
     """
     dtype = _compute_dtype(u)
+    A, D, delta_bias = _per_sequence(A, D, delta_bias, u.shape[0])
     delta = _effective_delta(delta, delta_bias, delta_softplus, dtype)
-    A = A.to(dtype)
+    A = A.to(dtype).squeeze(1) if A.dim() == 4 else A.to(dtype)  # per step: (batch, d, n) or (d, n)
     steps = list(zip(u.to(dtype).unbind(1), delta.unbind(1), B.to(dtype).unbind(1), C.to(dtype).unbind(1)))
     if reverse:
         steps.reverse()
-    h = u.new_zeros(u.shape[0], u.shape[2], A.shape[1], dtype=dtype)
+    h = u.new_zeros(u.shape[0], u.shape[2], A.shape[-1], dtype=dtype)
     ys = []
     for u_t, delta_t, B_t, C_t in steps:
         h, y_t = _ssm_step(h, u_t, delta_t, A, B_t, C_t)
@@ -140,11 +154,12 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of steps, got {chunk_size}")
     dtype = _compute_dtype(u)
+    A, D, delta_bias = _per_sequence(A, D, delta_bias, u.shape[0])
     delta = _effective_delta(delta, delta_bias, delta_softplus, dtype)
     A = A.to(dtype)
     chunks = list(zip(*(t.split(chunk_size, dim=1) for t in (u.to(dtype), delta, B.to(dtype), C.to(dtype)))))
     order = range(len(chunks) - 1, -1, -1) if reverse else range(len(chunks))
-    h = u.new_zeros(u.shape[0], u.shape[2], A.shape[1], dtype=dtype)
+    h = u.new_zeros(u.shape[0], u.shape[2], A.shape[-1], dtype=dtype)
     ys = [None] * len(chunks)
     for i in order:
         u_c, delta_c, B_c, C_c = chunks[i]
@@ -169,7 +184,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
     Args:
         u, delta: (batch, length, d). A: (d, d_state), negative. B, C: (batch, length, d_state).
-        D, delta_bias: (d,) or None. z: (batch, length, d) or None, gates the output with SiLU(z).
+        D, delta_bias: (d,) or None.
+        Grouped: A (groups, d, d_state), D and delta_bias (groups, d); sequence i of the batch uses group
+            i // (batch // groups) (see the module docstring).
+        z: (batch, length, d) or None, gates the output with SiLU(z).
         delta_softplus: apply softplus to delta + delta_bias.
         reverse: run the recurrence from the last step to the first (outputs stay in input order).
         impl: "ref" (sequential, ground truth), "chunked" (CPU default), "triton" (star.ops.triton),
@@ -185,16 +203,20 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     if length == 0:
         raise ValueError("u must have at least one time step, got length 0")
     check_shape("delta", delta, batch=batch, length=length, d=d)
-    if not isinstance(A, torch.Tensor) or A.dim() != 2:
-        raise ValueError(f"A must be a (d, d_state) tensor with d = {d}, got "
+    if not isinstance(A, torch.Tensor) or A.dim() not in (2, 3):
+        raise ValueError(f"A must be a (d, d_state) or (groups, d, d_state) tensor with d = {d}, got "
                          f"{tuple(A.shape) if isinstance(A, torch.Tensor) else type(A).__name__}")
-    d_state = A.shape[1]
-    check_shape("A", A, d=d, d_state=d_state)
+    d_state = A.shape[-1]
+    groups = {} if A.dim() == 2 else {"groups": A.shape[0]}
+    check_shape("A", A, **groups, d=d, d_state=d_state)
+    if groups and (groups["groups"] < 1 or batch % groups["groups"]):
+        raise ValueError(f"batch={batch} must be a multiple of the {groups['groups']} parameter groups of A "
+                         f"(the batch holds one run of sequences per group)")
     check_shape("B", B, batch=batch, length=length, d_state=d_state)
     check_shape("C", C, batch=batch, length=length, d_state=d_state)
     for name, t in (("D", D), ("delta_bias", delta_bias)):
         if t is not None:
-            check_shape(name, t, d=d)
+            check_shape(name, t, **groups, d=d)
     if z is not None:
         check_shape("z", z, batch=batch, length=length, d=d)
 

@@ -38,10 +38,13 @@ def _conv_pre(x_ptr, w_ptr, bias_ptr, row0, offs_t, offs_d, L, D,
 
 
 @triton.jit
-def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, L, D,
+def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, L, D, seq_per_group,
                      K: tl.constexpr, STEP: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
                      BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-    row0 = tl.program_id(0).to(tl.int64) * L
+    pid_b = tl.program_id(0).to(tl.int64)
+    row0 = pid_b * L
+    group = pid_b // seq_per_group  # grouped weights (groups, D, K): this sequence's set
+    w_ptr, bias_ptr = w_ptr + group * D * K, bias_ptr + group * D
     offs_t = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     y = _conv_pre(x_ptr, w_ptr, bias_ptr, row0, offs_t, offs_d, L, D, K, STEP, HAS_BIAS)
@@ -65,11 +68,13 @@ def _grad_pre(x_ptr, w_ptr, bias_ptr, dy_ptr, row0, offs_t, offs_d, L, D,
 
 
 @triton.jit
-def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, dx_ptr, dw_part_ptr, dbias_part_ptr, L, D,
+def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, dx_ptr, dw_part_ptr, dbias_part_ptr, L, D, seq_per_group,
                      K: tl.constexpr, STEP: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
                      BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, SEGMENT_TILES: tl.constexpr,
                      K_PAD: tl.constexpr):
     pid_b = tl.program_id(0).to(tl.int64)
+    group = pid_b // seq_per_group
+    w_ptr, bias_ptr = w_ptr + group * D * K, bias_ptr + group * D
     pid_seg = tl.program_id(1)
     row0 = pid_b * L
     offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -107,8 +112,12 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, dx_ptr, dw_part_ptr, dbias_
         tl.store(dbias_part_ptr + part * D + offs_d, dbias_acc, mask=mask_d)
 
 
+def _seq_per_group(x: Tensor, weight: Tensor) -> int:
+    return x.shape[0] // weight.shape[0] if weight.dim() == 3 else x.shape[0]
+
+
 def _flags(weight: Tensor, bias: Optional[Tensor], activation: Optional[str], reverse: bool) -> dict:
-    return dict(K=weight.shape[1], STEP=1 if reverse else -1, HAS_BIAS=bias is not None, SILU=activation == "silu",
+    return dict(K=weight.shape[-1], STEP=1 if reverse else -1, HAS_BIAS=bias is not None, SILU=activation == "silu",
                 BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D)
 
 
@@ -118,7 +127,7 @@ def _causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], activa
     b, l, d = x.shape
     y = torch.empty_like(x)
     grid = (b, triton.cdiv(l, BLOCK_L), triton.cdiv(d, BLOCK_D))
-    _conv_fwd_kernel[grid](x, weight, bias if bias is not None else weight, y, l, d,
+    _conv_fwd_kernel[grid](x, weight, bias if bias is not None else weight, y, l, d, _seq_per_group(x, weight),
                            **_flags(weight, bias, activation, reverse), num_warps=NUM_WARPS)
     return y
 
@@ -133,17 +142,20 @@ def _causal_conv1d_bwd(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Ten
                        reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Returns dx, dweight, dbias (dbias empty when there is no bias)."""
     b, l, d = x.shape
-    k = weight.shape[1]
+    k = weight.shape[-1]
     n_segments = triton.cdiv(l, BLOCK_L * SEGMENT_TILES)
     dx = torch.empty_like(x)
     dw_part = x.new_empty((b * n_segments, d, k), dtype=torch.float32)
     dbias_part = x.new_empty((b * n_segments, d) if bias is not None else (0,), dtype=torch.float32)
     grid = (b, n_segments, triton.cdiv(d, BLOCK_D))
     _conv_bwd_kernel[grid](x, weight, bias if bias is not None else weight, dy, dx, dw_part, dbias_part, l, d,
-                           **_flags(weight, bias, activation, reverse), SEGMENT_TILES=SEGMENT_TILES,
+                           _seq_per_group(x, weight), **_flags(weight, bias, activation, reverse), SEGMENT_TILES=SEGMENT_TILES,
                            K_PAD=triton.next_power_of_2(k), num_warps=NUM_WARPS)
-    dbias = dbias_part.sum(0).to(bias.dtype) if bias is not None else x.new_empty(0)
-    return dx, dw_part.sum(0).to(weight.dtype), dbias
+    # parts are ordered (batch, segment), so each group's parts are one contiguous run
+    groups = weight.shape[0] if weight.dim() == 3 else 1
+    per_group = lambda part: part.view(groups, -1, *part.shape[1:]).sum(1).reshape(-1, *part.shape[1:])  # noqa: E731
+    dbias = per_group(dbias_part).reshape(bias.shape).to(bias.dtype) if bias is not None else x.new_empty(0)
+    return dx, per_group(dw_part).reshape(weight.shape).to(weight.dtype), dbias
 
 
 @_causal_conv1d_bwd.register_fake
@@ -168,16 +180,21 @@ _causal_conv1d_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def causal_conv1d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                          activation: Optional[str] = None, reverse: bool = False) -> Tensor:
-    """Depthwise causal conv1d on (b, l, d) with fused bias and optional SiLU; output in x's dtype."""
+    """Depthwise causal conv1d on (b, l, d) with fused bias and optional SiLU; output in x's dtype. Grouped
+    weights (groups, d, k) and bias (groups, d) as in `star.ops.causal_conv1d`."""
     if x.dim() != 3:
         raise ValueError(f"x must be (batch, length, channels), got shape {tuple(x.shape)}")
-    d = x.shape[2]
-    if weight.dim() != 2 or weight.shape[0] != d:
-        raise ValueError(f"weight must be (channels={d}, kernel_size), got shape {tuple(weight.shape)}")
-    if not 1 <= weight.shape[1] <= 16:
-        raise ValueError(f"kernel_size must be in [1, 16] for the Triton conv, got {weight.shape[1]}")
-    if bias is not None and tuple(bias.shape) != (d,):
-        raise ValueError(f"bias must have shape ({d},), got {tuple(bias.shape)}")
+    b, d = x.shape[0], x.shape[2]
+    if weight.dim() not in (2, 3) or weight.shape[-2] != d:
+        raise ValueError(f"weight must be (channels={d}, kernel_size) or (groups, {d}, kernel_size), "
+                         f"got shape {tuple(weight.shape)}")
+    groups = weight.shape[:-2]
+    if groups and (groups[0] < 1 or b % groups[0]):
+        raise ValueError(f"batch={b} must be a multiple of the {groups[0]} weight groups")
+    if not 1 <= weight.shape[-1] <= 16:
+        raise ValueError(f"kernel_size must be in [1, 16] for the Triton conv, got {weight.shape[-1]}")
+    if bias is not None and tuple(bias.shape) != (*groups, d):
+        raise ValueError(f"bias must have shape {(*groups, d)}, got {tuple(bias.shape)}")
     if activation not in (None, "silu"):
         raise ValueError(f"activation must be None or 'silu', got {activation!r}")
     bias = bias.contiguous() if bias is not None else None

@@ -118,6 +118,12 @@ def _store_channel_sum(ptr, x, t, part_base, mask_t, N: tl.constexpr, N_PAD: tl.
 
 
 @triton.jit
+def _group_params(A_ptr, D_ptr, bias_ptr, group, D, N: tl.constexpr):
+    """Pointers to the parameter set of `group` (grouped A (groups, D, N), D and bias (groups, D))."""
+    return A_ptr + group * D * N, D_ptr + group * D, bias_ptr + group * D
+
+
+@triton.jit
 def _gate(z, dy):
     """dy through the output gate y * silu(z): (dy * silu(z), dy * silu'(z), which times y is dz)."""
     sig_z = tl.sigmoid(z)
@@ -127,12 +133,13 @@ def _gate(z, dy):
 @triton.jit
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, ckpt_ptr,
-    L, D, n_segments, stride_ub, stride_ul, stride_deltab, stride_deltal, stride_zb, stride_zl,
+    L, D, n_segments, seq_per_group, stride_ub, stride_ul, stride_deltab, stride_deltal, stride_zb, stride_zl,
     N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, SEG_CHUNKS: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, SAVE_STATES: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
+    A_ptr, D_ptr, bias_ptr = _group_params(A_ptr, D_ptr, bias_ptr, pid_b // seq_per_group, D, N)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, N_PAD)
     mask_d = offs_d < D
@@ -175,12 +182,13 @@ def _scan_fwd_kernel(
 def _scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_ptr, ckpt_ptr, scratch_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dA_part_ptr, dB_part_ptr, dC_part_ptr, dD_part_ptr, dbias_part_ptr,
-    L, D, n_segments, stride_ub, stride_ul, stride_deltab, stride_deltal, stride_zb, stride_zl,
+    L, D, n_segments, seq_per_group, stride_ub, stride_ul, stride_deltab, stride_deltal, stride_zb, stride_zl,
     N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, SEG_CHUNKS: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
+    A_ptr, D_ptr, bias_ptr = _group_params(A_ptr, D_ptr, bias_ptr, pid_b // seq_per_group, D, N)
     pid_d = tl.program_id(1)
     n_dblocks = tl.num_programs(1)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -294,7 +302,7 @@ def _n_segments(length: int, u: Tensor) -> int:
 
 
 def _launch_args(u: Tensor, A: Tensor, delta: Tensor, z: Optional[Tensor], direction: str) -> dict:
-    n = A.shape[1]
+    n = A.shape[-1]
     config = _config(u)
     tiles = config[direction]
     if config["SEGMENT"] % tiles["CHUNK"]:
@@ -304,6 +312,11 @@ def _launch_args(u: Tensor, A: Tensor, delta: Tensor, z: Optional[Tensor], direc
     return dict(stride_ub=u.stride(0), stride_ul=u.stride(1), stride_deltab=delta.stride(0),
                 stride_deltal=delta.stride(1), stride_zb=z_strides[0], stride_zl=z_strides[1],
                 N=n, N_PAD=triton.next_power_of_2(n), SEG_CHUNKS=config["SEGMENT"] // tiles["CHUNK"], **tiles)
+
+
+def _seq_per_group(u: Tensor, A: Tensor) -> int:
+    """Sequences per parameter group (grouped A is (groups, d, n)); the whole batch when ungrouped."""
+    return u.shape[0] // A.shape[0] if A.dim() == 3 else u.shape[0]
 
 
 def _empty_if_none(x: Optional[Tensor], like: Tensor) -> Tensor:
@@ -322,13 +335,13 @@ def _selective_scan_fwd(
     delta_softplus: bool, reverse: bool, save_states: bool,
 ) -> tuple[Tensor, Tensor]:
     b, l, d = u.shape
-    n = A.shape[1]
+    n = A.shape[-1]
     n_segments = _n_segments(l, u)
     y = u.new_empty((b, l, d))
     ckpt = u.new_empty((b, n_segments, n, d) if save_states else (0,), dtype=torch.float32)
     _scan_fwd_kernel[(b, triton.cdiv(d, _config(u)["fwd"]["BLOCK_D"]))](
         u, delta, A, B, C, _empty_if_none(D, u), _empty_if_none(z, u), _empty_if_none(delta_bias, u), y, ckpt,
-        l, d, n_segments, **_launch_args(u, A, delta, z, "fwd"), **_flags(D, z, delta_bias, delta_softplus, reverse),
+        l, d, n_segments, _seq_per_group(u, A), **_launch_args(u, A, delta, z, "fwd"), **_flags(D, z, delta_bias, delta_softplus, reverse),
         SAVE_STATES=save_states,
     )
     return y, ckpt
@@ -337,7 +350,7 @@ def _selective_scan_fwd(
 @_selective_scan_fwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, save_states):
     b, l, d = u.shape
-    ckpt_shape = (b, _n_segments(l, u), A.shape[1], d) if save_states else (0,)
+    ckpt_shape = (b, _n_segments(l, u), A.shape[-1], d) if save_states else (0,)
     return u.new_empty((b, l, d)), u.new_empty(ckpt_shape, dtype=torch.float32)
 
 
@@ -349,7 +362,7 @@ def _selective_scan_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns du, ddelta, dA, dB, dC, dD, dz, d_delta_bias; the last three are empty when unused."""
     b, l, d = u.shape
-    n = A.shape[1]
+    n = A.shape[-1]
     tiles = _config(u)["bwd"]
     n_dblocks = triton.cdiv(d, tiles["BLOCK_D"])
     f32 = dict(dtype=torch.float32)
@@ -365,15 +378,18 @@ def _selective_scan_bwd(
     _scan_bwd_kernel[(b, n_dblocks)](
         u, delta, A, B, C, _empty_if_none(D, u), _empty_if_none(z, u), _empty_if_none(delta_bias, u),
         dy, ckpt, scratch, du, ddelta, dz, dA_part, dB_part, dC_part, dD_part, dbias_part,
-        l, d, _n_segments(l, u), **_launch_args(u, A, delta, z, "bwd"),
+        l, d, _n_segments(l, u), _seq_per_group(u, A), **_launch_args(u, A, delta, z, "bwd"),
         **_flags(D, z, delta_bias, delta_softplus, reverse),
         PRECISION="tf32x3" if u.dtype == torch.float32 else "tf32",
     )
-    dA = dA_part.sum(0).t().contiguous().to(A.dtype)  # fake impl promises A's contiguous layout
+    groups = A.shape[0] if A.dim() == 3 else 1
+    per_group = lambda part: part.view(groups, b // groups, *part.shape[1:]).sum(1)  # noqa: E731
+    dA = per_group(dA_part).transpose(-1, -2).reshape(A.shape).contiguous().to(A.dtype)  # A's contiguous layout
     dB = dB_part.sum(1).to(B.dtype)
     dC = dC_part.sum(1).to(C.dtype)
-    dD = dD_part.sum(0).to(D.dtype) if D is not None else u.new_empty(0)
-    dbias = dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else u.new_empty(0)
+    dD = per_group(dD_part).reshape(D.shape).to(D.dtype) if D is not None else u.new_empty(0)
+    dbias = per_group(dbias_part).reshape(delta_bias.shape).to(delta_bias.dtype) if delta_bias is not None \
+        else u.new_empty(0)
     return du, ddelta, dA, dB, dC, dD, dz, dbias
 
 
@@ -415,10 +431,14 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias):
     if u.dim() != 3:
         raise ValueError(f"u must be (batch, length, channels), got shape {tuple(u.shape)}")
     b, l, d = u.shape
-    if A.dim() != 2 or A.shape[0] != d:
-        raise ValueError(f"A must be (channels={d}, d_state), got shape {tuple(A.shape)}")
-    expected = {"delta": (delta, (b, l, d)), "B": (B, (b, l, A.shape[1])), "C": (C, (b, l, A.shape[1])),
-                "D": (D, (d,)), "z": (z, (b, l, d)), "delta_bias": (delta_bias, (d,))}
+    if A.dim() not in (2, 3) or A.shape[-2] != d:
+        raise ValueError(f"A must be (channels={d}, d_state) or (groups, {d}, d_state), got shape {tuple(A.shape)}")
+    groups = A.shape[:-2]
+    if groups and (groups[0] < 1 or b % groups[0]):
+        raise ValueError(f"batch={b} must be a multiple of the {groups[0]} parameter groups of A")
+    n = A.shape[-1]
+    expected = {"delta": (delta, (b, l, d)), "B": (B, (b, l, n)), "C": (C, (b, l, n)),
+                "D": (D, (*groups, d)), "z": (z, (b, l, d)), "delta_bias": (delta_bias, (*groups, d))}
     for name, (x, shape) in expected.items():
         if x is not None and tuple(x.shape) != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
@@ -436,7 +456,8 @@ def selective_scan_triton(
     D: Optional[Tensor] = None, z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
     delta_softplus: bool = True, reverse: bool = False,
 ) -> Tensor:
-    """Fused selective scan; same contract as `star.ops.selective_scan` (layout (b, l, d)), output in u's dtype."""
+    """Fused selective scan; same contract as `star.ops.selective_scan` (layout (b, l, d), grouped parameters
+    allowed), output in u's dtype."""
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     tensors = [u, delta, A, B, C, D, z, delta_bias]
     u, delta, z = (_channels_contiguous(x) for x in (u, delta, z))
