@@ -208,13 +208,17 @@ def test_conv_matches_loop_with_grads(reverse, activation, k):
     weight = torch.randn(3, k, generator=g, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
     y = causal_conv1d(x, weight, bias, activation=activation, reverse=reverse, impl="ref")
-    y_loop = conv_loop(x, weight, bias, activation, reverse)
-    torch.testing.assert_close(y, y_loop, rtol=1e-12, atol=1e-12)
-    w = torch.randn(y.shape, generator=g, dtype=torch.float64)
-    grads = torch.autograd.grad((y * w).sum(), (x, weight, bias))
-    grads_loop = torch.autograd.grad((y_loop * w).sum(), (x, weight, bias))
-    for name, a, b in zip(("x", "weight", "bias"), grads, grads_loop):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=f"grad of {name}")
+    assert_same_outputs_and_grads(y, conv_loop(x, weight, bias, activation, reverse), dict(x=x, weight=weight, bias=bias))
+
+
+def assert_same_outputs_and_grads(y, y_ref, leaves, tol=1e-12):
+    """y equals y_ref, and so do the gradients of a random weighting of them w.r.t. every leaf."""
+    torch.testing.assert_close(y, y_ref, rtol=tol, atol=tol)
+    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(9), dtype=y.dtype)
+    grads = torch.autograd.grad((y * w).sum(), list(leaves.values()), retain_graph=True)
+    grads_ref = torch.autograd.grad((y_ref * w).sum(), list(leaves.values()), retain_graph=True)
+    for name, a, b in zip(leaves, grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=f"grad of {name}")
 
 
 def test_conv_reverse_equals_flipped_forward_and_is_causal():
@@ -288,23 +292,10 @@ def group_slice(inputs, g, per_group):
 @pytest.mark.parametrize("impl", ["ref", "chunked"])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_grouped_scan_equals_one_call_per_group(impl, reverse):
-    inputs = grouped_inputs(3, 2, 21, 5, 4)
-    y, grads = scan_and_grads(selective_scan, inputs, impl=impl, reverse=reverse)
-    loop = [scan_and_grads(selective_scan, group_slice(inputs, g, 2), impl="ref", reverse=reverse) for g in range(3)]
-    torch.testing.assert_close(y, torch.cat([ys for ys, _ in loop]), rtol=1e-10, atol=1e-12)
-    # the weights of the per-group calls are not the slices of the grouped call's: compare with matched weights
-    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=y.dtype)
-    leaves = with_grad(inputs)
-    (selective_scan(**leaves, impl=impl, reverse=reverse) * w).sum().backward()
-    for g in range(3):
-        part = with_grad(group_slice(inputs, g, 2))
-        (selective_scan(**part, impl="ref", reverse=reverse) * w[2 * g:2 * g + 2]).sum().backward()
-        for name in ("A", "D", "delta_bias"):
-            torch.testing.assert_close(leaves[name].grad[g], part[name].grad, rtol=1e-10, atol=1e-12, msg=name)
-        for name in ("u", "delta", "B", "C", "z"):
-            torch.testing.assert_close(leaves[name].grad[2 * g:2 * g + 2], part[name].grad, rtol=1e-10,
-                                       atol=1e-12, msg=name)
-    assert set(grads) == set(inputs)
+    leaves = with_grad(grouped_inputs(3, 2, 21, 5, 4))
+    y = selective_scan(**leaves, impl=impl, reverse=reverse)
+    loop = torch.cat([selective_scan(**group_slice(leaves, g, 2), impl="ref", reverse=reverse) for g in range(3)])
+    assert_same_outputs_and_grads(y, loop, leaves, tol=1e-10)
 
 
 def test_grouped_conv_equals_one_call_per_group():
@@ -315,12 +306,7 @@ def test_grouped_conv_equals_one_call_per_group():
     for reverse in (False, True):
         y = causal_conv1d(x, weight, bias, activation="silu", reverse=reverse)
         loop = torch.cat([conv_loop(x[2 * i:2 * i + 2], weight[i], bias[i], "silu", reverse) for i in range(3)])
-        torch.testing.assert_close(y, loop, rtol=1e-12, atol=1e-12)
-        w = torch.randn(y.shape, generator=g, dtype=torch.float64)
-        grads = torch.autograd.grad((y * w).sum(), (x, weight, bias))
-        grads_loop = torch.autograd.grad((loop * w).sum(), (x, weight, bias))
-        for name, a, b in zip(("x", "weight", "bias"), grads, grads_loop):
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=f"grad of {name}")
+        assert_same_outputs_and_grads(y, loop, dict(x=x, weight=weight, bias=bias))
 
 
 def test_grouped_parameters_bad_shapes_raise_value_error():

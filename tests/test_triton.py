@@ -213,3 +213,37 @@ def test_bad_inputs_raise_value_errors():
         causal_conv1d_triton(inputs["u"], torch.randn(8, 4, device=DEVICE), activation="relu")
     with pytest.raises(ValueError, match="kernel_size"):
         causal_conv1d_triton(inputs["u"], torch.randn(8, 40, device=DEVICE))
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["pretrain", "classifier"])
+def test_models_compile_fullgraph_and_match_eager(name):
+    """Whole models with the Triton ops trace into one graph (torch.compile fullgraph; inductor on CUDA,
+    aot_eager under the CPU interpreter) and a training step matches eager: loss and every gradient."""
+    from star.models import StarPretrain, VisionMambaClassifier
+
+    torch.manual_seed(0)
+    # small: under the interpreter every kernel runs element by element in Python
+    common = dict(img_size=8, patch_size=4, in_chans=1, embed_dim=16, depth=1, scan_impl="triton")
+    if name == "pretrain":
+        model = StarPretrain(**common, cluster_size=1, num_images=2, decoder_dim=16, decoder_num_heads=2,
+                             decoder_depth=1)
+        images = torch.randn(2, 2, 1, 8, 8)
+        loss_fn = lambda m: m(images.to(DEVICE))["loss"]  # noqa: E731
+    else:
+        model = VisionMambaClassifier(**common, num_classes=5)
+        images, labels = torch.randn(2, 1, 8, 8), torch.tensor([0, 3])
+        loss_fn = lambda m: torch.nn.functional.cross_entropy(m(images.to(DEVICE)), labels.to(DEVICE))  # noqa: E731
+    model = model.to(DEVICE)
+    compiled = torch.compile(model, fullgraph=True, backend="inductor" if CUDA else "aot_eager")
+    losses, grads = [], []
+    for m in (model, compiled):
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn(m)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-3, atol=1e-5, msg=k)

@@ -14,7 +14,6 @@ Grouped parameters: A may be (groups, d, d_state) and D, delta_bias (groups, d).
 all its directions in one call, each with its own A, D and dt bias.
 """
 import functools
-import importlib
 
 import torch
 import torch.nn.functional as F
@@ -39,13 +38,22 @@ def check_shape(name: str, tensor: torch.Tensor, **dims: int) -> None:
         raise ValueError(f"{name} must be a real floating-point tensor, got {tensor.dtype}")
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_OPS: dict = {}
+
+
 def load_triton_op(name: str):
-    """Return `star.ops.triton.<name>`, or the ImportError that prevents it (cached: tried once)."""
-    try:
-        return getattr(importlib.import_module("star.ops.triton"), name)
-    except (ImportError, AttributeError) as err:
-        return ImportError(f"star.ops.triton.{name} is unavailable: {err}")
+    """Return `star.ops.triton.<name>`, or the ImportError that prevents it (cached: tried once). A dict
+    cache and a plain import statement, which torch.compile traces, so the models compile in one graph."""
+    if name not in _TRITON_OPS:
+        try:
+            import star.ops.triton as triton_ops
+            _TRITON_OPS[name] = getattr(triton_ops, name)
+        except (ImportError, AttributeError) as err:
+            _TRITON_OPS[name] = ImportError(f"star.ops.triton.{name} is unavailable: {err}")
+    return _TRITON_OPS[name]
+
+
+load_triton_op.cache_clear = _TRITON_OPS.clear  # tests: forget what was loaded
 
 
 def pick_impl(impl: str, allowed: tuple, x: torch.Tensor, triton_name: str, cpu_default: str):
