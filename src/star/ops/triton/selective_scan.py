@@ -118,9 +118,19 @@ def _store_channel_sum(ptr, x, t, part_base, mask_t, N: tl.constexpr, N_PAD: tl.
 
 
 @triton.jit
-def _group_params(A_ptr, D_ptr, bias_ptr, group, D, N: tl.constexpr):
-    """Pointers to the parameter set of `group` (grouped A (groups, D, N), D and bias (groups, D))."""
-    return A_ptr + group * D * N, D_ptr + group * D, bias_ptr + group * D
+def _load_params(A_ptr, D_ptr, bias_ptr, group, offs_d, offs_n, mask_d, mask_nd, D, N: tl.constexpr,
+                 BLOCK_D: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """A * log2(e) (N_PAD, BLOCK_D), dt bias and D (zeros when absent) of this program's channels, from the
+    parameter set of `group` (grouped A is (groups, D, N), D and bias (groups, D); one group when ungrouped)."""
+    A2 = tl.load(A_ptr + group * D * N + offs_d[None, :] * N + offs_n[:, None], mask=mask_nd,
+                 other=0.0).to(tl.float32) * LOG2E
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + group * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    Dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + group * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    return A2, bias, Dv
 
 
 @triton.jit
@@ -128,6 +138,30 @@ def _gate(z, dy):
     """dy through the output gate y * silu(z): (dy * silu(z), dy * silu'(z), which times y is dz)."""
     sig_z = tl.sigmoid(z)
     return dy * z * sig_z, dy * sig_z * (1.0 + z * (1.0 - sig_z))
+
+
+@triton.jit
+def _chunk_tiles(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, chunk, pid_b, L, D, offs_d, offs_n, mask_d, mask_n,
+                 bias, stride_ub, stride_ul, stride_deltab, stride_deltal, stride_zb, stride_zl,
+                 N: tl.constexpr, CHUNK: tl.constexpr, REVERSE: tl.constexpr, HAS_Z: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """What every pass reads for one chunk: its time rows t and their mask, the (CHUNK, BLOCK_D) mask and
+    (b, l, d) offsets, u, delta (after bias/softplus) and d softplus, B, C, and z (zeros without a gate).
+    Inlined by Triton; values a pass does not use are dropped by the compiler."""
+    t, mask_t = _chunk_rows(chunk, L, CHUNK, REVERSE)
+    mask = mask_t[:, None] & mask_d[None, :]
+    mask_bc = mask_t[:, None] & mask_n[None, :]
+    offs_bc = (pid_b * L + t)[:, None] * N + offs_n[None, :]
+    offs = (pid_b * L + t)[:, None] * D + offs_d[None, :]
+    u = _load_rows(u_ptr, stride_ub, stride_ul, pid_b, t, offs_d, mask)
+    delta, dsoftplus = _load_delta(delta_ptr, stride_deltab, stride_deltal, pid_b, t, offs_d, mask, bias,
+                                   HAS_BIAS, SOFTPLUS)
+    Bt = tl.load(B_ptr + offs_bc, mask=mask_bc, other=0.0).to(tl.float32)
+    Ct = tl.load(C_ptr + offs_bc, mask=mask_bc, other=0.0).to(tl.float32)
+    z = tl.zeros_like(u)
+    if HAS_Z:
+        z = _load_rows(z_ptr, stride_zb, stride_zl, pid_b, t, offs_d, mask)
+    return t, mask_t, mask, offs, u, delta, dsoftplus, Bt, Ct, z
 
 
 @triton.jit
@@ -139,19 +173,12 @@ def _scan_fwd_kernel(
     REVERSE: tl.constexpr, SAVE_STATES: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
-    A_ptr, D_ptr, bias_ptr = _group_params(A_ptr, D_ptr, bias_ptr, pid_b // seq_per_group, D, N)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, N_PAD)
     mask_d = offs_d < D
     mask_nd = (offs_n < N)[:, None] & mask_d[None, :]
-
-    A2 = tl.load(A_ptr + offs_d[None, :] * N + offs_n[:, None], mask=mask_nd, other=0.0).to(tl.float32) * LOG2E
-    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    Dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    A2, bias, Dv = _load_params(A_ptr, D_ptr, bias_ptr, pid_b // seq_per_group, offs_d, offs_n, mask_d, mask_nd, D,
+                                N, BLOCK_D, HAS_D, HAS_BIAS)
     ckpt_base = ckpt_ptr + pid_b * n_segments * N * D + offs_n[:, None] * D + offs_d[None, :]
     n_chunks = tl.cdiv(L, CHUNK)
 
@@ -160,22 +187,15 @@ def _scan_fwd_kernel(
         if SAVE_STATES:
             tl.store(ckpt_base + seg * N * D, h, mask=mask_nd)
         for chunk in range(seg * SEG_CHUNKS, tl.minimum(seg * SEG_CHUNKS + SEG_CHUNKS, n_chunks)):
-            t, mask_t = _chunk_rows(chunk, L, CHUNK, REVERSE)
-            mask = mask_t[:, None] & mask_d[None, :]
-            mask_bc = mask_t[:, None] & (offs_n < N)[None, :]
-            offs_bc = (pid_b * L + t)[:, None] * N + offs_n[None, :]
-
-            u = _load_rows(u_ptr, stride_ub, stride_ul, pid_b, t, offs_d, mask)
-            delta, _ = _load_delta(delta_ptr, stride_deltab, stride_deltal, pid_b, t, offs_d, mask, bias,
-                                   HAS_BIAS, SOFTPLUS)
-            Bt = tl.load(B_ptr + offs_bc, mask=mask_bc, other=0.0).to(tl.float32)
-            Ct = tl.load(C_ptr + offs_bc, mask=mask_bc, other=0.0).to(tl.float32)
+            t, mask_t, mask, offs, u, delta, _, Bt, Ct, z = _chunk_tiles(
+                u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, chunk, pid_b, L, D, offs_d, offs_n, mask_d, offs_n < N,
+                bias, stride_ub, stride_ul, stride_deltab, stride_deltal, stride_zb, stride_zl,
+                N, CHUNK, REVERSE, HAS_Z, HAS_BIAS, SOFTPLUS)
             _, _, hs, h = _chunk_states(h, delta, u, Bt, A2, CHUNK)
             y = tl.sum(hs * Ct[:, :, None], axis=1) + Dv[None, :] * u
             if HAS_Z:
-                z = _load_rows(z_ptr, stride_zb, stride_zl, pid_b, t, offs_d, mask)
                 y *= z * tl.sigmoid(z)
-            tl.store(y_ptr + (pid_b * L + t)[:, None] * D + offs_d[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -188,7 +208,6 @@ def _scan_bwd_kernel(
     REVERSE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
-    A_ptr, D_ptr, bias_ptr = _group_params(A_ptr, D_ptr, bias_ptr, pid_b // seq_per_group, D, N)
     pid_d = tl.program_id(1)
     n_dblocks = tl.num_programs(1)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -196,14 +215,8 @@ def _scan_bwd_kernel(
     mask_d = offs_d < D
     mask_n = offs_n < N
     mask_nd = mask_n[:, None] & mask_d[None, :]
-
-    A2 = tl.load(A_ptr + offs_d[None, :] * N + offs_n[:, None], mask=mask_nd, other=0.0).to(tl.float32) * LOG2E
-    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    Dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    A2, bias, Dv = _load_params(A_ptr, D_ptr, bias_ptr, pid_b // seq_per_group, offs_d, offs_n, mask_d, mask_nd, D,
+                                N, BLOCK_D, HAS_D, HAS_BIAS)
     ckpt_base = ckpt_ptr + pid_b * n_segments * N * D + offs_n[:, None] * D + offs_d[None, :]
     scratch_base = (scratch_ptr + (pid_b * n_dblocks + pid_d) * SEG_CHUNKS * N_PAD * BLOCK_D
                     + offs_n[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :])
@@ -223,21 +236,13 @@ def _scan_bwd_kernel(
         h = tl.load(ckpt_base + seg * N * D, mask=mask_nd, other=0.0)
         for k in range(seg_chunks):
             tl.store(scratch_base + k * N_PAD * BLOCK_D, h)
-            t, mask_t = _chunk_rows(first + k, L, CHUNK, REVERSE)
-            mask = mask_t[:, None] & mask_d[None, :]
-            mask_bc = mask_t[:, None] & mask_n[None, :]
-            offs_bc = (pid_b * L + t)[:, None] * N + offs_n[None, :]
-            offs = (pid_b * L + t)[:, None] * D + offs_d[None, :]
-
-            u = _load_rows(u_ptr, stride_ub, stride_ul, pid_b, t, offs_d, mask)
-            delta, _ = _load_delta(delta_ptr, stride_deltab, stride_deltal, pid_b, t, offs_d, mask, bias,
-                                   HAS_BIAS, SOFTPLUS)
-            Bt = tl.load(B_ptr + offs_bc, mask=mask_bc, other=0.0).to(tl.float32)
-            Ct = tl.load(C_ptr + offs_bc, mask=mask_bc, other=0.0).to(tl.float32)
+            t, mask_t, mask, offs, u, delta, _, Bt, Ct, z = _chunk_tiles(
+                u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, first + k, pid_b, L, D, offs_d, offs_n, mask_d, mask_n,
+                bias, stride_ub, stride_ul, stride_deltab, stride_deltal, stride_zb, stride_zl,
+                N, CHUNK, REVERSE, HAS_Z, HAS_BIAS, SOFTPLUS)
             dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             _, _, hs, h = _chunk_states(h, delta, u, Bt, A2, CHUNK)
             if HAS_Z:
-                z = _load_rows(z_ptr, stride_zb, stride_zl, pid_b, t, offs_d, mask)
                 y = tl.sum(hs * Ct[:, :, None], axis=1) + Dv[None, :] * u
                 dy, dy_dsilu = _gate(z, dy)
                 tl.store(dz_ptr + offs, (dy_dsilu * y).to(dz_ptr.dtype.element_ty), mask=mask)
@@ -249,20 +254,12 @@ def _scan_bwd_kernel(
         for j in range(seg_chunks):
             k = seg_chunks - 1 - j
             h0 = tl.load(scratch_base + k * N_PAD * BLOCK_D)
-            t, mask_t = _chunk_rows(first + k, L, CHUNK, REVERSE)
-            mask = mask_t[:, None] & mask_d[None, :]
-            mask_bc = mask_t[:, None] & mask_n[None, :]
-            offs_bc = (pid_b * L + t)[:, None] * N + offs_n[None, :]
-            offs = (pid_b * L + t)[:, None] * D + offs_d[None, :]
-
-            u = _load_rows(u_ptr, stride_ub, stride_ul, pid_b, t, offs_d, mask)
-            delta, dsoftplus = _load_delta(delta_ptr, stride_deltab, stride_deltal, pid_b, t, offs_d, mask, bias,
-                                           HAS_BIAS, SOFTPLUS)
-            Bt = tl.load(B_ptr + offs_bc, mask=mask_bc, other=0.0).to(tl.float32)
-            Ct = tl.load(C_ptr + offs_bc, mask=mask_bc, other=0.0).to(tl.float32)
+            t, mask_t, mask, offs, u, delta, dsoftplus, Bt, Ct, z = _chunk_tiles(
+                u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, first + k, pid_b, L, D, offs_d, offs_n, mask_d, mask_n,
+                bias, stride_ub, stride_ul, stride_deltab, stride_deltal, stride_zb, stride_zl,
+                N, CHUNK, REVERSE, HAS_Z, HAS_BIAS, SOFTPLUS)
             dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             if HAS_Z:
-                z = _load_rows(z_ptr, stride_zb, stride_zl, pid_b, t, offs_d, mask)
                 dy, _ = _gate(z, dy)
             a, b, hs, _ = _chunk_states(h0, delta, u, Bt, A2, CHUNK)
 

@@ -1,0 +1,75 @@
+"""Compile the Triton selective-scan kernels for a GPU architecture without a GPU, and report what ptxas made
+of them: registers per thread, spills (stack/local bytes), SASS instruction count, exp2 and global memory
+instructions. A check for kernel edits on a machine with no GPU (it says nothing about time).
+
+    python benchmarks/kernel_resources.py [--arch 90] [--sass-dir DIR]
+
+The kernels are compiled with the CUDA tile configuration (`CUDA_CONFIG`), bf16 activations, d_state 16,
+D, z, dt bias and softplus on, forward direction. --sass-dir writes each kernel's SASS (addresses stripped)
+so that two versions can be diffed.
+"""
+import argparse
+import inspect
+import json
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from star.ops.triton import selective_scan as scan
+
+BF16 = {"u_ptr", "delta_ptr", "z_ptr", "dy_ptr", "y_ptr", "du_ptr", "ddelta_ptr", "dz_ptr", "B_ptr", "C_ptr"}
+TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
+def compile_kernel(direction: str, arch: int):
+    kernel = getattr(scan, f"_scan_{direction}_kernel")
+    tiles = scan.CUDA_CONFIG[direction]
+    constexprs = dict(N=16, N_PAD=16, BLOCK_D=tiles["BLOCK_D"], CHUNK=tiles["CHUNK"],
+                      SEG_CHUNKS=scan.CUDA_CONFIG["SEGMENT"] // tiles["CHUNK"], HAS_D=True, HAS_Z=True,
+                      HAS_BIAS=True, SOFTPLUS=True, REVERSE=False)
+    constexprs.update(PRECISION="tf32") if direction == "bwd" else constexprs.update(SAVE_STATES=True)
+    params = list(inspect.signature(kernel.fn).parameters)
+    signature = {p: "constexpr" if p in constexprs else ("*bf16" if p in BF16 else "*fp32") if p.endswith("_ptr")
+                 else "i32" for p in params}
+    source = ASTSource(fn=kernel, signature=signature,
+                       constexprs={(params.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=tiles["num_warps"]))
+
+
+def report(compiled) -> tuple[dict, str]:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([TOOLS / "cuobjdump", "--dump-resource-usage", f.name], capture_output=True,
+                               text=True, check=True).stdout
+        sass = subprocess.run([TOOLS / "cuobjdump", "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    instructions = [re.sub(r"/\*[0-9a-f]{4}\*/", "", line).split(";")[0].strip()
+                    for line in sass.splitlines() if re.search(r"/\*[0-9a-f]{4}\*/", line)]
+    resources = {k.lower(): int(v) for k, v in re.findall(r"(REG|STACK|LOCAL):(\d+)", usage)}
+    ptx = compiled.asm["ptx"]
+    return dict(**resources, sass_instructions=len(instructions), ex2=len(re.findall(r"ex2\.approx", ptx)),
+                ld_global=len(re.findall(r"ld\.global", ptx)), st_global=len(re.findall(r"st\.global", ptx))), \
+        "\n".join(instructions)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90 = H100)")
+    parser.add_argument("--sass-dir", type=Path, help="write <dir>/scan_{fwd,bwd}.sass")
+    args = parser.parse_args()
+    for direction in ("fwd", "bwd"):
+        numbers, sass = report(compile_kernel(direction, args.arch))
+        print(json.dumps(dict(kernel=f"scan_{direction}", arch=f"sm_{args.arch}", **numbers)))
+        if args.sass_dir:
+            args.sass_dir.mkdir(parents=True, exist_ok=True)
+            (args.sass_dir / f"scan_{direction}.sass").write_text(sass + "\n")
+
+
+if __name__ == "__main__":
+    main()
