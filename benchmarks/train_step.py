@@ -1,6 +1,7 @@
 """Pretraining throughput of STAR (linear-time Mamba) vs a ViT of the same width and depth (quadratic attention).
 
     python benchmarks/train_step.py [--out docs/benchmarks] [--sizes tiny small base] [--num-images 1 4 16]
+    python benchmarks/train_step.py --task finetune [--compile]   # the 4-direction classifier at 224 px
 
 One training step = bf16-autocast forward, backward, AdamW step, on random images already on the GPU (no
 data loading). STAR models are `star_{size}_patch16_192` with K images per sequence (K * 160 encoder tokens:
@@ -9,6 +10,11 @@ only where --chunked-sizes/--chunked-max-images allow, since it launches kernels
 timm's VisionTransformer (PyTorch SDPA attention, no class token, average pooling, 1000-way head) at
 img_size = 192 * sqrt(K), i.e. the same K * 144 patch tokens per sequence. Every configuration runs
 --images images per step (batch = images // K sequences). Writes train_step.json and train_step.md.
+
+--task finetune times the classification step instead: `star_{size}_patch16_224` (4 scan directions run as
+one batch, 197 tokens) against the same ViT at 224 px, cross-entropy on random labels, K = 1; it writes
+train_step_finetune.{json,md}. --compile wraps every model (STAR and ViT) in torch.compile (default mode)
+and adds "+compile" to the implementation name; compile time is spent in the warm-up steps, not timed.
 """
 import argparse
 import datetime
@@ -56,35 +62,52 @@ def training_step(model, loss_fn):
     return step
 
 
-def bench_star(size, k, impl, images_per_step, warmup, steps):
-    model = star.create_model(f"star_{size}_patch16_192", num_images=k, scan_impl=impl).cuda()
-    images = torch.randn(images_per_step // k, k, 3, 192, 192, device="cuda")
-    ms, mem = time_steps(training_step(model, lambda m: m(images)["loss"]), warmup, steps)
-    return dict(model=f"star_{size}", impl=impl, tokens_per_seq=k * 160, ms=ms, peak_gib=mem)
+def training_model(model, compile_model: bool):
+    """(module whose parameters the optimizer owns, callable the loss runs through)."""
+    return model, torch.compile(model) if compile_model else model
 
 
-def bench_vit(size, k, images_per_step, warmup, steps):
+def bench_star(size, k, impl, images_per_step, warmup, steps, task="pretrain", compile_model=False):
+    if task == "finetune":
+        model, run = training_model(star.create_model(f"star_{size}_patch16_224", scan_impl=impl).cuda(), compile_model)
+        images = torch.randn(images_per_step, 3, 224, 224, device="cuda")
+        labels = torch.randint(0, 1000, (images_per_step,), device="cuda")
+        loss_fn, tokens = (lambda m: F.cross_entropy(run(images), labels)), 197
+    else:
+        model, run = training_model(star.create_model(f"star_{size}_patch16_192", num_images=k, scan_impl=impl).cuda(),
+                                    compile_model)
+        images = torch.randn(images_per_step // k, k, 3, 192, 192, device="cuda")
+        loss_fn, tokens = (lambda m: run(images)["loss"]), k * 160
+    ms, mem = time_steps(training_step(model, loss_fn), warmup, steps)
+    return dict(model=f"star_{size}", impl=impl + ("+compile" if compile_model else ""), tokens_per_seq=tokens,
+                ms=ms, peak_gib=mem)
+
+
+def bench_vit(size, k, images_per_step, warmup, steps, task="pretrain", compile_model=False):
     dim, depth = SIZES[size]
-    img_size = round(192 * math.sqrt(k))
-    model = VisionTransformer(img_size=img_size, patch_size=16, embed_dim=dim, depth=depth, num_heads=dim // 64,
-                              class_token=False, global_pool="avg", num_classes=1000).cuda()
+    img_size = 224 if task == "finetune" else round(192 * math.sqrt(k))
+    model, run = training_model(VisionTransformer(
+        img_size=img_size, patch_size=16, embed_dim=dim, depth=depth, num_heads=dim // 64, class_token=False,
+        global_pool="avg", num_classes=1000).cuda(), compile_model)
     batch = images_per_step // k
     images = torch.randn(batch, 3, img_size, img_size, device="cuda")
     labels = torch.randint(0, 1000, (batch,), device="cuda")
-    ms, mem = time_steps(training_step(model, lambda m: F.cross_entropy(m(images), labels)), warmup, steps)
-    return dict(model=f"vit_{size}", impl="sdpa", tokens_per_seq=k * 144, ms=ms, peak_gib=mem)
+    ms, mem = time_steps(training_step(model, lambda m: F.cross_entropy(run(images), labels)), warmup, steps)
+    return dict(model=f"vit_{size}", impl="sdpa" + ("+compile" if compile_model else ""),
+                tokens_per_seq=(img_size // 16) ** 2, ms=ms, peak_gib=mem)
 
 
 def run(args):
     rows = []
+    extra = dict(task=args.task, compile_model=args.compile)
     for size in args.sizes:
-        for k in args.num_images:
-            runs = [(f"vit_{size}", "sdpa", lambda: bench_vit(size, k, args.images, args.warmup, args.steps))]
+        for k in args.num_images if args.task == "pretrain" else [1]:
+            runs = [(f"vit_{size}", "sdpa", lambda: bench_vit(size, k, args.images, args.warmup, args.steps, **extra))]
             for impl in args.impls:
                 if impl == "chunked" and (size not in args.chunked_sizes or k > args.chunked_max_images):
                     continue
-                runs.append((f"star_{size}", impl,
-                             lambda impl=impl: bench_star(size, k, impl, args.images, args.warmup, args.steps)))
+                runs.append((f"star_{size}", impl, lambda impl=impl: bench_star(
+                    size, k, impl, args.images, args.warmup, args.steps, **extra)))
             for model, impl, bench in runs:
                 try:
                     row = bench()
@@ -108,6 +131,20 @@ def git_commit():
 
 
 def markdown(meta, rows):
+    if meta.get("task") == "finetune":
+        lines = [f"# Fine-tuning step throughput ({meta['device']}, {meta['date']})", "",
+                 f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}. One step = bf16 autocast "
+                 f"forward + backward + fused AdamW on {meta['images']} random 224 px images, cross-entropy; median "
+                 f"of {meta['steps']} steps after {meta['warmup']} warm-up steps. STAR: the 4-direction classifier "
+                 f"(197 tokens); ViT: same width/depth, 196 patch tokens, SDPA attention."
+                 + (" Every model compiled with torch.compile." if meta.get("compile") else ""), "",
+                 "| size | model | scan / attention | batch | ms / step | images / s | tokens / s | peak GiB |",
+                 "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            timing = (f"{r['ms']:.1f} | {r['images_per_s']:.0f} | {r['tokens_per_s']:.0f} | {r['peak_gib']:.1f}"
+                      if r.get("ms") else f"{r.get('error', 'failed')} | | |")
+            lines.append(f"| {r['size']} | {r['model']} | {r['impl']} | {r['batch']} | {timing} |")
+        return "\n".join(lines) + "\n"
     lines = [f"# Pretraining step throughput ({meta['device']}, {meta['date']})", "",
              f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}. One step = bf16 autocast "
              f"forward + backward + fused AdamW on {meta['images']} random 192 px images (batch = images / K "
@@ -137,20 +174,23 @@ def main():
     parser.add_argument("--images", type=int, default=64, help="images per step (a multiple of every K)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--task", choices=("pretrain", "finetune"), default="pretrain")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/train_step.py needs a CUDA GPU")
-    bad = [k for k in args.num_images if k < 1 or args.images % k]
+    bad = [k for k in args.num_images if k < 1 or args.images % k] if args.task == "pretrain" else []
     if bad:
         raise SystemExit(f"--images {args.images} must be a positive multiple of every K; not of {bad}")
     torch.backends.cuda.matmul.allow_tf32 = True
     rows = run(args)
     meta = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), torch=torch.__version__,
                 triton=triton.__version__, commit=git_commit(), images=args.images, steps=args.steps,
-                warmup=args.warmup)
+                warmup=args.warmup, task=args.task, compile=args.compile)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "train_step.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    (args.out / "train_step.md").write_text(markdown(meta, rows))
+    name = "train_step" + ("_finetune" if args.task == "finetune" else "") + ("_compile" if args.compile else "")
+    (args.out / f"{name}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    (args.out / f"{name}.md").write_text(markdown(meta, rows))
     print(markdown(meta, rows))
 
 
