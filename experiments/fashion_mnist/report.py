@@ -330,8 +330,10 @@ def build(recipe_name: str, study_dir: Path, out: Path) -> Path:
     lines += [f"- Measured on: {d} (torch {t}, commit {c})" for d, t, c in devices] + [""]
 
     lines += ["## Caveats", "",
-              "- One small recipe, chosen before any result and not tuned per arm (no budget for it); other "
-              "learning rates or longer schedules could rank the arms differently.",
+              "- One small recipe, not tuned per arm (no budget for it): the pretraining and the linear probe, 1% and "
+              "10% recipes were fixed before any result; the full fine-tune was chosen on the holdout with a STAR "
+              "encoder (seed 0), which if anything favours STAR. Other learning rates or longer schedules could "
+              "rank the arms differently.",
               "- Some results were carried over from the previous recipe id (the items whose settings did not "
               "change when the full fine-tune was retuned; each such entry names its source in `carried_from`). "
               "They were measured before the mixer ran its four directions as one batch (commit c358741): the "
