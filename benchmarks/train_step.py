@@ -13,8 +13,9 @@ img_size = 192 * sqrt(K), i.e. the same K * 144 patch tokens per sequence. Every
 
 --task finetune times the classification step instead: `star_{size}_patch16_224` (4 scan directions run as
 one batch, 197 tokens) against the same ViT at 224 px, cross-entropy on random labels, K = 1; it writes
-train_step_finetune.{json,md}. --compile wraps every model (STAR and ViT) in torch.compile (default mode)
-and adds "+compile" to the implementation name; compile time is spent in the warm-up steps, not timed.
+train_step_finetune.{json,md}. --compile wraps every model (STAR and ViT) in torch.compile (default mode),
+adds "+compile" to the implementation names and "_compile" to the file names; compile time is spent in
+the warm-up steps, not timed. A configuration that fails is recorded as an error row.
 """
 import argparse
 import datetime
@@ -113,6 +114,8 @@ def run(args):
                     row = bench()
                 except torch.OutOfMemoryError:
                     row = dict(model=model, impl=impl, ms=None, error="OOM")
+                except Exception as err:  # e.g. a --compile failure: record it, keep the other rows
+                    row = dict(model=model, impl=impl, ms=None, error=f"{type(err).__name__}: {str(err)[:160]}")
                 torch.cuda.empty_cache()
                 row.update(size=size, num_images=k, batch=args.images // k)
                 if row["ms"]:

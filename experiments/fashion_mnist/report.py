@@ -110,7 +110,8 @@ def conclusion(table: dict, full: dict) -> str:
     if full:
         best = max(full, key=full.get)
         target = "reaching" if full[best] >= TARGET_TOP1 else "short of"
-        text += f" The best full fine-tune is {full[best]:.2f}% ({ARM_NAMES[best]}), {target} the {TARGET_TOP1}% target."
+        text += (f" The best full fine-tune is {full[best]:.2f}% ({ARM_NAMES[best]}), {target} the {TARGET_TOP1}% "
+                 "target.")
     pending = [f"{EVAL_NAMES[item]} of {ARM_NAMES[arm]} ({len(table[arm, item])} of 3 seeds)"
                for arm in ("star_k4", "arm_k1", "scratch") for item in EVALS if len(table[arm, item]) < 3]
     if pending:
@@ -125,8 +126,8 @@ def tuning(study_dir: Path) -> list[str]:
         return []
     runs = json.loads(path.read_text())
     lines = ["## How the full fine-tune was chosen", "",
-             "`python experiments/fashion_mnist/tune.py`: one STAR K=4 encoder (seed 0, the pretraining above), "
-             "fine-tuned on the 55k training part with each setting; top-1 on the 5k holdout (never the test "
+             "`python experiments/fashion_mnist/tune.py`: one STAR K=4 encoder (a separate seed-0 pretraining with "
+             "the recipe above), fine-tuned on the 55k training part with each setting; top-1 on the 5k holdout (never the test "
              "split). Raw results: `experiments/fashion_mnist/tune.json`.", "",
              "| epochs | batch | blr | layer decay | holdout top-1 | images/s | wall (s) | card, commit |",
              "|---|---|---|---|---|---|---|---|"]
@@ -337,7 +338,9 @@ def build(recipe_name: str, study_dir: Path, out: Path) -> Path:
               "- Some results were carried over from the previous recipe id (the items whose settings did not "
               "change when the full fine-tune was retuned; each such entry names its source in `carried_from`). "
               "They were measured before the mixer ran its four directions as one batch (commit c358741): the "
-              "same computation (tested equal in float64), only slower.",
+              "same computation (tested equal in float64), only slower. Seed 0 of STAR and ARM was pretrained "
+              "again (same seed and recipe) for the retuned full fine-tune, so its full fine-tune comes from a "
+              "second encoder, and its pretraining time, loss curve and prediction picture are that second run's.",
               "- The linear probe reads the 4-direction classifier whose backward and column scans are copies of "
               "the causal forward direction: it probes that transfer, not the causal features alone.",
               ""]

@@ -320,7 +320,9 @@ def run_units(units, recipe_name: str, out: Path, runs: Path, budget_s: float | 
                      if k in ("test_top1", "val_top1", "wall_s", "img_s", "final_loss")}
             print(f"[study] done {arm} seed {seed} {item}: {shown}", flush=True)
         else:
-            shutil.rmtree(runs / arm / f"s{seed}", ignore_errors=True)  # the unit is finished: free the weights
+            results = load_results(results_path)
+            if all(item_key(rid, arm, seed, i) in results for i in unit_items(arm)):
+                shutil.rmtree(runs / arm / f"s{seed}", ignore_errors=True)  # the unit is finished: free the weights
     return finished
 
 
@@ -352,6 +354,8 @@ def carry_over(recipe_name: str, out: Path, source: str, items) -> int:
     between the two recipes (the caller vouches for that; recipe comments say why). Each copy names its
     source. Returns how many entries were copied."""
     results, rid = load_results(out / "results.json"), recipe_id(recipe_name)
+    if not any(key.startswith(source + "/") for key in results):
+        raise SystemExit(f"carry-over: no results of recipe {source!r} in {out / 'results.json'}")
     copied = 0
     for key, entry in results.items():
         parts = key.split("/")

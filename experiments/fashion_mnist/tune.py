@@ -4,7 +4,7 @@
 
 Pretrains one STAR K=4 encoder with the study's pretraining recipe (seed 0), then fine-tunes it on all
 55k training labels with each variant of VARIANTS in turn and records the holdout top-1 (and images/s)
-in DIR/tune.json, appending to what is there. The variants differ only in the optimizer settings the
+in DIR/tune.json, appending to what is there; variants already in it are not run again. The variants differ only in the optimizer settings the
 issue left open (lr, layer decay, epochs, batch); data, augmentation and model are the study's. Last, the
 best variant runs again with twice the epochs, to show how much longer fine-tuning buys.
 """
@@ -40,12 +40,22 @@ def main(argv=None) -> int:
     recipe, start = RECIPES[args.recipe], time.perf_counter()
     path = args.out / "tune.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
-    entry = do_pretrain(recipe, "star_k4", 0, args.runs, args.runs)  # its curve/picture stay out of the study's
-    print(f"[tune] pretrained: {entry}", flush=True)
     key = lambda name: f"{recipe_id(args.recipe)}/{name}"  # noqa: E731
-    queue = list(VARIANTS.items())
-    while queue:
-        name, optim = queue.pop(0)
+
+    def pending() -> list:
+        """The grid's variants not run yet; once all are, the best of them again with twice the epochs."""
+        todo = [(name, optim) for name, optim in VARIANTS.items() if key(name) not in results]
+        if not todo:
+            best = max(VARIANTS, key=lambda v: results[key(v)]["val_top1"])
+            if key(f"{best}_x2") not in results:
+                todo = [(f"{best}_x2", dict(VARIANTS[best], epochs=2 * VARIANTS[best]["epochs"]))]
+        return todo
+
+    if pending():
+        entry = do_pretrain(recipe, "star_k4", 0, args.runs, args.runs)  # its curve/picture stay out of the study's
+        print(f"[tune] pretrained: {entry}", flush=True)
+    while pending():
+        name, optim = pending()[0]
         if args.budget_min and time.perf_counter() - start > 60 * args.budget_min:
             print(f"[tune] out of budget before {name}")
             break
@@ -55,16 +65,14 @@ def main(argv=None) -> int:
         cfg = eval_config(variant, name, 0, run_dir, args.runs / "star_k4" / "s0" / "pretrain")
         t0 = time.perf_counter()
         val = run(cfg)
-        results[key(name)] = {"val_top1": val.get("val/top1"), "val_loss": val.get("val/loss"),
+        if "val/top1" not in val:
+            raise RuntimeError(f"variant {name} reported no holdout accuracy (got {sorted(val)})")
+        results[key(name)] = {"val_top1": val["val/top1"], "val_loss": val.get("val/loss"),
                               "wall_s": time.perf_counter() - t0, "img_s": _throughput(run_dir), "optim": optim,
                               **environment()}
         print(f"[tune] {name}: {results[key(name)]}", flush=True)
         args.out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
-        if not queue and name in VARIANTS:  # the grid is done: the best variant once more, twice as long
-            best = max(VARIANTS, key=lambda v: results[key(v)]["val_top1"])
-            longer = dict(VARIANTS[best], epochs=2 * VARIANTS[best]["epochs"])
-            queue.append((f"{best}_x2", longer))
     return 0
 
 

@@ -2,7 +2,7 @@
 
     y[t] = bias + sum_j weight[:, j] * x[t - (k - 1) + j]     (zeros before the start), then SiLU
 
-`reverse=True` is the anti-causal mirror, flip(conv(flip(x))), used by the backward scan directions:
+`reverse=True` is the anti-causal mirror, flip(conv(flip(x))), for backward scans of a sequence in place:
 padding goes on the right and the (tiny) kernel's taps are reversed, so the sequence is never flipped.
 Grouped weights, (groups, d, k) with bias (groups, d), work as in `selective_scan`: the batch holds
 `groups` equal runs of sequences and run g is filtered with weight set g.

@@ -149,11 +149,11 @@ def _causal_conv1d_bwd(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Ten
     dbias_part = x.new_empty((b * n_segments, d) if bias is not None else (0,), dtype=torch.float32)
     grid = (b, n_segments, triton.cdiv(d, BLOCK_D))
     _conv_bwd_kernel[grid](x, weight, bias if bias is not None else weight, dy, dx, dw_part, dbias_part, l, d,
-                           _seq_per_group(x, weight), **_flags(weight, bias, activation, reverse), SEGMENT_TILES=SEGMENT_TILES,
-                           K_PAD=triton.next_power_of_2(k), num_warps=NUM_WARPS)
+                           _seq_per_group(x, weight), **_flags(weight, bias, activation, reverse),
+                           SEGMENT_TILES=SEGMENT_TILES, K_PAD=triton.next_power_of_2(k), num_warps=NUM_WARPS)
     # parts are ordered (batch, segment), so each group's parts are one contiguous run
     groups = weight.shape[0] if weight.dim() == 3 else 1
-    per_group = lambda part: part.view(groups, -1, *part.shape[1:]).sum(1).reshape(-1, *part.shape[1:])  # noqa: E731
+    per_group = lambda part: part.view(groups, -1, *part.shape[1:]).sum(1)  # noqa: E731
     dbias = per_group(dbias_part).reshape(bias.shape).to(bias.dtype) if bias is not None else x.new_empty(0)
     return dx, per_group(dw_part).reshape(weight.shape).to(weight.dtype), dbias
 
