@@ -116,3 +116,17 @@ def test_conclusion_applies_the_two_std_criterion():
     assert "beats ARM by more than 2 std" in text and "full fine-tune of (b) ARM, K=1 (1 of 3 seeds)" in text
     short = {key: entries[:2] if key == ("star_k4", "ft1") else entries for key, entries in table(82.0).items()}
     assert "not tested yet" in report.conclusion(short, full)
+
+
+def test_items_run_a_part_of_a_unit_and_keep_its_weights(tmp_path, one_thread):
+    rid = study.recipe_id("smoke")
+    assert study.run_units([("star_k2", 0)], "smoke", tmp_path, tmp_path / "runs", budget_s=None, items=["linprobe"])
+    done = {k.split("/")[-1] for k in study.load_results(tmp_path / "results.json") if k.startswith(rid + "/star_k2")}
+    assert done == {"pretrain", "linprobe"}  # the pretraining it needs, and nothing else
+    assert (tmp_path / "runs" / "star_k2" / "s0" / "pretrain" / "model").is_dir()  # ft1/ft10/ft100 still to come
+    # carry-over copies another recipe's results, naming the source; an unknown source is an error
+    assert study.carry_over("h100", tmp_path, rid, ["linprobe"]) == 1
+    entry = study.load_results(tmp_path / "results.json")[f"{study.recipe_id('h100')}/star_k2/s0/linprobe"]
+    assert entry["carried_from"] == rid and entry["recipe"] == study.recipe_id("h100")
+    with pytest.raises(SystemExit, match="no results of recipe"):
+        study.carry_over("h100", tmp_path, "h100-00000000", ["linprobe"])
