@@ -269,17 +269,27 @@ def unit_items(arm: str) -> list[str]:
     return (["pretrain"] if ARMS[arm] is not None else []) + list(EVALS)
 
 
+def _newest_code(entries: list) -> list:
+    """The entries measured at the commit of the most recently finished one (older code may be slower)."""
+    if not entries:
+        return entries
+    commit = max(entries, key=lambda e: e.get("finished", ""))["commit"]
+    return [e for e in entries if e["commit"] == commit]
+
+
 def estimate(results: dict, recipe_name: str, arm: str, item: str) -> float:
     """Seconds an item should take: the slowest measured item of its kind per epoch (pretraining: of the same
-    K) times this item's epochs, plus start-up; the recipe's guess before anything was measured."""
+    K), among those run by the newest code, times this item's epochs, plus start-up; the recipe's guess
+    before anything was measured."""
     recipe, rid = RECIPES[recipe_name], recipe_id(recipe_name)
+    kind = [e for k, e in results.items() if k.startswith(rid + "/") and e.get("item") == item]
     if item == "pretrain":
-        same = [e["wall_s"] for k, e in results.items() if k.startswith(rid + "/") and e.get("item") == item
-                and e.get("num_images") == ARMS[arm]["num_images"]]
-        return max(same) * 1.1 + 10 if same else recipe["estimate_s"][item]
-    epochs = recipe["evals"][item]["epochs"] + (recipe["pretrain"]["epochs"] if ARMS[arm] is None and item != "linprobe" else 0)
-    per_epoch = [e["wall_s"] / e["epochs"] for k, e in results.items() if k.startswith(rid + "/") and e.get("item") == item]
-    return max(per_epoch) * epochs * 1.1 + 10 if per_epoch else recipe["estimate_s"][item]
+        same = _newest_code([e for e in kind if e.get("num_images") == ARMS[arm]["num_images"]])
+        return max(e["wall_s"] for e in same) * 1.1 + 10 if same else recipe["estimate_s"][item]
+    extra = recipe["pretrain"]["epochs"] if ARMS[arm] is None and item != "linprobe" else 0
+    per_epoch = [e["wall_s"] / e["epochs"] for e in _newest_code(kind)]
+    return max(per_epoch) * (recipe["evals"][item]["epochs"] + extra) * 1.1 + 10 if per_epoch \
+        else recipe["estimate_s"][item]
 
 
 def run_units(units, recipe_name: str, out: Path, runs: Path, budget_s: float | None, items=None) -> bool:
