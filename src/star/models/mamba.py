@@ -51,7 +51,7 @@ class SelectiveSSM(nn.Module):
                  dt_min: float = 1e-3, dt_max: float = 1e-1, dt_init_floor: float = 1e-4):
         super().__init__()
         self.d_state, self.dt_rank = d_state, dt_rank
-        self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, bias=True)  # weights only; see MambaMixer._scan
+        self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, bias=True)  # weights only (MambaMixer._scan)
         self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
         self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
         self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
