@@ -208,7 +208,8 @@ def test_conv_matches_loop_with_grads(reverse, activation, k):
     weight = torch.randn(3, k, generator=g, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
     y = causal_conv1d(x, weight, bias, activation=activation, reverse=reverse, impl="ref")
-    assert_same_outputs_and_grads(y, conv_loop(x, weight, bias, activation, reverse), dict(x=x, weight=weight, bias=bias))
+    assert_same_outputs_and_grads(y, conv_loop(x, weight, bias, activation, reverse),
+                                  dict(x=x, weight=weight, bias=bias))
 
 
 def assert_same_outputs_and_grads(y, y_ref, leaves, tol=1e-12):

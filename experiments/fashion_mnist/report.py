@@ -127,8 +127,8 @@ def tuning(study_dir: Path) -> list[str]:
     runs = json.loads(path.read_text())
     lines = ["## How the full fine-tune was chosen", "",
              "`python experiments/fashion_mnist/tune.py`: one STAR K=4 encoder (a separate seed-0 pretraining with "
-             "the recipe above), fine-tuned on the 55k training part with each setting; top-1 on the 5k holdout (never the test "
-             "split). Raw results: `experiments/fashion_mnist/tune.json`.", "",
+             "the recipe above), fine-tuned on the 55k training part with each setting; top-1 on the 5k holdout "
+             "(never the test split). Raw results: `experiments/fashion_mnist/tune.json`.", "",
              "| epochs | batch | blr | layer decay | holdout top-1 | images/s | wall (s) | card, commit |",
              "|---|---|---|---|---|---|---|---|"]
     for e in sorted(runs.values(), key=lambda e: (e["optim"]["epochs"], -e["val_top1"])):

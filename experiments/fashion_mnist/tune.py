@@ -4,9 +4,10 @@
 
 Pretrains one STAR K=4 encoder with the study's pretraining recipe (seed 0), then fine-tunes it on all
 55k training labels with each variant of VARIANTS in turn and records the holdout top-1 (and images/s)
-in DIR/tune.json, appending to what is there; variants already in it are not run again. The variants differ only in the optimizer settings the
-issue left open (lr, layer decay, epochs, batch); data, augmentation and model are the study's. Last, the
-best variant runs again with twice the epochs, to show how much longer fine-tuning buys.
+in DIR/tune.json, appending to what is there; variants already in it are not run again. The variants
+differ only in the optimizer settings the issue left open (lr, layer decay, epochs, batch); data,
+augmentation and model are the study's. Last, the best variant runs again with twice the epochs, to show
+how much longer fine-tuning buys.
 """
 
 from __future__ import annotations

@@ -338,7 +338,8 @@ def _selective_scan_fwd(
     ckpt = u.new_empty((b, n_segments, n, d) if save_states else (0,), dtype=torch.float32)
     _scan_fwd_kernel[(b, triton.cdiv(d, _config(u)["fwd"]["BLOCK_D"]))](
         u, delta, A, B, C, _empty_if_none(D, u), _empty_if_none(z, u), _empty_if_none(delta_bias, u), y, ckpt,
-        l, d, n_segments, _seq_per_group(u, A), **_launch_args(u, A, delta, z, "fwd"), **_flags(D, z, delta_bias, delta_softplus, reverse),
+        l, d, n_segments, _seq_per_group(u, A), **_launch_args(u, A, delta, z, "fwd"),
+        **_flags(D, z, delta_bias, delta_softplus, reverse),
         SAVE_STATES=save_states,
     )
     return y, ckpt
