@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -371,8 +372,9 @@ class Trainer:
         num_batches = self.steps_per_epoch * accum  # a trailing partial accumulation is dropped
         it = self._start_epoch_iterator()
         self.train_model.train()
+        quiet = os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true")  # tqdm's own switch, for log files
         bar = tqdm(total=num_batches, initial=self.batches_done, desc=f"{cfg.task} epoch {self.epoch}",
-                   disable=not self.is_main, dynamic_ncols=True)
+                   disable=not self.is_main or quiet, dynamic_ncols=True)
         images, t_last = 0, time.perf_counter()
         try:
             while not self._done():
