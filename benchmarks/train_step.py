@@ -21,7 +21,6 @@ import argparse
 import datetime
 import json
 import math
-import subprocess
 from pathlib import Path
 
 import torch
@@ -30,8 +29,11 @@ import triton
 from timm.models.vision_transformer import VisionTransformer
 
 import star
+from star.models.registry import SIZES
 
-SIZES = {"tiny": (192, 12), "small": (384, 12), "base": (768, 12)}  # (width, depth), as star's registry
+from scan import git_commit  # benchmarks/scan.py: falls back to $STAR_COMMIT where .git did not travel
+
+BENCH_SIZES = ("tiny", "small", "base")
 
 
 def time_steps(step, warmup: int, steps: int) -> tuple:
@@ -52,11 +54,12 @@ def time_steps(step, warmup: int, steps: int) -> tuple:
 
 
 def training_step(model, loss_fn):
+    """One optimizer step over `model`'s parameters of the loss `loss_fn()` computes."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = loss_fn(model)
+            loss = loss_fn()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -73,19 +76,19 @@ def bench_star(size, k, impl, images_per_step, warmup, steps, task="pretrain", c
         model, run = training_model(star.create_model(f"star_{size}_patch16_224", scan_impl=impl).cuda(), compile_model)
         images = torch.randn(images_per_step, 3, 224, 224, device="cuda")
         labels = torch.randint(0, 1000, (images_per_step,), device="cuda")
-        loss_fn, tokens = (lambda m: F.cross_entropy(run(images), labels)), 197
+        loss_fn, tokens = (lambda: F.cross_entropy(run(images), labels)), 197
     else:
         model, run = training_model(star.create_model(f"star_{size}_patch16_192", num_images=k, scan_impl=impl).cuda(),
                                     compile_model)
         images = torch.randn(images_per_step // k, k, 3, 192, 192, device="cuda")
-        loss_fn, tokens = (lambda m: run(images)["loss"]), k * 160
+        loss_fn, tokens = (lambda: run(images)["loss"]), k * 160
     ms, mem = time_steps(training_step(model, loss_fn), warmup, steps)
     return dict(model=f"star_{size}", impl=impl + ("+compile" if compile_model else ""), tokens_per_seq=tokens,
                 ms=ms, peak_gib=mem)
 
 
 def bench_vit(size, k, images_per_step, warmup, steps, task="pretrain", compile_model=False):
-    dim, depth = SIZES[size]
+    dim, depth = SIZES[size]["embed_dim"], SIZES[size]["depth"]
     img_size = 224 if task == "finetune" else round(192 * math.sqrt(k))
     model, run = training_model(VisionTransformer(
         img_size=img_size, patch_size=16, embed_dim=dim, depth=depth, num_heads=dim // 64, class_token=False,
@@ -93,7 +96,7 @@ def bench_vit(size, k, images_per_step, warmup, steps, task="pretrain", compile_
     batch = images_per_step // k
     images = torch.randn(batch, 3, img_size, img_size, device="cuda")
     labels = torch.randint(0, 1000, (batch,), device="cuda")
-    ms, mem = time_steps(training_step(model, lambda m: F.cross_entropy(run(images), labels)), warmup, steps)
+    ms, mem = time_steps(training_step(model, lambda: F.cross_entropy(run(images), labels)), warmup, steps)
     return dict(model=f"vit_{size}", impl="sdpa" + ("+compile" if compile_model else ""),
                 tokens_per_seq=(img_size // 16) ** 2, ms=ms, peak_gib=mem)
 
@@ -126,50 +129,40 @@ def run(args):
     return rows
 
 
-def git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
-
-
 def markdown(meta, rows):
-    if meta.get("task") == "finetune":
-        lines = [f"# Fine-tuning step throughput ({meta['device']}, {meta['date']})", "",
-                 f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}. One step = bf16 autocast "
-                 f"forward + backward + fused AdamW on {meta['images']} random 224 px images, cross-entropy; median "
-                 f"of {meta['steps']} steps after {meta['warmup']} warm-up steps. STAR: the 4-direction classifier "
-                 f"(197 tokens); ViT: same width/depth, 196 patch tokens, SDPA attention."
-                 + (" Every model compiled with torch.compile." if meta.get("compile") else ""), "",
-                 "| size | model | scan / attention | batch | ms / step | images / s | tokens / s | peak GiB |",
-                 "|---|---|---|---|---|---|---|---|"]
-        for r in rows:
-            timing = (f"{r['ms']:.1f} | {r['images_per_s']:.0f} | {r['tokens_per_s']:.0f} | {r['peak_gib']:.1f}"
-                      if r.get("ms") else f"{r.get('error', 'failed')} | | |")
-            lines.append(f"| {r['size']} | {r['model']} | {r['impl']} | {r['batch']} | {timing} |")
-        return "\n".join(lines) + "\n"
-    lines = [f"# Pretraining step throughput ({meta['device']}, {meta['date']})", "",
-             f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}. One step = bf16 autocast "
-             f"forward + backward + fused AdamW on {meta['images']} random 192 px images (batch = images / K "
-             f"sequences); median of {meta['steps']} steps after {meta['warmup']} warm-up steps. STAR: K * 160 "
-             f"encoder tokens per sequence (+ the 4-block decoder); ViT: same width/depth, img_size 192 * sqrt(K) "
-             f"= K * 144 patch tokens, SDPA attention.", "",
-             "| size | K | model | scan / attention | batch | ms / step | images / s | tokens / s | peak GiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    finetune = meta.get("task") == "finetune"
+    if finetune:
+        head = [f"# Fine-tuning step throughput ({meta['device']}, {meta['date']})", "",
+                f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}. One step = bf16 autocast "
+                f"forward + backward + fused AdamW on {meta['images']} random 224 px images, cross-entropy; median "
+                f"of {meta['steps']} steps after {meta['warmup']} warm-up steps. STAR: the 4-direction classifier "
+                f"(197 tokens); ViT: same width/depth, 196 patch tokens, SDPA attention."]
+    else:
+        head = [f"# Pretraining step throughput ({meta['device']}, {meta['date']})", "",
+                f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}. One step = bf16 autocast "
+                f"forward + backward + fused AdamW on {meta['images']} random 192 px images (batch = images / K "
+                f"sequences); median of {meta['steps']} steps after {meta['warmup']} warm-up steps. STAR: K * 160 "
+                f"encoder tokens per sequence (+ the 4-block decoder); ViT: same width/depth, img_size 192 * sqrt(K) "
+                f"= K * 144 patch tokens, SDPA attention."]
+    if meta.get("compile"):
+        head[-1] += " Every model compiled with torch.compile."
+    columns = ["size"] + ([] if finetune else ["K"]) + ["model", "scan / attention", "batch", "ms / step",
+                                                         "images / s", "tokens / s", "peak GiB"]
+    lines = head + ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
-        if not r.get("ms"):
-            lines.append(f"| {r['size']} | {r['num_images']} | {r['model']} | {r['impl']} | {r['batch']} | "
-                         f"{r.get('error', 'failed')} | | | |")
-            continue
-        lines.append(f"| {r['size']} | {r['num_images']} | {r['model']} | {r['impl']} | {r['batch']} | "
-                     f"{r['ms']:.1f} | {r['images_per_s']:.0f} | {r['tokens_per_s']:.0f} | {r['peak_gib']:.1f} |")
+        cells = [r["size"]] + ([] if finetune else [r["num_images"]]) + [r["model"], r["impl"], r["batch"]]
+        if r.get("ms"):
+            cells += [f"{r['ms']:.1f}", f"{r['images_per_s']:.0f}", f"{r['tokens_per_s']:.0f}", f"{r['peak_gib']:.1f}"]
+        else:
+            cells += [r.get("error", "failed"), "", "", ""]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
-    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--sizes", nargs="+", default=list(BENCH_SIZES), choices=list(SIZES))
     parser.add_argument("--num-images", type=int, nargs="+", default=[1, 4, 16], help="K, images per sequence")
     parser.add_argument("--impls", nargs="+", default=["triton", "chunked"], choices=["triton", "chunked", "ref"])
     parser.add_argument("--chunked-sizes", nargs="+", default=["tiny"], help="sizes the chunked scan runs at")

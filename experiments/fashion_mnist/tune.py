@@ -55,8 +55,8 @@ def main(argv=None) -> int:
     if pending():
         entry = do_pretrain(recipe, "star_k4", 0, args.runs, args.runs)  # its curve/picture stay out of the study's
         print(f"[tune] pretrained: {entry}", flush=True)
-    while pending():
-        name, optim = pending()[0]
+    while queue := pending():
+        name, optim = queue[0]
         if args.budget_min and time.perf_counter() - start > 60 * args.budget_min:
             print(f"[tune] out of budget before {name}")
             break
