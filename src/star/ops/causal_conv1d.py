@@ -10,7 +10,7 @@ Grouped weights, (groups, d, k) with bias (groups, d), work as in `selective_sca
 import torch
 import torch.nn.functional as F
 
-from .selective_scan import check_shape, pick_impl
+from .selective_scan import check_shape, param_groups, pick_impl
 
 CONV_IMPLS = ("auto", "ref", "triton")
 ACTIVATIONS = (None, "silu")
@@ -63,9 +63,7 @@ def causal_conv1d(x, weight, bias=None, activation=None, reverse=False, impl="au
                          f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
     groups = {} if weight.dim() == 2 else {"groups": weight.shape[0]}
     check_shape("weight", weight, **groups, d=d, k=weight.shape[-1])
-    if groups and (groups["groups"] < 1 or batch % groups["groups"]):
-        raise ValueError(f"batch={batch} must be a multiple of the {groups['groups']} weight groups "
-                         f"(the batch holds one run of sequences per group)")
+    param_groups(weight, 2, batch, "weight groups")
     if bias is not None:
         check_shape("bias", bias, **groups, d=d)
     _check_activation(activation)

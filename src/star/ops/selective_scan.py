@@ -38,6 +38,18 @@ def check_shape(name: str, tensor: torch.Tensor, **dims: int) -> None:
         raise ValueError(f"{name} must be a real floating-point tensor, got {tensor.dtype}")
 
 
+def param_groups(param: torch.Tensor, plain_dims: int, batch: int, noun: str) -> int:
+    """How many parameter groups `param` holds: 1 when it has its plain number of dims, else its first dim.
+    A ValueError unless the groups split the batch into equal runs of sequences (see the module docstring)."""
+    if param.dim() == plain_dims:
+        return 1
+    groups = param.shape[0]
+    if groups < 1 or batch % groups:
+        raise ValueError(f"batch={batch} must be a multiple of the {groups} {noun} "
+                         f"(the batch holds one run of sequences per group)")
+    return groups
+
+
 _TRITON_OPS: dict = {}
 
 
@@ -217,9 +229,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     d_state = A.shape[-1]
     groups = {} if A.dim() == 2 else {"groups": A.shape[0]}
     check_shape("A", A, **groups, d=d, d_state=d_state)
-    if groups and (groups["groups"] < 1 or batch % groups["groups"]):
-        raise ValueError(f"batch={batch} must be a multiple of the {groups['groups']} parameter groups of A "
-                         f"(the batch holds one run of sequences per group)")
+    param_groups(A, 2, batch, "parameter groups of A")
     check_shape("B", B, batch=batch, length=length, d_state=d_state)
     check_shape("C", C, batch=batch, length=length, d_state=d_state)
     for name, t in (("D", D), ("delta_bias", delta_bias)):

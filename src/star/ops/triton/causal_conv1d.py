@@ -14,6 +14,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from star.ops.selective_scan import param_groups
+
+from .selective_scan import sequences_per_group, sum_per_group
+
 BLOCK_L = 64
 BLOCK_D = 64
 SEGMENT_TILES = 8  # backward: time tiles per program, so weight-gradient partials stay small
@@ -112,10 +116,6 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, dx_ptr, dw_part_ptr, dbias_
         tl.store(dbias_part_ptr + part * D + offs_d, dbias_acc, mask=mask_d)
 
 
-def _seq_per_group(x: Tensor, weight: Tensor) -> int:
-    return x.shape[0] // weight.shape[0] if weight.dim() == 3 else x.shape[0]
-
-
 def _flags(weight: Tensor, bias: Optional[Tensor], activation: Optional[str], reverse: bool) -> dict:
     return dict(K=weight.shape[-1], STEP=1 if reverse else -1, HAS_BIAS=bias is not None, SILU=activation == "silu",
                 BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D)
@@ -127,7 +127,7 @@ def _causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], activa
     b, l, d = x.shape
     y = torch.empty_like(x)
     grid = (b, triton.cdiv(l, BLOCK_L), triton.cdiv(d, BLOCK_D))
-    _conv_fwd_kernel[grid](x, weight, bias if bias is not None else weight, y, l, d, _seq_per_group(x, weight),
+    _conv_fwd_kernel[grid](x, weight, bias if bias is not None else weight, y, l, d, sequences_per_group(x, weight),
                            **_flags(weight, bias, activation, reverse), num_warps=NUM_WARPS)
     return y
 
@@ -149,13 +149,13 @@ def _causal_conv1d_bwd(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Ten
     dbias_part = x.new_empty((b * n_segments, d) if bias is not None else (0,), dtype=torch.float32)
     grid = (b, n_segments, triton.cdiv(d, BLOCK_D))
     _conv_bwd_kernel[grid](x, weight, bias if bias is not None else weight, dy, dx, dw_part, dbias_part, l, d,
-                           _seq_per_group(x, weight), **_flags(weight, bias, activation, reverse),
+                           sequences_per_group(x, weight), **_flags(weight, bias, activation, reverse),
                            SEGMENT_TILES=SEGMENT_TILES, K_PAD=triton.next_power_of_2(k), num_warps=NUM_WARPS)
     # parts are ordered (batch, segment), so each group's parts are one contiguous run
-    groups = weight.shape[0] if weight.dim() == 3 else 1
-    per_group = lambda part: part.view(groups, -1, *part.shape[1:]).sum(1)  # noqa: E731
-    dbias = per_group(dbias_part).reshape(bias.shape).to(bias.dtype) if bias is not None else x.new_empty(0)
-    return dx, per_group(dw_part).reshape(weight.shape).to(weight.dtype), dbias
+    groups = b // sequences_per_group(x, weight)
+    dbias = sum_per_group(dbias_part, groups).reshape(bias.shape).to(bias.dtype) if bias is not None \
+        else x.new_empty(0)
+    return dx, sum_per_group(dw_part, groups).reshape(weight.shape).to(weight.dtype), dbias
 
 
 @_causal_conv1d_bwd.register_fake
@@ -189,8 +189,7 @@ def causal_conv1d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
         raise ValueError(f"weight must be (channels={d}, kernel_size) or (groups, {d}, kernel_size), "
                          f"got shape {tuple(weight.shape)}")
     groups = weight.shape[:-2]
-    if groups and (groups[0] < 1 or b % groups[0]):
-        raise ValueError(f"batch={b} must be a multiple of the {groups[0]} weight groups")
+    param_groups(weight, 2, b, "weight groups")
     if not 1 <= weight.shape[-1] <= 16:
         raise ValueError(f"kernel_size must be in [1, 16] for the Triton conv, got {weight.shape[-1]}")
     if bias is not None and tuple(bias.shape) != (*groups, d):

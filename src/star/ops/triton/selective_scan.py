@@ -27,6 +27,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from star.ops.selective_scan import param_groups
+
 # Tile sizes per device type and direction. SEGMENT (steps between saved states) is shared by both
 # directions; each direction's CHUNK must divide it. The backward holds more tiles per element, so it runs
 # with shorter chunks (fewer registers). The interpreter (CPU, TRITON_INTERPRET=1) runs element by element in
@@ -311,9 +313,15 @@ def _launch_args(u: Tensor, A: Tensor, delta: Tensor, z: Optional[Tensor], direc
                 N=n, N_PAD=triton.next_power_of_2(n), SEG_CHUNKS=config["SEGMENT"] // tiles["CHUNK"], **tiles)
 
 
-def _seq_per_group(u: Tensor, A: Tensor) -> int:
-    """Sequences per parameter group (grouped A is (groups, d, n)); the whole batch when ungrouped."""
-    return u.shape[0] // A.shape[0] if A.dim() == 3 else u.shape[0]
+def sequences_per_group(x: Tensor, param: Tensor) -> int:
+    """Sequences of x's batch per parameter group (a grouped A or conv weight has 3 dims, the group first);
+    the whole batch when ungrouped. Kernels find a sequence's group as its batch index // this."""
+    return x.shape[0] // param.shape[0] if param.dim() == 3 else x.shape[0]
+
+
+def sum_per_group(part: Tensor, groups: int) -> Tensor:
+    """Sum per-sequence gradient partials (ordered by batch index first) over each group's run."""
+    return part.view(groups, -1, *part.shape[1:]).sum(1)
 
 
 def _empty_if_none(x: Optional[Tensor], like: Tensor) -> Tensor:
@@ -338,7 +346,7 @@ def _selective_scan_fwd(
     ckpt = u.new_empty((b, n_segments, n, d) if save_states else (0,), dtype=torch.float32)
     _scan_fwd_kernel[(b, triton.cdiv(d, _config(u)["fwd"]["BLOCK_D"]))](
         u, delta, A, B, C, _empty_if_none(D, u), _empty_if_none(z, u), _empty_if_none(delta_bias, u), y, ckpt,
-        l, d, n_segments, _seq_per_group(u, A), **_launch_args(u, A, delta, z, "fwd"),
+        l, d, n_segments, sequences_per_group(u, A), **_launch_args(u, A, delta, z, "fwd"),
         **_flags(D, z, delta_bias, delta_softplus, reverse),
         SAVE_STATES=save_states,
     )
@@ -376,18 +384,17 @@ def _selective_scan_bwd(
     _scan_bwd_kernel[(b, n_dblocks)](
         u, delta, A, B, C, _empty_if_none(D, u), _empty_if_none(z, u), _empty_if_none(delta_bias, u),
         dy, ckpt, scratch, du, ddelta, dz, dA_part, dB_part, dC_part, dD_part, dbias_part,
-        l, d, _n_segments(l, u), _seq_per_group(u, A), **_launch_args(u, A, delta, z, "bwd"),
+        l, d, _n_segments(l, u), sequences_per_group(u, A), **_launch_args(u, A, delta, z, "bwd"),
         **_flags(D, z, delta_bias, delta_softplus, reverse),
         PRECISION="tf32x3" if u.dtype == torch.float32 else "tf32",
     )
-    groups = A.shape[0] if A.dim() == 3 else 1
-    per_group = lambda part: part.view(groups, b // groups, *part.shape[1:]).sum(1)  # noqa: E731
-    dA = per_group(dA_part).transpose(-1, -2).reshape(A.shape).contiguous().to(A.dtype)  # A's contiguous layout
+    groups = b // sequences_per_group(u, A)
+    dA = sum_per_group(dA_part, groups).transpose(-1, -2).reshape(A.shape).contiguous().to(A.dtype)  # A's layout
     dB = dB_part.sum(1).to(B.dtype)
     dC = dC_part.sum(1).to(C.dtype)
-    dD = per_group(dD_part).reshape(D.shape).to(D.dtype) if D is not None else u.new_empty(0)
-    dbias = per_group(dbias_part).reshape(delta_bias.shape).to(delta_bias.dtype) if delta_bias is not None \
-        else u.new_empty(0)
+    dD = sum_per_group(dD_part, groups).reshape(D.shape).to(D.dtype) if D is not None else u.new_empty(0)
+    dbias = sum_per_group(dbias_part, groups).reshape(delta_bias.shape).to(delta_bias.dtype) \
+        if delta_bias is not None else u.new_empty(0)
     return du, ddelta, dA, dB, dC, dD, dz, dbias
 
 
@@ -432,8 +439,7 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias):
     if A.dim() not in (2, 3) or A.shape[-2] != d:
         raise ValueError(f"A must be (channels={d}, d_state) or (groups, {d}, d_state), got shape {tuple(A.shape)}")
     groups = A.shape[:-2]
-    if groups and (groups[0] < 1 or b % groups[0]):
-        raise ValueError(f"batch={b} must be a multiple of the {groups[0]} parameter groups of A")
+    param_groups(A, 2, b, "parameter groups of A")
     n = A.shape[-1]
     expected = {"delta": (delta, (b, l, d)), "B": (B, (b, l, n)), "C": (C, (b, l, n)),
                 "D": (D, (*groups, d)), "z": (z, (b, l, d)), "delta_bias": (delta_bias, (*groups, d))}
