@@ -2,11 +2,11 @@
 of them: registers per thread, spills (stack/local bytes), SASS instruction count, exp2 and global memory
 instructions. A check for kernel edits on a machine with no GPU (it says nothing about time).
 
-    python benchmarks/kernel_resources.py [--arch 90] [--sass-dir DIR]
+    python benchmarks/kernel_resources.py [--arch 90] [--sass-dir DIR] [--out docs/benchmarks/kernel_resources.jsonl]
 
 The kernels are compiled with the CUDA tile configuration (`CUDA_CONFIG`), bf16 activations, d_state 16,
 D, z, dt bias and softplus on, forward direction. --sass-dir writes each kernel's SASS (addresses stripped)
-so that two versions can be diffed.
+so that two versions can be diffed. --out appends the JSON lines (with the commit) to a file.
 """
 import argparse
 import inspect
@@ -20,17 +20,19 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from star.ops.triton import selective_scan as scan
+from star.ops.triton import selective_scan as kernels
+
+from scan import git_commit  # benchmarks/scan.py
 
 BF16 = {"u_ptr", "delta_ptr", "z_ptr", "dy_ptr", "y_ptr", "du_ptr", "ddelta_ptr", "dz_ptr", "B_ptr", "C_ptr"}
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
 def compile_kernel(direction: str, arch: int):
-    kernel = getattr(scan, f"_scan_{direction}_kernel")
-    tiles = scan.CUDA_CONFIG[direction]
+    kernel = getattr(kernels, f"_scan_{direction}_kernel")
+    tiles = kernels.CUDA_CONFIG[direction]
     constexprs = dict(N=16, N_PAD=16, BLOCK_D=tiles["BLOCK_D"], CHUNK=tiles["CHUNK"],
-                      SEG_CHUNKS=scan.CUDA_CONFIG["SEGMENT"] // tiles["CHUNK"], HAS_D=True, HAS_Z=True,
+                      SEG_CHUNKS=kernels.CUDA_CONFIG["SEGMENT"] // tiles["CHUNK"], HAS_D=True, HAS_Z=True,
                       HAS_BIAS=True, SOFTPLUS=True, REVERSE=False)
     constexprs.update(PRECISION="tf32") if direction == "bwd" else constexprs.update(SAVE_STATES=True)
     params = list(inspect.signature(kernel.fn).parameters)
@@ -62,10 +64,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90 = H100)")
     parser.add_argument("--sass-dir", type=Path, help="write <dir>/scan_{fwd,bwd}.sass")
+    parser.add_argument("--out", type=Path, help="append the results here as JSON lines")
     args = parser.parse_args()
     for direction in ("fwd", "bwd"):
         numbers, sass = report(compile_kernel(direction, args.arch))
-        print(json.dumps(dict(kernel=f"scan_{direction}", arch=f"sm_{args.arch}", **numbers)))
+        line = json.dumps(dict(kernel=f"scan_{direction}", arch=f"sm_{args.arch}", commit=git_commit(),
+                               triton=triton.__version__, **numbers))
+        print(line)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(line + "\n")
         if args.sass_dir:
             args.sass_dir.mkdir(parents=True, exist_ok=True)
             (args.sass_dir / f"scan_{direction}.sass").write_text(sass + "\n")
