@@ -18,7 +18,8 @@ from star.config import ModelConfig, OptimConfig, TrainConfig
 from star.data import StarBatchSampler, build_sequence_loader
 from star.training import Trainer, create_loss_fn, evaluate
 from star.training.checkpoint import WEIGHTS_NAME, latest_checkpoint
-from star.training.distributed import EvalBatchSampler, first_host, init_distributed, read_env
+from star.training.distributed import (EvalBatchSampler, destroy_distributed, first_host, init_distributed,
+                                       read_env)
 
 GLOBAL_BATCH, K, CRASH_STEP = 16, 2, 5  # images per optimizer step, images per sequence, step a run dies in
 
@@ -177,7 +178,7 @@ def _worker(rank, world, port, root):
     evaluation = evaluate(eval_model(), eval_loader(EvalBatchSampler(17, 4)))  # 9 + 8 samples, counts summed
     if rank == 0:
         torch.save(evaluation, root / "eval.pt")
-    dist.destroy_process_group()
+    destroy_distributed()
 
 
 def _free_port():
