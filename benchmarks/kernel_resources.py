@@ -21,8 +21,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from star.ops.triton import selective_scan as kernels
-
-from scan import git_commit  # benchmarks/scan.py
+from star.training.provenance import git_commit
 
 BF16 = {"u_ptr", "delta_ptr", "z_ptr", "dy_ptr", "y_ptr", "du_ptr", "ddelta_ptr", "dz_ptr", "B_ptr", "C_ptr"}
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"

@@ -13,8 +13,6 @@ divided by the measured bandwidth. Writes scan.json and scan.md into --out.
 import argparse
 import datetime
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import torch
@@ -23,6 +21,7 @@ from triton.testing import do_bench
 
 from star.ops import causal_conv1d, selective_scan
 from star.ops.triton import selective_scan as triton_scan_module
+from star.training.provenance import git_commit
 
 TOKENS = 131072  # batch * length for every shape
 D_STATE = 16
@@ -147,15 +146,6 @@ def run(args):
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     return bandwidth, sweep, rows
-
-
-def git_commit():
-    """The checkout's commit; STAR_COMMIT where the tree travelled without its .git (the device tool)."""
-    try:
-        found = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        found = ""
-    return found or os.environ.get("STAR_COMMIT", "unknown")
 
 
 def markdown(meta, rows):

@@ -30,8 +30,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import star
 from star.models.registry import SIZES
-
-from scan import git_commit  # benchmarks/scan.py: falls back to $STAR_COMMIT where .git did not travel
+from star.training.provenance import git_commit
 
 BENCH_SIZES = ("tiny", "small", "base")
 

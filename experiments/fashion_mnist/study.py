@@ -29,7 +29,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +40,7 @@ from star.cli.inference import draw_predictions, evaluate_run
 from star.cli.train import build_loaders, build_model, run
 from star.config import TrainConfig, apply_overrides, load_config
 from star.models import create_model
+from star.training.provenance import environment
 
 HERE = Path(__file__).resolve().parent
 PRESET = "fmnist-tiny"  # 32 px, patch 4 (8x8 grid), clusters of 2x2 patches (4x4 clusters per image)
@@ -133,19 +133,6 @@ def save_result(path: Path, key: str, entry: dict) -> None:
 
 def item_key(recipe: str, arm: str, seed: int, item: str) -> str:
     return f"{recipe}/{arm}/s{seed}/{item}"
-
-
-def environment() -> dict:
-    """Where a number was measured: card, torch, commit."""
-    commit = os.environ.get("STAR_COMMIT")
-    if not commit:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
-                                    text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            commit = "unknown"
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return {"device": device, "torch": torch.__version__, "commit": commit}
 
 
 # ---------------------------------------------------------------------------- configs

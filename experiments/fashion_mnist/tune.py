@@ -20,8 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from study import RECIPES, _throughput, do_pretrain, environment, eval_config, recipe_id  # noqa: E402
+from study import RECIPES, _throughput, do_pretrain, eval_config, recipe_id  # noqa: E402
 from star.cli.train import run  # noqa: E402
+from star.training.provenance import environment  # noqa: E402
 
 # name -> optimizer overrides of a full (100% labels) fine-tune.
 VARIANTS = {

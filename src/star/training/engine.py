@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import math
 import os
 import random
@@ -41,6 +42,7 @@ from star.training.checkpoint import (STATE_NAME, latest_checkpoint, load_checkp
 from star.training.distributed import (all_gather_objects, full_model_state_dict, is_sharded, load_full_model_state_dict,
                                        load_optimizer_state_by_name, optimizer_state_by_name, wrap_model)
 from star.training.optim import create_optimizer, freeze_for_linear_probe
+from star.training.provenance import environment
 from star.training.schedule import CosineSchedule, resolve_lr
 
 LossFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, dict]"]
@@ -255,6 +257,8 @@ class Trainer:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
+            (self.run_dir / "environment.json").write_text(json.dumps(
+                {**environment(self.device), "world_size": self.world_size}, indent=1) + "\n")
             self.metrics = MetricsLogger(self.run_dir, resume_step=self.step if self.last_checkpoint else None)
 
     # ------------------------------------------------------------------ checkpoints
