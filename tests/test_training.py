@@ -243,6 +243,25 @@ def test_resume_retraces_the_uninterrupted_run(tmp_path, task):
             torch.testing.assert_close(v, b["ema"][k], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("save_every, saved", [(0, [3, 6, 9]), (4, [3, 4, 6, 8, 9]), (-1, [9]), (5, [3, 5, 6, 9])])
+def test_checkpoint_schedule(tmp_path, save_every, saved):
+    """3 optimizer steps per epoch, 3 epochs: epoch ends unless save_every is -1 (only the last), plus every
+    save_every steps."""
+    cfg = make_cfg(tmp_path, "finetune", save_every=save_every, keep_last=0)
+    Trainer(cfg, *make_job(cfg)).fit()
+    assert sorted(int(p.name.removeprefix("step-")) for p in (tmp_path / "checkpoints").glob("step-*")) == saved
+
+
+@pytest.mark.parametrize("override, flag", [(dict(log_every=0), "--log_every must be >= 1"),
+                                            (dict(save_every=-2), "--save_every must be >= -1"),
+                                            (dict(eval_every=-1), "--eval_every must be >= 0"),
+                                            (dict(max_steps=0), "--max_steps must be >= 1")])
+def test_bad_intervals_name_the_flag(tmp_path, override, flag):
+    cfg = dataclasses.replace(make_cfg(tmp_path, "finetune"), **override)
+    with pytest.raises(ValueError, match=flag):
+        Trainer(cfg, *make_job(cfg))
+
+
 def test_non_finite_loss_stops_naming_the_step_and_checkpoint(tmp_path):
     cfg = make_cfg(tmp_path, "finetune", save_every=2)
     model, loss_fn, train, val = make_job(cfg)

@@ -143,8 +143,10 @@ def _flags(values: dict, section: str) -> list[str]:
 
 
 def _common(recipe: dict, seed: int, output_dir: Path) -> list[str]:
-    flags = ["--seed", str(seed), "--output_dir", str(output_dir), "--eval_every", "0", "--keep_last", "1",
-             "--log_every", "10", "--data.dataset", recipe["dataset"], "--data.num_workers",
+    # one checkpoint, at the end: a run cut off mid-way starts over (`_fresh`), and the 1%-label fine-tune
+    # would otherwise write 50 of them
+    flags = ["--seed", str(seed), "--output_dir", str(output_dir), "--eval_every", "0", "--save_every", "-1",
+             "--keep_last", "1", "--log_every", "10", "--data.dataset", recipe["dataset"], "--data.num_workers",
              str(recipe["num_workers"])]
     if recipe["max_steps"] is not None:
         flags += ["--max_steps", str(recipe["max_steps"])]

@@ -101,7 +101,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     distributed: Literal["ddp", "fsdp"] = "ddp"  # multi-GPU: replicate (ddp) or shard with FSDP2 (large/huge)
     log_every: int = 20  # optimizer steps between metric rows
-    save_every: int = 0  # optimizer steps between checkpoints; 0 = at epoch ends only
+    save_every: int = 0  # optimizer steps between checkpoints; 0 = at epoch ends, -1 = only the last
     eval_every: int = 1  # epochs between evaluations (0 = only at the end)
     max_steps: Optional[int] = None  # stop after this many optimizer steps (smoke runs)
     resume: Optional[str] = None  # checkpoint dir, run dir, or "auto" (latest in output_dir)

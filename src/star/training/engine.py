@@ -200,6 +200,16 @@ class MetricsLogger:
 # ---------------------------------------------------------------------------- trainer
 
 
+def check_intervals(cfg: TrainConfig) -> None:
+    """Counts and intervals out of range fail here, naming the flag, not mid-run (`step % 0`)."""
+    limits = [("log_every", cfg.log_every, 1), ("save_every", cfg.save_every, -1), ("eval_every", cfg.eval_every, 0),
+              ("keep_last", cfg.keep_last, 0), ("max_steps", cfg.max_steps, 1), ("optim.epochs", cfg.optim.epochs, 1),
+              ("optim.accum_iter", cfg.optim.accum_iter, 1)]
+    for name, value, least in limits:
+        if value is not None and value < least:
+            raise ValueError(f"--{name} must be >= {least}, got {value}")
+
+
 class Trainer:
     """Trains `model` with `loss_fn(model, batch) -> (loss, logs)` as `cfg` says.
 
@@ -212,6 +222,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, model: nn.Module, loss_fn: LossFn, train_loader, val_loader=None):
+        check_intervals(cfg)
         self.cfg, self.loss_fn = cfg, loss_fn
         self.train_loader, self.val_loader = train_loader, val_loader
         self.rank, self.world_size = _dist_rank_world()
@@ -326,7 +337,7 @@ class Trainer:
                 every = self.cfg.eval_every
                 if final or (epoch_end and every > 0 and self.epoch % every == 0):
                     results = self.evaluate_all()
-                if epoch_end or final:
+                if final or (epoch_end and self.cfg.save_every >= 0):
                     self.save()
         finally:
             if self.metrics is not None:
@@ -423,7 +434,7 @@ class Trainer:
                 if self.batches_done == num_batches:
                     self.epoch, self.batches_done = self.epoch + 1, 0
                     break  # epoch ends are evaluated and saved by fit()
-                if cfg.save_every and self.step % cfg.save_every == 0:
+                if cfg.save_every > 0 and self.step % cfg.save_every == 0:
                     self.save()
         finally:
             bar.close()
