@@ -118,8 +118,25 @@ def test_predictions_never_see_the_future(separator):
 
 def test_first_cluster_predicted_only_with_separator():
     with_sep, without = tiny_pretrain(separator="token"), tiny_pretrain(separator="none")
-    assert with_sep.layout(3, torch.device("cpu")).target_pos.tolist() == list(range(16))
-    assert without.layout(3, torch.device("cpu")).target_pos.tolist() == list(range(4, 16))
+    assert with_sep.layout(3).target_pos.tolist() == list(range(16))
+    assert without.layout(3).target_pos.tolist() == list(range(4, 16))
+
+
+@pytest.mark.parametrize("task", ["pretrain", "finetune"])
+def test_training_step_compiles_once(task):
+    """A second training step reuses the first step's graph (a layout cache filled inside forward made
+    torch.compile trace the pretraining step twice)."""
+    torch._dynamo.reset()
+    if task == "pretrain":
+        model = tiny_pretrain().train()
+        batch, loss = images(k=model.num_images), lambda out: out["loss"]
+    else:
+        model = VisionMambaClassifier(**TINY_CLF, num_classes=3).train()
+        batch, loss = images(k=1)[:, 0], lambda out: out.logsumexp(-1).mean()
+    compiled = torch.compile(model, backend="eager")
+    loss(compiled(batch)).backward()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        loss(compiled(batch)).backward()
 
 
 @pytest.mark.parametrize("size,params", [("tiny", 6e6), ("base", 85e6), ("large", 297e6)])

@@ -115,7 +115,11 @@ class StarPretrain(PretrainedMixin, nn.Module):
         self.decoder_norm = nn.LayerNorm(decoder_dim)
         self.decoder_pred = nn.Linear(decoder_dim, patch_size ** 2 * in_chans)
         self._init_decoder()
-        self._layouts: Dict[tuple, SequenceLayout] = {}
+        # the layout of the model's own K, as buffers: they follow .to(device), and torch.compile traces no
+        # cache being filled (which made it compile the training step twice)
+        target_pos, mask = self._build_layout(num_images)
+        self.register_buffer("layout_target_pos", target_pos, persistent=False)
+        self.register_buffer("layout_mask", mask, persistent=False)
 
     def _init_decoder(self):
         nn.init.normal_(self.mask_token, std=0.02)
@@ -127,22 +131,25 @@ class StarPretrain(PretrainedMixin, nn.Module):
     def no_weight_decay(self) -> set:
         return no_weight_decay_names(self)
 
-    def layout(self, num_images: int, device: torch.device) -> SequenceLayout:
+    def _build_layout(self, num_images: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Targets and the block-causal mask for K images. Every token carries a 'unit' number (a separator
         or a cluster); the query predicting unit u may only read encoder tokens of units < u."""
-        key = (num_images, str(device))
-        if key not in self._layouts:
-            n, t, s = self.grid ** 2, self.cluster_len, self.separator_len
-            units_per_image = n // t + 1  # the separator (present or not) and the clusters
-            image_units = torch.cat([torch.zeros(s, dtype=torch.long), 1 + torch.arange(n) // t])
-            token_units = torch.cat([k * units_per_image + image_units for k in range(num_images)]
-                                    + ([torch.tensor([num_images * units_per_image])] if self.cls_token is not None
-                                       else []))
-            target_pos = torch.arange(n) if s else torch.arange(t, n)
-            query_units = torch.cat([k * units_per_image + 1 + target_pos // t for k in range(num_images)])
-            mask = token_units[None, :] < query_units[:, None]
-            self._layouts[key] = SequenceLayout(target_pos.to(device), mask.to(device))
-        return self._layouts[key]
+        n, t, s = self.grid ** 2, self.cluster_len, self.separator_len
+        units_per_image = n // t + 1  # the separator (present or not) and the clusters
+        image_units = torch.cat([torch.zeros(s, dtype=torch.long), 1 + torch.arange(n) // t])
+        token_units = torch.cat([k * units_per_image + image_units for k in range(num_images)]
+                                + ([torch.tensor([num_images * units_per_image])] if self.cls_token is not None
+                                   else []))
+        target_pos = torch.arange(n) if s else torch.arange(t, n)
+        query_units = torch.cat([k * units_per_image + 1 + target_pos // t for k in range(num_images)])
+        return target_pos, token_units[None, :] < query_units[:, None]
+
+    def layout(self, num_images: int) -> SequenceLayout:
+        """The layout for K images: the model's own K from its buffers, any other K built on the spot."""
+        if num_images == self.num_images:
+            return SequenceLayout(self.layout_target_pos, self.layout_mask)
+        target_pos, mask = self._build_layout(num_images)
+        return SequenceLayout(target_pos.to(self.pos_embed.device), mask.to(self.pos_embed.device))
 
     def build_sequence(self, images: torch.Tensor) -> torch.Tensor:
         """(B, K, C, H, W) -> STAR token sequence (B, L, D): [separator, clusters] per image (+ cls)."""
@@ -165,7 +172,7 @@ class StarPretrain(PretrainedMixin, nn.Module):
         return [outputs[i] for i in self.feature_layers]
 
     def forward_decoder(self, features: List[torch.Tensor], num_images: int) -> torch.Tensor:
-        layout = self.layout(num_images, features[0].device)
+        layout = self.layout(num_images)
         levels = torch.cat([norm(f) for norm, f in zip(self.feature_norms, features)], dim=-1)
         keys = self.feature_proj(levels).chunk(len(self.decoder_blocks), dim=-1)
         q = (self.mask_token + self.decoder_pos_embed[:, layout.target_pos]).repeat(1, num_images, 1)
@@ -178,7 +185,7 @@ class StarPretrain(PretrainedMixin, nn.Module):
         """Per-patch normalized pixels of the predicted patches, (B, K, Nt, p*p*C), in serialized order."""
         b, k = images.shape[:2]
         patches = patchify(images.flatten(0, 1).float(), self.patch_size)[:, self.order]
-        target_pos = self.layout(k, images.device).target_pos
+        target_pos = self.layout(k).target_pos
         return normalize_patches(patches[:, target_pos]).reshape(b, k, len(target_pos), -1)
 
     def forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -198,7 +205,7 @@ class StarPretrain(PretrainedMixin, nn.Module):
         b, k = images.shape[:2]
         out = self.forward(images)
         patches = patchify(images.flatten(0, 1).float(), self.patch_size)
-        target_raster = self.order[self.layout(k, images.device).target_pos]
+        target_raster = self.order[self.layout(k).target_pos]
         real = patches[:, target_raster]
         mean, std = real.mean(-1, keepdim=True), (real.var(-1, keepdim=True) + 1e-6) ** 0.5
         canvas = torch.zeros_like(patches)
