@@ -1,5 +1,6 @@
 """The `star` command end to end on tiny synthetic data, and its answers to bad input."""
 
+import csv
 import json
 
 import pytest
@@ -64,6 +65,27 @@ def test_linprobe_trains_only_the_head(pretrained, tmp_path):
     probe = load_pretrained(out / "model")
     pre = load_file(str(pretrained / "model" / "model.safetensors"))
     assert torch.equal(probe.state_dict()["blocks.0.mixer.in_proj.weight"], pre["blocks.0.mixer.in_proj.weight"])
+
+
+def test_compile_flag_trains_like_eager(pretrained, tmp_path, monkeypatch):
+    """`--compile` runs the training steps through torch.compile (AOT autograd without codegen here, to stay
+    fast on the CPU): same losses as the eager run, which the module fixture made."""
+    compiled, torch_compile = [], torch.compile
+
+    def compile_aot_eager(model, **kwargs):
+        compiled.append(type(model).__name__)
+        return torch_compile(model, backend="aot_eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", compile_aot_eager)
+    out = tmp_path / "compiled"
+    assert star("pretrain", *PRETRAIN, *SYNTHETIC, "--output_dir", out, "--compile") == 0
+    assert compiled == ["StarPretrain"]
+
+    def losses(run):
+        with open(run / "metrics.csv") as f:
+            return [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+
+    assert losses(out) == pytest.approx(losses(pretrained), rel=1e-4)
 
 
 def test_config_errors_name_the_field(capsys):
