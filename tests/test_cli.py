@@ -34,7 +34,7 @@ def pretrained(tmp_path_factory):
 def test_pretrain_finetune_eval_predict(pretrained, tmp_path, capsys):
     assert (pretrained / "model" / "config.json").is_file() and (pretrained / "metrics.csv").is_file()
     assert (pretrained / "config.yaml").is_file()
-    env = json.loads((pretrained / "environment.json").read_text())  # where the run was made
+    [env] = json.loads((pretrained / "environment.json").read_text())  # where the run was made
     assert env["torch"] == torch.__version__ and env["device"].startswith("cpu") and env["world_size"] == 1
     ft = tmp_path / "ft"
     assert star("finetune", *FINETUNE, *SYNTHETIC, "--pretrained", pretrained, "--output_dir", ft) == 0

@@ -2,6 +2,7 @@
 
 import csv
 import dataclasses
+import json
 import math
 import os
 
@@ -232,6 +233,8 @@ def test_resume_retraces_the_uninterrupted_run(tmp_path, task):
     Trainer(cfg, *make_job(cfg, seed=123)).fit()  # different init: everything must come from the checkpoint
     resumed = read_losses(crash_dir)
     assert sorted(resumed) == sorted(full)
+    starts = json.loads((crash_dir / "environment.json").read_text())  # the first start, then the resume
+    assert [s["from_step"] for s in starts] == [0, 4] and starts[1]["torch"] == torch.__version__
     for step in full:
         assert abs(full[step] - resumed[step]) <= 1e-6, (step, full[step], resumed[step])
     a, b = load_checkpoint(full_dir, make_job(cfg)[0]), load_checkpoint(crash_dir, make_job(cfg)[0])

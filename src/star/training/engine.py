@@ -37,8 +37,8 @@ from torch import nn
 from tqdm import tqdm
 
 from star.config import TrainConfig, config_to_dict, save_config
-from star.training.checkpoint import (STATE_NAME, latest_checkpoint, load_checkpoint, load_weights, resolve_checkpoint,
-                                      save_checkpoint)
+from star.training.checkpoint import (STATE_NAME, atomic_write, latest_checkpoint, load_checkpoint, load_weights,
+                                      resolve_checkpoint, save_checkpoint)
 from star.training.distributed import (all_gather_objects, full_model_state_dict, is_sharded, load_full_model_state_dict,
                                        load_optimizer_state_by_name, optimizer_state_by_name, wrap_model)
 from star.training.optim import create_optimizer, freeze_for_linear_probe
@@ -268,9 +268,16 @@ class Trainer:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
-            (self.run_dir / "environment.json").write_text(json.dumps(
-                {**environment(self.device), "world_size": self.world_size}, indent=1) + "\n")
+            self._record_environment()
             self.metrics = MetricsLogger(self.run_dir, resume_step=self.step if self.last_checkpoint else None)
+
+    def _record_environment(self) -> None:
+        """Append where this start of the run happens to `environment.json`: a resumed run (maybe on another
+        machine or number of GPUs) keeps the record of its earlier starts."""
+        path = self.run_dir / "environment.json"
+        starts = json.loads(path.read_text()) if self.last_checkpoint is not None and path.exists() else []
+        starts.append({**environment(self.device), "world_size": self.world_size, "from_step": self.step})
+        atomic_write(path, lambda p: p.write_text(json.dumps(starts, indent=1) + "\n"))
 
     # ------------------------------------------------------------------ checkpoints
 
