@@ -88,6 +88,34 @@ def test_compile_flag_trains_like_eager(pretrained, tmp_path, monkeypatch):
     assert losses(out) == pytest.approx(losses(pretrained), rel=1e-4)
 
 
+def test_failed_run_frees_its_model_before_leaving_the_process_group(tmp_path, monkeypatch):
+    """A run that fails is left by `run` with its trainer and model freed, not kept by the traceback until
+    interpreter exit (where freeing a sharded model after its process group aborted the process)."""
+    import gc
+    import weakref
+
+    from star.cli import train as cli_train
+    from star.config import apply_overrides, load_config
+
+    models, freed = [], []
+
+    def failing_fit(trainer):
+        models.append(weakref.ref(trainer.model))
+        raise RuntimeError("killed")
+
+    def destroy():
+        gc.collect()
+        freed.append(models[0]() is None)
+
+    monkeypatch.setattr(cli_train.Trainer, "fit", failing_fit)
+    monkeypatch.setattr(cli_train, "destroy_distributed", destroy)
+    cfg = apply_overrides(load_config("fmnist-tiny", "pretrain"),
+                          [str(a) for a in PRETRAIN + SYNTHETIC + ["--output_dir", tmp_path]])
+    with pytest.raises(RuntimeError, match="killed"):
+        cli_train.run(cfg)
+    assert freed == [True]
+
+
 def test_config_errors_name_the_field(capsys):
     assert star("pretrain", "--optim.blrr", "1e-3") == 2
     err = capsys.readouterr().err

@@ -3,6 +3,7 @@ the engine in `star.training` trains; this module decides what it trains on)."""
 
 import inspect
 import json
+import traceback
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -14,6 +15,7 @@ from star.data import (PRESETS, DataPreset, LabeledSubset, StarBatchSampler, bui
                        finetune_transform, label_subset, pretrain_transform, train_val_split)
 from star.models import VisionMambaClassifier, classifier_from_pretrain, create_model, load_pretrained
 from star.training import Trainer, create_loss_fn, seed_everything
+from star.training.engine import check_intervals
 from star.training.distributed import (EvalBatchSampler, destroy_distributed, full_model_state_dict,
                                        init_distributed, is_sharded)
 
@@ -128,27 +130,37 @@ def _root_dataset(dataset):
 def run(cfg: TrainConfig) -> dict:
     """Train as `cfg` says, on one process or under torchrun/SLURM; the final weights go to
     `<output_dir>/model` (and `model_ema` with EMA)."""
+    check_intervals(cfg)  # before the model and the data set are built
     init_distributed(cfg.device)
     try:
-        seed_everything(cfg.seed)  # every rank builds the same initial weights
-        model = build_model(cfg)
-        train_loader, val_loader = build_loaders(cfg, model)
-        num_classes = getattr(model, "num_classes", None)
-        trainer = Trainer(cfg, model, create_loss_fn(cfg, num_classes), train_loader, val_loader)
-        results = trainer.fit()
-        weights = full_model_state_dict(model) if is_sharded(model) else None  # a collective: all ranks
-        if trainer.is_main:
-            saved = [(model, weights, trainer.run_dir / MODEL_DIR)]
-            if trainer.ema is not None:
-                saved.append((trainer.ema.module, None, trainer.run_dir / f"{MODEL_DIR}_ema"))
-            for module, state, folder in saved:
-                module.save_pretrained(folder, state_dict=state)
-                if cfg.task != "pretrain":  # `star predict` names classes with it
-                    (folder / CLASSES_FILE).write_text(json.dumps(list(train_loader.dataset.classes)) + "\n")
-            skipped = getattr(_root_dataset(train_loader.dataset), "num_skipped", 0)
-            if skipped:
-                print(f"skipped {skipped} corrupt image files (--data.skip_corrupt)")
-            print(f"saved {trainer.run_dir / MODEL_DIR}")
-        return results
+        return _train(cfg)
+    except BaseException as err:
+        # the finished frames in its traceback hold the trainer and the model: let destroy_distributed free them
+        traceback.clear_frames(err.__traceback__)
+        raise
     finally:
         destroy_distributed()
+
+
+def _train(cfg: TrainConfig) -> dict:
+    """The body of `run`, in a frame of its own that a failure's traceback can be cleared of."""
+    seed_everything(cfg.seed)  # every rank builds the same initial weights
+    model = build_model(cfg)
+    train_loader, val_loader = build_loaders(cfg, model)
+    num_classes = getattr(model, "num_classes", None)
+    trainer = Trainer(cfg, model, create_loss_fn(cfg, num_classes), train_loader, val_loader)
+    results = trainer.fit()
+    weights = full_model_state_dict(model) if is_sharded(model) else None  # a collective: all ranks
+    if trainer.is_main:
+        saved = [(model, weights, trainer.run_dir / MODEL_DIR)]
+        if trainer.ema is not None:
+            saved.append((trainer.ema.module, None, trainer.run_dir / f"{MODEL_DIR}_ema"))
+        for module, state, folder in saved:
+            module.save_pretrained(folder, state_dict=state)
+            if cfg.task != "pretrain":  # `star predict` names classes with it
+                (folder / CLASSES_FILE).write_text(json.dumps(list(train_loader.dataset.classes)) + "\n")
+        skipped = getattr(_root_dataset(train_loader.dataset), "num_skipped", 0)
+        if skipped:
+            print(f"skipped {skipped} corrupt image files (--data.skip_corrupt)")
+        print(f"saved {trainer.run_dir / MODEL_DIR}")
+    return results

@@ -106,9 +106,10 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
 
 
 def destroy_distributed() -> None:
-    """Leave the process group. Objects still alive in reference cycles (a failed run's traceback
-    keeps its FSDP model) are collected first: freed at interpreter exit instead, after the group,
-    they aborted the process ("terminate called without an active exception"), 1 exit in ~10."""
+    """Leave the process group. Objects kept alive only by reference cycles (the traceback of a caught
+    failure holds its FSDP model) are collected first: freed at interpreter exit instead, after the
+    group, they aborted the process ("terminate called without an active exception"), 1 exit in ~10.
+    A traceback still propagating holds its frames; `star.cli.train.run` clears them before calling this."""
     if dist.is_initialized():
         gc.collect()
         dist.destroy_process_group()

@@ -34,7 +34,8 @@ def git_commit() -> str:
     if top is None or Path(top).resolve() / "src" / "star" != PACKAGE_DIR:
         return "unknown"
     commit = _git("rev-parse", "--short", "HEAD") or "unknown"
-    return commit + ("-dirty" if _git("status", "--porcelain", "--untracked-files=no") else "")
+    dirty = _git("--no-optional-locks", "status", "--porcelain", "--untracked-files=no")  # no index refresh
+    return commit + ("-dirty" if dirty else "")
 
 
 def device_name(device: Optional[torch.device] = None) -> str:
