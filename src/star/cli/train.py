@@ -15,9 +15,9 @@ from star.data import (PRESETS, DataPreset, LabeledSubset, StarBatchSampler, bui
                        finetune_transform, label_subset, pretrain_transform, train_val_split)
 from star.models import VisionMambaClassifier, classifier_from_pretrain, create_model, load_pretrained
 from star.training import Trainer, create_loss_fn, seed_everything
-from star.training.engine import check_intervals
 from star.training.distributed import (EvalBatchSampler, destroy_distributed, full_model_state_dict,
                                        init_distributed, is_sharded)
+from star.training.engine import check_intervals
 
 MODEL_DIR = "model"  # a finished run keeps its final weights here, loadable with star.load_pretrained
 CLASSES_FILE = "classes.json"  # class names beside a classifier's weights
