@@ -108,7 +108,7 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
 def destroy_distributed() -> None:
     """Leave the process group. Objects kept alive only by reference cycles (the traceback of a caught
     failure holds its FSDP model) are collected first: freed at interpreter exit instead, after the
-    group, they aborted the process ("terminate called without an active exception"), 1 exit in ~10.
+    group, they aborted the process ("terminate called without an active exception"), 3 exits in 45.
     A traceback still propagating holds its frames; `star.cli.train.run` clears them before calling this."""
     if dist.is_initialized():
         gc.collect()
