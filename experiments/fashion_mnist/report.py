@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import shutil
 import statistics
 import sys
@@ -121,10 +120,9 @@ def conclusion(table: dict, full: dict) -> str:
 
 def tuning(study_dir: Path) -> list[str]:
     """The holdout runs that chose the full fine-tuning recipe (tune.py), if recorded."""
-    path = study_dir / "tune.json"
-    if not path.is_file():
+    runs = load_results(study_dir / "tune.json")
+    if not runs:
         return []
-    runs = json.loads(path.read_text())
     lines = ["## How the full fine-tune was chosen", "",
              "`python experiments/fashion_mnist/tune.py`: one STAR K=4 encoder (a separate seed-0 pretraining with "
              "the recipe above), fine-tuned on the 55k training part with each setting; top-1 on the 5k holdout "

@@ -26,7 +26,6 @@ import argparse
 import csv
 import hashlib
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -40,6 +39,7 @@ from star.cli.inference import draw_predictions, evaluate_run
 from star.cli.train import build_loaders, build_model, run
 from star.config import TrainConfig, apply_overrides, load_config
 from star.models import create_model
+from star.training.checkpoint import atomic_write
 from star.training.provenance import environment
 
 HERE = Path(__file__).resolve().parent
@@ -125,10 +125,7 @@ def save_result(path: Path, key: str, entry: dict) -> None:
     results = load_results(path)
     results[key] = entry
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(results, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(f.name, path)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n"))
 
 
 def item_key(recipe: str, arm: str, seed: int, item: str) -> str:

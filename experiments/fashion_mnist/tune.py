@@ -13,14 +13,13 @@ how much longer fine-tuning buys.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from study import RECIPES, _throughput, do_pretrain, eval_config, recipe_id  # noqa: E402
+from study import RECIPES, _throughput, do_pretrain, eval_config, load_results, recipe_id, save_result  # noqa: E402
 from star.cli.train import run  # noqa: E402
 from star.training.provenance import environment  # noqa: E402
 
@@ -41,7 +40,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     recipe, start = RECIPES[args.recipe], time.perf_counter()
     path = args.out / "tune.json"
-    results = json.loads(path.read_text()) if path.is_file() else {}
+    results = load_results(path)
     key = lambda name: f"{recipe_id(args.recipe)}/{name}"  # noqa: E731
 
     def pending() -> list:
@@ -73,8 +72,7 @@ def main(argv=None) -> int:
                               "wall_s": time.perf_counter() - t0, "img_s": _throughput(run_dir), "optim": optim,
                               **environment()}
         print(f"[tune] {name}: {results[key(name)]}", flush=True)
-        args.out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+        save_result(path, key(name), results[key(name)])
     return 0
 
 
