@@ -1,0 +1,88 @@
+"""Time the Triton scan of several source trees against each other, on one GPU, in one run.
+
+    python benchmarks/scan_variants.py --trees main=. prefetch=../other-checkout [--out docs/benchmarks]
+
+Each tree (a copy of star, e.g. `git archive <branch>` unpacked; name it with its commit) is imported in its
+own child process, with its `src` first on PYTHONPATH, and times `selective_scan(impl="triton")` forward and forward+backward at
+the shapes of `benchmarks/scan.py` (tiny and base widths, lengths 160/640/2560, same tokens per batch) with
+the tree's own CUDA_CONFIG. A tree whose CUDA_CONFIG has PART_PROGRAMS (splitting long sequences into parts)
+is also timed at each --part-programs value. The first tree is timed again at the end, so drift of the card
+shows. Writes scan_variants.json (the run's commit; every row with its tree and config) into --out.
+"""
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from star.training.provenance import git_commit
+from scan import D_STATE, LENGTHS, MODELS, TOKENS, copy_bandwidth, scan_bytes, scan_fn, scan_inputs, try_time
+
+
+def time_tree(name: str, part_programs: list) -> list:
+    """Child process: time the star that is first on PYTHONPATH."""
+    from star.ops.triton import selective_scan as triton_scan_module
+
+    config = triton_scan_module.CUDA_CONFIG
+    parts = [config["PART_PROGRAMS"], *part_programs] if "PART_PROGRAMS" in config else [None]
+    bandwidth = copy_bandwidth()
+    rows = []
+    for part in dict.fromkeys(parts):  # the tree's own value first, no repeats
+        if part is not None:
+            config["PART_PROGRAMS"] = part
+        for model, d in MODELS.items():
+            for l in LENGTHS:
+                b = TOKENS // l
+                row = dict(tree=name, star_file=triton_scan_module.__file__,
+                           config=json.loads(json.dumps(config)), model=model, d=d, length=l, batch=b)
+                for backward, key in ((False, "fwd"), (True, "fwd_bwd")):
+                    ms = try_time(scan_fn("triton"), scan_inputs(b, l, d, D_STATE), backward)
+                    row[f"{key}_ms"] = ms
+                    row[f"{key}_x_floor"] = ms / (scan_bytes(b, l, d, D_STATE, 2, backward) / bandwidth * 1e3) if ms else None
+                row["bandwidth_tb_s"] = bandwidth / 1e12
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trees", nargs="+", required=True, metavar="NAME=PATH", help="checkouts of star to time")
+    parser.add_argument("--part-programs", type=int, nargs="*", default=[0, 1024, 2048, 4096],
+                        help="PART_PROGRAMS values to time, for trees that have the setting")
+    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/scan_variants.py needs a CUDA GPU")
+    if args.child:
+        print(json.dumps(time_tree(args.child, args.part_programs)))
+        return
+    trees = []
+    for spec in args.trees:
+        name, sep, path = spec.partition("=")
+        if not sep or not (Path(path) / "src" / "star").is_dir():
+            raise SystemExit(f"--trees: {spec!r} is not NAME=PATH of a checkout with src/star")
+        trees.append((name, Path(path).resolve()))
+    rows = []
+    for name, path in [*trees, (trees[0][0] + " (again)", trees[0][1])]:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(path / "src"), os.environ.get("PYTHONPATH")])))
+        out = subprocess.run([sys.executable, __file__, "--child", name, "--trees", *args.trees, "--part-programs",
+                              *map(str, args.part_programs)], env=env, check=True, stdout=subprocess.PIPE, text=True)
+        rows += json.loads(out.stdout)
+    meta = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), torch=torch.__version__,
+                commit=git_commit(), trees={name: str(path) for name, path in trees})
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "scan_variants.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    for r in rows:
+        print(f"{r['tree']:>24} parts={r['config'].get('PART_PROGRAMS', '-')!s:>5} {r['model']:>4} l={r['length']:<5} "
+              f"fwd {r['fwd_ms']} ms ({r['fwd_x_floor'] or 0:.2f}x)  fwd+bwd {r['fwd_bwd_ms']} ms "
+              f"({r['fwd_bwd_x_floor'] or 0:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
