@@ -14,6 +14,9 @@ from last to first, each in two passes:
      (one exp per element), runs the adjoint g_t = a_{t+1} g_{t+1} + C_t dy_t as a reverse scan, and
      reads du, d_delta, dB and dA off (h_t, g_t). a_{t+1} comes from the chunk's own decay tile,
      carried inside the reverse scan, and from the following chunk, so no second exp is needed.
+Every loop over chunks issues the next chunk's loads before the current chunk's math (software pipelining
+by hand; the kernels were latency bound, each chunk waiting for its own loads). The forward prefetches all
+five tiles; the backward, near the register limit, only the per-channel ones (u, delta, z, dy).
 Nothing is accumulated with atomics: dA, dD and d_delta_bias are per-batch partials and dB, dC are
 per-channel-block partials, summed afterwards by torch in a fixed order, so gradients are deterministic.
 u, delta and z may be strided views (only the channel stride must be 1), which saves the copies of the
@@ -56,16 +59,17 @@ def _set_row(x, index: tl.constexpr, value, CHUNK: tl.constexpr):
 
 @triton.jit
 def _load_rows(ptr, stride_b, stride_l, pid_b, t, offs_d, mask):
-    return tl.load(ptr + pid_b * stride_b + t[:, None] * stride_l + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    """A (CHUNK, BLOCK_D) tile in its stored dtype: converting it is left to where it is used, so a load issued
+    a chunk ahead does not wait for its data."""
+    return tl.load(ptr + pid_b * stride_b + t[:, None] * stride_l + offs_d[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
-def _load_delta(delta_ptr, stride_b, stride_l, pid_b, t, offs_d, mask, bias,
-                HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+def _delta_values(raw, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     """Returns (delta after bias/softplus, zeroed where masked; d softplus / d input).
 
     softplus and its derivative share one exp: log(1 + e) and e / (1 + e), linear above 20 as in Mamba."""
-    raw = _load_rows(delta_ptr, stride_b, stride_l, pid_b, t, offs_d, mask)
+    raw = raw.to(tl.float32)
     if HAS_BIAS:
         raw += bias[None, :]
     if SOFTPLUS:
@@ -86,7 +90,7 @@ def _chunk_rows(chunk, L, CHUNK: tl.constexpr, REVERSE: tl.constexpr):
         t = L - 1 - pos
     else:
         t = pos
-    return t, pos < L
+    return t, (pos >= 0) & (pos < L)  # chunk -1 or n_chunks: loads issued ahead that are not used
 
 
 @triton.jit
@@ -143,27 +147,50 @@ def _gate(z, dy):
 
 
 @triton.jit
-def _chunk_tiles(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, chunk, pid_b, L, D, offs_d, offs_n, mask_d, mask_n,
-                 bias, stride_ub, stride_ul, stride_deltab, stride_deltal, stride_zb, stride_zl,
-                 N: tl.constexpr, CHUNK: tl.constexpr, REVERSE: tl.constexpr, HAS_Z: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """What every pass reads for one chunk: its time rows t and their mask, the (CHUNK, BLOCK_D) mask and
-    (b, l, d) offsets, u, delta (after bias/softplus) and d softplus, B, C, and z (zeros without a gate).
-    Inlined by Triton; values a pass does not use are dropped by the compiler."""
+def _chunk_index(chunk, pid_b, L, D, offs_d, mask_d, CHUNK: tl.constexpr, REVERSE: tl.constexpr):
+    """One chunk's time rows t and their mask, its (CHUNK, BLOCK_D) mask and (b, l, d) offsets."""
     t, mask_t = _chunk_rows(chunk, L, CHUNK, REVERSE)
     mask = mask_t[:, None] & mask_d[None, :]
-    mask_bc = mask_t[:, None] & mask_n[None, :]
-    offs_bc = (pid_b * L + t)[:, None] * N + offs_n[None, :]
     offs = (pid_b * L + t)[:, None] * D + offs_d[None, :]
+    return t, mask_t, mask, offs
+
+
+@triton.jit
+def _chunk_loads(u_ptr, delta_ptr, z_ptr, chunk, pid_b, L, offs_d, mask_d, stride_ub, stride_ul, stride_deltab,
+                 stride_deltal, stride_zb, stride_zl, CHUNK: tl.constexpr, REVERSE: tl.constexpr, HAS_Z: tl.constexpr):
+    """One chunk's per-channel tiles, as stored: u, delta and z (zeros without a gate)."""
+    t, mask_t = _chunk_rows(chunk, L, CHUNK, REVERSE)
+    mask = mask_t[:, None] & mask_d[None, :]
     u = _load_rows(u_ptr, stride_ub, stride_ul, pid_b, t, offs_d, mask)
-    delta, dsoftplus = _load_delta(delta_ptr, stride_deltab, stride_deltal, pid_b, t, offs_d, mask, bias,
-                                   HAS_BIAS, SOFTPLUS)
-    Bt = tl.load(B_ptr + offs_bc, mask=mask_bc, other=0.0).to(tl.float32)
-    Ct = tl.load(C_ptr + offs_bc, mask=mask_bc, other=0.0).to(tl.float32)
+    delta = _load_rows(delta_ptr, stride_deltab, stride_deltal, pid_b, t, offs_d, mask)
     z = tl.zeros_like(u)
     if HAS_Z:
         z = _load_rows(z_ptr, stride_zb, stride_zl, pid_b, t, offs_d, mask)
-    return t, mask_t, mask, offs, u, delta, dsoftplus, Bt, Ct, z
+    return u, delta, z
+
+
+@triton.jit
+def _chunk_bc(B_ptr, C_ptr, chunk, pid_b, L, offs_n, mask_n, N: tl.constexpr, CHUNK: tl.constexpr,
+              REVERSE: tl.constexpr):
+    """One chunk's (CHUNK, N_PAD) rows of B and C, as stored (every channel of the program reads them all)."""
+    t, mask_t = _chunk_rows(chunk, L, CHUNK, REVERSE)
+    mask_bc = mask_t[:, None] & mask_n[None, :]
+    offs_bc = (pid_b * L + t)[:, None] * N + offs_n[None, :]
+    return tl.load(B_ptr + offs_bc, mask=mask_bc, other=0.0), tl.load(C_ptr + offs_bc, mask=mask_bc, other=0.0)
+
+
+@triton.jit
+def _chunk_dy(dy_ptr, chunk, pid_b, L, D, offs_d, mask_d, CHUNK: tl.constexpr, REVERSE: tl.constexpr):
+    """The output gradient of one chunk, as stored (dy is contiguous)."""
+    _, _, mask, offs = _chunk_index(chunk, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE)
+    return tl.load(dy_ptr + offs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _chunk_values(u, delta, Bt, Ct, z, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """The loaded tiles in fp32, delta after bias/softplus, and d softplus."""
+    delta, dsoftplus = _delta_values(delta, mask, bias, HAS_BIAS, SOFTPLUS)
+    return u.to(tl.float32), delta, dsoftplus, Bt.to(tl.float32), Ct.to(tl.float32), z.to(tl.float32)
 
 
 @triton.jit
@@ -185,19 +212,28 @@ def _scan_fwd_kernel(
     n_chunks = tl.cdiv(L, CHUNK)
 
     h = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
-    for seg in range(n_segments):
+    # Software pipelining by hand: chunk c+1's loads are issued before chunk c's math, so their latency
+    # overlaps it (the loop would otherwise wait on every chunk's loads). Past the end they are all masked.
+    u_next, delta_next, z_next = _chunk_loads(u_ptr, delta_ptr, z_ptr, 0, pid_b, L, offs_d, mask_d, stride_ub,
+                                              stride_ul, stride_deltab, stride_deltal, stride_zb, stride_zl,
+                                              CHUNK, REVERSE, HAS_Z)
+    B_next, C_next = _chunk_bc(B_ptr, C_ptr, 0, pid_b, L, offs_n, offs_n < N, N, CHUNK, REVERSE)
+    for chunk in range(n_chunks):
         if SAVE_STATES:
-            tl.store(ckpt_base + seg * N * D, h, mask=mask_nd)
-        for chunk in range(seg * SEG_CHUNKS, tl.minimum(seg * SEG_CHUNKS + SEG_CHUNKS, n_chunks)):
-            t, mask_t, mask, offs, u, delta, _, Bt, Ct, z = _chunk_tiles(
-                u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, chunk, pid_b, L, D, offs_d, offs_n, mask_d, offs_n < N,
-                bias, stride_ub, stride_ul, stride_deltab, stride_deltal, stride_zb, stride_zl,
-                N, CHUNK, REVERSE, HAS_Z, HAS_BIAS, SOFTPLUS)
-            _, _, hs, h = _chunk_states(h, delta, u, Bt, A2, CHUNK)
-            y = tl.sum(hs * Ct[:, :, None], axis=1) + Dv[None, :] * u
-            if HAS_Z:
-                y *= z * tl.sigmoid(z)
-            tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+            if chunk % SEG_CHUNKS == 0:
+                tl.store(ckpt_base + (chunk // SEG_CHUNKS) * N * D, h, mask=mask_nd)
+        u, delta, Bt, Ct, z = u_next, delta_next, B_next, C_next, z_next
+        u_next, delta_next, z_next = _chunk_loads(u_ptr, delta_ptr, z_ptr, chunk + 1, pid_b, L, offs_d, mask_d,
+                                                  stride_ub, stride_ul, stride_deltab, stride_deltal, stride_zb,
+                                                  stride_zl, CHUNK, REVERSE, HAS_Z)
+        B_next, C_next = _chunk_bc(B_ptr, C_ptr, chunk + 1, pid_b, L, offs_n, offs_n < N, N, CHUNK, REVERSE)
+        t, mask_t, mask, offs = _chunk_index(chunk, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE)
+        u, delta, _, Bt, Ct, z = _chunk_values(u, delta, Bt, Ct, z, mask, bias, HAS_BIAS, SOFTPLUS)
+        _, _, hs, h = _chunk_states(h, delta, u, Bt, A2, CHUNK)
+        y = tl.sum(hs * Ct[:, :, None], axis=1) + Dv[None, :] * u
+        if HAS_Z:
+            y *= z * tl.sigmoid(z)
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -235,14 +271,23 @@ def _scan_bwd_kernel(
         seg_chunks = tl.minimum(SEG_CHUNKS, n_chunks - first)
 
         # Pass 1, forward: the state entering each chunk goes to scratch; dz, dC and dD use the states.
+        # Each pass issues the next chunk's loads before this chunk's math, as the forward kernel does.
         h = tl.load(ckpt_base + seg * N * D, mask=mask_nd, other=0.0)
+        u_next, delta_next, z_next = _chunk_loads(u_ptr, delta_ptr, z_ptr, first, pid_b, L, offs_d, mask_d,
+                                                  stride_ub, stride_ul, stride_deltab, stride_deltal, stride_zb,
+                                                  stride_zl, CHUNK, REVERSE, HAS_Z)
+        dy_next = _chunk_dy(dy_ptr, first, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE)
         for k in range(seg_chunks):
             tl.store(scratch_base + k * N_PAD * BLOCK_D, h)
-            t, mask_t, mask, offs, u, delta, _, Bt, Ct, z = _chunk_tiles(
-                u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, first + k, pid_b, L, D, offs_d, offs_n, mask_d, mask_n,
-                bias, stride_ub, stride_ul, stride_deltab, stride_deltal, stride_zb, stride_zl,
-                N, CHUNK, REVERSE, HAS_Z, HAS_BIAS, SOFTPLUS)
-            dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            u, delta, z, dy = u_next, delta_next, z_next, dy_next
+            u_next, delta_next, z_next = _chunk_loads(u_ptr, delta_ptr, z_ptr, first + k + 1, pid_b, L, offs_d,
+                                                      mask_d, stride_ub, stride_ul, stride_deltab, stride_deltal,
+                                                      stride_zb, stride_zl, CHUNK, REVERSE, HAS_Z)
+            dy_next = _chunk_dy(dy_ptr, first + k + 1, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE)
+            Bt, Ct = _chunk_bc(B_ptr, C_ptr, first + k, pid_b, L, offs_n, mask_n, N, CHUNK, REVERSE)
+            t, mask_t, mask, offs = _chunk_index(first + k, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE)
+            u, delta, _, Bt, Ct, z = _chunk_values(u, delta, Bt, Ct, z, mask, bias, HAS_BIAS, SOFTPLUS)
+            dy = dy.to(tl.float32)
             _, _, hs, h = _chunk_states(h, delta, u, Bt, A2, CHUNK)
             if HAS_Z:
                 y = tl.sum(hs * Ct[:, :, None], axis=1) + Dv[None, :] * u
@@ -253,14 +298,24 @@ def _scan_bwd_kernel(
             dD_acc += tl.sum(dy * u, axis=0)
 
         # Pass 2, backward over the same chunks: recompute each from its entering state, then the adjoint.
+        last = first + seg_chunks - 1
+        u_next, delta_next, z_next = _chunk_loads(u_ptr, delta_ptr, z_ptr, last, pid_b, L, offs_d, mask_d,
+                                                  stride_ub, stride_ul, stride_deltab, stride_deltal, stride_zb,
+                                                  stride_zl, CHUNK, REVERSE, HAS_Z)
+        dy_next = _chunk_dy(dy_ptr, last, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE)
         for j in range(seg_chunks):
             k = seg_chunks - 1 - j
             h0 = tl.load(scratch_base + k * N_PAD * BLOCK_D)
-            t, mask_t, mask, offs, u, delta, dsoftplus, Bt, Ct, z = _chunk_tiles(
-                u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, first + k, pid_b, L, D, offs_d, offs_n, mask_d, mask_n,
-                bias, stride_ub, stride_ul, stride_deltab, stride_deltal, stride_zb, stride_zl,
-                N, CHUNK, REVERSE, HAS_Z, HAS_BIAS, SOFTPLUS)
-            dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            u, delta, z, dy = u_next, delta_next, z_next, dy_next
+            # chunk first - 1 is the next segment's (or, before the sequence start, masked): loaded, not used
+            u_next, delta_next, z_next = _chunk_loads(u_ptr, delta_ptr, z_ptr, first + k - 1, pid_b, L, offs_d,
+                                                      mask_d, stride_ub, stride_ul, stride_deltab, stride_deltal,
+                                                      stride_zb, stride_zl, CHUNK, REVERSE, HAS_Z)
+            Bt, Ct = _chunk_bc(B_ptr, C_ptr, first + k, pid_b, L, offs_n, mask_n, N, CHUNK, REVERSE)
+            dy_next = _chunk_dy(dy_ptr, first + k - 1, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE)
+            t, mask_t, mask, offs = _chunk_index(first + k, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE)
+            u, delta, dsoftplus, Bt, Ct, z = _chunk_values(u, delta, Bt, Ct, z, mask, bias, HAS_BIAS, SOFTPLUS)
+            dy = dy.to(tl.float32)
             if HAS_Z:
                 dy, _ = _gate(z, dy)
             a, b, hs, _ = _chunk_states(h0, delta, u, Bt, A2, CHUNK)
