@@ -72,13 +72,19 @@ def main():
     for name, path in [*trees, (trees[0][0] + " (again)", trees[0][1])]:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(path / "src"), os.environ.get("PYTHONPATH")])))
         out = subprocess.run([sys.executable, __file__, "--child", name, "--trees", *args.trees, "--part-programs",
-                              *map(str, args.part_programs)], env=env, check=True, stdout=subprocess.PIPE, text=True)
-        rows += json.loads(out.stdout)
+                              *map(str, args.part_programs)], env=env, stdout=subprocess.PIPE, text=True)
+        if out.returncode:  # e.g. a kernel this Triton cannot compile: say so, time the other trees
+            rows.append(dict(tree=name, error=f"exit status {out.returncode}, see the child's stderr above"))
+        else:
+            rows += json.loads(out.stdout)
     meta = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), torch=torch.__version__,
                 commit=git_commit(), trees={name: str(path) for name, path in trees})
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "scan_variants.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     for r in rows:
+        if "error" in r:
+            print(f"{r['tree']:>24} failed: {r['error']}")
+            continue
         print(f"{r['tree']:>24} parts={r['config'].get('PART_PROGRAMS', '-')!s:>5} {r['model']:>4} l={r['length']:<5} "
               f"fwd {r['fwd_ms']} ms ({r['fwd_x_floor'] or 0:.2f}x)  fwd+bwd {r['fwd_bwd_ms']} ms "
               f"({r['fwd_bwd_x_floor'] or 0:.2f}x)")
