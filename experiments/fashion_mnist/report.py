@@ -52,6 +52,22 @@ def collect(results: dict, rid: str) -> dict:
     return table
 
 
+def pretrained_again(table: dict) -> list[str]:
+    """Caveat lines for encoders pretrained twice: a call that finds a unit's weights gone pretrains it again
+    (same seed and recipe), so evaluations finished before the newest pretraining used the earlier encoder."""
+    lines = []
+    for arm in ARMS:
+        for pretrain in table[arm, "pretrain"]:
+            earlier = [EVAL_NAMES[item] for item in EVALS for e in table[arm, item]
+                       if e["seed"] == pretrain["seed"] and e["finished"] < pretrain["finished"]]
+            if earlier:
+                lines.append(f"- {ARM_NAMES[arm]}, seed {pretrain['seed']} was pretrained again (same seed and recipe) "
+                             f"in a later call: its {', '.join(earlier)} come from the first encoder, the other "
+                             "evaluations from the second, and its pretraining time and loss curve"
+                             + (" and prediction picture" if pretrain["seed"] == 0 else "") + " are the second run's.")
+    return lines
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else float("nan")
 
@@ -336,9 +352,8 @@ def build(recipe_name: str, study_dir: Path, out: Path) -> Path:
               "- Some results were carried over from the previous recipe id (the items whose settings did not "
               "change when the full fine-tune was retuned; each such entry names its source in `carried_from`). "
               "They were measured before the mixer ran its four directions as one batch (commit c358741): the "
-              "same computation (tested equal in float64), only slower. Seed 0 of STAR and ARM was pretrained "
-              "again (same seed and recipe) for the retuned full fine-tune, so its full fine-tune comes from a "
-              "second encoder, and its pretraining time, loss curve and prediction picture are that second run's.",
+              "same computation (tested equal in float64), only slower.",
+              *pretrained_again(table),
               "- The linear probe reads the 4-direction classifier whose backward and column scans are copies of "
               "the causal forward direction: it probes that transfer, not the causal features alone.",
               ""]
