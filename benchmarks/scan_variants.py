@@ -3,11 +3,12 @@
     python benchmarks/scan_variants.py --trees main=. prefetch=../other-checkout [--out docs/benchmarks]
 
 Each tree (a copy of star, e.g. `git archive <branch>` unpacked; name it with its commit) is imported in its
-own child process, with its `src` first on PYTHONPATH, and times `selective_scan(impl="triton")` forward and forward+backward at
-the shapes of `benchmarks/scan.py` (tiny and base widths, lengths 160/640/2560, same tokens per batch) with
-the tree's own CUDA_CONFIG. A tree whose CUDA_CONFIG has PART_PROGRAMS (splitting long sequences into parts)
-is also timed at each --part-programs value. The first tree is timed again at the end, so drift of the card
-shows. Writes scan_variants.json (the run's commit; every row with its tree and config) into --out.
+own child process with its `src` first on PYTHONPATH, and times `selective_scan(impl="triton")` forward and
+forward+backward at the shapes of `benchmarks/scan.py` (tiny and base widths, lengths 160/640/2560, same
+tokens per batch) with the tree's own CUDA_CONFIG. A tree whose CUDA_CONFIG has PART_PROGRAMS (splitting long
+sequences into parts) is also timed at each --part-programs value. The first tree is timed again at the end,
+so drift of the card shows. Writes scan_variants.json (the run's commit; every row with its tree and config)
+and scan_variants.md into --out.
 """
 import argparse
 import datetime
@@ -42,11 +43,29 @@ def time_tree(name: str, part_programs: list) -> list:
                 for backward, key in ((False, "fwd"), (True, "fwd_bwd")):
                     ms = try_time(scan_fn("triton"), scan_inputs(b, l, d, D_STATE), backward)
                     row[f"{key}_ms"] = ms
-                    row[f"{key}_x_floor"] = ms / (scan_bytes(b, l, d, D_STATE, 2, backward) / bandwidth * 1e3) if ms else None
+                    floor_ms = scan_bytes(b, l, d, D_STATE, 2, backward) / bandwidth * 1e3
+                    row[f"{key}_x_floor"] = ms / floor_ms if ms else None
                 row["bandwidth_tb_s"] = bandwidth / 1e12
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
     return rows
+
+
+def markdown(meta, rows):
+    """One row per tree, setting and shape; ms and multiple of the memory floor, forward and forward+backward."""
+    lines = [f"# Triton scan: source trees compared ({meta['device']}, {meta['date']})", "",
+             f"`python benchmarks/scan_variants.py`, commit {meta['commit']}, torch {meta['torch']}; bf16, d_state "
+             f"{D_STATE}, {TOKENS} tokens per batch; each tree with its own CUDA_CONFIG.", "",
+             "| tree | PART_PROGRAMS | d | length | fwd ms | fwd x floor | fwd+bwd ms | fwd+bwd x floor |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['tree']} | failed: {r['error']} | | | | | | |")
+            continue
+        lines.append(f"| {r['tree']} | {r['config'].get('PART_PROGRAMS', '-')} | {r['d']} | {r['length']} | "
+                     f"{r['fwd_ms']:.3f} | {r['fwd_x_floor']:.2f} | {r['fwd_bwd_ms']:.3f} | "
+                     f"{r['fwd_bwd_x_floor']:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def main():
@@ -70,7 +89,8 @@ def main():
         trees.append((name, Path(path).resolve()))
     rows = []
     for name, path in [*trees, (trees[0][0] + " (again)", trees[0][1])]:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(path / "src"), os.environ.get("PYTHONPATH")])))
+        pythonpath = filter(None, [str(path / "src"), os.environ.get("PYTHONPATH")])
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(pythonpath))
         out = subprocess.run([sys.executable, __file__, "--child", name, "--trees", *args.trees, "--part-programs",
                               *map(str, args.part_programs)], env=env, stdout=subprocess.PIPE, text=True)
         if out.returncode:  # e.g. a kernel this Triton cannot compile: say so, time the other trees
@@ -81,13 +101,8 @@ def main():
                 commit=git_commit(), trees={name: str(path) for name, path in trees})
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "scan_variants.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    for r in rows:
-        if "error" in r:
-            print(f"{r['tree']:>24} failed: {r['error']}")
-            continue
-        print(f"{r['tree']:>24} parts={r['config'].get('PART_PROGRAMS', '-')!s:>5} {r['model']:>4} l={r['length']:<5} "
-              f"fwd {r['fwd_ms']} ms ({r['fwd_x_floor'] or 0:.2f}x)  fwd+bwd {r['fwd_bwd_ms']} ms "
-              f"({r['fwd_bwd_x_floor'] or 0:.2f}x)")
+    (args.out / "scan_variants.md").write_text(markdown(meta, rows))
+    print(markdown(meta, rows))
 
 
 if __name__ == "__main__":
