@@ -148,6 +148,13 @@ def run(args):
     return bandwidth, sweep, rows
 
 
+def timing_cells(row) -> str:
+    """fwd ms | fwd x floor | fwd+bwd ms | fwd+bwd x floor of one row; "OOM" where try_time gave none."""
+    cells = [(row["fwd_ms"], ".3f"), (row["fwd_x_floor"], ".2f"), (row["fwd_bwd_ms"], ".3f"),
+             (row["fwd_bwd_x_floor"], ".2f")]
+    return " | ".join("OOM" if x is None else format(x, spec) for x, spec in cells)
+
+
 def markdown(meta, rows):
     lines = [f"# Selective scan / conv1d benchmark ({meta['device']}, {meta['date']})", "",
              f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}, bf16 activations, "
@@ -155,11 +162,9 @@ def markdown(meta, rows):
              f"(read + write), scan tiles {meta['scan_config']}.", "",
              "| model | d | length | batch | op | impl | fwd ms | fwd x floor | fwd+bwd ms | fwd+bwd x floor |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    fmt = lambda x, spec: "OOM" if x is None else format(x, spec)  # noqa: E731
     for r in rows:
         lines.append(f"| {r['model']} | {r['d']} | {r['length']} | {r['batch']} | {r['op']} | {r['impl']} | "
-                     f"{fmt(r['fwd_ms'], '.3f')} | {fmt(r['fwd_x_floor'], '.2f')} | "
-                     f"{fmt(r['fwd_bwd_ms'], '.3f')} | {fmt(r['fwd_bwd_x_floor'], '.2f')} |")
+                     f"{timing_cells(r)} |")
     return "\n".join(lines) + "\n"
 
 

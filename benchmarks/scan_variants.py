@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from star.training.provenance import git_commit
-from scan import D_STATE, LENGTHS, MODELS, TOKENS, copy_bandwidth, scan_bytes, scan_fn, scan_inputs, try_time
+from scan import (D_STATE, LENGTHS, MODELS, TOKENS, copy_bandwidth, scan_bytes, scan_fn, scan_inputs, timing_cells,
+                  try_time)
 
 
 def time_tree(name: str, part_programs: list) -> list:
@@ -63,8 +64,7 @@ def markdown(meta, rows):
             lines.append(f"| {r['tree']} | failed: {r['error']} | | | | | | |")
             continue
         lines.append(f"| {r['tree']} | {r['config'].get('PART_PROGRAMS', '-')} | {r['d']} | {r['length']} | "
-                     f"{r['fwd_ms']:.3f} | {r['fwd_x_floor']:.2f} | {r['fwd_bwd_ms']:.3f} | "
-                     f"{r['fwd_bwd_x_floor']:.2f} |")
+                     f"{timing_cells(r)} |")
     return "\n".join(lines) + "\n"
 
 
