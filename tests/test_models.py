@@ -41,6 +41,15 @@ def test_patchify_roundtrip():
     assert torch.equal(unpatchify(patchify(x, 4), 4, 2), x)
 
 
+def test_normalize_patches_per_patch_unbiased():
+    patches = torch.randn(2, 5, 16, dtype=torch.float64) * torch.rand(2, 5, 1, dtype=torch.float64) * 3 + 7
+    out = normalize_patches(patches, eps=0.0)
+    torch.testing.assert_close(out.mean(-1), torch.zeros(2, 5, dtype=torch.float64))
+    torch.testing.assert_close(out.std(-1, unbiased=True), torch.ones(2, 5, dtype=torch.float64))
+    flat = torch.full((1, 1, 16), 3.0)  # a constant patch: eps keeps it finite (all zeros), never NaN
+    assert torch.equal(normalize_patches(flat), torch.zeros_like(flat))
+
+
 def test_separators_identical_and_before_each_image():
     model = tiny_pretrain()
     seq = model.build_sequence(images())
