@@ -131,3 +131,20 @@ def test_items_run_a_part_of_a_unit_and_keep_its_weights(tmp_path, one_thread):
     assert entry["carried_from"] == rid and entry["recipe"] == study.recipe_id("h100")
     with pytest.raises(SystemExit, match="no results of recipe"):
         study.carry_over("h100", tmp_path, "h100-00000000", ["linprobe"])
+
+
+def test_tune_runs_the_grid_then_the_best_twice_as_long(tmp_path, one_thread, monkeypatch):
+    import tune
+    monkeypatch.setattr(tune, "VARIANTS", {"lr_low": dict(epochs=1, batch_size=16, blr=1e-4, layer_decay=0.75),
+                                           "lr_high": dict(epochs=1, batch_size=16, blr=1e-2, layer_decay=1.0)})
+    args = ["--out", str(tmp_path), "--runs", str(tmp_path / "runs"), "--recipe", "smoke"]
+    assert tune.main(args) == 0
+    results = study.load_results(tmp_path / "tune.json")
+    rid = study.recipe_id("smoke")
+    best = max(tune.VARIANTS, key=lambda v: results[f"{rid}/{v}"]["val_top1"])
+    assert set(results) == {f"{rid}/lr_low", f"{rid}/lr_high", f"{rid}/{best}_x2"}
+    assert results[f"{rid}/{best}_x2"]["optim"]["epochs"] == 2
+    assert all(0 <= r["val_top1"] <= 100 and r["img_s"] > 0 for r in results.values())
+    before = (tmp_path / "tune.json").read_text()
+    assert tune.main(args) == 0  # all done: nothing pretrained or run again
+    assert (tmp_path / "tune.json").read_text() == before
