@@ -50,9 +50,9 @@ def test_units_record_every_item(studied):
     assert results[f"{rid}/arm_k1/s0/pretrain"]["separator"] == "none"
     assert results[f"{rid}/arm_k1/s0/ft1"]["label_fraction"] == 0.01
     assert 0 <= results[f"{rid}/scratch/s0/linprobe"]["test_top1"] <= 100
-    assert (out / "curves" / "arm_k1_s0.csv").is_file()
-    assert (out / "figures" / "predictions_arm_k1.png").stat().st_size > 1000
-    assert not (out / "runs" / "arm_k1" / "s0").exists()  # a finished unit frees its weights
+    assert (out / "curves" / rid / "arm_k1_s0.csv").is_file()
+    assert (out / "figures" / rid / "predictions_arm_k1.png").stat().st_size > 1000
+    assert not (out / "runs" / rid / "arm_k1" / "s0").exists()  # a finished unit frees its weights
 
 
 def test_done_items_are_skipped_and_budget_stops(studied, capsys):
@@ -86,6 +86,9 @@ def test_report_from_results(studied, tmp_path):
     assert "| (b) ARM, K=1 |" in text and "not enough seeds" in text
     assert (tmp_path / "fashion-mnist" / "pretrain_loss.png").is_file()
     assert (tmp_path / "fashion-mnist" / "accuracy_vs_k.png").is_file()
+    # another recipe's report never shows this one's curves or pictures
+    other = report.build("smoke-fmnist", out, tmp_path / "other").read_text()
+    assert "pretrain_loss.png" not in other and "predictions_" not in other
 
 
 def test_run_needs_a_stage_or_next():
@@ -124,7 +127,7 @@ def test_items_run_a_part_of_a_unit_and_keep_its_weights(tmp_path, one_thread):
     assert study.run_units([("star_k2", 0)], "smoke", tmp_path, tmp_path / "runs", budget_s=None, items=["linprobe"])
     done = {k.split("/")[-1] for k in study.load_results(tmp_path / "results.json") if k.startswith(rid + "/star_k2")}
     assert done == {"pretrain", "linprobe"}  # the pretraining it needs, and nothing else
-    assert (tmp_path / "runs" / "star_k2" / "s0" / "pretrain" / "model").is_dir()  # ft1/ft10/ft100 still to come
+    assert (tmp_path / "runs" / rid / "star_k2" / "s0" / "pretrain" / "model").is_dir()  # ft1/ft10/ft100 to come
     # carry-over copies another recipe's results, naming the source; an unknown source is an error
     assert study.carry_over("h100", tmp_path, rid, ["linprobe"]) == 1
     entry = study.load_results(tmp_path / "results.json")[f"{study.recipe_id('h100')}/star_k2/s0/linprobe"]

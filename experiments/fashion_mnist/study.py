@@ -13,7 +13,9 @@ encoder, each a fresh classifier trained on the 55k-image training part and meas
 split: a linear probe, fine-tuning with 1% and 10% of the labels, and full fine-tuning. Every finished item
 is written at once to results.json (atomically), under a key that names the recipe, so a rerun skips it and
 results of another recipe are never mixed in. Pretrained weights live only in the runs folder, so a unit
-is planned to finish inside one call; a unit cut off re-pretrains when it resumes.
+is planned to finish inside one call; a unit cut off re-pretrains when it resumes. Weights, loss curves and
+prediction pictures sit in a folder named by the recipe id (runs/<id>/, curves/<id>/, figures/<id>/), so a
+smoke run never stands in for the study's.
 
 Everything goes through the library (`star.cli.train.run`, `star.cli.inference.evaluate_run`); the only
 glue is the random-init encoder that gives the scratch arm's linear probe (a floor: what random features
@@ -202,7 +204,9 @@ def _fresh(run_dir: Path) -> Path:
     return run_dir
 
 
-def do_pretrain(recipe: dict, arm: str, seed: int, runs: Path, out: Path) -> dict:
+def do_pretrain(recipe: dict, arm: str, seed: int, runs: Path, out: Path, rid: str) -> dict:
+    """Pretrain under runs/; the loss curve goes to out/curves/<rid>/, seed 0's prediction picture to
+    out/figures/<rid>/."""
     run_dir = _fresh(runs / arm / f"s{seed}" / "pretrain")
     cfg = pretrain_config(recipe, arm, seed, run_dir)
     model = build_model(cfg)
@@ -216,13 +220,13 @@ def do_pretrain(recipe: dict, arm: str, seed: int, runs: Path, out: Path) -> dic
     run(cfg)
     wall = time.perf_counter() - start
     _prune(run_dir)
-    curves = out / "curves"
+    curves = out / "curves" / rid
     curves.mkdir(parents=True, exist_ok=True)
     shutil.copy(run_dir / "metrics.csv", curves / f"{arm}_s{seed}.csv")
     entry = {"wall_s": wall, "images_seen": steps * cfg.optim.batch_size, "img_s": _throughput(run_dir),
              "final_loss": float(_train_rows(run_dir)[-1]["train/loss"]), **ARMS[arm]}
     if seed == 0:  # one picture of what the model predicts, per arm
-        figures = out / "figures"
+        figures = out / "figures" / rid
         draw_predictions(str(run_dir), str(figures / f"predictions_{arm}.png"), num_sequences=3,
                          device=cfg.device)
     return entry
@@ -255,25 +259,18 @@ def unit_items(arm: str) -> list[str]:
     return (["pretrain"] if ARMS[arm] is not None else []) + list(EVALS)
 
 
-def _newest_code(entries: list) -> list:
-    """The entries measured at the commit of the most recently finished one (older code may be slower)."""
-    if not entries:
-        return entries
-    commit = max(entries, key=lambda e: e.get("finished", ""))["commit"]
-    return [e for e in entries if e["commit"] == commit]
-
-
 def estimate(results: dict, recipe_name: str, arm: str, item: str) -> float:
-    """Seconds an item should take: the slowest measured item of its kind per epoch (pretraining: of the same
-    K), among those run by the newest code, times this item's epochs, plus start-up; the recipe's guess
-    before anything was measured."""
+    """Seconds an item should take: the slowest of this recipe's own measured items of its kind per epoch
+    (pretraining: of the same K), times this item's epochs, plus start-up; the recipe's guess before anything
+    was measured. Carried-over entries are left out: older code measured them (slower, see carry_over)."""
     recipe, rid = RECIPES[recipe_name], recipe_id(recipe_name)
-    kind = [e for k, e in results.items() if k.startswith(rid + "/") and e.get("item") == item]
+    kind = [e for k, e in results.items()
+            if k.startswith(rid + "/") and e.get("item") == item and "carried_from" not in e]
     if item == "pretrain":
-        same = _newest_code([e for e in kind if e.get("num_images") == ARMS[arm]["num_images"]])
+        same = [e for e in kind if e.get("num_images") == ARMS[arm]["num_images"]]
         return max(e["wall_s"] for e in same) * 1.1 + 10 if same else recipe["estimate_s"][item]
     extra = recipe["pretrain"]["epochs"] if ARMS[arm] is None and item != "linprobe" else 0
-    per_epoch = [e["wall_s"] / e["epochs"] for e in _newest_code(kind)]
+    per_epoch = [e["wall_s"] / e["epochs"] for e in kind]
     return max(per_epoch) * (recipe["evals"][item]["epochs"] + extra) * 1.1 + 10 if per_epoch \
         else recipe["estimate_s"][item]
 
@@ -284,7 +281,7 @@ def run_units(units, recipe_name: str, out: Path, runs: Path, budget_s: float | 
     fits; a unit that does not fit is skipped for a later one that does (the scratch arm's items need no
     pretraining, so they fill the end of a call)."""
     recipe, rid = RECIPES[recipe_name], recipe_id(recipe_name)
-    results_path = out / "results.json"
+    results_path, runs = out / "results.json", runs / rid  # weights of another recipe are never reused
     start, env, finished = time.perf_counter(), environment(), True
     for arm, seed in units:
         results = load_results(results_path)
@@ -306,7 +303,7 @@ def run_units(units, recipe_name: str, out: Path, runs: Path, budget_s: float | 
                 break
             print(f"[study] {arm} seed {seed}: {item}", flush=True)
             if item == "pretrain":
-                entry = do_pretrain(recipe, arm, seed, runs, out)
+                entry = do_pretrain(recipe, arm, seed, runs, out, rid)
             else:
                 entry = do_eval(recipe, arm, seed, item, runs)
             entry.update(arm=arm, seed=seed, item=item, recipe=rid, finished=time.strftime("%Y-%m-%dT%H:%M:%S"), **env)
@@ -383,7 +380,8 @@ def main(argv=None) -> int:
                         help="run only these items of each unit (and the pretraining they need)")
     parser.add_argument("--recipe", default="h100", choices=sorted(RECIPES))
     parser.add_argument("--out", type=Path, default=HERE, help="where results.json, curves/ and figures/ go")
-    parser.add_argument("--runs", type=Path, default=HERE / "runs", help="scratch space for the runs' weights")
+    parser.add_argument("--runs", type=Path, default=HERE / "runs",
+                        help="scratch space for the runs' weights (in a subfolder per recipe id)")
     parser.add_argument("--source", help="carry-over: the recipe id whose results of --items are copied")
     args = parser.parse_args(argv)
     if args.command == "carry-over":

@@ -53,7 +53,7 @@ def main(argv=None) -> int:
         return todo
 
     if pending():
-        entry = do_pretrain(recipe, "star_k4", 0, args.runs, args.runs)  # its curve/picture stay out of the study's
+        entry = do_pretrain(recipe, "star_k4", 0, args.runs, args.runs, recipe_id(args.recipe))  # not the study's
         print(f"[tune] pretrained: {entry}", flush=True)
     while queue := pending():
         name, optim = queue[0]
