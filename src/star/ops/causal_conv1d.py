@@ -10,7 +10,8 @@ Grouped weights, (groups, d, k) with bias (groups, d), work as in `selective_sca
 import torch
 import torch.nn.functional as F
 
-from .selective_scan import check_shape, param_groups, pick_impl
+from .groups import param_groups
+from .selective_scan import check_shape, pick_impl
 
 CONV_IMPLS = ("auto", "ref", "triton")
 ACTIVATIONS = (None, "silu")

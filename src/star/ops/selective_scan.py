@@ -9,14 +9,16 @@ and autocast is switched off inside so that bf16 training cannot push the recurr
 `selective_scan` is the one entry point the models use: it validates shapes once and dispatches to
 the sequential reference, the chunked CPU form, or the Triton kernels (star.ops.triton).
 
-Grouped parameters: A may be (groups, d, d_state) and D, delta_bias (groups, d). The batch then holds
-`groups` equal runs of sequences, and run g uses parameter set g. This is how the 4-direction mixer scans
-all its directions in one call, each with its own A, D and dt bias.
+Grouped parameters (star.ops.groups): A may be (groups, d, d_state) and D, delta_bias (groups, d). The batch
+then holds `groups` equal runs of sequences, and run g uses parameter set g. This is how the 4-direction
+mixer scans all its directions in one call, each with its own A, D and dt bias.
 """
 import functools
 
 import torch
 import torch.nn.functional as F
+
+from .groups import param_groups
 
 # Steps per chunk of `selective_scan_chunked`, from forward+backward timings on 2 CPU cores (float32,
 # d=192, n=16, chunk sizes 4-32 tried): 16 ties the sequential reference at (b=64, l=272), where each
@@ -36,18 +38,6 @@ def check_shape(name: str, tensor: torch.Tensor, **dims: int) -> None:
         raise ValueError(f"{name} must be ({', '.join(dims)}) = {expected}, got {tuple(tensor.shape)}")
     if not tensor.is_floating_point():
         raise ValueError(f"{name} must be a real floating-point tensor, got {tensor.dtype}")
-
-
-def param_groups(param: torch.Tensor, plain_dims: int, batch: int, noun: str) -> int:
-    """How many parameter groups `param` holds: 1 when it has its plain number of dims, else its first dim.
-    A ValueError unless the groups split the batch into equal runs of sequences (see the module docstring)."""
-    if param.dim() == plain_dims:
-        return 1
-    groups = param.shape[0]
-    if groups < 1 or batch % groups:
-        raise ValueError(f"batch={batch} must be a multiple of the {groups} {noun} "
-                         f"(the batch holds one run of sequences per group)")
-    return groups
 
 
 _TRITON_OPS: dict = {}

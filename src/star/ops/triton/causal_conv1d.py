@@ -14,9 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from star.ops.selective_scan import param_groups
-
-from .selective_scan import sequences_per_group, sum_per_group
+from star.ops.groups import param_groups, sequences_per_group, sum_per_group
 
 BLOCK_L = 64
 BLOCK_D = 64

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from star.ops.selective_scan import param_groups
+from star.ops.groups import param_groups, sequences_per_group, sum_per_group
 
 # Tile sizes per device type and direction. SEGMENT (steps between saved states) is shared by both
 # directions; each direction's CHUNK must divide it. The backward holds more tiles per element, so it runs
@@ -366,17 +366,6 @@ def _launch_args(u: Tensor, A: Tensor, delta: Tensor, z: Optional[Tensor], direc
     return dict(stride_ub=u.stride(0), stride_ul=u.stride(1), stride_deltab=delta.stride(0),
                 stride_deltal=delta.stride(1), stride_zb=z_strides[0], stride_zl=z_strides[1],
                 N=n, N_PAD=triton.next_power_of_2(n), SEG_CHUNKS=config["SEGMENT"] // tiles["CHUNK"], **tiles)
-
-
-def sequences_per_group(x: Tensor, param: Tensor) -> int:
-    """Sequences of x's batch per parameter group (a grouped A or conv weight has 3 dims, the group first);
-    the whole batch when ungrouped. Kernels find a sequence's group as its batch index // this."""
-    return x.shape[0] // param.shape[0] if param.dim() == 3 else x.shape[0]
-
-
-def sum_per_group(part: Tensor, groups: int) -> Tensor:
-    """Sum per-sequence gradient partials (ordered by batch index first) over each group's run."""
-    return part.view(groups, -1, *part.shape[1:]).sum(1)
 
 
 def _empty_if_none(x: Optional[Tensor], like: Tensor) -> Tensor:

@@ -1,0 +1,30 @@
+"""Grouped parameters: one parameter set per run of sequences in the batch.
+
+A scan or conv parameter may carry a leading groups dim (A: (groups, d, d_state); D, dt bias: (groups, d);
+conv weight: (groups, d, k)). The batch then holds `groups` equal runs of sequences, and run g uses set g:
+how the 4-direction mixer runs all its directions in one call. Shared by the PyTorch ops and the kernels.
+"""
+import torch
+
+
+def param_groups(param: torch.Tensor, plain_dims: int, batch: int, noun: str) -> int:
+    """How many parameter groups `param` holds: 1 when it has its plain number of dims, else its first dim.
+    A ValueError unless the groups split the batch into equal runs of sequences."""
+    if param.dim() == plain_dims:
+        return 1
+    groups = param.shape[0]
+    if groups < 1 or batch % groups:
+        raise ValueError(f"batch={batch} must be a multiple of the {groups} {noun} "
+                         f"(the batch holds one run of sequences per group)")
+    return groups
+
+
+def sequences_per_group(x: torch.Tensor, param: torch.Tensor) -> int:
+    """Sequences of x's batch per parameter group (a grouped A or conv weight has 3 dims, the group first);
+    the whole batch when ungrouped. Kernels find a sequence's group as its batch index // this."""
+    return x.shape[0] // param.shape[0] if param.dim() == 3 else x.shape[0]
+
+
+def sum_per_group(part: torch.Tensor, groups: int) -> torch.Tensor:
+    """Sum per-sequence gradient partials (ordered by batch index first) over each group's run."""
+    return part.view(groups, -1, *part.shape[1:]).sum(1)
