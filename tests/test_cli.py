@@ -3,6 +3,7 @@
 import csv
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -175,3 +176,42 @@ def test_predict_wrong_channels_and_unreadable_files(pretrained, tmp_path, capsy
     broken.write_bytes(b"junk")
     assert star("predict", ft, broken, "--device", "cpu") == 2
     assert "broken.png" in capsys.readouterr().err
+
+
+def test_head_size_channels_and_augmentation_are_checked_against_the_data(tmp_path, capsys):
+    root = tmp_path / "imgs"
+    write_image_folder(root, num_per_class=4, classes=[f"c{i}" for i in range(12)], img_size=16, in_chans=1, seed=0)
+    base = FINETUNE + ["--data.val_size", "0", "--pretrained", "none", "--max_steps", "1"]
+    assert star("finetune", *base, "--data.dataset", root, "--output_dir", tmp_path / "a") == 2
+    assert "12 classes; set --model.num_classes 12" in capsys.readouterr().err
+    assert star("finetune", *base, *SYNTHETIC, "--data.mean_std", "imagenet", "--output_dir", tmp_path / "b") == 2
+    assert "normalizes 3-channel images but the model takes 1" in capsys.readouterr().err
+    assert star("finetune", *base, *SYNTHETIC, "--data.auto_augment", "bogus", "--output_dir", tmp_path / "c") == 2
+    assert "--data.auto_augment 'bogus'" in capsys.readouterr().err
+
+
+def test_model_folder_alone_keeps_its_preprocessing(tmp_path, capsys):
+    ft = tmp_path / "ft"
+    args = FINETUNE + SYNTHETIC + ["--pretrained", "none", "--max_steps", "1", "--output_dir", ft]
+    assert star("finetune", *args) == 0
+    assert "no --pretrained" in capsys.readouterr().out
+    alone = tmp_path / "shared" / "model"
+    alone.parent.mkdir()
+    (ft / "model").rename(alone)  # a saved model folder without its run directory
+    img = tmp_path / "a.png"
+    Image.new("L", (16, 16), 128).save(img)
+    assert star("predict", alone, img, "--topk", "2", "--device", "cpu") == 0
+    assert capsys.readouterr().out.startswith(str(img))
+    # a 16-bit grayscale PNG is scaled to 8 bits, not clipped to white
+    from star.data import convert_image
+    deep = Image.fromarray((torch.arange(256).reshape(16, 16) * 257).numpy().astype("uint16"))  # 8-bit v -> 257 v
+    assert deep.mode.startswith("I;16")
+    assert np.array_equal(np.asarray(convert_image(deep, "L")).ravel(), np.arange(256))
+
+
+def test_print_config_and_help(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        star("finetune", "--help")
+    assert "--optim.blr: float (built-in default" in capsys.readouterr().out
+    assert star("finetune", "--config", "fmnist-tiny", "--print-config", "--optim.blr", "0.5") == 0
+    assert "blr: 0.5" in capsys.readouterr().out

@@ -2,8 +2,8 @@
 
 import pytest
 
-from star.config import (TASKS, TrainConfig, apply_overrides, config_from_dict, list_presets, load_config,
-                         save_config)
+from star.config import (TASKS, TrainConfig, apply_overrides, check_config, config_from_dict, list_presets,
+                         load_config, save_config)
 
 
 def test_presets_load_for_every_recipe_they_hold():
@@ -78,3 +78,45 @@ def test_separator_none_is_a_choice_not_unset():
     assert config_from_dict({"model": {"separator": "none"}}).model.separator == "none"
     assert apply_overrides(cfg, ["--model.separator", "null"]).model.separator is None
     assert apply_overrides(TrainConfig(), ["--resume", "none"]).resume is None
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--data.label_fraction", "1.5"], ["data.label_fraction", "(0, 1]"]),
+    (["--data.val_size", "-5"], ["data.val_size", ">= 0"]),
+    (["--data.num_samples", "0"], ["data.num_samples", ">= 1"]),
+    (["--data.scale_min", "-1"], ["data.scale_min", "(0, 1]"]),
+    (["--optim.smoothing", "1.5"], ["optim.smoothing", "[0, 1)"]),
+    (["--optim.ema_decay", "2"], ["optim.ema_decay", "[0, 1)"]),
+    (["--optim.warmup_epochs", "-1"], ["optim.warmup_epochs", ">= 0"]),
+    (["--optim.clip_grad", "-1"], ["optim.clip_grad", "> 0"]),
+    (["--optim.betas", "0.9,1.5"], ["optim.betas", "[0, 1)"]),
+    (["--model.num_classes", "0"], ["model.num_classes", ">= 1"]),
+    (["--log_every", "0"], ["log_every", ">= 1"]),
+    (["--data.mixup", "0.8", "--optim.batch_size", "15"], ["batch_size must be even", "15"]),
+])
+def test_values_out_of_range_name_the_flag(args, words):
+    cfg = apply_overrides(load_config("fmnist-tiny", "finetune"), args)
+    with pytest.raises(ValueError) as err:
+        check_config(cfg)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_checks_pass_the_presets_and_catch_pretrained_pretraining():
+    for name in ("fmnist-tiny", "fmnist-demo", "imagenet-base", "imagenet-large"):
+        for task in ("pretrain", "finetune", "linprobe"):
+            try:
+                cfg = load_config(name, task)
+            except ValueError:  # a preset without this task's recipe
+                continue
+            check_config(cfg)
+    cfg = apply_overrides(load_config("fmnist-tiny", "pretrain"), ["--pretrained", "runs/x"])
+    with pytest.raises(ValueError, match="--resume"):
+        check_config(cfg)
+
+
+def test_yaml_syntax_error_names_the_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("model:\n  embed_dim: [32\n")
+    with pytest.raises(ValueError, match="broken.yaml is not valid YAML"):
+        load_config(str(path))

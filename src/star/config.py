@@ -105,7 +105,7 @@ class TrainConfig:
     eval_every: int = 1  # epochs between evaluations (0 = only at the end)
     max_steps: Optional[int] = None  # stop after this many optimizer steps (smoke runs)
     resume: Optional[str] = None  # checkpoint dir, run dir, or "auto" (latest in output_dir)
-    pretrained: Optional[str] = None  # weights to start fine-tuning from (run dir, checkpoint, file)
+    pretrained: Optional[str] = None  # pretraining weights to fine-tune from: a run dir or a saved model folder
     keep_last: int = 3  # checkpoints kept on disk; 0 = keep all
 
 
@@ -244,7 +244,10 @@ def load_config(name_or_path: str, task: Optional[str] = None) -> TrainConfig:
         path = PRESET_DIR / f"{name_or_path}.yaml"
         if not path.is_file():
             raise ValueError(f"config '{name_or_path}' is neither a YAML file nor a preset; presets: {', '.join(list_presets())}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping of config keys at the top level")
     if task is not None and task not in TASKS:
@@ -262,8 +265,12 @@ def load_config(name_or_path: str, task: Optional[str] = None) -> TrainConfig:
     return config_from_dict(raw)
 
 
+def config_to_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
 def save_config(cfg: TrainConfig, path: Union[str, Path]) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    Path(path).write_text(config_to_yaml(cfg))
 
 
 def apply_overrides(cfg: TrainConfig, args: list[str]) -> TrainConfig:
@@ -311,3 +318,59 @@ def _lookup(name: str) -> Any:
         if not dataclasses.is_dataclass(tp):
             raise ValueError(f"'{section}' is not a section, so '{name}' does not exist")
         cls, prefix = tp, section + "."
+
+
+# ---------------------------------------------------------------------------- values in range
+
+def check_config(cfg: TrainConfig) -> None:
+    """Values out of range fail here, naming the flag, before a model or a data set is built (instead of an
+    assert deep in timm, a `step % 0`, or a run that silently trains on nonsense)."""
+    d, o = cfg.data, cfg.optim
+    at_least = [("log_every", cfg.log_every, 1), ("save_every", cfg.save_every, -1),
+                ("eval_every", cfg.eval_every, 0), ("keep_last", cfg.keep_last, 0), ("max_steps", cfg.max_steps, 1),
+                ("optim.epochs", o.epochs, 1), ("optim.accum_iter", o.accum_iter, 1),
+                ("optim.batch_size", o.batch_size, 1), ("optim.warmup_epochs", o.warmup_epochs, 0),
+                ("optim.min_lr", o.min_lr, 0), ("optim.weight_decay", o.weight_decay, 0),
+                ("data.num_workers", d.num_workers, 0), ("data.val_size", d.val_size, 0),
+                ("data.num_samples", d.num_samples, 1), ("data.mixup", d.mixup, 0), ("data.cutmix", d.cutmix, 0),
+                ("model.num_classes", cfg.model.num_classes, 1)]
+    for name, value, least in at_least:
+        if value is not None and value < least:
+            raise ValueError(f"--{name} must be >= {least}, got {value}")
+    # (low, high, low included, high included)
+    intervals = [("data.label_fraction", d.label_fraction, 0, 1, False, True),
+                 ("data.scale_min", d.scale_min, 0, 1, False, True), ("data.crop_pct", d.crop_pct, 0, 1, False, True),
+                 ("data.re_prob", d.re_prob, 0, 1, True, True), ("optim.smoothing", o.smoothing, 0, 1, True, False),
+                 ("optim.ema_decay", o.ema_decay, 0, 1, True, False),
+                 ("optim.layer_decay", o.layer_decay, 0, 1, False, True),
+                 ("optim.betas", o.betas[0], 0, 1, True, False), ("optim.betas", o.betas[1], 0, 1, True, False)]
+    for name, value, low, high, low_in, high_in in intervals:
+        if value is None:
+            continue
+        if not ((value >= low if low_in else value > low) and (value <= high if high_in else value < high)):
+            span = f"{'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
+            raise ValueError(f"--{name} must be in {span}, got {value}")
+    for name, value in (("optim.blr", o.blr), ("optim.lr", o.lr), ("optim.clip_grad", o.clip_grad)):
+        if value is not None and value <= 0:
+            raise ValueError(f"--{name} must be > 0, got {value}")
+    if (d.mixup > 0 or d.cutmix > 0) and o.batch_size % 2:
+        raise ValueError(f"--data.mixup/--data.cutmix pair images within a batch: --optim.batch_size must be even, "
+                         f"got {o.batch_size}")
+    if cfg.task == "pretrain" and cfg.pretrained:
+        raise ValueError("--pretrained starts a fine-tune or linear probe from pretrained weights; pretraining "
+                         "starts from random weights (to continue a pretraining run, use --resume)")
+
+
+def config_help() -> str:
+    """Every overridable field with its type and built-in default, one line each (the task commands' --help);
+    a preset sets many of them, which `--print-config` shows."""
+    defaults = config_to_dict(TrainConfig())
+    lines = []
+    for name in _all_names():
+        if name == "task":  # the command sets it
+            continue
+        value = defaults
+        for part in name.split("."):
+            value = value[part]
+        lines.append(f"  --{name}: {_type_name(_lookup(name))} (built-in default {value})")
+    return "\n".join(lines)

@@ -24,6 +24,6 @@ def demo(output_dir: str = "runs/demo", config: str = "fmnist-demo") -> dict:
     png = draw_predictions(str(out / "pretrain"), str(out / "predictions.png"))
     result = evaluate_run(str(out / "finetune"), [], split="test")
     minutes = (time.time() - start) / 60
-    print(f"== Fashion-MNIST test accuracy: top-1 {result['top1']:.2f}% ({result['images']} images); "
+    print(f"== {cfg.data.dataset} test accuracy: top-1 {result['top1']:.2f}% ({result['images']} images); "
           f"predictions drawn in {png}; {minutes:.1f} min in all")
     return result

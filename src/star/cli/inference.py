@@ -1,6 +1,7 @@
 """Using trained models: accuracy on a dataset, classes of image files, and pictures of next-cluster predictions."""
 
 import json
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -8,19 +9,25 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from star.config import TrainConfig, apply_overrides, load_config
-from star.data import build_dataset
+from star.data import build_dataset, convert_image
 from star.models import StarPretrain, VisionMambaClassifier, load_pretrained
-from star.cli.train import (CLASSES_FILE, classification_transform, data_preset, eval_loader,
-                            resolve_model_dir)
+from star.cli.train import (CLASSES_FILE, RUN_CONFIG_FILE, check_num_classes, classification_transform,
+                            data_preset, eval_loader, resolve_model_dir)
 from star.training import evaluate, resolve_device
 from star.training.distributed import destroy_distributed, init_distributed
 
 
 def load_run(path: str, task: str):
-    """The saved model of a run (or model folder) and the run's config (defaults when there is none)."""
+    """The saved model of a run (or model folder) and the config it was trained with: the one saved beside
+    the weights, else the run directory's; built-in defaults (and a warning) when there is neither."""
     model_dir = resolve_model_dir(path)
-    run_config = model_dir.parent / "config.yaml"
-    cfg = load_config(str(run_config)) if run_config.is_file() else TrainConfig(task=task)
+    for run_config in (model_dir / RUN_CONFIG_FILE, model_dir.parent / "config.yaml"):
+        if run_config.is_file():
+            return load_pretrained(model_dir), model_dir, load_config(str(run_config))
+    cfg = TrainConfig(task=task)
+    print(f"warning: no {RUN_CONFIG_FILE} in {model_dir} and no config.yaml beside it: preparing images with "
+          f"the built-in defaults (data.mean_std {cfg.data.mean_std}, data.crop_pct {cfg.data.crop_pct})",
+          file=sys.stderr)
     return load_pretrained(model_dir), model_dir, cfg
 
 
@@ -33,9 +40,10 @@ def evaluate_run(path: str, cfg_overrides, split: str = "test", device: str = "a
         raise ValueError(f"{path} holds a {type(model).__name__}; `star eval` measures classifiers "
                          "(fine-tune or linear-probe it first)")
     data = cfg.data
-    transform = classification_transform(cfg, model.img_size, train=False)
+    transform = classification_transform(cfg, model.img_size, model.in_chans, train=False)
     dataset = build_dataset(data.dataset, split, transform, root=data.root, in_chans=model.in_chans,
                             img_size=model.img_size, skip_corrupt=data.skip_corrupt)
+    check_num_classes(model, dataset, data.dataset)
     init_distributed(device)  # under torchrun each rank evaluates its share; counts are all-reduced
     try:
         loader = eval_loader(dataset, batch_size or cfg.optim.batch_size, data.num_workers)
@@ -56,7 +64,7 @@ def _open_image(path: Path, in_chans: int, convert: bool) -> Image.Image:
     if channels != in_chans and not convert and not (in_chans == 3 and image.mode == "P"):
         raise ValueError(f"{path} has {channels} channel(s) ({image.mode}) but the model takes {in_chans}; "
                          f"pass --convert to convert it to {mode}")
-    return image.convert(mode)
+    return convert_image(image, mode)
 
 
 def predict_files(path: str, files: List[str], topk: int = 5, convert: bool = False, device: str = "auto"):
@@ -65,9 +73,10 @@ def predict_files(path: str, files: List[str], topk: int = 5, convert: bool = Fa
     if not isinstance(model, VisionMambaClassifier):
         raise ValueError(f"{path} holds a {type(model).__name__}, not a classifier")
     classes_file = model_dir / CLASSES_FILE
-    names = json.loads(classes_file.read_text()) if classes_file.is_file() else [str(i) for i in
-                                                                                 range(model.num_classes)]
-    transform = classification_transform(cfg, model.img_size, train=False)
+    names = json.loads(classes_file.read_text()) if classes_file.is_file() else []
+    if len(names) != model.num_classes:  # no names saved (or a folder edited by hand): number the classes
+        names = [str(i) for i in range(model.num_classes)]
+    transform = classification_transform(cfg, model.img_size, model.in_chans, train=False)
     batch = torch.stack([transform(_open_image(Path(f), model.in_chans, convert)) for f in files])
     dev = resolve_device(device)
     with torch.no_grad():
@@ -88,9 +97,9 @@ def draw_predictions(path: str, out: str, num_sequences: int = 4, split: str = "
     model, _, cfg = load_run(path, "pretrain")
     if not isinstance(model, StarPretrain):
         raise ValueError(f"{path} holds a {type(model).__name__}; `star visualize` draws a pretraining model")
-    preset = data_preset(cfg)
+    preset = data_preset(cfg, model.in_chans)
     k = model.num_images
-    transform = classification_transform(cfg, model.img_size, train=False)
+    transform = classification_transform(cfg, model.img_size, model.in_chans, train=False)
     dataset = build_dataset(cfg.data.dataset, split, transform, root=cfg.data.root,
                             in_chans=model.in_chans, img_size=model.img_size)
     if len(dataset) < num_sequences * k:

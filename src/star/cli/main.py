@@ -9,7 +9,8 @@
     star demo      [--output_dir runs/demo]                          pretrain + fine-tune + eval on Fashion-MNIST
     star shards    SRC OUT                                           tar shards of an ImageNet-layout folder
 
-Every config field can be overridden with --dotted.name value; `star pretrain --help` lists them.
+Every config field can be overridden with --dotted.name value; `star pretrain --help` lists them, and
+`--print-config` shows the values a preset gives them.
 """
 
 import argparse
@@ -17,34 +18,48 @@ import sys
 from typing import List, Optional
 
 TASKS = ("pretrain", "finetune", "linprobe")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
+    from star.config import config_help
+
     parser = argparse.ArgumentParser(prog="star", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for task in TASKS:
-        p = sub.add_parser(task, help=f"{task} (config fields as --section.field value)")
+        p = sub.add_parser(task, help=f"{task} (config fields as --section.field value)",
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog="config fields (--name value, or --name=value):\n" + config_help())
         p.add_argument("--config", default="fmnist-tiny",
                        help="preset name or YAML path (default: fmnist-tiny); see `star configs`")
         p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p = sub.add_parser("eval", help="top-1/top-5 accuracy of a fine-tuned run on a dataset split")
+    p = sub.add_parser("eval", help="top-1/top-5 accuracy of a fine-tuned run on a dataset split",
+                       epilog="Config fields of the run can be overridden too, e.g. --data.dataset PATH "
+                              "--data.num_workers 8 (see `star finetune --help`).")
     p.add_argument("run", help="run directory or saved model folder")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="default: the run's batch size")
     p = sub.add_parser("predict", help="top-k classes of image files")
     p.add_argument("run", help="run directory or saved model folder")
     p.add_argument("images", nargs="+")
-    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--topk", type=_positive_int, default=5)
     p.add_argument("--convert", action="store_true", help="convert images to the model's channel count")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p = sub.add_parser("visualize", help="PNG of real images next to next-cluster predictions")
     p.add_argument("run", help="pretraining run directory or saved model folder")
     p.add_argument("--out", default=None, help="PNG path (default: RUN/predictions.png)")
-    p.add_argument("--sequences", type=int, default=4)
+    p.add_argument("--sequences", type=_positive_int, default=4)
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p = sub.add_parser("demo", help="the main job: STAR pretrain + fine-tune + test accuracy on Fashion-MNIST")
     p.add_argument("--output_dir", default="runs/demo")
     p.add_argument("--config", default="fmnist-demo")
@@ -58,12 +73,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args, overrides: List[str]) -> None:
-    from star.config import apply_overrides, load_config, save_config
+    from star.config import apply_overrides, config_to_yaml, load_config
     from star.cli.train import run
 
     cfg = apply_overrides(load_config(args.config, task=args.command), overrides)
     if args.print_config:
-        save_config(cfg, "/dev/stdout")
+        print(config_to_yaml(cfg), end="")
         return
     results = run(cfg)
     if results:

@@ -10,17 +10,17 @@ from typing import Optional, Tuple
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from star.config import TrainConfig
+from star.config import TrainConfig, check_config, save_config
 from star.data import (PRESETS, DataPreset, LabeledSubset, StarBatchSampler, build_dataset, build_sequence_loader,
                        finetune_transform, label_subset, pretrain_transform, train_val_split)
 from star.models import VisionMambaClassifier, classifier_from_pretrain, create_model, load_pretrained
 from star.training import Trainer, create_loss_fn, seed_everything
 from star.training.distributed import (EvalBatchSampler, destroy_distributed, full_model_state_dict,
                                        init_distributed, is_sharded)
-from star.training.engine import check_intervals
 
 MODEL_DIR = "model"  # a finished run keeps its final weights here, loadable with star.load_pretrained
 CLASSES_FILE = "classes.json"  # class names beside a classifier's weights
+RUN_CONFIG_FILE = "run_config.yaml"  # the run's config beside its weights: how to prepare images for them
 
 
 def resolve_model_dir(path: str) -> Path:
@@ -41,6 +41,7 @@ def build_model(cfg: TrainConfig) -> nn.Module:
     if not cfg.pretrained:
         if cfg.task == "linprobe":
             raise ValueError("linprobe needs --pretrained RUN_DIR (a linear probe of random weights measures nothing)")
+        print("no --pretrained: fine-tuning from random weights")
         return create_model(cfg.model.name, **overrides)
     source = load_pretrained(resolve_model_dir(cfg.pretrained))
     classifier_args = inspect.signature(VisionMambaClassifier).parameters  # model.* fields that fit it
@@ -60,27 +61,36 @@ def _geometry(cfg: TrainConfig, model: nn.Module) -> Tuple[int, int]:
     return img_size, in_chans
 
 
-def data_preset(cfg: TrainConfig) -> DataPreset:
-    """The normalization/augmentation preset `data.mean_std` names."""
+def data_preset(cfg: TrainConfig, in_chans: Optional[int] = None) -> DataPreset:
+    """The normalization/augmentation preset `data.mean_std` names; with `in_chans`, one of that many channels."""
     if cfg.data.mean_std not in PRESETS:
         raise ValueError(f"data.mean_std={cfg.data.mean_std!r}; choose one of {sorted(PRESETS)}")
-    return PRESETS[cfg.data.mean_std]
+    preset = PRESETS[cfg.data.mean_std]
+    if in_chans is not None and len(preset.mean) != in_chans:
+        fitting = sorted(name for name, p in PRESETS.items() if len(p.mean) == in_chans)
+        raise ValueError(f"--data.mean_std {cfg.data.mean_std} normalizes {len(preset.mean)}-channel images but "
+                         f"the model takes {in_chans}; choose one of {fitting}")
+    return preset
 
 
-def classification_transform(cfg: TrainConfig, img_size: int, train: bool):
+def classification_transform(cfg: TrainConfig, img_size: int, in_chans: int, train: bool):
     """Fine-tuning augmentation (train) or resize + centre crop (eval), as `cfg.data` says."""
-    data, preset = cfg.data, data_preset(cfg)
-    return finetune_transform(img_size, preset.mean, preset.std, train, auto_augment=data.auto_augment,
-                              re_prob=data.re_prob, crop_pct=data.crop_pct, scale=(data.scale_min, 1.0),
-                              hflip=0.5 if data.hflip else 0.0)
+    data, preset = cfg.data, data_preset(cfg, in_chans)
+    try:
+        return finetune_transform(img_size, preset.mean, preset.std, train, auto_augment=data.auto_augment,
+                                  re_prob=data.re_prob, crop_pct=data.crop_pct, scale=(data.scale_min, 1.0),
+                                  hflip=0.5 if data.hflip else 0.0)
+    except AssertionError as err:  # timm asserts on an auto-augment string it cannot parse
+        raise ValueError(f"--data.auto_augment {data.auto_augment!r} is not a policy timm knows "
+                         f"(e.g. rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, trivialaugment): {err}") from None
 
 
 def build_loaders(cfg: TrainConfig, model: nn.Module) -> Tuple[DataLoader, Optional[DataLoader]]:
     """Train loader (STAR sequences for pretraining, single images otherwise) and, for classification, a
     validation loader: a holdout of the training set when data.val_size > 0, else the dataset's own split."""
     data, optim = cfg.data, cfg.optim
-    preset = data_preset(cfg)
     img_size, in_chans = _geometry(cfg, model)
+    preset = data_preset(cfg, in_chans)
     common = dict(root=data.root, in_chans=in_chans, img_size=img_size, skip_corrupt=data.skip_corrupt,
                   seed=cfg.seed)
     if cfg.task == "pretrain":
@@ -91,7 +101,8 @@ def build_loaders(cfg: TrainConfig, model: nn.Module) -> Tuple[DataLoader, Optio
         return build_sequence_loader(train, optim.batch_size, model.num_images, seed=cfg.seed,
                                      num_workers=data.num_workers), None
 
-    train_tf, eval_tf = classification_transform(cfg, img_size, True), classification_transform(cfg, img_size, False)
+    train_tf = classification_transform(cfg, img_size, in_chans, True)
+    eval_tf = classification_transform(cfg, img_size, in_chans, False)
     train = build_dataset(data.dataset, "train", train_tf, num_samples=data.num_samples, **common)
     if data.val_size > 0:
         train_idx, val_idx = train_val_split(len(train), data.val_size, cfg.seed)
@@ -121,6 +132,15 @@ def _subset(dataset, num_samples: Optional[int], seed: int):
     return LabeledSubset(dataset, train_val_split(len(dataset), len(dataset) - num_samples, seed)[0])
 
 
+def check_num_classes(model: nn.Module, dataset, name: str) -> None:
+    """A classifier's head must have one output per class of the data (labels past it fail deep in the loss;
+    extra outputs train silently and name no class)."""
+    num_classes, classes = getattr(model, "num_classes", None), getattr(dataset, "classes", None)
+    if num_classes is not None and classes is not None and num_classes != len(classes):
+        raise ValueError(f"the model has {num_classes} outputs (model.num_classes) but {name} has {len(classes)} "
+                         f"classes; set --model.num_classes {len(classes)}")
+
+
 def _root_dataset(dataset):
     while hasattr(dataset, "dataset"):  # through Subset wrappers
         dataset = dataset.dataset
@@ -130,7 +150,7 @@ def _root_dataset(dataset):
 def run(cfg: TrainConfig) -> dict:
     """Train as `cfg` says, on one process or under torchrun/SLURM; the final weights go to
     `<output_dir>/model` (and `model_ema` with EMA)."""
-    check_intervals(cfg)  # before the model and the data set are built
+    check_config(cfg)  # before the model and the data set are built
     init_distributed(cfg.device)
     try:
         return _train(cfg)
@@ -148,6 +168,7 @@ def _train(cfg: TrainConfig) -> dict:
     model = build_model(cfg)
     train_loader, val_loader = build_loaders(cfg, model)
     num_classes = getattr(model, "num_classes", None)
+    check_num_classes(model, train_loader.dataset, cfg.data.dataset)
     trainer = Trainer(cfg, model, create_loss_fn(cfg, num_classes), train_loader, val_loader)
     results = trainer.fit()
     weights = full_model_state_dict(model) if is_sharded(model) else None  # a collective: all ranks
@@ -157,6 +178,7 @@ def _train(cfg: TrainConfig) -> dict:
             saved.append((trainer.ema.module, None, trainer.run_dir / f"{MODEL_DIR}_ema"))
         for module, state, folder in saved:
             module.save_pretrained(folder, state_dict=state)
+            save_config(cfg, folder / RUN_CONFIG_FILE)
             if cfg.task != "pretrain":  # `star predict` names classes with it
                 (folder / CLASSES_FILE).write_text(json.dumps(list(train_loader.dataset.classes)) + "\n")
         skipped = getattr(_root_dataset(train_loader.dataset), "num_skipped", 0)

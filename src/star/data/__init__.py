@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from .fashion_mnist import FashionMNIST, find_fashion_mnist
-from .folder import CorruptImageError, ImageFolder
+from .folder import CorruptImageError, ImageFolder, convert_image
 from .shards import ShardDataset, write_shards
 from .sequences import StarBatchSampler, build_sequence_loader, collate_sequences
 from .subsets import LabeledSubset, label_subset, train_val_split
@@ -53,7 +53,8 @@ def build_dataset(name, split, transform=None, root=None, in_chans=None, img_siz
 
 __all__ = [
     "build_dataset", "DATASET_NAMES",
-    "FashionMNIST", "find_fashion_mnist", "ImageFolder", "CorruptImageError", "SyntheticImages", "write_image_folder",
+    "FashionMNIST", "find_fashion_mnist", "ImageFolder", "CorruptImageError", "convert_image", "SyntheticImages",
+    "write_image_folder",
     "ShardDataset", "write_shards", "StarBatchSampler", "collate_sequences", "build_sequence_loader",
     "train_val_split", "label_subset", "LabeledSubset",
     "pretrain_transform", "finetune_transform", "build_mixup", "DataPreset", "PRESETS",

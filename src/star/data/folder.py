@@ -9,6 +9,7 @@ main process: after an epoch, `dataset.num_skipped` / `dataset.skipped_paths` re
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import torchvision.datasets
 from PIL import Image
@@ -22,11 +23,20 @@ class CorruptImageError(ValueError, OSError):
     """An image file that cannot be opened or decoded."""
 
 
+def convert_image(img: Image.Image, mode: str) -> Image.Image:
+    """`img.convert(mode)`, except that 16-bit grayscale (PIL mode "I;16*" or "I") is scaled to 8 bits first:
+    PIL's own conversion clips every value above 255 to white."""
+    if img.mode.startswith("I;16") or (img.mode == "I" and img.getextrema()[1] > 255):
+        values = np.asarray(img, dtype=np.float64) * (255 / 65535)
+        img = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+    return img.convert(mode)
+
+
 def load_image(path, mode: str) -> Image.Image:
     """Open and fully decode an image (convert() forces the decode, so truncated files fail here)."""
     try:
         with Image.open(path) as img:
-            return img.convert(mode)
+            return convert_image(img, mode)
     except (OSError, SyntaxError, ValueError) as err:  # PIL raises all three for broken files
         raise CorruptImageError(f"cannot read image {path}: {err}") from err
 

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from PIL import Image
 
-from .folder import MODES, CorruptImageError, ImageFolder
+from .folder import MODES, CorruptImageError, ImageFolder, convert_image
 
 INDEX_NAME = "index.json"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
@@ -136,7 +136,7 @@ class ShardDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         try:
             with Image.open(io.BytesIO(self.read_bytes(index))) as img:
-                image = img.convert(self.mode)
+                image = convert_image(img, self.mode)
         except (OSError, SyntaxError, ValueError) as err:
             raise CorruptImageError(f"cannot decode sample {index} of {self.split_dir}: {err}") from err
         return (self.transform(image) if self.transform else image), self.targets[index]

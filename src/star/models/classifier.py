@@ -99,7 +99,8 @@ def classifier_from_pretrain(source: Union[str, Path, StarPretrain], **overrides
     """
     pretrain = load_pretrained(source) if isinstance(source, (str, Path)) else source
     if not isinstance(pretrain, StarPretrain):
-        raise ValueError(f"{source} holds a {type(pretrain).__name__}, not a STAR pretraining model")
+        where = source if isinstance(source, (str, Path)) else "the model given"
+        raise ValueError(f"{where} holds a {type(pretrain).__name__}, not a STAR pretraining model")
     encoder_args = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "d_state", "d_conv", "expand",
                     "scan_impl")
     model = VisionMambaClassifier(**{**{k: pretrain.init_args[k] for k in encoder_args}, **overrides})

@@ -36,7 +36,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from tqdm import tqdm
 
-from star.config import TrainConfig, config_to_dict, save_config
+from star.config import TrainConfig, check_config, config_to_dict, save_config
 from star.training.checkpoint import (STATE_NAME, atomic_write, latest_checkpoint, load_checkpoint, load_weights,
                                       resolve_checkpoint, save_checkpoint)
 from star.training.distributed import (all_gather_objects, full_model_state_dict, is_sharded, load_full_model_state_dict,
@@ -200,16 +200,6 @@ class MetricsLogger:
 # ---------------------------------------------------------------------------- trainer
 
 
-def check_intervals(cfg: TrainConfig) -> None:
-    """Counts and intervals out of range fail here, naming the flag, not mid-run (`step % 0`)."""
-    limits = [("log_every", cfg.log_every, 1), ("save_every", cfg.save_every, -1), ("eval_every", cfg.eval_every, 0),
-              ("keep_last", cfg.keep_last, 0), ("max_steps", cfg.max_steps, 1), ("optim.epochs", cfg.optim.epochs, 1),
-              ("optim.accum_iter", cfg.optim.accum_iter, 1)]
-    for name, value, least in limits:
-        if value is not None and value < least:
-            raise ValueError(f"--{name} must be >= {least}, got {value}")
-
-
 class Trainer:
     """Trains `model` with `loss_fn(model, batch) -> (loss, logs)` as `cfg` says.
 
@@ -222,7 +212,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, model: nn.Module, loss_fn: LossFn, train_loader, val_loader=None):
-        check_intervals(cfg)
+        check_config(cfg)
         self.cfg, self.loss_fn = cfg, loss_fn
         self.train_loader, self.val_loader = train_loader, val_loader
         self.rank, self.world_size = _dist_rank_world()
