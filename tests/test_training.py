@@ -140,6 +140,7 @@ def test_param_groups_weight_decay_and_layer_decay():
     opt = create_optimizer(model, OptimConfig(layer_decay=0.5), lr=1.0)
     CosineSchedule(opt, lr=2.0, min_lr=0.0, warmup_steps=0, total_steps=10).step(0)
     assert sorted({g["lr"] for g in opt.param_groups}) == sorted({2.0 * g["lr_scale"] for g in opt.param_groups})
+    assert opt.defaults["fused"] is None  # fused AdamW only for CUDA parameters
 
 
 def test_linear_probe_trains_only_the_head():
