@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Triton kernel tests on a CUDA GPU: compiled kernels at larger shapes than the CPU interpreter run.
+# GPU tests: the Triton kernels compiled, at larger shapes than the CPU interpreter runs, and fused AdamW.
 # Usage: scripts/gpu-tests.sh [extra pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,4 +8,4 @@ if ! python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else
     exit 1
 fi
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
-python3 -m pytest tests/test_triton.py -q -p no:cacheprovider "$@"
+python3 -m pytest tests/test_triton.py tests/test_training.py::test_fused_adamw_on_cuda_matches_foreach -q -p no:cacheprovider "$@"

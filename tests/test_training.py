@@ -296,3 +296,23 @@ def test_evaluate_top1_top5():
     assert results["top1"] == pytest.approx(100 * (rank == 0).float().mean().item())
     assert results["top5"] == pytest.approx(100 * (rank < 5).float().mean().item())
     assert results["loss"] == pytest.approx(nn.functional.cross_entropy(logits, labels.diagonal()).item(), rel=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu-tests.sh runs it)")
+def test_fused_adamw_on_cuda_matches_foreach():
+    torch.manual_seed(0)
+    fused_model, plain_model = TinyClassifier().cuda().eval(), TinyClassifier().cuda().eval()  # no dropout
+    plain_model.load_state_dict(fused_model.state_dict())
+    cfg = OptimConfig(layer_decay=0.5)
+    fused = create_optimizer(fused_model, cfg, lr=1e-2)
+    plain = torch.optim.AdamW(param_groups(plain_model, cfg.weight_decay, cfg.layer_decay), lr=1e-2,
+                              betas=cfg.betas, foreach=True)
+    assert fused.defaults["fused"] is True
+    x = torch.randn(4, 12, device="cuda")
+    for _ in range(3):
+        for model, opt in ((fused_model, fused), (plain_model, plain)):
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    for a, b in zip(fused_model.parameters(), plain_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
