@@ -404,3 +404,9 @@ def test_build_dataset_unknown_name():
     assert "ImageNet-layout" in str(info.value)
     with pytest.raises(ValueError, match="split"):
         build_dataset("synthetic", "training")
+
+
+def test_synthetic_zero_sizes_are_errors_not_defaults():
+    for kw in (dict(num_samples=0), dict(img_size=0), dict(in_chans=0), dict(num_classes=0)):
+        with pytest.raises(ValueError):
+            build_dataset("synthetic", "train", **kw)

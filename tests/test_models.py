@@ -178,6 +178,37 @@ def test_bad_images_give_clear_errors():
         model(images(size=20))
     with pytest.raises(ValueError, match="shape"):
         model(torch.randn(2, 1, 16, 16))
+    with pytest.raises(ValueError, match="empty"):
+        model(images(k=4)[:, :0])
+    with pytest.raises(ValueError, match="floating-point"):
+        model((images() * 50).to(torch.uint8))
+    with pytest.raises(ValueError, match="float64 but the model's weights are torch.float32"):
+        model(images().double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast the conv casts for itself
+        assert torch.isfinite(model(images().bfloat16())["loss"])
+
+
+def test_bad_model_arguments_fail_at_construction():
+    with pytest.raises(ValueError, match="scan_impl must be one of"):
+        VisionMambaClassifier(**{**TINY_CLF, "scan_impl": "cuda"})
+    with pytest.raises(ValueError, match="1x1 patch grid is too small"):
+        VisionMambaClassifier(**{**TINY_CLF, "img_size": 4, "patch_size": 4})
+    with pytest.raises(ValueError, match="nothing to predict"):
+        StarPretrain(**{**TINY, "cluster_size": 4, "separator": "none", "num_images": 1})
+    with pytest.raises(ValueError, match="cluster_size and decoder_depth"):
+        StarPretrain(**{**TINY, "cluster_size": 0})
+    with pytest.raises(ValueError, match="unknown argument"):
+        create_model("star_tiny_patch16_224", **TINY_CLF, not_an_argument=1)
+
+
+def test_reset_classifier_like_timm(tmp_path):
+    model = VisionMambaClassifier(**TINY_CLF, num_classes=3)
+    model.reset_classifier(7)
+    assert model.num_features == 32 and model(torch.randn(2, 1, 16, 16)).shape == (2, 7)
+    model.save_pretrained(tmp_path / "m")
+    assert load_pretrained(tmp_path / "m").num_classes == 7  # the new head is what is saved
+    model.reset_classifier(0)
+    assert model(torch.randn(2, 1, 16, 16)).shape == (2, 32)  # features
 
 
 def test_pretrain_to_classifier_transfer(tmp_path):

@@ -1,10 +1,13 @@
 """Plain-PyTorch ops: chunked scan vs the sequential reference, reverse, one-step updates, conv, errors."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from star.ops import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
-from star.ops.selective_scan import load_triton_op, selective_scan_chunked, selective_scan_ref
+from star.ops.selective_scan import (SCAN_IMPLS, load_triton_op, pick_impl, selective_scan_chunked,
+                                     selective_scan_ref)
 
 
 def make_scan_inputs(batch, length, d, n, *, seed=0, dtype=torch.float64, D=True, z=True, delta_bias=True):
@@ -176,14 +179,34 @@ def test_triton_unavailable_raises_clear_error(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "star.ops.triton", None)  # makes the import fail
     load_triton_op.cache_clear()
     try:
-        inputs = make_scan_inputs(1, 3, 2, 4)
+        inputs = {k: v.float() if isinstance(v, torch.Tensor) else v for k, v in make_scan_inputs(1, 3, 2, 4).items()}
         with pytest.raises(RuntimeError, match="impl='triton' needs the Triton kernels"):
             selective_scan(**inputs, impl="triton")
         with pytest.raises(RuntimeError, match="impl='triton' needs the Triton kernels"):
-            causal_conv1d(inputs["u"], torch.ones(2, 4, dtype=torch.float64), impl="triton")
+            causal_conv1d(inputs["u"], torch.ones(2, 4), impl="triton")
         torch.testing.assert_close(selective_scan(**inputs, impl="auto"), selective_scan(**inputs, impl="ref"))
     finally:
         load_triton_op.cache_clear()
+
+
+def test_empty_sequences_are_refused_by_every_op():
+    inputs = make_scan_inputs(2, 0, 3, 4)
+    with pytest.raises(ValueError, match="length 0"):
+        selective_scan(**inputs, impl="ref")
+    with pytest.raises(ValueError, match="length 0"):
+        causal_conv1d(inputs["u"], torch.ones(3, 4, dtype=torch.float64), impl="ref")
+
+
+def test_float64_never_goes_to_the_float32_kernels():
+    inputs = make_scan_inputs(1, 3, 2, 4)  # float64
+    with pytest.raises(ValueError, match="computes in float32"):
+        selective_scan(**inputs, impl="triton")
+    with pytest.raises(ValueError, match="computes in float32"):
+        causal_conv1d(inputs["u"], torch.ones(2, 4, dtype=torch.float64), impl="triton")
+    # "auto" keeps float64 exact where it would pick Triton: on CUDA (pick_impl reads only dtype and is_cuda)
+    on_cuda = lambda dtype: SimpleNamespace(dtype=dtype, is_cuda=True)  # noqa: E731
+    assert pick_impl("auto", SCAN_IMPLS, on_cuda(torch.float64), "selective_scan_triton", "chunked") == "chunked"
+    assert callable(pick_impl("auto", SCAN_IMPLS, on_cuda(torch.float32), "selective_scan_triton", "chunked"))
 
 
 def conv_loop(x, weight, bias, activation, reverse):

@@ -33,10 +33,10 @@ def build_dataset(name, split, transform=None, root=None, in_chans=None, img_siz
         return FashionMNIST(root, "train" if split == "train" else "test", transform, in_chans=in_chans or 1)
     if name == "synthetic":
         return SyntheticImages(
-            num_samples or (1024 if split == "train" else 256),
-            img_size or 32,
-            in_chans or 3,
-            num_classes or 10,
+            (1024 if split == "train" else 256) if num_samples is None else num_samples,
+            32 if img_size is None else img_size,
+            3 if in_chans is None else in_chans,
+            10 if num_classes is None else num_classes,
             seed=seed,
             transform=transform,
             stream=SPLITS.index(split),

@@ -6,7 +6,7 @@ of the tokens before the cls token and the mean of those after it, then LayerNor
 """
 
 from pathlib import Path
-from typing import List, NamedTuple, Union
+from typing import List, NamedTuple, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -37,8 +37,11 @@ class VisionMambaClassifier(PretrainedMixin, nn.Module):
                               drop_path_rate=drop_path_rate, scan_impl=scan_impl)
         if img_size % patch_size:
             raise ValueError(f"img_size={img_size} is not a multiple of patch_size={patch_size}")
-        self.img_size, self.in_chans, self.num_classes = img_size, in_chans, num_classes
+        self.img_size, self.in_chans = img_size, in_chans
         grid = img_size // patch_size
+        if grid < 2:
+            raise ValueError(f"a {grid}x{grid} patch grid is too small: the classifier pools the patch tokens on "
+                             f"both sides of its middle class token; use img_size >= 2 * patch_size")
         self.cls_pos = grid * grid // 2
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.register_buffer("pos_embed", sincos_pos_embed(embed_dim, grid))
@@ -50,10 +53,8 @@ class VisionMambaClassifier(PretrainedMixin, nn.Module):
         self.register_buffer("scan_index", index, persistent=False)  # the 4 directions (see models.mamba)
         self.register_buffer("scan_inverse", inverse, persistent=False)
         self.fc_norm = nn.LayerNorm(embed_dim)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes else nn.Identity()
-        if num_classes:
-            trunc_normal_(self.head.weight, std=2e-5)
-            nn.init.zeros_(self.head.bias)
+        self.num_features = embed_dim  # timm: the width the head reads
+        self.reset_classifier(num_classes)
 
     def no_weight_decay(self) -> set:
         return no_weight_decay_names(self)
@@ -66,8 +67,18 @@ class VisionMambaClassifier(PretrainedMixin, nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head
 
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A fresh head for `num_classes` (0: none, features out), as timm models have; pooling is fixed."""
+        if global_pool is not None:
+            raise ValueError("the classifier's pooling is fixed (mean of the tokens on both sides of the class token)")
+        self.num_classes = self.init_args["num_classes"] = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+        if num_classes:
+            trunc_normal_(self.head.weight, std=2e-5)
+            nn.init.zeros_(self.head.bias)
+
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        check_images(images, self.in_chans, self.img_size, ("batch",))
+        check_images(images, self.in_chans, self.img_size, ("batch",), self.patch_embed.proj.weight.dtype)
         x = self.patch_embed(images) + self.pos_embed
         b, m = x.shape[0], self.cls_pos
         x = torch.cat([x[:, :m], self.cls_token.expand(b, -1, -1), x[:, m:]], dim=1)

@@ -20,6 +20,7 @@ import torch.nn as nn
 from timm.layers import DropPath, SwiGLU
 
 from star.ops import causal_conv1d, selective_scan
+from star.ops.selective_scan import SCAN_IMPLS
 
 
 class ScanOrders(NamedTuple):
@@ -72,6 +73,8 @@ class MambaMixer(nn.Module):
                  num_directions: int = 1, depth: int = 1, scan_impl: str = "auto"):
         super().__init__()
         d_inner = expand * dim
+        if scan_impl not in SCAN_IMPLS:
+            raise ValueError(f"scan_impl must be one of {SCAN_IMPLS}, got {scan_impl!r}")
         self.scan_impl = scan_impl
         self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False)
         self.directions = nn.ModuleList(

@@ -1,17 +1,28 @@
 """Image <-> patch geometry shared by the pretraining model and the classifier."""
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from timm.layers import resample_abs_pos_embed
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 
 
-def check_images(images: torch.Tensor, in_chans: int, img_size: int, leading: Sequence[str]) -> None:
-    """Fail with a readable message (not deep inside a conv) when images don't fit the model."""
+def check_images(images: torch.Tensor, in_chans: int, img_size: int, leading: Sequence[str],
+                 weight_dtype: Optional[torch.dtype] = None) -> None:
+    """Fail with a readable message (not deep inside a conv) when images don't fit the model: shape, an empty
+    batch, or a dtype the weights cannot take (outside autocast, images must match `weight_dtype`)."""
     shape = f"({', '.join(leading)}, {in_chans}, {img_size}, {img_size})"
     if images.ndim != len(leading) + 3:
         raise ValueError(f"expected images of shape {shape}, got a {images.ndim}-d tensor {tuple(images.shape)}")
+    if images.numel() == 0:
+        raise ValueError(f"expected images of shape {shape}, got an empty tensor {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be normalized floating-point tensors, got {images.dtype} (convert and "
+                         f"normalize them first, e.g. with the data presets' transforms)")
+    if (weight_dtype is not None and images.dtype != weight_dtype
+            and not torch.is_autocast_enabled(images.device.type)):
+        raise ValueError(f"images are {images.dtype} but the model's weights are {weight_dtype}; cast the images "
+                         f"(images.to({weight_dtype})) or run under torch.autocast")
     c, h, w = images.shape[-3:]
     if c != in_chans:
         raise ValueError(f"the model expects {in_chans}-channel images, got {c} channels (shape "

@@ -7,6 +7,7 @@ in_chans=1, cluster_size=2)` for 32 px grayscale images.
 """
 
 import fnmatch
+import inspect
 from typing import Callable, Dict, List
 
 import torch.nn as nn
@@ -27,15 +28,18 @@ _TIMM_ONLY_ARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")  # t
 
 
 def _entry(cls: type, name: str, **defaults) -> Callable[..., nn.Module]:
+    allowed = [p for p in inspect.signature(cls).parameters if p != "self"]
+
     def build(pretrained: bool = False, **overrides) -> nn.Module:
         if pretrained:
             raise ValueError(f"{name}: no released weights; load your own with star.load_pretrained(dir)")
         for key in _TIMM_ONLY_ARGS:
             overrides.pop(key, None)
-        try:
-            return cls(**{**defaults, **overrides})
-        except TypeError as e:
-            raise ValueError(f"{name}: {e}") from None
+        unknown = sorted(set(overrides) - set(allowed))
+        if unknown:
+            raise ValueError(f"{name}: unknown argument(s) {', '.join(unknown)}; {cls.__name__} takes "
+                             f"{', '.join(allowed)}")
+        return cls(**{**defaults, **overrides})
 
     build.__name__ = build.__qualname__ = name
     build.__doc__ = f"{cls.__name__} with {defaults}."

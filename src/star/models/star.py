@@ -83,6 +83,8 @@ class StarPretrain(PretrainedMixin, nn.Module):
             raise ValueError(f"img_size={img_size} is not a multiple of patch_size={patch_size}")
         if num_images < 1:
             raise ValueError(f"num_images (K) must be >= 1, got {num_images}")
+        if cluster_size < 1 or decoder_depth < 1:
+            raise ValueError(f"cluster_size and decoder_depth must be >= 1, got {cluster_size} and {decoder_depth}")
         if len(feature_layers) != decoder_depth or not all(1 <= i <= depth for i in feature_layers):
             raise ValueError(f"feature_layers={feature_layers} must list decoder_depth={decoder_depth} "
                              f"layer numbers in 1..depth={depth}")
@@ -118,6 +120,10 @@ class StarPretrain(PretrainedMixin, nn.Module):
         # the layout of the model's own K, as buffers: they follow .to(device), and torch.compile traces no
         # cache being filled (which made it compile the training step twice)
         target_pos, mask = self._build_layout(num_images)
+        if len(target_pos) == 0:
+            raise ValueError(f"nothing to predict: one {cluster_size}x{cluster_size}-patch cluster per image and "
+                             f"separator='none' leave no cluster with context; use a smaller cluster_size or a "
+                             f"separator")
         self.register_buffer("layout_target_pos", target_pos, persistent=False)
         self.register_buffer("layout_mask", mask, persistent=False)
 
@@ -189,7 +195,8 @@ class StarPretrain(PretrainedMixin, nn.Module):
         return normalize_patches(patches[:, target_pos]).reshape(b, k, len(target_pos), -1)
 
     def forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
-        check_images(images, self.in_chans, self.img_size, ("batch", "images per sequence"))
+        check_images(images, self.in_chans, self.img_size, ("batch", "images per sequence"),
+                     self.patch_embed.proj.weight.dtype)
         b, k = images.shape[:2]
         pred = self.forward_decoder(self.forward_features(self.build_sequence(images)), k)
         pred = pred.float().reshape(b, k, -1, pred.shape[-1])

@@ -59,6 +59,8 @@ def causal_conv1d(x, weight, bias=None, activation=None, reverse=False, impl="au
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     batch, length, d = x.shape
     check_shape("x", x, batch=batch, length=length, d=d)
+    if length == 0:
+        raise ValueError("x must have at least one time step, got length 0")
     if not isinstance(weight, torch.Tensor) or weight.dim() not in (2, 3) or weight.shape[-1] < 1:
         raise ValueError(f"weight must be a (d, k) or (groups, d, k) tensor with d = {d} and k >= 1, got "
                          f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")

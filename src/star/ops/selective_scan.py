@@ -62,6 +62,12 @@ def pick_impl(impl: str, allowed: tuple, x: torch.Tensor, triton_name: str, cpu_
     """Resolve `impl` to a concrete name, or to the Triton callable itself."""
     if impl not in allowed:
         raise ValueError(f"impl must be one of {allowed}, got {impl!r}")
+    if x.dtype == torch.float64:  # the kernels compute in float32: keep float64 exact (gradcheck, references)
+        if impl == "triton":
+            raise ValueError(f"impl='triton' computes in float32; float64 inputs need impl='ref' or "
+                             f"'{cpu_default}' (or 'auto', which picks '{cpu_default}' for them)")
+        if impl == "auto":
+            return cpu_default
     if impl == "auto":
         if not x.is_cuda or isinstance(load_triton_op(triton_name), ImportError):
             return cpu_default
@@ -200,8 +206,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         z: (batch, length, d) or None, gates the output with SiLU(z).
         delta_softplus: apply softplus to delta + delta_bias.
         reverse: run the recurrence from the last step to the first (outputs stay in input order).
-        impl: "ref" (sequential, ground truth), "chunked" (CPU default), "triton" (star.ops.triton),
-            or "auto" (Triton for CUDA tensors when it imports, else "chunked").
+        impl: "ref" (sequential, ground truth), "chunked" (CPU default), "triton" (star.ops.triton, fp32
+            math: not for float64 inputs), or "auto" (Triton for CUDA tensors when it imports, unless they
+            are float64; else "chunked").
     Returns:
         y: (batch, length, d) in u's dtype.
     """
