@@ -211,6 +211,19 @@ def test_reset_classifier_like_timm(tmp_path):
     assert model(torch.randn(2, 1, 16, 16)).shape == (2, 32)  # features
 
 
+def test_finetune_takes_the_input_size_of_its_model_name(tmp_path):
+    from star.cli.train import build_model
+    from star.config import apply_overrides, load_config
+
+    tiny_pretrain().save_pretrained(tmp_path / "run" / "model")  # a run directory, as `star pretrain` leaves it
+    clf, _ = classifier_from_pretrain(tmp_path / "run", num_classes=3)  # run dirs load like model folders
+    assert clf.img_size == 16
+    geometry = ["--model.patch_size", "4", "--model.in_chans", "1", "--model.embed_dim", "32", "--model.depth", "4"]
+    cfg = apply_overrides(load_config("imagenet-base", "finetune"), ["--pretrained", str(tmp_path / "run"), *geometry])
+    assert build_model(cfg).img_size == 224  # star_base_patch16_224: pretrained at 16 px, fine-tuned at 224
+    assert build_model(apply_overrides(cfg, ["--model.img_size", "32"])).img_size == 32
+
+
 def test_pretrain_to_classifier_transfer(tmp_path):
     pretrain = tiny_pretrain(cls_token=True)
     pretrain.save_pretrained(tmp_path / "pre")

@@ -11,8 +11,9 @@ from PIL import Image, UnidentifiedImageError
 from star.config import TrainConfig, apply_overrides, load_config
 from star.data import build_dataset, convert_image
 from star.models import StarPretrain, VisionMambaClassifier, load_pretrained
+from star.models.hub import resolve_model_dir
 from star.cli.train import (CLASSES_FILE, RUN_CONFIG_FILE, check_num_classes, classification_transform,
-                            data_preset, eval_loader, resolve_model_dir)
+                            data_preset, eval_loader)
 from star.training import evaluate, resolve_device
 from star.training.distributed import destroy_distributed, init_distributed
 

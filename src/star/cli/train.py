@@ -4,7 +4,6 @@ the engine in `star.training` trains; this module decides what it trains on)."""
 import inspect
 import json
 import traceback
-from pathlib import Path
 from typing import Optional, Tuple
 
 import torch.nn as nn
@@ -14,23 +13,14 @@ from star.config import TrainConfig, check_config, save_config
 from star.data import (PRESETS, DataPreset, LabeledSubset, StarBatchSampler, build_dataset, build_sequence_loader,
                        finetune_transform, label_subset, pretrain_transform, train_val_split)
 from star.models import VisionMambaClassifier, classifier_from_pretrain, create_model, load_pretrained
+from star.models.hub import MODEL_DIR
+from star.models.registry import registered_defaults
 from star.training import Trainer, create_loss_fn, seed_everything
 from star.training.distributed import (EvalBatchSampler, destroy_distributed, full_model_state_dict,
                                        init_distributed, is_sharded)
 
-MODEL_DIR = "model"  # a finished run keeps its final weights here, loadable with star.load_pretrained
 CLASSES_FILE = "classes.json"  # class names beside a classifier's weights
 RUN_CONFIG_FILE = "run_config.yaml"  # the run's config beside its weights: how to prepare images for them
-
-
-def resolve_model_dir(path: str) -> Path:
-    """A `save_pretrained` folder, or a run directory holding one."""
-    path = Path(path)
-    for candidate in (path, path / MODEL_DIR):
-        if (candidate / "config.json").is_file():
-            return candidate
-    raise FileNotFoundError(f"{path} holds no saved model: expected config.json + model.safetensors there or in "
-                            f"{path / MODEL_DIR} (a finished `star pretrain/finetune` run writes them)")
 
 
 def build_model(cfg: TrainConfig) -> nn.Module:
@@ -43,12 +33,18 @@ def build_model(cfg: TrainConfig) -> nn.Module:
             raise ValueError("linprobe needs --pretrained RUN_DIR (a linear probe of random weights measures nothing)")
         print("no --pretrained: fine-tuning from random weights")
         return create_model(cfg.model.name, **overrides)
-    source = load_pretrained(resolve_model_dir(cfg.pretrained))
+    source = load_pretrained(cfg.pretrained)
     classifier_args = inspect.signature(VisionMambaClassifier).parameters  # model.* fields that fit it
-    model, report = classifier_from_pretrain(
-        source, **{k: v for k, v in overrides.items() if k in classifier_args})
+    kwargs = {k: v for k, v in overrides.items() if k in classifier_args}
+    # the input size of model.name (e.g. 224 for star_base_patch16_224) unless overridden: fine-tuning at
+    # another size than pretraining (192 -> 224) interpolates the position embedding
+    kwargs.setdefault("img_size", registered_defaults(cfg.model.name).get("img_size", source.img_size))
+    model, report = classifier_from_pretrain(source, **kwargs)
+    resized = f", position embedding resized {source.img_size} -> {model.img_size} px" \
+        if model.img_size != source.img_size else ""
     print(f"initialised from {cfg.pretrained}: {len(report.missing_keys)} new weights "
-          f"({', '.join(report.missing_keys)}), {len(report.unexpected_keys)} pretraining-only weights dropped")
+          f"({', '.join(report.missing_keys)}), {len(report.unexpected_keys)} pretraining-only weights dropped"
+          f"{resized}")
     return model
 
 

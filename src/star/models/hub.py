@@ -9,6 +9,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 CONFIG_NAME = "config.json"
+MODEL_DIR = "model"  # a finished `star` run keeps its final weights in <run>/model
 WEIGHTS_NAME = "model.safetensors"
 
 ARCHITECTURES: Dict[str, type] = {}  # class name -> class, filled by `register_architecture`
@@ -62,12 +63,10 @@ class PretrainedMixin:
 
     @classmethod
     def from_pretrained(cls, path: Union[str, Path], **overrides) -> nn.Module:
-        """Build the model its config.json names and load its weights; `overrides` change constructor
-        arguments that don't alter the weights' shapes (e.g. drop_path_rate, scan_impl)."""
-        path = Path(path)
-        if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
-            raise FileNotFoundError(f"{path} is not a saved star model: expected {CONFIG_NAME} and {WEIGHTS_NAME} "
-                                    f"in it (written by save_pretrained)")
+        """Build the model its config.json names and load its weights (a `save_pretrained` folder, or a run
+        directory holding one in model/); `overrides` change constructor arguments that don't alter the
+        weights' shapes (e.g. drop_path_rate, scan_impl)."""
+        path = resolve_model_dir(path)
         config = json.loads((path / CONFIG_NAME).read_text())
         arch = config.pop("architecture", None)
         if arch not in ARCHITECTURES:
@@ -78,6 +77,17 @@ class PretrainedMixin:
         model = model_cls(**{**config, **overrides})
         load_state_dict_checked(model, load_file(str(path / WEIGHTS_NAME)), source=str(path))
         return model
+
+
+def resolve_model_dir(path: Union[str, Path]) -> Path:
+    """A `save_pretrained` folder, or a run directory holding one in model/."""
+    path = Path(path)
+    for candidate in (path, path / MODEL_DIR):
+        if (candidate / CONFIG_NAME).is_file() and (candidate / WEIGHTS_NAME).is_file():
+            return candidate
+    raise FileNotFoundError(f"{path} holds no saved model: expected {CONFIG_NAME} + {WEIGHTS_NAME} there or in "
+                            f"{path / MODEL_DIR} (save_pretrained, or a finished `star pretrain/finetune` run, "
+                            f"writes them)")
 
 
 def load_pretrained(path: Union[str, Path], **overrides) -> nn.Module:

@@ -43,6 +43,7 @@ def _entry(cls: type, name: str, **defaults) -> Callable[..., nn.Module]:
 
     build.__name__ = build.__qualname__ = name
     build.__doc__ = f"{cls.__name__} with {defaults}."
+    build.defaults = defaults
     MODELS[name] = build
     return build
 
@@ -50,6 +51,13 @@ def _entry(cls: type, name: str, **defaults) -> Callable[..., nn.Module]:
 for _size, _dims in SIZES.items():
     _entry(StarPretrain, f"star_{_size}_patch16_192", img_size=192, patch_size=16, **_dims)
     _entry(VisionMambaClassifier, f"star_{_size}_patch16_224", img_size=224, patch_size=16, **_dims)
+
+
+def registered_defaults(name: str) -> dict:
+    """The constructor arguments model `name` is registered with (e.g. img_size=224, embed_dim=768)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; registered: {', '.join(list_models())}")
+    return dict(MODELS[name].defaults)
 
 
 def list_models(pattern: str = "*") -> List[str]:
