@@ -204,8 +204,10 @@ def test_load_checkpoint_names_mismatched_keys(tmp_path):
 # ---------------------------------------------------------------------------- engine
 
 
+@pytest.mark.parametrize("save_every, checkpoint", [(2, "step-00000004"), (0, "step-00000003")],
+                         ids=["mid-epoch", "epoch-end"])
 @pytest.mark.parametrize("task", ["finetune", "pretrain"])
-def test_resume_retraces_the_uninterrupted_run(tmp_path, task):
+def test_resume_retraces_the_uninterrupted_run(tmp_path, task, save_every, checkpoint):
     # 48 images / batch 8 = 6 batches per epoch, accum 2 -> 3 optimizer steps per epoch, 9 in all
     full_dir, crash_dir = tmp_path / "full", tmp_path / "crash"
     cfg = make_cfg(full_dir, task)
@@ -213,7 +215,7 @@ def test_resume_retraces_the_uninterrupted_run(tmp_path, task):
     full = read_losses(full_dir)
     assert sorted(full) == list(range(1, 10))
 
-    cfg = make_cfg(crash_dir, task, save_every=2)
+    cfg = make_cfg(crash_dir, task, save_every=save_every)
     model, loss_fn, train, val = make_job(cfg)
     calls = 0
 
@@ -226,7 +228,8 @@ def test_resume_retraces_the_uninterrupted_run(tmp_path, task):
 
     with pytest.raises(KeyboardInterrupt):
         Trainer(cfg, model, crashing_loss, train, val).fit()
-    assert latest_checkpoint(crash_dir).name == "step-00000004"  # mid-epoch: 2 of 6 batches into epoch 1
+    # mid-epoch: 2 of 6 batches into epoch 1; epoch-end: the end of epoch 0, before the next epoch's loader
+    assert latest_checkpoint(crash_dir).name == checkpoint
     with pytest.raises(ValueError, match="resume auto"):
         Trainer(cfg, *make_job(cfg))
 
@@ -235,7 +238,7 @@ def test_resume_retraces_the_uninterrupted_run(tmp_path, task):
     resumed = read_losses(crash_dir)
     assert sorted(resumed) == sorted(full)
     starts = json.loads((crash_dir / "environment.json").read_text())  # the first start, then the resume
-    assert [s["from_step"] for s in starts] == [0, 4] and starts[1]["torch"] == torch.__version__
+    assert [s["from_step"] for s in starts] == [0, int(checkpoint[5:])] and starts[1]["torch"] == torch.__version__
     for step in full:
         assert abs(full[step] - resumed[step]) <= 1e-6, (step, full[step], resumed[step])
     a, b = load_checkpoint(full_dir, make_job(cfg)[0]), load_checkpoint(crash_dir, make_job(cfg)[0])
@@ -245,6 +248,26 @@ def test_resume_retraces_the_uninterrupted_run(tmp_path, task):
     if task == "finetune":
         for k, v in a["ema"].items():
             torch.testing.assert_close(v, b["ema"][k], rtol=0, atol=1e-6)
+
+
+def test_resume_checks_the_batch_and_task_and_takes_the_new_hyperparameters(tmp_path):
+    cfg = dataclasses.replace(make_cfg(tmp_path, "finetune"), max_steps=2, save_every=1)
+    Trainer(cfg, *make_job(cfg)).fit()
+    resume = dataclasses.replace(cfg, resume="auto", max_steps=3)
+    bigger = dataclasses.replace(resume, optim=dataclasses.replace(cfg.optim, batch_size=16))
+    with pytest.raises(ValueError, match="global batch of 16 images .* this run's is 32"):
+        Trainer(bigger, *make_job(bigger))
+    split = dataclasses.replace(resume, optim=dataclasses.replace(cfg.optim, batch_size=4, accum_iter=4))
+    Trainer(split, *make_job(split))  # the same global batch, split differently: fine
+    other_task = dataclasses.replace(resume, task="linprobe")
+    with pytest.raises(ValueError, match="finetune checkpoint; it cannot resume a linprobe run"):
+        Trainer(other_task, *make_job(other_task))
+    changed = dataclasses.replace(resume, optim=dataclasses.replace(cfg.optim, weight_decay=0.3, betas=(0.5, 0.6),
+                                                                    layer_decay=0.5))
+    trainer = Trainer(changed, *make_job(changed))
+    groups = trainer.optimizer.param_groups
+    assert {g["weight_decay"] for g in groups} == {0.0, 0.3} and {g["betas"] for g in groups} == {(0.5, 0.6)}
+    assert sorted({g["lr_scale"] for g in groups})[-2] == pytest.approx(0.5)  # layer decay 0.5, not the saved 0.8
 
 
 @pytest.mark.parametrize("save_every, saved", [(0, [3, 6, 9]), (4, [3, 4, 6, 8, 9]), (-1, [9]), (5, [3, 5, 6, 9])])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -356,6 +357,9 @@ def check_config(cfg: TrainConfig) -> None:
     if (d.mixup > 0 or d.cutmix > 0) and o.batch_size % 2:
         raise ValueError(f"--data.mixup/--data.cutmix pair images within a batch: --optim.batch_size must be even, "
                          f"got {o.batch_size}")
+    if o.warmup_epochs >= o.epochs:
+        print(f"warning: --optim.warmup_epochs {o.warmup_epochs} >= --optim.epochs {o.epochs}: the learning rate "
+              "only warms up and never decays", file=sys.stderr)
     if cfg.task == "pretrain" and cfg.pretrained:
         raise ValueError("--pretrained starts a fine-tune or linear probe from pretrained weights; pretraining "
                          "starts from random weights (to continue a pretraining run, use --resume)")

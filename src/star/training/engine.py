@@ -163,7 +163,7 @@ class MetricsLogger:
                 self.fields = list(reader.fieldnames or ["step"])
                 self.rows = [r for r in reader if int(r["step"]) <= resume_step]
         self._rewrite()
-        purge = None if resume_step is None else resume_step + 1
+        purge = 0 if resume_step is None else resume_step + 1  # a fresh start drops a dead run's events too
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard is a dependency, but a bare GPU image may lack it: keep the CSV
@@ -301,7 +301,13 @@ class Trainer:
             load_full_model_state_dict(self.model, load_weights(ckpt))
         else:
             state = load_checkpoint(ckpt, self.model)
+        self._check_resumable(ckpt, state)
+        # the checkpoint's group hyperparameters give way to this config's (the lr is set by the schedule)
+        fresh = [{k: g[k] for k in ("weight_decay", "betas", "lr_scale") if k in g}
+                 for g in self.optimizer.param_groups]
         load_optimizer_state_by_name(self.model, self.optimizer, state["optimizer"])
+        for group, values in zip(self.optimizer.param_groups, fresh):
+            group.update(values)
         if self.ema is not None:
             if state["ema"] is None:
                 raise ValueError(f"{ckpt} has no EMA weights but optim.ema_decay is set")
@@ -317,6 +323,24 @@ class Trainer:
         self.last_checkpoint = ckpt
         if self.is_main:
             print(f"resumed from {ckpt}: step {self.step}, epoch {self.epoch}, batch {self.batches_done}")
+
+    def _check_resumable(self, ckpt: Path, state: dict) -> None:
+        """The step count, schedule and data position of a checkpoint mean the same only for the same task
+        and global batch (batch_size x accum_iter x processes; how it splits over them may change)."""
+        saved = state.get("config")
+        if saved is None:
+            return
+        if saved["task"] != self.cfg.task:
+            raise ValueError(f"{ckpt} is a {saved['task']} checkpoint; it cannot resume a {self.cfg.task} run")
+        o, world = saved["optim"], len(state.get("rank_rngs") or [state["rng"]])
+        before = o["batch_size"] * o["accum_iter"] * world
+        now = self.cfg.optim.batch_size * self.cfg.optim.accum_iter * self.world_size
+        if before != now:
+            raise ValueError(
+                f"{ckpt} was trained with a global batch of {before} images (batch_size {o['batch_size']} x "
+                f"accum_iter {o['accum_iter']} x {world} processes); this run's is {now}, so its step count, "
+                "schedule and data position would not line up. Resume with the same global batch (e.g. raise "
+                "--optim.accum_iter on fewer GPUs), or start a new run from its weights with --pretrained")
 
     # ------------------------------------------------------------------ loop
 
@@ -370,10 +394,15 @@ class Trainer:
             sampler.load_state_dict(self._sampler_to_restore)
             self.batches_done, skip = sampler.state_dict()["batches_done"], 0  # in this run's batches (world size)
         self._sampler_to_restore = None
+        # Creating the iterator draws from the RNG. A checkpoint from an epoch's end was saved before that
+        # epoch's iterator existed, so the RNG is restored first; one from mid-epoch after it, so after.
+        if self._rng_to_restore is not None and self.batches_done == 0:
+            set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
         it = iter(self.train_loader)
         for _ in range(skip):
             next(it)
-        if self._rng_to_restore is not None:  # after iter(): creating it draws from the RNG
+        if self._rng_to_restore is not None:
             set_rng_state(self._rng_to_restore)
             self._rng_to_restore = None
         return it
