@@ -27,5 +27,6 @@ PY
 show star predict "$runs/ft" "$runs/test0.png" "$runs/test1.png" --topk 3
 show star pretrain --config fmnist-demo --optim.blrr 1e-3
 show star pretrain --config fmnist-demo --model.separator dots
+show star finetune --config fmnist-demo --optim.smoothing 1.5
 show star shards --help
 rm -rf "$runs"
