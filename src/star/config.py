@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import sys
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -357,9 +357,9 @@ def check_config(cfg: TrainConfig) -> None:
     if (d.mixup > 0 or d.cutmix > 0) and o.batch_size % 2:
         raise ValueError(f"--data.mixup/--data.cutmix pair images within a batch: --optim.batch_size must be even, "
                          f"got {o.batch_size}")
-    if o.warmup_epochs >= o.epochs:
-        print(f"warning: --optim.warmup_epochs {o.warmup_epochs} >= --optim.epochs {o.epochs}: the learning rate "
-              "only warms up and never decays", file=sys.stderr)
+    if o.warmup_epochs >= o.epochs:  # a warning, not an error: fine for a smoke run (shown once per message)
+        warnings.warn(f"--optim.warmup_epochs {o.warmup_epochs} >= --optim.epochs {o.epochs}: the learning rate "
+                      "only warms up and never decays")
     if cfg.task == "pretrain" and cfg.pretrained:
         raise ValueError("--pretrained starts a fine-tune or linear probe from pretrained weights; pretraining "
                          "starts from random weights (to continue a pretraining run, use --resume)")
