@@ -250,7 +250,7 @@ def test_resume_retraces_the_uninterrupted_run(tmp_path, task, save_every, check
             torch.testing.assert_close(v, b["ema"][k], rtol=0, atol=1e-6)
 
 
-def test_resume_checks_the_batch_and_task_and_takes_the_new_hyperparameters(tmp_path):
+def test_resume_checks_the_batch_and_task_and_takes_the_new_hyperparameters(tmp_path, capsys):
     cfg = dataclasses.replace(make_cfg(tmp_path, "finetune"), max_steps=2, save_every=1)
     Trainer(cfg, *make_job(cfg)).fit()
     resume = dataclasses.replace(cfg, resume="auto", max_steps=3)
@@ -262,6 +262,8 @@ def test_resume_checks_the_batch_and_task_and_takes_the_new_hyperparameters(tmp_
     other_task = dataclasses.replace(resume, task="linprobe")
     with pytest.raises(ValueError, match="finetune checkpoint; it cannot resume a linprobe run"):
         Trainer(other_task, *make_job(other_task))
+    assert Trainer(dataclasses.replace(resume, max_steps=2), *make_job(cfg)).fit() == {}  # already there: says so
+    assert "nothing to train: the run is at step 2" in capsys.readouterr().out
     changed = dataclasses.replace(resume, optim=dataclasses.replace(cfg.optim, weight_decay=0.3, betas=(0.5, 0.6),
                                                                     layer_decay=0.5))
     trainer = Trainer(changed, *make_job(changed))

@@ -350,6 +350,9 @@ class Trainer:
     def fit(self) -> dict[str, float]:
         """Train to the end of the schedule (or `max_steps`); returns the last evaluation, if any."""
         results: dict[str, float] = {}
+        if self._done() and self.is_main:
+            print(f"nothing to train: the run is at step {self.step} of {self.total_steps}"
+                  + (f" (max_steps {self.cfg.max_steps})" if self.cfg.max_steps is not None else ""))
         try:
             while not self._done():
                 self.train_one_epoch()
