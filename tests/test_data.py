@@ -410,3 +410,18 @@ def test_synthetic_zero_sizes_are_errors_not_defaults():
     for kw in (dict(num_samples=0), dict(img_size=0), dict(in_chans=0), dict(num_classes=0)):
         with pytest.raises(ValueError):
             build_dataset("synthetic", "train", **kw)
+
+
+def test_corrupt_fashion_mnist_file_names_itself(tmp_path):
+    import gzip
+
+    from star.data.fashion_mnist import _read_idx
+    cut = tmp_path / "cut.gz"
+    cut.write_bytes(gzip.compress(b"\x00\x00\x08\x01\x00\x00\x00\x10" + bytes(16))[:20])
+    not_gzip = tmp_path / "plain.gz"
+    not_gzip.write_bytes(b"not gzip")
+    short = tmp_path / "short.gz"
+    short.write_bytes(gzip.compress(b"\x00\x00\x08"))
+    for path in (cut, not_gzip, short):
+        with pytest.raises(ValueError, match=f"{path.name} is truncated or corrupt"):
+            _read_idx(path)

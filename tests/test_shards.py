@@ -6,9 +6,10 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
-from star.data import CorruptImageError, ImageFolder, StarBatchSampler, write_image_folder
+from star.data import CorruptImageError, ImageFolder, StarBatchSampler, build_dataset, write_image_folder
 from star.data.shards import INDEX_NAME, ShardDataset, read_index, write_shards
 
 
@@ -94,3 +95,19 @@ def test_shard_errors(folder, shards, tmp_path):
         f.write(b"\0" * 64)  # clobber the JPEG header
     with pytest.raises(CorruptImageError, match="cannot decode sample 0"):
         ShardDataset(broken, "val")[0]
+
+
+def test_every_folder_image_reaches_the_shards_and_shards_are_never_overwritten(tmp_path):
+    root, out = tmp_path / "imgs", tmp_path / "shards"
+    write_image_folder(root, num_per_class=3, classes=["a", "b"], img_size=8, in_chans=1, seed=0, splits=("train",))
+    Image.new("L", (8, 8), 7).save(root / "train" / "a" / "extra.tif")  # a type ImageFolder lists
+    (root / "train" / ".ipynb_checkpoints").mkdir()  # hidden: not a class
+    (root / "train" / "b" / "._x.jpg").write_bytes(b"AppleDouble")  # hidden: not an image
+    folder = ImageFolder(root, "train")
+    assert folder.classes == ["a", "b"] and len(folder) == 7
+    write_shards(root, out, "train", samples_per_shard=2)
+    assert len(ShardDataset(out, "train")) == 7
+    with pytest.raises(ValueError, match="already holds shards"):
+        write_shards(root, out, "train", samples_per_shard=3)
+    with pytest.raises(ValueError, match="skip_corrupt works on image folders"):
+        build_dataset(str(out), "train", skip_corrupt=True)

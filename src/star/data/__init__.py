@@ -42,6 +42,9 @@ def build_dataset(name, split, transform=None, root=None, in_chans=None, img_siz
             stream=SPLITS.index(split),
         )
     if (Path(name) / split / "index.json").is_file() or any((Path(name) / split).glob("*.tar")):
+        if skip_corrupt:
+            raise ValueError(f"{name}: skip_corrupt works on image folders, not on shards; find the bad files in "
+                             "the folder (a run over it with skip_corrupt lists them) before writing shards")
         return ShardDataset(name, split, transform, in_chans=in_chans or 3)
     if Path(name).is_dir():
         return ImageFolder(name, split, transform, in_chans=in_chans or 3, skip_corrupt=skip_corrupt)

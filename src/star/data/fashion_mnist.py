@@ -74,15 +74,19 @@ def find_fashion_mnist(root=None) -> Path:
 def _read_idx(path: Path) -> np.ndarray:
     """Parse an IDX file of unsigned bytes: magic (0x0000 08 ndim), ndim big-endian int32 dims, data."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    if data[:3] != b"\x00\x00\x08":
-        raise ValueError(f"{path} is not an IDX file of uint8 values (bad magic number {data[:4].hex()})")
+    broken = f"{path} is truncated or corrupt; download it again"
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
+        raise ValueError(f"{broken} ({err})") from None
+    if len(data) < 4 or data[:3] != b"\x00\x00\x08" or len(data) < 4 + 4 * data[3]:
+        raise ValueError(f"{broken}: not an IDX file of uint8 values (header {data[:4].hex()})")
     ndim = data[3]
-    shape = tuple(np.frombuffer(data, dtype=">i4", count=ndim, offset=4))
+    shape = tuple(int(n) for n in np.frombuffer(data, dtype=">i4", count=ndim, offset=4))
     array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if array.size != np.prod(shape):
-        raise ValueError(f"{path} is truncated: header says {shape}, found {array.size} values")
+        raise ValueError(f"{broken}: its header says {shape}, it holds {array.size} values")
     return array.reshape(shape)
 
 

@@ -5,6 +5,8 @@ Corrupt files are detected lazily, when a sample is loaded, instead of by an up-
 file is replaced by the next good sample in file order (deterministic, whichever worker loads it) and
 flagged in a shared-memory tensor, so flags set inside DataLoader worker processes are visible to the
 main process: after an epoch, `dataset.num_skipped` / `dataset.skipped_paths` report every bad file met.
+Each skip shows that next sample twice in the epoch, possibly twice in one STAR sequence: harmless for a
+few bad files among many, which is what skip_corrupt is for; clean a folder with many of them instead.
 """
 
 from pathlib import Path
@@ -57,7 +59,11 @@ class ImageFolder(torchvision.datasets.ImageFolder):
             found = sorted(p.name for p in self.dataset_root.iterdir() if p.is_dir()) if self.dataset_root.is_dir() else None
             where = f"{self.dataset_root} has sub-folders {found}" if found is not None else f"{self.dataset_root} does not exist"
             raise FileNotFoundError(f"image folder split {split!r} not found at {split_dir} ({where}); {LAYOUT_HINT}")
-        super().__init__(split_dir, transform=transform, allow_empty=True)
+        def is_image(path: str) -> bool:  # hidden files and folders (.ipynb_checkpoints, macOS ._x.jpg) are not data
+            visible = not any(part.startswith(".") for part in Path(path).relative_to(split_dir).parts)
+            return visible and path.lower().endswith(IMG_EXTENSIONS)
+
+        super().__init__(split_dir, transform=transform, is_valid_file=is_image, allow_empty=True)
         if not self.samples:
             raise FileNotFoundError(
                 f"no images found under {split_dir} (extensions {', '.join(IMG_EXTENSIONS)}); {LAYOUT_HINT}"
@@ -71,10 +77,12 @@ class ImageFolder(torchvision.datasets.ImageFolder):
         class_root = self.dataset_root / "train"
         if not class_root.is_dir():
             class_root = Path(directory)
-        classes = sorted(entry.name for entry in class_root.iterdir() if entry.is_dir())
+        classes = sorted(entry.name for entry in class_root.iterdir()
+                         if entry.is_dir() and not entry.name.startswith("."))
         if not classes:
             raise FileNotFoundError(f"no class folders in {class_root}; {LAYOUT_HINT}")
-        unknown = sorted({entry.name for entry in Path(directory).iterdir() if entry.is_dir()} - set(classes))
+        unknown = sorted({entry.name for entry in Path(directory).iterdir()
+                          if entry.is_dir() and not entry.name.startswith(".")} - set(classes))
         if unknown:
             raise ValueError(f"{directory} has class folders missing from {class_root}: {unknown[:10]}")
         return classes, {name: index for index, name in enumerate(classes)}

@@ -25,10 +25,12 @@ from typing import Optional
 import torch
 from PIL import Image
 
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
 from .folder import MODES, CorruptImageError, ImageFolder, convert_image
 
 INDEX_NAME = "index.json"
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
+IMAGE_EXTENSIONS = tuple(ext.lstrip(".") for ext in IMG_EXTENSIONS)  # what ImageFolder lists, so nothing is lost
 
 
 def write_shards(root, out, split: str = "train", samples_per_shard: int = 5000, seed: int = 0) -> list[Path]:
@@ -43,6 +45,9 @@ def write_shards(root, out, split: str = "train", samples_per_shard: int = 5000,
     samples = list(folder.samples)
     random.Random(seed).shuffle(samples)
     split_dir = Path(out) / split
+    if (split_dir / INDEX_NAME).exists() or any(split_dir.glob("*.tar")):
+        raise ValueError(f"{split_dir} already holds shards: write into an empty folder (a mix of two runs' shards "
+                         "would not match one index)")
     split_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for first in range(0, len(samples), samples_per_shard):
@@ -78,9 +83,11 @@ def _index_shard(path: Path) -> dict:
                 images[key] = (member.offset_data, member.size)
             elif ext == "cls":
                 labels[key] = int(tar.extractfile(member).read())
-    unlabelled = sorted(set(images) - set(labels))
-    if unlabelled or not images:
-        why = f"samples without a .cls label, e.g. {unlabelled[:3]}" if unlabelled else "no image members"
+    unlabelled, imageless = sorted(set(images) - set(labels)), sorted(set(labels) - set(images))
+    if unlabelled or imageless or not images:
+        why = (f"samples without a .cls label, e.g. {unlabelled[:3]}" if unlabelled else
+               f"labels without an image of a known type ({', '.join(IMAGE_EXTENSIONS)}), e.g. {imageless[:3]}"
+               if imageless else "no image members")
         raise ValueError(f"{path} is not a labelled image shard: {why} (expected <key>.jpg + <key>.cls pairs)")
     keys = sorted(images)
     return {"name": path.name, "offsets": [images[k][0] for k in keys], "sizes": [images[k][1] for k in keys],
