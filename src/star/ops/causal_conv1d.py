@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .groups import param_groups
-from .selective_scan import check_shape, pick_impl
+from .selective_scan import check_sequences, check_shape, pick_impl
 
 CONV_IMPLS = ("auto", "ref", "triton")
 ACTIVATIONS = (None, "silu")
@@ -54,13 +54,7 @@ def causal_conv1d(x, weight, bias=None, activation=None, reverse=False, impl="au
     Returns:
         y: (batch, length, d) in x's dtype (for impl="ref", a transposed view of a (batch, d, length) result).
     """
-    if not isinstance(x, torch.Tensor) or x.dim() != 3:
-        raise ValueError(f"x must be a (batch, length, d) tensor, got "
-                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    batch, length, d = x.shape
-    check_shape("x", x, batch=batch, length=length, d=d)
-    if length == 0:
-        raise ValueError("x must have at least one time step, got length 0")
+    batch, length, d = check_sequences("x", x)
     if not isinstance(weight, torch.Tensor) or weight.dim() not in (2, 3) or weight.shape[-1] < 1:
         raise ValueError(f"weight must be a (d, k) or (groups, d, k) tensor with d = {d} and k >= 1, got "
                          f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")

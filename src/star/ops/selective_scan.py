@@ -28,6 +28,18 @@ CHUNK_SIZE = 16
 SCAN_IMPLS = ("auto", "ref", "chunked", "triton")
 
 
+def check_sequences(name: str, x) -> tuple[int, int, int]:
+    """(batch, length, d) of `x`, a real floating-point (batch, length, d) tensor of at least one time step."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        raise ValueError(f"{name} must be a (batch, length, d) tensor, got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    batch, length, d = x.shape
+    check_shape(name, x, batch=batch, length=length, d=d)
+    if length == 0:
+        raise ValueError(f"{name} must have at least one time step, got length 0")
+    return batch, length, d
+
+
 def check_shape(name: str, tensor: torch.Tensor, **dims: int) -> None:
     """Raise a ValueError naming `name` unless `tensor` has exactly the named dims, e.g. batch=2, length=7."""
     expected = tuple(dims.values())
@@ -212,13 +224,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     Returns:
         y: (batch, length, d) in u's dtype.
     """
-    if not isinstance(u, torch.Tensor) or u.dim() != 3:
-        raise ValueError(f"u must be a (batch, length, d) tensor, got "
-                         f"{tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__}")
-    batch, length, d = u.shape
-    check_shape("u", u, batch=batch, length=length, d=d)
-    if length == 0:
-        raise ValueError("u must have at least one time step, got length 0")
+    batch, length, d = check_sequences("u", u)
     check_shape("delta", delta, batch=batch, length=length, d=d)
     if not isinstance(A, torch.Tensor) or A.dim() not in (2, 3):
         raise ValueError(f"A must be a (d, d_state) or (groups, d, d_state) tensor with d = {d}, got "
