@@ -22,6 +22,7 @@ from triton.testing import do_bench
 from star.ops import causal_conv1d, selective_scan
 from star.ops.triton import selective_scan as triton_scan_module
 from star.training.provenance import git_commit
+from outputs import write_outputs
 
 TOKENS = 131072  # batch * length for every shape
 D_STATE = 16
@@ -181,10 +182,7 @@ def main():
                 torch=torch.__version__, triton=triton.__version__, commit=git_commit(),
                 bandwidth_tb_s=bandwidth / 1e12, scan_config=json.loads(json.dumps(triton_scan_module.CUDA_CONFIG)),
                 tokens=TOKENS, d_state=D_STATE, ref_lengths=list(REF_LENGTHS))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "scan.json").write_text(json.dumps(dict(meta=meta, sweep=sweep, rows=rows), indent=1))
-    (args.out / "scan.md").write_text(markdown(meta, rows))
-    print(markdown(meta, rows))
+    write_outputs(args.out, "scan", dict(meta=meta, sweep=sweep, rows=rows), markdown(meta, rows))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from star.training.provenance import git_commit
+from outputs import write_outputs
 from scan import (D_STATE, LENGTHS, MODELS, TOKENS, copy_bandwidth, scan_bytes, scan_fn, scan_inputs, timing_cells,
                   try_time)
 
@@ -99,10 +100,7 @@ def main():
             rows += json.loads(out.stdout)
     meta = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), torch=torch.__version__,
                 commit=git_commit(), trees={name: str(path) for name, path in trees})
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "scan_variants.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    (args.out / "scan_variants.md").write_text(markdown(meta, rows))
-    print(markdown(meta, rows))
+    write_outputs(args.out, "scan_variants", dict(meta=meta, rows=rows), markdown(meta, rows))
 
 
 if __name__ == "__main__":

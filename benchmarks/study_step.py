@@ -26,6 +26,7 @@ from star.cli.train import build_model
 from star.training import create_loss_fn, create_optimizer
 from star.training.provenance import device_name, git_commit
 from star.training.schedule import CosineSchedule, resolve_lr
+from outputs import write_outputs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments" / "fashion_mnist"))
 from study import RECIPES, eval_config  # noqa: E402  (the study's own fine-tuning config)
@@ -137,10 +138,7 @@ def main():
             rows.append(row)
     meta = dict(device=device_name(device), date=datetime.date.today().isoformat(), torch=torch.__version__,
                 commit=git_commit(), warmup=args.warmup, steps=args.steps)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "study_step.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    (args.out / "study_step.md").write_text(markdown(meta, rows))
-    print(markdown(meta, rows))
+    write_outputs(args.out, "study_step", dict(meta=meta, rows=rows), markdown(meta, rows))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from timm.models.vision_transformer import VisionTransformer
 import star
 from star.models.registry import SIZES
 from star.training.provenance import git_commit
+from outputs import write_outputs
 
 BENCH_SIZES = ("tiny", "small", "base")
 
@@ -182,11 +183,8 @@ def main():
     meta = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), torch=torch.__version__,
                 triton=triton.__version__, commit=git_commit(), images=args.images, steps=args.steps,
                 warmup=args.warmup, task=args.task, compile=args.compile)
-    args.out.mkdir(parents=True, exist_ok=True)
     name = "train_step" + ("_finetune" if args.task == "finetune" else "") + ("_compile" if args.compile else "")
-    (args.out / f"{name}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    (args.out / f"{name}.md").write_text(markdown(meta, rows))
-    print(markdown(meta, rows))
+    write_outputs(args.out, name, dict(meta=meta, rows=rows), markdown(meta, rows))
 
 
 if __name__ == "__main__":
