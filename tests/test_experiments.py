@@ -138,8 +138,9 @@ def test_items_run_a_part_of_a_unit_and_keep_its_weights(tmp_path, one_thread):
 
 def test_tune_runs_the_grid_then_the_best_twice_as_long(tmp_path, one_thread, monkeypatch):
     import tune
-    monkeypatch.setattr(tune, "VARIANTS", {"lr_low": dict(epochs=1, batch_size=16, blr=1e-4, layer_decay=0.75),
-                                           "lr_high": dict(epochs=1, batch_size=16, blr=1e-2, layer_decay=1.0)})
+    one_epoch = dict(epochs=1, batch_size=16, warmup_epochs=0)
+    monkeypatch.setattr(tune, "VARIANTS", {"lr_low": dict(one_epoch, blr=1e-4, layer_decay=0.75),
+                                           "lr_high": dict(one_epoch, blr=1e-2, layer_decay=1.0)})
     args = ["--out", str(tmp_path), "--runs", str(tmp_path / "runs"), "--recipe", "smoke"]
     assert tune.main(args) == 0
     results = study.load_results(tmp_path / "tune.json")

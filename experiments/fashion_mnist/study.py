@@ -95,11 +95,11 @@ RECIPES = {
         dataset="synthetic", train_images=64, num_workers=0, val_size=16, max_steps=2,
         model=dict(embed_dim=32, depth=2, img_size=16, decoder_dim=32, decoder_num_heads=4, scan_impl="chunked"),
         pretrain=dict(epochs=1, batch_size=16, blr=1e-3, warmup_epochs=0),
-        evals=dict(
-            linprobe=dict(task="linprobe", label_fraction=1.0, epochs=1, batch_size=16, blr=1e-3),
-            ft1=dict(task="finetune", label_fraction=0.01, epochs=1, batch_size=8, blr=1e-3),
-            ft10=dict(task="finetune", label_fraction=0.1, epochs=1, batch_size=8, blr=1e-3),
-            ft100=dict(task="finetune", label_fraction=1.0, epochs=1, batch_size=16, blr=1e-3),
+        evals=dict(  # one epoch, so no warm-up (the preset's would take the whole run)
+            linprobe=dict(task="linprobe", label_fraction=1.0, epochs=1, batch_size=16, blr=1e-3, warmup_epochs=0),
+            ft1=dict(task="finetune", label_fraction=0.01, epochs=1, batch_size=8, blr=1e-3, warmup_epochs=0),
+            ft10=dict(task="finetune", label_fraction=0.1, epochs=1, batch_size=8, blr=1e-3, warmup_epochs=0),
+            ft100=dict(task="finetune", label_fraction=1.0, epochs=1, batch_size=16, blr=1e-3, warmup_epochs=0),
         ),
         estimate_s=dict(pretrain=5, linprobe=5, ft1=5, ft10=5, ft100=5),
     ),
