@@ -22,13 +22,12 @@ def load_run(path: str, task: str):
     """The saved model of a run (or model folder) and the config it was trained with: the one saved beside
     the weights, else the run directory's; built-in defaults (and a warning) when there is neither."""
     model_dir = resolve_model_dir(path)
-    for run_config in (model_dir / RUN_CONFIG_FILE, model_dir.parent / "config.yaml"):
-        if run_config.is_file():
-            return load_pretrained(model_dir), model_dir, load_config(str(run_config))
-    cfg = TrainConfig(task=task)
-    print(f"warning: no {RUN_CONFIG_FILE} in {model_dir} and no config.yaml beside it: preparing images with "
-          f"the built-in defaults (data.mean_std {cfg.data.mean_std}, data.crop_pct {cfg.data.crop_pct})",
-          file=sys.stderr)
+    saved = [p for p in (model_dir / RUN_CONFIG_FILE, model_dir.parent / "config.yaml") if p.is_file()]
+    cfg = load_config(str(saved[0])) if saved else TrainConfig(task=task)
+    if not saved:
+        print(f"warning: no {RUN_CONFIG_FILE} in {model_dir} and no config.yaml beside it: preparing images with "
+              f"the built-in defaults (data.mean_std {cfg.data.mean_std}, data.crop_pct {cfg.data.crop_pct})",
+              file=sys.stderr)
     return load_pretrained(model_dir), model_dir, cfg
 
 
