@@ -91,6 +91,27 @@ def test_report_from_results(studied, tmp_path):
     assert "pretrain_loss.png" not in other and "predictions_" not in other
 
 
+def test_reruns_and_mixed_cards_are_reported(tmp_path):
+    rid = study.recipe_id("h100")
+
+    def entry(arm, seed, item, top1, device):
+        return {"arm": arm, "seed": seed, "item": item, "test_top1": top1, "device": device, "commit": "abc1234"}
+
+    results = {study.item_key(rid, "arm_k1", 0, "ft10"): entry("arm_k1", 0, "ft10", 80.0, "H100"),
+               study.item_key(rid, "arm_k1", 0, "pretrain"): entry("arm_k1", 0, "pretrain", None, "H100"),
+               study.item_key(rid, "arm_k1", 1, "pretrain"): entry("arm_k1", 1, "pretrain", None, "H200")}
+    assert report.reruns(tmp_path, results) == []  # no reruns.json: no section
+    (tmp_path / "reruns.json").write_text(json.dumps({
+        study.item_key(rid, "arm_k1", 0, "ft10"): entry("arm_k1", 0, "ft10", 80.5, "H200"),
+        study.item_key(rid, "arm_k1", 0, "pretrain"): entry("arm_k1", 0, "pretrain", None, "H200")}))
+    rows = [line for line in report.reruns(tmp_path, results) if line.startswith("| (b)")]
+    assert rows == ["| (b) ARM, K=1 | 0 | 10% labels | 80.00 | 80.50 | +0.50 | H200, abc1234 |"]
+    mixed = report.cards(report.collect(results, rid))
+    assert len(mixed) == 1 and "seed 0 on H100, seed 1 on H200" in mixed[0]
+    del results[study.item_key(rid, "arm_k1", 1, "pretrain")]
+    assert report.cards(report.collect(results, rid)) == []  # one card: nothing to say
+
+
 def test_run_needs_a_stage_or_next():
     with pytest.raises(SystemExit):
         study.main(["run"])

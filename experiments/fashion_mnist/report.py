@@ -89,6 +89,43 @@ def commits(entries: list) -> str:
             "kernels), each tested equal to the plain PyTorch reference, but they are not bit-identical runs.")
 
 
+def cards(table: dict) -> list[str]:
+    """Caveat line when the pretraining timings of the table come from more than one card."""
+    runs = [(arm, e["seed"], e["device"]) for arm in ARMS for e in table[arm, "pretrain"]]
+    if len({device for _, _, device in runs}) < 2:
+        return []
+    per_arm = "; ".join(
+        f"{ARM_NAMES[arm]}: " + ", ".join(f"seed {seed} on {device}" for a, seed, device in runs if a == arm)
+        for arm in ARMS if any(a == arm for a, _, _ in runs))
+    return [f"- The pretraining wall times and images/s average over runs on different cards ({per_arm}); "
+            "compare arms by the runs on one card (the Throughput section lists seed 0's)."]
+
+
+def reruns(study_dir: Path, results: dict) -> list[str]:
+    """Section comparing items that were run a second time with the same seed and settings (reruns.json: a call
+    that repeated finished items; kept out of results.json so no seed counts twice) with the recorded result."""
+    path = study_dir / "reruns.json"
+    if not path.is_file():
+        return []
+    again = load_results(path)
+    rows = [(key, results[key], e) for key, e in sorted(again.items())
+            if key in results and e.get("test_top1") is not None]
+    if not rows:
+        return []
+    lines = ["## Same seed, run again", "",
+             "One GPU call started from a stale results.json and repeated finished units, pretraining included, "
+             "with the same seed, settings and commit; its results are kept in `reruns.json` and not counted in "
+             "the table above. Training on the GPU is not bit-reproducible (the study does not ask torch for "
+             "deterministic algorithms), and the difference shows how much that alone moves a result:", "",
+             "| arm | seed | evaluation | recorded | rerun | difference | card, commit (rerun) |",
+             "|---|---|---|---|---|---|---|"]
+    for _, first, second in rows:
+        lines.append(f"| {ARM_NAMES[first['arm']]} | {first['seed']} | {EVAL_NAMES[first['item']]} | "
+                     f"{first['test_top1']:.2f} | {second['test_top1']:.2f} | "
+                     f"{second['test_top1'] - first['test_top1']:+.2f} | {second['device']}, {second['commit']} |")
+    return lines + [""]
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else float("nan")
 
@@ -310,7 +347,7 @@ def build(recipe_name: str, study_dir: Path, out: Path) -> Path:
               "encoder: what random features are worth.", ""]
 
     lines += ["## Results", "", "Test top-1 (%), mean ± std over seeds (n = seeds done). Pretraining time and "
-              "images/s are per run on the card named below.", "",
+              "images/s: mean over the same runs, on the cards named below.", "",
               "| arm | " + " | ".join(EVAL_NAMES[e] for e in EVALS) + " | pretrain wall (s) | pretrain img/s |",
               "|---|" + "---|" * (len(EVALS) + 2)]
     for arm in ARMS:
@@ -370,6 +407,7 @@ def build(recipe_name: str, study_dir: Path, out: Path) -> Path:
                              f"seed {e['seed']}: {e['img_s']:.0f} images/s, {e['wall_s']:.0f} s wall.")
     lines.append("")
 
+    lines += reruns(study_dir, results)
     lines += sizing(results, recipe_name)
     devices = sorted({(e["device"], e["torch"], e["commit"]) for e in ours})
     lines += ["## How this was run", "",
@@ -393,6 +431,7 @@ def build(recipe_name: str, study_dir: Path, out: Path) -> Path:
               "They were measured at commit c358741, before the mixer ran its four directions as one batch "
               "(b8b641e): the same computation (tested equal in float64), only slower.",
               *pretrained_again(table),
+              *cards(table),
               commits(ours),
               "- The linear probe reads the 4-direction classifier whose backward and column scans are copies of "
               "the causal forward direction: it probes that transfer, not the causal features alone.",
