@@ -4,6 +4,7 @@ build the models they name, and the report is built from what was recorded."""
 
 import json
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -105,11 +106,49 @@ def test_reruns_and_mixed_cards_are_reported(tmp_path):
         study.item_key(rid, "arm_k1", 0, "ft10"): entry("arm_k1", 0, "ft10", 80.5, "H200"),
         study.item_key(rid, "arm_k1", 0, "pretrain"): entry("arm_k1", 0, "pretrain", None, "H200")}))
     rows = [line for line in report.reruns(tmp_path, results) if line.startswith("| (b)")]
-    assert rows == ["| (b) ARM, K=1 | 0 | 10% labels | 80.00 | 80.50 | +0.50 | H200, abc1234 |"]
+    assert rows == ["| (b) ARM, K=1 | 0 | 10% labels | 80.00 | 80.50 | +0.50 | H100, abc1234 / H200, abc1234 |"]
     mixed = report.cards(report.collect(results, rid))
     assert len(mixed) == 1 and "seed 0 on H100, seed 1 on H200" in mixed[0]
     del results[study.item_key(rid, "arm_k1", 1, "pretrain")]
     assert report.cards(report.collect(results, rid)) == []  # one card: nothing to say
+
+
+def test_merge_adds_new_items_and_keeps_repeats_apart(tmp_path):
+    """A call that finished a unit (pretraining it again) and repeated a finished one, brought home."""
+    def entry(item, top1, run):
+        return {"item": item, "test_top1": top1, "finished": run}
+
+    def write(folder, results, curves):
+        (folder / "curves" / "r").mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps(results))
+        for name, text in curves.items():
+            (folder / "curves" / "r" / name).write_text(text)
+
+    here, there = tmp_path / "here", tmp_path / "fm"
+    write(here, {"r/a/s0/pretrain": entry("pretrain", None, 1), "r/a/s0/ft1": entry("ft1", 70.0, 1),
+                 "r/b/s1/pretrain": entry("pretrain", None, 1), "r/b/s1/ft1": entry("ft1", 60.0, 1)},
+          {"a_s0.csv": "old a", "b_s1.csv": "old b"})
+    write(there, {"r/a/s0/pretrain": entry("pretrain", None, 2), "r/a/s0/ft1": entry("ft1", 71.0, 2),
+                  "r/b/s1/pretrain": entry("pretrain", None, 2), "r/b/s1/ft1": entry("ft1", 60.0, 1),
+                  "r/b/s1/ft10": entry("ft10", 75.0, 2)},
+          {"a_s0.csv": "new a", "b_s1.csv": "new b"})
+    with tarfile.open(tmp_path / "fm.tgz", "w:gz") as tar:
+        tar.add(there, arcname="fm")
+    outcome = study.merge(tmp_path / "fm.tgz", here)
+    assert outcome["added"] == ["r/b/s1/ft10"] and outcome["replaced"] == ["r/b/s1/pretrain"]
+    assert outcome["reruns"] == ["r/a/s0/ft1", "r/a/s0/pretrain"]
+    merged = json.loads((here / "results.json").read_text())
+    assert merged["r/a/s0/ft1"]["test_top1"] == 70.0  # the recorded result stays
+    assert merged["r/b/s1/pretrain"]["finished"] == 2 and merged["r/b/s1/ft10"]["test_top1"] == 75.0
+    assert json.loads((here / "reruns.json").read_text())["r/a/s0/ft1"]["test_top1"] == 71.0
+    assert (here / "curves" / "r" / "a_s0.csv").read_text() == "old a"  # a repeat's curve is not taken
+    assert (here / "curves" / "r" / "b_s1.csv").read_text() == "new b"
+    assert study.merge(there, here) == dict(added=[], replaced=[], reruns=outcome["reruns"], missing=[])
+    with pytest.raises(SystemExit, match="no results.json"):
+        study.merge(tmp_path / "nowhere", here)
+    (tmp_path / "bad.tgz").write_text("not a tar")
+    with pytest.raises(SystemExit, match="not a readable tar"):
+        study.merge(tmp_path / "bad.tgz", here)
 
 
 def test_run_needs_a_stage_or_next():

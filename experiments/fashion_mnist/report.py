@@ -35,8 +35,7 @@ K_SWEEP = ("arm_k1", "star_k2", "star_k4", "star_k8", "star_k16")
 TARGET_TOP1 = 95.0
 ISSUE_BUDGET_MIN = 60  # GPU minutes the issue sizes the whole study to
 GPU_COMMAND = """\
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:src STAR_DATA=$PWD/.fmnist STAR_COMMIT=<commit> TQDM_DISABLE=1 PYTHONUNBUFFERED=1
+export PYTHONPATH=src STAR_DATA=$PWD/.fmnist STAR_COMMIT=<commit> TQDM_DISABLE=1 PYTHONUNBUFFERED=1
 mkdir -p $OUT/fm && cp -r experiments/fashion_mnist/{results.json,curves,figures} $OUT/fm/ 2>/dev/null
 python3 experiments/fashion_mnist/study.py bench-loader --out $OUT/fm          # once per card
 timeout 560 python3 experiments/fashion_mnist/study.py run --next --budget-min 9 --out $OUT/fm --runs /tmp/fmruns
@@ -102,8 +101,8 @@ def cards(table: dict) -> list[str]:
 
 
 def reruns(study_dir: Path, results: dict) -> list[str]:
-    """Section comparing items that were run a second time with the same seed and settings (reruns.json: a call
-    that repeated finished items; kept out of results.json so no seed counts twice) with the recorded result."""
+    """Section comparing the items run a second time with the same seed and settings (reruns.json, written by
+    study.py merge) with their recorded results."""
     path = study_dir / "reruns.json"
     if not path.is_file():
         return []
@@ -113,16 +112,18 @@ def reruns(study_dir: Path, results: dict) -> list[str]:
     if not rows:
         return []
     lines = ["## Same seed, run again", "",
-             "One GPU call started from a stale results.json and repeated finished units, pretraining included, "
-             "with the same seed, settings and commit; its results are kept in `reruns.json` and not counted in "
-             "the table above. Training on the GPU is not bit-reproducible (the study does not ask torch for "
-             "deterministic algorithms), and the difference shows how much that alone moves a result:", "",
-             "| arm | seed | evaluation | recorded | rerun | difference | card, commit (rerun) |",
+             "A GPU call that starts from an older results.json repeats finished units (pretraining included) "
+             "with the same seed and settings; `study.py merge` keeps the recorded results and puts the repeats "
+             "in `reruns.json`, so they are not counted in the table above. Training on the GPU is not "
+             "bit-reproducible (the study does not ask torch for deterministic algorithms); the difference "
+             "shows how much that alone moves a result:", "",
+             "| arm | seed | evaluation | recorded | rerun | difference | card, commit (recorded / rerun) |",
              "|---|---|---|---|---|---|---|"]
     for _, first, second in rows:
         lines.append(f"| {ARM_NAMES[first['arm']]} | {first['seed']} | {EVAL_NAMES[first['item']]} | "
                      f"{first['test_top1']:.2f} | {second['test_top1']:.2f} | "
-                     f"{second['test_top1'] - first['test_top1']:+.2f} | {second['device']}, {second['commit']} |")
+                     f"{second['test_top1'] - first['test_top1']:+.2f} | {first['device']}, {first['commit']} / "
+                     f"{second['device']}, {second['commit']} |")
     return lines + [""]
 
 
@@ -414,10 +415,12 @@ def build(recipe_name: str, study_dir: Path, out: Path) -> Path:
               "The study runs in GPU calls of at most 10 minutes. Each call does the unfinished items that fit its "
               "budget (a pretrained arm x seed needs its whole unit to fit, since its weights do not outlive the "
               "call), appends them to results.json as they finish, and a rerun skips what is done. On the GPU "
-              "machine (repo root; `.whl` holds timm, `.fmnist` the four Fashion-MNIST .gz files, both carried):",
+              "machine (repo root; `.fmnist` holds the four Fashion-MNIST .gz files, carried; the machine's image has "
+              "timm, else carry its wheel and add it to PYTHONPATH):",
               "", "```", GPU_COMMAND, "```", "",
-              "then, here: unpack `fm/` over `experiments/fashion_mnist/` (results.json, curves/, figures/) and "
-              "run `python experiments/fashion_mnist/report.py`. On a CPU the same pipeline runs in seconds with "
+              "then, here, before the next call (which must start from the merged results.json): "
+              "`python experiments/fashion_mnist/study.py merge --returned <the call's fm.tgz>` and "
+              "`python experiments/fashion_mnist/report.py`. On a CPU the same pipeline runs in seconds with "
               "`--recipe smoke` (synthetic images) or `--recipe smoke-fmnist`.", ""]
     lines += [f"- Measured on: {d} (torch {t}, commit {c})" for d, t, c in devices] + [""]
 

@@ -7,6 +7,7 @@ The whole study, on one GPU, in resumable stages:
     python experiments/fashion_mnist/study.py run --stage 2 --items linprobe ft1  # only these evaluations
     python experiments/fashion_mnist/study.py status                   # done / to do
     python experiments/fashion_mnist/study.py bench-loader             # data-loader images/s alone
+    python experiments/fashion_mnist/study.py merge --returned fm.tgz  # bring a GPU call's results home
 
 A unit of work is one arm x seed: pretraining (unless the arm is "scratch"), then four evaluations of the
 encoder, each a fresh classifier trained on the 55k-image training part and measured on the untouched test
@@ -31,6 +32,7 @@ import json
 import shutil
 import statistics
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -122,12 +124,16 @@ def load_results(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _write_results(path: Path, results: dict) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n"))
+
+
 def save_result(path: Path, key: str, entry: dict) -> None:
     """Add one entry and rewrite the file atomically (a call cut off never leaves half a file)."""
     results = load_results(path)
     results[key] = entry
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n"))
+    _write_results(path, results)
 
 
 def item_key(recipe: str, arm: str, seed: int, item: str) -> str:
@@ -361,6 +367,56 @@ def carry_over(recipe_name: str, out: Path, source: str, items) -> int:
     return copied
 
 
+def merge(returned: Path, out: Path) -> dict:
+    """Bring a GPU call's results home: `returned` is its fm.tgz (or the unpacked folder) holding results.json,
+    curves/ and figures/. New items are added. An item recorded here and different there was run again by a
+    call that started from an older results.json: the recorded one stays and the other goes to reruns.json
+    (the report compares them; no seed counts twice). The exception is a unit that the call pretrained again
+    because its weights were gone, to finish evaluations missing here: its new pretraining entry, loss curve
+    and picture replace the old ones, as they would have on the GPU machine. Returns the keys per outcome."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = returned
+        if returned.is_file():
+            try:
+                with tarfile.open(returned) as tar:
+                    tar.extractall(tmp, filter="data")
+            except tarfile.TarError as err:
+                raise SystemExit(f"merge: {returned} is not a readable tar archive ({err})") from None
+            found = sorted(Path(tmp).glob("*/results.json")) + sorted(Path(tmp).glob("results.json"))
+            folder = found[0].parent if found else Path(tmp)
+        if not (folder / "results.json").is_file():
+            raise SystemExit(f"merge: no results.json in {returned}")
+        theirs, ours = load_results(folder / "results.json"), load_results(out / "results.json")
+        added = sorted(k for k in theirs if k not in ours)
+        differ = sorted(k for k in theirs if k in ours and theirs[k] != ours[k])
+        finished_units = {k.rsplit("/", 1)[0] for k in added}
+        replaced = [k for k in differ if k.endswith("/pretrain") and k.rsplit("/", 1)[0] in finished_units]
+        reruns = [k for k in differ if k not in replaced]
+        ours.update({k: theirs[k] for k in added + replaced})
+        _write_results(out / "results.json", ours)
+        if reruns:
+            again = load_results(out / "reruns.json")
+            again.update({k: theirs[k] for k in reruns})
+            _write_results(out / "reruns.json", again)
+        for key in added + replaced:  # the pictures and curves of pretrainings now recorded
+            rid, arm, seed, item = key.split("/")
+            if item != "pretrain":
+                continue
+            files = [Path("curves", rid, f"{arm}_{seed}.csv")]
+            files += [Path("figures", rid, f"predictions_{arm}.png")] if seed == "s0" else []
+            for name in files:
+                if (folder / name).is_file():
+                    (out / name).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(folder / name, out / name)
+    missing = sorted(k for k in ours if k not in theirs)
+    print(f"[study] merged {returned}: {len(added)} new, {len(replaced)} pretrainings replaced (units pretrained "
+          f"again to finish them), {len(reruns)} run again (kept in reruns.json)")
+    if missing:
+        print(f"[study] {len(missing)} results here were not in the returned file: that call started from an "
+              "older results.json (its repeats are the 'run again' ones)")
+    return dict(added=added, replaced=replaced, reruns=reruns, missing=missing)
+
+
 def status(recipe_name: str, out: Path) -> None:
     results, rid = load_results(out / "results.json"), recipe_id(recipe_name)
     for stage, units in STAGES.items():
@@ -372,7 +428,7 @@ def status(recipe_name: str, out: Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("command", choices=("run", "status", "bench-loader", "carry-over"))
+    parser.add_argument("command", choices=("run", "status", "bench-loader", "carry-over", "merge"))
     parser.add_argument("--stage", type=int, choices=sorted(STAGES), help="run this stage's units")
     parser.add_argument("--next", action="store_true", help="run the unfinished units of every stage, in order")
     parser.add_argument("--budget-min", type=float, default=None, help="start no work that would end past this")
@@ -383,7 +439,13 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=Path, default=HERE / "runs",
                         help="scratch space for the runs' weights (in a subfolder per recipe id)")
     parser.add_argument("--source", help="carry-over: the recipe id whose results of --items are copied")
+    parser.add_argument("--returned", type=Path, help="merge: a GPU call's fm.tgz (or its unpacked folder)")
     args = parser.parse_args(argv)
+    if args.command == "merge":
+        if args.returned is None:
+            parser.error("merge needs --returned PATH (a GPU call's fm.tgz or its folder)")
+        merge(args.returned, args.out)
+        return 0
     if args.command == "carry-over":
         if not args.source or not args.items:
             parser.error("carry-over needs --source RECIPE_ID and --items")
