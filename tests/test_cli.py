@@ -89,6 +89,40 @@ def test_compile_flag_trains_like_eager(pretrained, tmp_path, monkeypatch):
     assert losses(out) == pytest.approx(losses(pretrained), rel=1e-4)
 
 
+def test_compile_mode_reaches_torch_compile(tmp_path, monkeypatch):
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: modes.append(mode) or model)
+    assert star("pretrain", *PRETRAIN, *SYNTHETIC, "--output_dir", tmp_path / "a", "--compile", "--max_steps", "1",
+                "--compile_mode", "max-autotune-no-cudagraphs") == 0
+    assert star("pretrain", *PRETRAIN, *SYNTHETIC, "--output_dir", tmp_path / "b", "--compile", "--max_steps", "1") == 0
+    assert modes == ["max-autotune-no-cudagraphs", None]
+    assert star("pretrain", *PRETRAIN, *SYNTHETIC, "--output_dir", tmp_path / "c",
+                "--compile_mode", "reduce-overhead") != 0  # a mode without --compile is refused, not ignored
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_compile_trains_like_eager_on_cuda(tmp_path):
+    """--compile_mode reduce-overhead (each step replayed as CUDA graphs, the Triton scan inside) trains and
+    evaluates like eager: two epochs, so training, evaluation and training again alternate."""
+    gpu = [*FINETUNE, *SYNTHETIC, "--device", "cuda", "--amp", "none", "--model.scan_impl", "triton",
+           "--optim.epochs", "2"]
+    assert star("finetune", *gpu, "--output_dir", tmp_path / "eager") == 0
+    assert star("finetune", *gpu, "--output_dir", tmp_path / "graphs", "--compile", "--compile_mode",
+                "reduce-overhead") == 0
+
+    def rows(run):
+        with open(run / "metrics.csv") as f:
+            return list(csv.DictReader(f))
+
+    def column(run, name):
+        return [float(r[name]) for r in rows(run) if r.get(name)]
+
+    assert column(tmp_path / "graphs", "train/loss") == pytest.approx(column(tmp_path / "eager", "train/loss"), rel=1e-3)
+    assert column(tmp_path / "graphs", "val/loss") == pytest.approx(column(tmp_path / "eager", "val/loss"), rel=1e-3)
+    assert len(column(tmp_path / "graphs", "val/loss")) == 2
+
+
 def test_failed_run_frees_its_model_before_leaving_the_process_group(tmp_path, monkeypatch):
     """A run that fails is left by `run` with its trainer and model freed, not kept by the traceback until
     interpreter exit (where freeing a sharded model after its process group aborted the process)."""

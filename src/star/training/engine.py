@@ -230,8 +230,13 @@ class Trainer:
             if cfg.distributed == "fsdp" and cfg.optim.ema_decay is not None:
                 raise ValueError("optim.ema_decay (model EMA) is not supported with distributed=fsdp; use ddp")
             self.train_model = wrap_model(self.model, self.device, cfg.distributed)
+        self.cuda_graphs = cfg.compile and cfg.compile_mode in ("reduce-overhead", "max-autotune")
+        if self.cuda_graphs and self.world_size > 1:
+            raise ValueError(f"--compile_mode {cfg.compile_mode} (CUDA graphs) is not supported with multi-GPU "
+                             "runs; use --compile_mode default or max-autotune-no-cudagraphs")
         if cfg.compile:
-            self.train_model = torch.compile(self.train_model)
+            mode = None if cfg.compile_mode == "default" else cfg.compile_mode
+            self.train_model = torch.compile(self.train_model, mode=mode)
 
         optim = cfg.optim
         self.steps_per_epoch = len(train_loader) // optim.accum_iter
@@ -425,6 +430,8 @@ class Trainer:
                 losses, logs = [], {}
                 for micro in range(accum):
                     batch = _to_device(next(it), self.device)
+                    if self.cuda_graphs:  # a new step: the graphs may reuse the previous step's output memory
+                        torch.compiler.cudagraph_mark_step_begin()
                     with self._gradient_sync(micro == accum - 1):
                         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None):
                             loss, logs = self.loss_fn(self.train_model, batch)
