@@ -130,12 +130,12 @@ def test_merge_adds_new_items_and_keeps_repeats_apart(tmp_path):
           {"a_s0.csv": "old a", "b_s1.csv": "old b"})
     write(there, {"r/a/s0/pretrain": entry("pretrain", None, 2), "r/a/s0/ft1": entry("ft1", 71.0, 2),
                   "r/b/s1/pretrain": entry("pretrain", None, 2), "r/b/s1/ft1": entry("ft1", 60.0, 1),
-                  "r/b/s1/ft10": entry("ft10", 75.0, 2)},
+                  "r/b/s1/ft10": entry("ft10", 75.0, 2), "r/loader/GPU X": {"item": "loader"}},
           {"a_s0.csv": "new a", "b_s1.csv": "new b"})
     with tarfile.open(tmp_path / "fm.tgz", "w:gz") as tar:
         tar.add(there, arcname="fm")
     outcome = study.merge(tmp_path / "fm.tgz", here)
-    assert outcome["added"] == ["r/b/s1/ft10"] and outcome["replaced"] == ["r/b/s1/pretrain"]
+    assert outcome["added"] == ["r/b/s1/ft10", "r/loader/GPU X"] and outcome["replaced"] == ["r/b/s1/pretrain"]
     assert outcome["reruns"] == ["r/a/s0/ft1", "r/a/s0/pretrain"]
     merged = json.loads((here / "results.json").read_text())
     assert merged["r/a/s0/ft1"]["test_top1"] == 70.0  # the recorded result stays

@@ -399,9 +399,9 @@ def merge(returned: Path, out: Path) -> dict:
             again.update({k: theirs[k] for k in reruns})
             _write_results(out / "reruns.json", again)
         for key in added + replaced:  # the pictures and curves of pretrainings now recorded
-            rid, arm, seed, item = key.split("/")
-            if item != "pretrain":
+            if not key.endswith("/pretrain"):  # (loader keys end in a device name)
                 continue
+            rid, arm, seed, _ = key.split("/")
             files = [Path("curves", rid, f"{arm}_{seed}.csv")]
             files += [Path("figures", rid, f"predictions_{arm}.png")] if seed == "s0" else []
             for name in files:
