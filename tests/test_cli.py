@@ -99,6 +99,9 @@ def test_compile_mode_reaches_torch_compile(tmp_path, monkeypatch):
     assert star("pretrain", *PRETRAIN, *SYNTHETIC, "--output_dir", tmp_path / "c",
                 "--compile_mode", "reduce-overhead") != 0  # a mode without --compile is refused, not ignored
     assert not (tmp_path / "c").exists()
+    assert star("pretrain", *PRETRAIN, *SYNTHETIC, "--output_dir", tmp_path / "d", "--compile", "--compile_mode",
+                "reduce-overhead", "--optim.accum_iter", "2") != 0  # graph replays would overwrite the gradients
+    assert not (tmp_path / "d").exists()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")

@@ -103,8 +103,8 @@ def test_reruns_and_mixed_cards_are_reported(tmp_path):
                study.item_key(rid, "arm_k1", 1, "pretrain"): entry("arm_k1", 1, "pretrain", None, "H200")}
     assert report.reruns(tmp_path, results) == []  # no reruns.json: no section
     (tmp_path / "reruns.json").write_text(json.dumps({
-        study.item_key(rid, "arm_k1", 0, "ft10"): entry("arm_k1", 0, "ft10", 80.5, "H200"),
-        study.item_key(rid, "arm_k1", 0, "pretrain"): entry("arm_k1", 0, "pretrain", None, "H200")}))
+        study.item_key(rid, "arm_k1", 0, "ft10"): [entry("arm_k1", 0, "ft10", 80.5, "H200")],
+        study.item_key(rid, "arm_k1", 0, "pretrain"): [entry("arm_k1", 0, "pretrain", None, "H200")]}))
     rows = [line for line in report.reruns(tmp_path, results) if line.startswith("| (b)")]
     assert rows == ["| (b) ARM, K=1 | 0 | 10% labels | 80.00 | 80.50 | +0.50 | H100, abc1234 / H200, abc1234 |"]
     mixed = report.cards(report.collect(results, rid))
@@ -140,10 +140,14 @@ def test_merge_adds_new_items_and_keeps_repeats_apart(tmp_path):
     merged = json.loads((here / "results.json").read_text())
     assert merged["r/a/s0/ft1"]["test_top1"] == 70.0  # the recorded result stays
     assert merged["r/b/s1/pretrain"]["finished"] == 2 and merged["r/b/s1/ft10"]["test_top1"] == 75.0
-    assert json.loads((here / "reruns.json").read_text())["r/a/s0/ft1"]["test_top1"] == 71.0
+    assert [e["test_top1"] for e in json.loads((here / "reruns.json").read_text())["r/a/s0/ft1"]] == [71.0]
     assert (here / "curves" / "r" / "a_s0.csv").read_text() == "old a"  # a repeat's curve is not taken
     assert (here / "curves" / "r" / "b_s1.csv").read_text() == "new b"
     assert study.merge(there, here) == dict(added=[], replaced=[], reruns=outcome["reruns"], missing=[])
+    assert len(json.loads((here / "reruns.json").read_text())["r/a/s0/ft1"]) == 1  # the same repeat, kept once
+    (there / "results.json").write_text(json.dumps({"r/a/s0/ft1": entry("ft1", 72.0, 3)}))  # a second repeat
+    study.merge(there, here)
+    assert [e["test_top1"] for e in json.loads((here / "reruns.json").read_text())["r/a/s0/ft1"]] == [71.0, 72.0]
     with pytest.raises(SystemExit, match="no results.json"):
         study.merge(tmp_path / "nowhere", here)
     (tmp_path / "bad.tgz").write_text("not a tar")

@@ -107,7 +107,7 @@ def reruns(study_dir: Path, results: dict) -> list[str]:
     if not path.is_file():
         return []
     again = load_results(path)
-    rows = [(key, results[key], e) for key, e in sorted(again.items())
+    rows = [(results[key], e) for key, repeats in sorted(again.items()) for e in repeats
             if key in results and e.get("test_top1") is not None]
     if not rows:
         return []
@@ -119,7 +119,7 @@ def reruns(study_dir: Path, results: dict) -> list[str]:
              "shows how much that alone moves a result:", "",
              "| arm | seed | evaluation | recorded | rerun | difference | card, commit (recorded / rerun) |",
              "|---|---|---|---|---|---|---|"]
-    for _, first, second in rows:
+    for first, second in rows:
         lines.append(f"| {ARM_NAMES[first['arm']]} | {first['seed']} | {EVAL_NAMES[first['item']]} | "
                      f"{first['test_top1']:.2f} | {second['test_top1']:.2f} | "
                      f"{second['test_top1'] - first['test_top1']:+.2f} | {first['device']}, {first['commit']} / "
@@ -300,7 +300,8 @@ def sizing(results: dict, recipe_name: str) -> list[str]:
             f"- GPU time of the whole study at this recipe: ~{total_min:.0f} min, {over} "
             f"({done_s / 60:.1f} min in the recorded items, ~{todo_s / 60:.0f} min to go; " + ", ".join(per_stage)
             + "). Not counted: machine start-up, encoders pretrained again after a call lost their weights (only "
-            "the last pretraining of a unit is recorded), the tuning runs, and runs of earlier recipe ids; the "
+            "the last pretraining of a unit is recorded), the repeats in reruns.json, the tuning runs, and runs of "
+            "earlier recipe ids; the "
             "carried-over items count with the time older code took. Unmeasured items are estimated from "
             "measured ones of the same kind (per epoch; pretraining per K) and, before any, from the recipe's "
             "guesses, which undershoot.", ""]

@@ -370,10 +370,12 @@ def carry_over(recipe_name: str, out: Path, source: str, items) -> int:
 def merge(returned: Path, out: Path) -> dict:
     """Bring a GPU call's results home: `returned` is its fm.tgz (or the unpacked folder) holding results.json,
     curves/ and figures/. New items are added. An item recorded here and different there was run again by a
-    call that started from an older results.json: the recorded one stays and the other goes to reruns.json
-    (the report compares them; no seed counts twice). The exception is a unit that the call pretrained again
+    call that started from an older results.json: the recorded one stays and the other is added to the key's
+    list in reruns.json (the report compares them; no seed counts twice). The exception is a unit that the call pretrained again
     because its weights were gone, to finish evaluations missing here: its new pretraining entry, loss curve
-    and picture replace the old ones, as they would have on the GPU machine. Returns the keys per outcome."""
+    and picture replace the old ones, as they would have on the GPU machine (a pretraining repeated without
+    finishing any evaluation is a repeat). Files are copied before results.json is written, so a merge that
+    failed can be run again. Returns the keys per outcome."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = returned
         if returned.is_file():
@@ -392,13 +394,7 @@ def merge(returned: Path, out: Path) -> dict:
         finished_units = {k.rsplit("/", 1)[0] for k in added}
         replaced = [k for k in differ if k.endswith("/pretrain") and k.rsplit("/", 1)[0] in finished_units]
         reruns = [k for k in differ if k not in replaced]
-        ours.update({k: theirs[k] for k in added + replaced})
-        _write_results(out / "results.json", ours)
-        if reruns:
-            again = load_results(out / "reruns.json")
-            again.update({k: theirs[k] for k in reruns})
-            _write_results(out / "reruns.json", again)
-        for key in added + replaced:  # the pictures and curves of pretrainings now recorded
+        for key in added + replaced:  # first the curves and pictures of the pretrainings taken
             if not key.endswith("/pretrain"):  # (loader keys end in a device name)
                 continue
             rid, arm, seed, _ = key.split("/")
@@ -408,6 +404,14 @@ def merge(returned: Path, out: Path) -> dict:
                 if (folder / name).is_file():
                     (out / name).parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy(folder / name, out / name)
+        if reruns:  # every repeat of a key is kept, once
+            again = load_results(out / "reruns.json")
+            for key in reruns:
+                if theirs[key] not in again.setdefault(key, []):
+                    again[key].append(theirs[key])
+            _write_results(out / "reruns.json", again)
+        ours.update({k: theirs[k] for k in added + replaced})
+        _write_results(out / "results.json", ours)  # last: a merge that failed before can be run again
     missing = sorted(k for k in ours if k not in theirs)
     print(f"[study] merged {returned}: {len(added)} new, {len(replaced)} pretrainings replaced (units pretrained "
           f"again to finish them), {len(reruns)} run again (kept in reruns.json)")

@@ -89,6 +89,9 @@ class OptimConfig:
     ema_decay: Optional[float] = None  # model EMA decay per optimizer step, None = off
 
 
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay steps as CUDA graphs
+
+
 @dataclass
 class TrainConfig:
     task: Literal["pretrain", "finetune", "linprobe"] = "pretrain"
@@ -101,7 +104,7 @@ class TrainConfig:
     amp: Literal["auto", "bf16", "none"] = "auto"  # auto = bf16 autocast on CUDA, off on CPU
     compile: bool = False  # torch.compile the model
     # torch.compile's mode; reduce-overhead replays each step as CUDA graphs, which removes the per-kernel
-    # launch cost that dominates small models (2.7x on the Fashion-MNIST study's step, docs/benchmarks)
+    # launch cost that dominates small models (2.3-2.7x on the Fashion-MNIST study's step, docs/benchmarks)
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     distributed: Literal["ddp", "fsdp"] = "ddp"  # multi-GPU: replicate (ddp) or shard with FSDP2 (large/huge)
     log_every: int = 20  # optimizer steps between metric rows
@@ -365,6 +368,11 @@ def check_config(cfg: TrainConfig) -> None:
                       "only warms up and never decays")
     if cfg.compile_mode != "default" and not cfg.compile:
         raise ValueError(f"--compile_mode {cfg.compile_mode} takes effect only with --compile")
+    if cfg.compile and cfg.compile_mode in CUDA_GRAPH_MODES and o.accum_iter > 1:
+        # each micro-step's graph replay would overwrite the gradients the previous one accumulated
+        raise ValueError(f"--compile_mode {cfg.compile_mode} (CUDA graphs) does not support gradient "
+                         f"accumulation (--optim.accum_iter {o.accum_iter}); use --compile_mode "
+                         "max-autotune-no-cudagraphs or default")
     if cfg.task == "pretrain" and cfg.pretrained:
         raise ValueError("--pretrained starts a fine-tune or linear probe from pretrained weights; pretraining "
                          "starts from random weights (to continue a pretraining run, use --resume)")

@@ -36,7 +36,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from tqdm import tqdm
 
-from star.config import TrainConfig, check_config, config_to_dict, save_config
+from star.config import CUDA_GRAPH_MODES, TrainConfig, check_config, config_to_dict, save_config
 from star.training.checkpoint import (STATE_NAME, atomic_write, latest_checkpoint, load_checkpoint, load_weights,
                                       resolve_checkpoint, save_checkpoint)
 from star.training.distributed import (all_gather_objects, full_model_state_dict, is_sharded, load_full_model_state_dict,
@@ -230,7 +230,7 @@ class Trainer:
             if cfg.distributed == "fsdp" and cfg.optim.ema_decay is not None:
                 raise ValueError("optim.ema_decay (model EMA) is not supported with distributed=fsdp; use ddp")
             self.train_model = wrap_model(self.model, self.device, cfg.distributed)
-        self.cuda_graphs = cfg.compile and cfg.compile_mode in ("reduce-overhead", "max-autotune")
+        self.cuda_graphs = cfg.compile and cfg.compile_mode in CUDA_GRAPH_MODES
         if self.cuda_graphs and self.world_size > 1:
             raise ValueError(f"--compile_mode {cfg.compile_mode} (CUDA graphs) is not supported with multi-GPU "
                              "runs; use --compile_mode default or max-autotune-no-cudagraphs")
