@@ -304,7 +304,12 @@ def sizing(results: dict, recipe_name: str) -> list[str]:
             "earlier recipe ids; the "
             "carried-over items count with the time older code took. Unmeasured items are estimated from "
             "measured ones of the same kind (per epoch; pretraining per K) and, before any, from the recipe's "
-            "guesses, which undershoot.", ""]
+            "guesses, which undershoot.",
+            "- Why it runs over: at this model size most of a training step is fixed host-side cost, ~100 ms per "
+            "step whatever the batch (launching ~1,500 kernels; docs/benchmarks/README.md). Capturing the step as "
+            "CUDA graphs (`--compile --compile_mode reduce-overhead`) made the study's step 2.3-2.7x faster at 128 "
+            "images and 1.4x at 1024 on an H200, but each run would pay its compile time, and the study keeps "
+            "every arm on the code path its first results were measured with, eager.", ""]
 
 
 def build(recipe_name: str, study_dir: Path, out: Path) -> Path:
