@@ -371,11 +371,11 @@ def merge(returned: Path, out: Path) -> dict:
     """Bring a GPU call's results home: `returned` is its fm.tgz (or the unpacked folder) holding results.json,
     curves/ and figures/. New items are added. An item recorded here and different there was run again by a
     call that started from an older results.json: the recorded one stays and the other is added to the key's
-    list in reruns.json (the report compares them; no seed counts twice). The exception is a unit that the call pretrained again
-    because its weights were gone, to finish evaluations missing here: its new pretraining entry, loss curve
-    and picture replace the old ones, as they would have on the GPU machine (a pretraining repeated without
-    finishing any evaluation is a repeat). Files are copied before results.json is written, so a merge that
-    failed can be run again. Returns the keys per outcome."""
+    list in reruns.json (the report compares them; no seed counts twice). The exception is a unit that the
+    call pretrained again because its weights were gone, to finish evaluations missing here: its new
+    pretraining entry, loss curve and picture replace the old ones, as they would have on the GPU machine (a
+    pretraining repeated without finishing any evaluation is a repeat). Files are copied before results.json
+    is written, so a merge that failed can be run again. Returns the keys per outcome."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = returned
         if returned.is_file():

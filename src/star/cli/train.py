@@ -118,7 +118,7 @@ def build_loaders(cfg: TrainConfig, model: nn.Module) -> Tuple[DataLoader, Optio
 
 def eval_loader(dataset, batch_size: int, num_workers: int) -> DataLoader:
     """Every image exactly once across all ranks, so all-reduced accuracy counts are exact. Workers persist:
-    a run evaluates every epoch, and restarting them each time cost ~15% of a 5k-image pass (2 CPU workers)."""
+    a run evaluates every epoch, and restarting them took a 5k-image pass from 0.32 to 0.37 s (2 CPU workers)."""
     return DataLoader(dataset, batch_sampler=EvalBatchSampler(len(dataset), batch_size), num_workers=num_workers,
                       persistent_workers=num_workers > 0)
 
