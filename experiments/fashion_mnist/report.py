@@ -22,8 +22,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study import (ARMS, EVALS, HERE, RECIPES, SEEDS, STAGES, estimate, item_key, load_results, recipe_id,  # noqa: E402
-                   unit_items)
+from study import (ARMS, EVALS, HERE, RECIPES, SEEDS, STAGES, estimate, item_key, load_results,  # noqa: E402
+                   picture_file, recipe_id, unit_items)
 
 REPO = HERE.parents[1]
 EVAL_NAMES = {"linprobe": "linear probe", "ft1": "1% labels", "ft10": "10% labels", "ft100": "full fine-tune"}
@@ -392,7 +392,7 @@ def build(recipe_name: str, study_dir: Path, out: Path) -> Path:
         lines += ["![accuracy vs K](fashion-mnist/accuracy_vs_k.png)", "",
                   "K=1 is ARM (no separator); K >= 2 use cluster separators. Dashed: no pretraining.", ""]
     for arm in ("star_k4", "arm_k1"):
-        picture = study_dir / "figures" / rid / f"predictions_{arm}.png"
+        picture = study_dir / picture_file(rid, arm)
         if picture.is_file():
             shutil.copy(picture, figures / picture.name)
             lines += [f"![{arm} predictions](fashion-mnist/{picture.name})", "",

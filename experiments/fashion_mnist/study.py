@@ -210,6 +210,16 @@ def _fresh(run_dir: Path) -> Path:
     return run_dir
 
 
+def curve_file(rid: str, arm: str, seed: int) -> Path:
+    """Where a pretraining's loss curve is kept, relative to the study folder."""
+    return Path("curves", rid, f"{arm}_s{seed}.csv")
+
+
+def picture_file(rid: str, arm: str) -> Path:
+    """Where an arm's prediction picture (seed 0's encoder) is kept, relative to the study folder."""
+    return Path("figures", rid, f"predictions_{arm}.png")
+
+
 def do_pretrain(recipe: dict, arm: str, seed: int, runs: Path, out: Path, rid: str) -> dict:
     """Pretrain under runs/; the loss curve goes to out/curves/<rid>/, seed 0's prediction picture to
     out/figures/<rid>/."""
@@ -226,15 +236,13 @@ def do_pretrain(recipe: dict, arm: str, seed: int, runs: Path, out: Path, rid: s
     run(cfg)
     wall = time.perf_counter() - start
     _prune(run_dir)
-    curves = out / "curves" / rid
-    curves.mkdir(parents=True, exist_ok=True)
-    shutil.copy(run_dir / "metrics.csv", curves / f"{arm}_s{seed}.csv")
+    curve = out / curve_file(rid, arm, seed)
+    curve.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(run_dir / "metrics.csv", curve)
     entry = {"wall_s": wall, "images_seen": steps * cfg.optim.batch_size, "img_s": _throughput(run_dir),
              "final_loss": float(_train_rows(run_dir)[-1]["train/loss"]), **ARMS[arm]}
     if seed == 0:  # one picture of what the model predicts, per arm
-        figures = out / "figures" / rid
-        draw_predictions(str(run_dir), str(figures / f"predictions_{arm}.png"), num_sequences=3,
-                         device=cfg.device)
+        draw_predictions(str(run_dir), str(out / picture_file(rid, arm)), num_sequences=3, device=cfg.device)
     return entry
 
 
@@ -397,9 +405,9 @@ def merge(returned: Path, out: Path) -> dict:
         for key in added + replaced:  # first the curves and pictures of the pretrainings taken
             if not key.endswith("/pretrain"):  # (loader keys end in a device name)
                 continue
-            rid, arm, seed, _ = key.split("/")
-            files = [Path("curves", rid, f"{arm}_{seed}.csv")]
-            files += [Path("figures", rid, f"predictions_{arm}.png")] if seed == "s0" else []
+            rid, arm, unit_seed, _ = key.split("/")
+            seed = int(unit_seed[1:])  # "s0" -> 0
+            files = [curve_file(rid, arm, seed)] + ([picture_file(rid, arm)] if seed == 0 else [])
             for name in files:
                 if (folder / name).is_file():
                     (out / name).parent.mkdir(parents=True, exist_ok=True)
