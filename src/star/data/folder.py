@@ -34,6 +34,15 @@ def convert_image(img: Image.Image, mode: str) -> Image.Image:
     return img.convert(mode)
 
 
+def _hidden(name: str) -> bool:
+    """Hidden files and folders (.ipynb_checkpoints, macOS ._x.jpg) are not data."""
+    return name.startswith(".")
+
+
+def _class_folders(root: Path) -> list[str]:
+    return sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not _hidden(entry.name))
+
+
 def load_image(path, mode: str) -> Image.Image:
     """Open and fully decode an image (convert() forces the decode, so truncated files fail here)."""
     try:
@@ -59,8 +68,9 @@ class ImageFolder(torchvision.datasets.ImageFolder):
             found = sorted(p.name for p in self.dataset_root.iterdir() if p.is_dir()) if self.dataset_root.is_dir() else None
             where = f"{self.dataset_root} has sub-folders {found}" if found is not None else f"{self.dataset_root} does not exist"
             raise FileNotFoundError(f"image folder split {split!r} not found at {split_dir} ({where}); {LAYOUT_HINT}")
-        def is_image(path: str) -> bool:  # hidden files and folders (.ipynb_checkpoints, macOS ._x.jpg) are not data
-            visible = not any(part.startswith(".") for part in Path(path).relative_to(split_dir).parts)
+
+        def is_image(path: str) -> bool:
+            visible = not any(_hidden(part) for part in Path(path).relative_to(split_dir).parts)
             return visible and path.lower().endswith(IMG_EXTENSIONS)
 
         super().__init__(split_dir, transform=transform, is_valid_file=is_image, allow_empty=True)
@@ -77,12 +87,10 @@ class ImageFolder(torchvision.datasets.ImageFolder):
         class_root = self.dataset_root / "train"
         if not class_root.is_dir():
             class_root = Path(directory)
-        classes = sorted(entry.name for entry in class_root.iterdir()
-                         if entry.is_dir() and not entry.name.startswith("."))
+        classes = _class_folders(class_root)
         if not classes:
             raise FileNotFoundError(f"no class folders in {class_root}; {LAYOUT_HINT}")
-        unknown = sorted({entry.name for entry in Path(directory).iterdir()
-                          if entry.is_dir() and not entry.name.startswith(".")} - set(classes))
+        unknown = sorted(set(_class_folders(Path(directory))) - set(classes))
         if unknown:
             raise ValueError(f"{directory} has class folders missing from {class_root}: {unknown[:10]}")
         return classes, {name: index for index, name in enumerate(classes)}
