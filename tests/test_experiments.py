@@ -160,6 +160,20 @@ def test_run_needs_a_stage_or_next():
         study.main(["run"])
 
 
+def test_shards_split_the_unfinished_units(tmp_path):
+    rid, units = study.recipe_id("h100"), study.STAGES[3] + study.STAGES[4]
+    done = ("k4_nosep", 0)  # one finished unit: no shard gets it, and the rest is still split evenly
+    for item in study.unit_items(done[0]):
+        study.save_result(tmp_path / "results.json", study.item_key(rid, *done, item), {"item": item})
+    shards = [study.shard_units(units, "h100", tmp_path, (i, 3)) for i in range(3)]
+    assert sorted(u for shard in shards for u in shard) == sorted(u for u in units if u != done)
+    assert [len(shard) for shard in shards] == [5, 5, 4]
+    assert shards[0][0] == ("k4_token", 0)  # in stage order
+    for bad in ("2/2", "1", "a/b", "-1/2"):
+        with pytest.raises(SystemExit):
+            study.main(["run", "--next", "--shard", bad, "--out", str(tmp_path)])
+
+
 def test_conclusion_applies_the_two_std_criterion():
     rid = study.recipe_id("h100")
 

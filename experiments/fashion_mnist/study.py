@@ -9,6 +9,12 @@ The whole study, on one GPU, in resumable stages:
     python experiments/fashion_mnist/study.py bench-loader             # data-loader images/s alone
     python experiments/fashion_mnist/study.py merge --returned fm.tgz  # bring a GPU call's results home
 
+On a machine with N GPUs, run N shards at once, one per GPU, each with its own --out and --runs (a shard
+takes every N-th unfinished unit, so they never share one), then merge each shard's folder:
+
+    CUDA_VISIBLE_DEVICES=0 python experiments/fashion_mnist/study.py run --next --shard 0/2 --out fm0 &
+    CUDA_VISIBLE_DEVICES=1 python experiments/fashion_mnist/study.py run --next --shard 1/2 --out fm1 &
+
 A unit of work is one arm x seed: pretraining (unless the arm is "scratch"), then four evaluations of the
 encoder, each a fresh classifier trained on the 55k-image training part and measured on the untouched test
 split: a linear probe, fine-tuning with 1% and 10% of the labels, and full fine-tuning. Every finished item
@@ -424,9 +430,29 @@ def merge(returned: Path, out: Path) -> dict:
     print(f"[study] merged {returned}: {len(added)} new, {len(replaced)} pretrainings replaced (units pretrained "
           f"again to finish them), {len(reruns)} run again (kept in reruns.json)")
     if missing:
-        print(f"[study] {len(missing)} results here were not in the returned file: that call started from an "
-              "older results.json (its repeats are the 'run again' ones)")
+        print(f"[study] {len(missing)} results here were not in the returned file: another shard's, or that call "
+              "started from an older results.json (then its repeats are the 'run again' ones)")
     return dict(added=added, replaced=replaced, reruns=reruns, missing=missing)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """"I/N" -> (I, N), with 0 <= I < N."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard wants I/N, e.g. 0/2; got {text!r}") from None
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"--shard {text}: I must be in 0..N-1")
+    return index, count
+
+
+def shard_units(units, recipe_name: str, out: Path, shard: tuple[int, int]) -> list:
+    """Every N-th of the units that still have work, from the I-th: shards started from the same results.json
+    take disjoint units, and each gets its share of the remaining work rather than of the finished."""
+    results, rid = load_results(out / "results.json"), recipe_id(recipe_name)
+    unfinished = [(a, s) for a, s in units if any(item_key(rid, a, s, i) not in results for i in unit_items(a))]
+    index, count = shard
+    return unfinished[index::count]
 
 
 def status(recipe_name: str, out: Path) -> None:
@@ -444,6 +470,9 @@ def main(argv=None) -> int:
     parser.add_argument("--stage", type=int, choices=sorted(STAGES), help="run this stage's units")
     parser.add_argument("--next", action="store_true", help="run the unfinished units of every stage, in order")
     parser.add_argument("--budget-min", type=float, default=None, help="start no work that would end past this")
+    parser.add_argument("--shard", type=parse_shard, default=None, metavar="I/N",
+                        help="run only every N-th unfinished unit, from the I-th (one shard per GPU, each with its "
+                             "own --out and --runs; merge each)")
     parser.add_argument("--items", nargs="+", choices=("pretrain", *EVALS), default=None,
                         help="run only these items of each unit (and the pretraining they need)")
     parser.add_argument("--recipe", default="h100", choices=sorted(RECIPES))
@@ -472,6 +501,9 @@ def main(argv=None) -> int:
     if (args.stage is None) == (not args.next):
         parser.error("run needs exactly one of --stage N or --next")
     units = STAGES[args.stage] if args.stage else [u for stage in STAGES.values() for u in stage]
+    if args.shard is not None:
+        units = shard_units(units, args.recipe, args.out, args.shard)
+        print(f"[study] shard {args.shard[0]}/{args.shard[1]}: {', '.join(f'{a} s{s}' for a, s in units) or 'nothing'}")
     budget = None if args.budget_min is None else 60 * args.budget_min
     finished = run_units(units, args.recipe, args.out, args.runs, budget, args.items)
     status(args.recipe, args.out)
