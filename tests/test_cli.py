@@ -89,7 +89,7 @@ def test_compile_flag_trains_like_eager(pretrained, tmp_path, monkeypatch):
     assert losses(out) == pytest.approx(losses(pretrained), rel=1e-4)
 
 
-def test_compile_mode_reaches_torch_compile(tmp_path, monkeypatch):
+def test_compile_mode_reaches_torch_compile(tmp_path, monkeypatch, capsys):
     modes = []
     monkeypatch.setattr(torch, "compile", lambda model, mode=None: modes.append(mode) or model)
     assert star("pretrain", *PRETRAIN, *SYNTHETIC, "--output_dir", tmp_path / "a", "--compile", "--max_steps", "1",
@@ -98,9 +98,11 @@ def test_compile_mode_reaches_torch_compile(tmp_path, monkeypatch):
     assert modes == ["max-autotune-no-cudagraphs", None]
     assert star("pretrain", *PRETRAIN, *SYNTHETIC, "--output_dir", tmp_path / "c",
                 "--compile_mode", "reduce-overhead") != 0  # a mode without --compile is refused, not ignored
+    assert "takes effect only with --compile" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
     assert star("pretrain", *PRETRAIN, *SYNTHETIC, "--output_dir", tmp_path / "d", "--compile", "--compile_mode",
                 "reduce-overhead", "--optim.accum_iter", "2") != 0  # graph replays would overwrite the gradients
+    assert "does not support gradient accumulation" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
 
 
@@ -108,8 +110,8 @@ def test_compile_mode_reaches_torch_compile(tmp_path, monkeypatch):
 def test_cuda_graph_compile_trains_like_eager_on_cuda(tmp_path):
     """--compile_mode reduce-overhead (each step replayed as CUDA graphs, the Triton scan inside) trains and
     evaluates like eager: two epochs, so training, evaluation and training again alternate."""
-    gpu = [*FINETUNE, *SYNTHETIC, "--device", "cuda", "--amp", "none", "--model.scan_impl", "triton",
-           "--optim.epochs", "2"]
+    gpu = [*FINETUNE, *SYNTHETIC, "--pretrained", "none", "--device", "cuda", "--amp", "none",
+           "--model.scan_impl", "triton", "--optim.epochs", "2"]
     assert star("finetune", *gpu, "--output_dir", tmp_path / "eager") == 0
     assert star("finetune", *gpu, "--output_dir", tmp_path / "graphs", "--compile", "--compile_mode",
                 "reduce-overhead") == 0

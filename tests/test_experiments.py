@@ -174,6 +174,21 @@ def test_shards_split_the_unfinished_units(tmp_path):
             study.main(["run", "--next", "--shard", bad, "--out", str(tmp_path)])
 
 
+def test_estimates_use_this_cards_measurements(monkeypatch):
+    rid = study.recipe_id("h100")
+    results = {f"{rid}/star_k4/s{seed}/{item}": {"item": item, "device": card, "num_images": 4, "epochs": 12,
+                                                  "wall_s": wall}
+               for seed, card, wall in ((0, "slow card", 200.0), (1, "fast card", 100.0))
+               for item in ("pretrain", "ft100")}
+    monkeypatch.setattr(study, "device_name", lambda: "fast card")
+    assert study.estimate(results, "h100", "star_k4", "ft100") == pytest.approx(100.0 * 1.1 + 10)
+    assert study.estimate(results, "h100", "star_k4", "pretrain") == pytest.approx(100.0 * 1.1 + 10)
+    assert study.estimate(results, "h100", "star_k16", "pretrain") == pytest.approx(150.0 * 1.1 + 10)  # K unmeasured
+    monkeypatch.setattr(study, "device_name", lambda: "new card")  # nothing measured on it: every card counts
+    assert study.estimate(results, "h100", "star_k4", "ft100") == pytest.approx(200.0 * 1.1 + 10)
+    assert study.estimate({}, "h100", "star_k4", "ft100") == study.RECIPES["h100"]["estimate_s"]["ft100"]
+
+
 def test_conclusion_applies_the_two_std_criterion():
     rid = study.recipe_id("h100")
 

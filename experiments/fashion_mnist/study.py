@@ -50,7 +50,7 @@ from star.cli.train import build_loaders, build_model, run
 from star.config import TrainConfig, apply_overrides, load_config
 from star.models import create_model
 from star.training.checkpoint import atomic_write
-from star.training.provenance import environment
+from star.training.provenance import device_name, environment
 
 HERE = Path(__file__).resolve().parent
 PRESET = "fmnist-tiny"  # 32 px, patch 4 (8x8 grid), clusters of 2x2 patches (4x4 clusters per image)
@@ -282,17 +282,21 @@ def unit_items(arm: str) -> list[str]:
 def estimate(results: dict, recipe_name: str, arm: str, item: str) -> float:
     """Seconds an item should take: the slowest of this recipe's own measured items of its kind per epoch
     (pretraining: of the same K), times this item's epochs, plus start-up; the recipe's guess before anything
-    was measured. Carried-over entries are left out: older code measured them (slower, see carry_over)."""
+    was measured. Only this card's measurements count when there are any (an H100's would make H200 calls
+    plan too little work). Carried-over entries are left out: older code measured them (slower, see
+    carry_over)."""
     recipe, rid = RECIPES[recipe_name], recipe_id(recipe_name)
     kind = [e for k, e in results.items()
             if k.startswith(rid + "/") and e.get("item") == item and "carried_from" not in e]
-    if item == "pretrain":
-        same = [e for e in kind if e.get("num_images") == ARMS[arm]["num_images"]]
-        return max(e["wall_s"] for e in same) * 1.1 + 10 if same else recipe["estimate_s"][item]
+    here = device_name()
+    kind = [e for e in kind if e.get("device") == here] or kind
+    if not kind:
+        return recipe["estimate_s"][item]
+    if item == "pretrain":  # a K not measured yet: half as long again as the slowest measured K (a guess)
+        same = [e["wall_s"] for e in kind if e.get("num_images") == ARMS[arm]["num_images"]]
+        return (max(same) if same else 1.5 * max(e["wall_s"] for e in kind)) * 1.1 + 10
     extra = recipe["pretrain"]["epochs"] if ARMS[arm] is None and item != "linprobe" else 0
-    per_epoch = [e["wall_s"] / e["epochs"] for e in kind]
-    return max(per_epoch) * (recipe["evals"][item]["epochs"] + extra) * 1.1 + 10 if per_epoch \
-        else recipe["estimate_s"][item]
+    return max(e["wall_s"] / e["epochs"] for e in kind) * (recipe["evals"][item]["epochs"] + extra) * 1.1 + 10
 
 
 def run_units(units, recipe_name: str, out: Path, runs: Path, budget_s: float | None, items=None) -> bool:
