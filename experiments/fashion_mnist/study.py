@@ -1,19 +1,18 @@
 """Does packing K images per sequence (STAR) beat one image per sequence (ARM) on Fashion-MNIST?
 
-The whole study, on one GPU, in resumable stages:
+The whole study, on one GPU (or one shard per GPU of a machine, below), in resumable stages:
 
     python experiments/fashion_mnist/study.py run --stage 1            # seed 0 of scratch, ARM, STAR
     python experiments/fashion_mnist/study.py run --next --budget-min 9  # whatever is left, until 9 min are used
     python experiments/fashion_mnist/study.py run --stage 2 --items linprobe ft1  # only these evaluations
     python experiments/fashion_mnist/study.py status                   # done / to do
     python experiments/fashion_mnist/study.py bench-loader             # data-loader images/s alone
-    python experiments/fashion_mnist/study.py merge --returned fm.tgz  # bring a GPU call's results home
+    python experiments/fashion_mnist/study.py merge --returned fm0.tgz fm1.tgz  # bring a GPU call's results home
 
-On a machine with N GPUs, run N shards at once, one per GPU, each with its own --out and --runs (a shard
-takes every N-th unfinished unit, so they never share one), then merge each shard's folder:
+On a machine with N GPUs, N shards run at once, one per GPU, each with its own --out and --runs (a shard takes
+every N-th unfinished unit, so they never share one); gpu_call.sh starts them and packs one archive each:
 
-    CUDA_VISIBLE_DEVICES=0 python experiments/fashion_mnist/study.py run --next --shard 0/2 --out fm0 &
-    CUDA_VISIBLE_DEVICES=1 python experiments/fashion_mnist/study.py run --next --shard 1/2 --out fm1 &
+    OUT=<folder> bash experiments/fashion_mnist/gpu_call.sh <commit> 9.5  # one call: 9.5 minutes of units
 
 A unit of work is one arm x seed: pretraining (unless the arm is "scratch"), then four evaluations of the
 encoder, each a fresh classifier trained on the 55k-image training part and measured on the untouched test
@@ -299,11 +298,13 @@ def estimate(results: dict, recipe_name: str, arm: str, item: str) -> float:
     return max(e["wall_s"] / e["epochs"] for e in kind) * (recipe["evals"][item]["epochs"] + extra) * 1.1 + 10
 
 
-def run_units(units, recipe_name: str, out: Path, runs: Path, budget_s: float | None, items=None) -> bool:
+def run_units(units, recipe_name: str, out: Path, runs: Path, budget_s: float | None, items=None,
+              shard: str | None = None) -> bool:
     """Run every unfinished item of `units` (only `items`, if given, plus the pretraining they need); True if
     all are done. With a budget, a unit (or an item of one) is started only when its estimated time still
     fits; a unit that does not fit is skipped for a later one that does (the scratch arm's items need no
-    pretraining, so they fill the end of a call)."""
+    pretraining, so they fill the end of a call). `shard` ("I/N") is recorded in each entry: N runs shared
+    the machine, one per GPU."""
     recipe, rid = RECIPES[recipe_name], recipe_id(recipe_name)
     results_path, runs = out / "results.json", runs / rid  # weights of another recipe are never reused
     start, env, finished = time.perf_counter(), environment(), True
@@ -331,6 +332,8 @@ def run_units(units, recipe_name: str, out: Path, runs: Path, budget_s: float | 
             else:
                 entry = do_eval(recipe, arm, seed, item, runs)
             entry.update(arm=arm, seed=seed, item=item, recipe=rid, finished=time.strftime("%Y-%m-%dT%H:%M:%S"), **env)
+            if shard:
+                entry["shard"] = shard
             save_result(results_path, item_key(rid, arm, seed, item), entry)
             results = load_results(results_path)
             shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in entry.items()
@@ -484,12 +487,14 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=Path, default=HERE / "runs",
                         help="scratch space for the runs' weights (in a subfolder per recipe id)")
     parser.add_argument("--source", help="carry-over: the recipe id whose results of --items are copied")
-    parser.add_argument("--returned", type=Path, help="merge: a GPU call's fm.tgz (or its unpacked folder)")
+    parser.add_argument("--returned", type=Path, nargs="+",
+                        help="merge: a GPU call's fm.tgz files, one per shard (or their unpacked folders)")
     args = parser.parse_args(argv)
     if args.command == "merge":
         if args.returned is None:
-            parser.error("merge needs --returned PATH (a GPU call's fm.tgz or its folder)")
-        merge(args.returned, args.out)
+            parser.error("merge needs --returned PATH [PATH ...] (a GPU call's fm*.tgz or their folders)")
+        for returned in args.returned:
+            merge(returned, args.out)
         return 0
     if args.command == "carry-over":
         if not args.source or not args.items:
@@ -509,7 +514,8 @@ def main(argv=None) -> int:
         units = shard_units(units, args.recipe, args.out, args.shard)
         print(f"[study] shard {args.shard[0]}/{args.shard[1]}: {', '.join(f'{a} s{s}' for a, s in units) or 'nothing'}")
     budget = None if args.budget_min is None else 60 * args.budget_min
-    finished = run_units(units, args.recipe, args.out, args.runs, budget, args.items)
+    finished = run_units(units, args.recipe, args.out, args.runs, budget, args.items,
+                         shard=args.shard and "/".join(map(str, args.shard)))
     status(args.recipe, args.out)
     return 0 if finished else 3
 
