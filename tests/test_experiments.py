@@ -148,6 +148,12 @@ def test_merge_adds_new_items_and_keeps_repeats_apart(tmp_path):
     (there / "results.json").write_text(json.dumps({"r/a/s0/ft1": entry("ft1", 72.0, 3)}))  # a second repeat
     study.merge(there, here)
     assert [e["test_top1"] for e in json.loads((here / "reruns.json").read_text())["r/a/s0/ft1"]] == [71.0, 72.0]
+    # one call's shards, merged by one command: each adds its own units
+    for shard, key in enumerate(("r/c/s0/ft1", "r/c/s1/ft1")):
+        write(tmp_path / f"fm{shard}", {key: entry("ft1", 50.0 + shard, 4)}, {})
+    assert study.main(["merge", "--returned", str(tmp_path / "fm0"), str(tmp_path / "fm1"), "--out", str(here)]) == 0
+    merged = json.loads((here / "results.json").read_text())
+    assert merged["r/c/s0/ft1"]["test_top1"] == 50.0 and merged["r/c/s1/ft1"]["test_top1"] == 51.0
     with pytest.raises(SystemExit, match="no results.json"):
         study.merge(tmp_path / "nowhere", here)
     (tmp_path / "bad.tgz").write_text("not a tar")
@@ -187,6 +193,44 @@ def test_estimates_use_this_cards_measurements(monkeypatch):
     monkeypatch.setattr(study, "device_name", lambda: "new card")  # nothing measured on it: every card counts
     assert study.estimate(results, "h100", "star_k4", "ft100") == pytest.approx(200.0 * 1.1 + 10)
     assert study.estimate({}, "h100", "star_k4", "ft100") == study.RECIPES["h100"]["estimate_s"]["ft100"]
+
+
+def test_k_sweep_slope_and_ablation_lines():
+    rid = study.recipe_id("h100")
+
+    def table(per_doubling, arms=report.K_SWEEP, seeds=study.SEEDS):
+        results = {}
+        for arm in arms:
+            k = study.ARMS[arm]["num_images"]
+            for seed, jitter in zip(seeds, (-0.3, 0.0, 0.3)):
+                for item in study.EVALS:
+                    top1 = 80.0 + per_doubling * {1: 0, 2: 1, 4: 2, 8: 3, 16: 4}[k] + jitter
+                    results[study.item_key(rid, arm, seed, item)] = {"test_top1": top1}
+        return report.collect(results, rid)
+
+    slope, se, runs = report.k_slope(table(-2.0), "linprobe")
+    assert slope == pytest.approx(-2.0) and se < 0.2 and runs == 15
+    assert "it falls with K" in report.k_trend(table(-2.0), "linprobe")
+    assert "preliminary" not in report.k_trend(table(-2.0), "linprobe")
+    assert "no trend in K" in report.k_trend(table(0.0), "ft1")
+    assert "rises with K" in report.k_trend(table(1.0), "ft10")
+    assert "preliminary: 5 of 5 values of K, at least 2 seeds" in report.k_trend(table(-2.0, seeds=(0, 1)), "ft1")
+    assert "fewer than 3 values of K" in report.k_trend(table(-2.0, arms=("arm_k1", "star_k2")), "ft1")
+    assert report.k_slope(table(-2.0, arms=("arm_k1", "star_k2")), "ft1") is None
+    lines = report.ablations(table(-2.0, arms=(*report.K_SWEEP, "k4_nosep")))
+    assert any("(c) vs (d) K=4, no separator, linear probe" in line for line in lines)
+    assert any("(e) K=4, one-token sep., 1% labels: not measured yet" in line for line in lines)
+
+
+def test_items_run_two_at_a_time_are_named():
+    def entry(commit, shard=None, img_s=6000.0):
+        e = {"item": "pretrain", "device": "H200", "commit": commit, "img_s": img_s}
+        return {**e, "shard": shard} if shard else e
+
+    assert report.shared_machines([entry("abc1234"), entry("abc1234", "0/1")]) == []
+    [line] = report.shared_machines([entry("abc1234", "1/2", 7000.0), entry("abc1234", img_s=6400.0)])
+    assert line.startswith("- 1 item ran on a machine with 2 GPUs (H200)")
+    assert "7000-7000 images/s there, and 6400-6400 images/s on the same card alone" in line
 
 
 def test_conclusion_applies_the_two_std_criterion():

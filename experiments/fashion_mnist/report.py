@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import shutil
 import statistics
 import sys
@@ -35,11 +36,11 @@ K_SWEEP = ("arm_k1", "star_k2", "star_k4", "star_k8", "star_k16")
 TARGET_TOP1 = 95.0
 ISSUE_BUDGET_MIN = 60  # GPU minutes the issue sizes the whole study to
 GPU_COMMAND = """\
-export PYTHONPATH=src STAR_DATA=$PWD/.fmnist STAR_COMMIT=<commit> TQDM_DISABLE=1 PYTHONUNBUFFERED=1
-mkdir -p $OUT/fm && cp -r experiments/fashion_mnist/{results.json,curves,figures} $OUT/fm/ 2>/dev/null
-python3 experiments/fashion_mnist/study.py bench-loader --out $OUT/fm          # once per card
-timeout 560 python3 experiments/fashion_mnist/study.py run --next --budget-min 9 --out $OUT/fm --runs /tmp/fmruns
-cd $OUT && tar czf fm.tgz fm && rm -rf fm                                      # one file back"""
+OUT=<folder> bash experiments/fashion_mnist/gpu_call.sh <commit> 9.5      # on the GPU machine: one shard per GPU
+python experiments/fashion_mnist/study.py merge --returned <folder>/fm*.tgz  # here, before the next call
+python experiments/fashion_mnist/report.py"""
+# Calls at these commits ran on a 2-GPU machine, one job per GPU, before entries recorded their shard.
+TWO_AT_ONCE_COMMITS = {"c350d48", "eada05e", "67c1366", "6d8768d"}
 
 
 def collect(results: dict, rid: str) -> dict:
@@ -98,6 +99,27 @@ def cards(table: dict) -> list[str]:
         for arm in ARMS if any(a == arm for a, _, _ in runs))
     return [f"- The pretraining wall times and images/s average over runs on different cards ({per_arm}); "
             "compare arms by the runs on one card (the Throughput section lists seed 0's)."]
+
+
+def shared_machines(entries: list) -> list[str]:
+    """Caveat line for the items that ran on a 2-GPU machine next to another job on the other GPU, with their
+    pretraining speed next to that of the runs that had a machine to themselves on the same card."""
+    def shared(e):
+        return e.get("shard", "0/1").split("/")[1] != "1" or e.get("commit") in TWO_AT_ONCE_COMMITS
+    ours = [e for e in entries if e.get("item") in ("pretrain", *EVALS)]
+    two = [e for e in ours if shared(e)]
+    if not two:
+        return []
+    cards = sorted({e["device"] for e in two})
+    speeds = [[e["img_s"] for e in ours if e["item"] == "pretrain" and e["device"] in cards and shared(e) == side]
+              for side in (True, False)]
+    line = (f"- {len(two)} item{'s' if len(two) != 1 else ''} ran on a machine with 2 GPUs ({', '.join(cards)}), one run per GPU, next to another "
+            "job on the other GPU (another unit; at 6d8768d the GPU tests), the two sharing the host's 32 CPU "
+            "cores (12 loader workers per run); commits " + ", ".join(sorted({e["commit"] for e in two})) + ".")
+    if all(speeds):
+        line += (f" Pretraining ran at {min(speeds[0]):.0f}-{max(speeds[0]):.0f} images/s there, and "
+                 f"{min(speeds[1]):.0f}-{max(speeds[1]):.0f} images/s on the same card alone.")
+    return [line]
 
 
 def reruns(study_dir: Path, results: dict) -> list[str]:
@@ -188,11 +210,63 @@ def conclusion(table: dict, full: dict) -> str:
         target = "reaching" if full[best] >= TARGET_TOP1 else "short of"
         text += (f" The best full fine-tune is {full[best]:.2f}% ({ARM_NAMES[best]}{preliminary(table, best)}), "
                  f"{target} the {TARGET_TOP1}% target.")
+    fits = {item: k_slope(table, item) for item in claim_items}
+    if all(fits.values()):
+        falls = all(slope < -2 * se for slope, se, _ in fits.values())
+        text += (" The K sweep points " + ("the same way: both fall" if falls else "nowhere clear: they do not both "
+                 "fall by more than 2 standard errors") + " as more images share a sequence (" + "; ".join(
+                 f"{EVAL_NAMES[i]} {slope:+.2f} ± {se:.2f} points per doubling of K" for i, (slope, se, _) in
+                 fits.items()) + "; see Ablations).")
     pending = [f"{EVAL_NAMES[item]} of {ARM_NAMES[arm]} ({len(table[arm, item])} of 3 seeds)"
                for arm in ("star_k4", "arm_k1", "scratch") for item in EVALS if len(table[arm, item]) < 3]
     if pending:
         text += " Still to measure before the other evaluations can be judged: " + "; ".join(pending) + "."
     return text
+
+
+def k_slope(table: dict, item: str):
+    """Least-squares slope of `item`'s test top-1 per doubling of K over every seed's result of the K sweep ((b)
+    and (f)), with its standard error and the number of runs; None before 3 values of K are measured."""
+    points = [(math.log2(ARMS[arm]["num_images"]), e["test_top1"]) for arm in K_SWEEP for e in table[arm, item]]
+    if len({x for x, _ in points}) < 3:
+        return None
+    x, y = [p[0] for p in points], [p[1] for p in points]
+    slope, intercept = statistics.linear_regression(x, y)
+    residual = sum((yi - intercept - slope * xi) ** 2 for xi, yi in zip(x, y)) / (len(x) - 2)
+    return slope, math.sqrt(residual / sum((xi - statistics.mean(x)) ** 2 for xi in x)), len(points)
+
+
+def k_trend(table: dict, item: str) -> str:
+    """How `item` moves with K: the means per K and the slope per doubling (a slope more than 2 standard errors
+    from zero is called a trend)."""
+    fit = k_slope(table, item)
+    if fit is None:
+        return f"{EVAL_NAMES[item]}: fewer than 3 values of K measured"
+    slope, se, runs = fit
+    measured = [arm for arm in K_SWEEP if table[arm, item]]
+    means = ", ".join(f"K={ARMS[a]['num_images']} {statistics.mean(e['test_top1'] for e in table[a, item]):.2f}"
+                      for a in measured)
+    called = f"{'falls' if slope < 0 else 'rises'} with K" if abs(slope) > 2 * se else \
+        "shows no trend in K beyond 2 standard errors"
+    seeds = min(len(table[a, item]) for a in measured)
+    note = "" if seeds >= 3 and len(measured) == len(K_SWEEP) else \
+        f" (preliminary: {len(measured)} of {len(K_SWEEP)} values of K, at least {seeds} seeds each)"
+    return (f"{EVAL_NAMES[item]}: {means}; {slope:+.2f} ± {se:.2f} points per doubling of K (slope ± standard "
+            f"error over {runs} runs): it {called}{note}")
+
+
+def ablations(table: dict) -> list[str]:
+    """Verdict lines of the ablations: does the cluster separator matter at K=4 ((c) vs (d) and (e)), and how
+    each evaluation moves with the number of images per sequence ((b) and the K sweep (f))."""
+    lines = ["## Ablations", "", "Does the separator matter at K=4? The cluster separator (c) against no separator "
+             "(d) and a one-token separator (e):", ""]
+    for other in ("k4_nosep", "k4_token"):
+        for item in ("linprobe", "ft1"):
+            lines.append(f"- (c) vs {ARM_NAMES[other]}, {compare(table, 'star_k4', other, item)}.")
+    lines += ["", "How each evaluation moves with K, the images per sequence (K=1 is ARM, without separator; K >= 2 "
+              "with cluster separators):", ""]
+    lines += [f"- {k_trend(table, item)}." for item in EVALS]
+    return lines + [""]
 
 
 def tuning(study_dir: Path, table: dict) -> list[str]:
@@ -304,7 +378,8 @@ def sizing(results: dict, recipe_name: str) -> list[str]:
             "earlier recipe ids; the "
             "carried-over items count with the time older code took. Unmeasured items are estimated from "
             "measured ones of the same kind (per epoch; pretraining per K) and, before any, from the recipe's "
-            "guesses, which undershoot.",
+            "guesses, which undershoot. Calls on a machine with 2 GPUs run two units at once, one per GPU, so "
+            "the device time they take is about half the GPU time of their items.",
             "- Why it runs over: at this model size most of a training step is fixed host-side cost, ~100 ms per "
             "step whatever the batch (launching ~1,500 kernels; docs/benchmarks/README.md). Capturing the step as "
             "CUDA graphs (`--compile --compile_mode reduce-overhead`) made the study's step 2.3-2.7x faster at 128 "
@@ -381,6 +456,7 @@ def build(recipe_name: str, study_dir: Path, out: Path) -> Path:
     lines.append("")
 
     lines += ["## Conclusion", "", conclusion(table, full), ""]
+    lines += ablations(table)
     lines += tuning(study_dir, table)
     lines += ["## Plots", ""]
     batch = pre["batch_size"]
@@ -418,16 +494,16 @@ def build(recipe_name: str, study_dir: Path, out: Path) -> Path:
     lines += sizing(results, recipe_name)
     devices = sorted({(e["device"], e["torch"], e["commit"]) for e in ours})
     lines += ["## How this was run", "",
-              "The study runs in GPU calls of at most 10 minutes. Each call does the unfinished items that fit its "
-              "budget (a pretrained arm x seed needs its whole unit to fit, since its weights do not outlive the "
-              "call), appends them to results.json as they finish, and a rerun skips what is done. On the GPU "
-              "machine (repo root; `.fmnist` holds the four Fashion-MNIST .gz files, carried; the machine's image has "
-              "timm, else carry its wheel and add it to PYTHONPATH):",
+              "The study runs in GPU calls of at most 10 minutes. Each call runs one shard per GPU; a shard takes "
+              "every N-th unfinished arm x seed and does the items that fit its budget (a pretrained arm x seed "
+              "needs its whole unit to fit, since its weights do not outlive the call), appending them to its "
+              "results.json as they finish. The results come home and are merged before the next call, which must "
+              "start from them (a rerun skips what is done). The GPU machine needs the repo, with `.fmnist` holding "
+              "the four Fashion-MNIST .gz files, and timm (in the machine's image; else carry its wheel and add it "
+              "to PYTHONPATH):",
               "", "```", GPU_COMMAND, "```", "",
-              "then, here, before the next call (which must start from the merged results.json): "
-              "`python experiments/fashion_mnist/study.py merge --returned <the call's fm.tgz>` and "
-              "`python experiments/fashion_mnist/report.py`. On a CPU the same pipeline runs in seconds with "
-              "`--recipe smoke` (synthetic images) or `--recipe smoke-fmnist`.", ""]
+              "On a CPU the same pipeline runs in seconds with `--recipe smoke` (synthetic images) or "
+              "`--recipe smoke-fmnist`.", ""]
     lines += [f"- Measured on: {d} (torch {t}, commit {c})" for d, t, c in devices] + [""]
 
     lines += ["## Caveats", "",
@@ -441,6 +517,7 @@ def build(recipe_name: str, study_dir: Path, out: Path) -> Path:
               "(b8b641e): the same computation (tested equal in float64), only slower.",
               *pretrained_again(table),
               *cards(table),
+              *shared_machines(ours),
               commits(ours),
               "- The linear probe reads the 4-direction classifier whose backward and column scans are copies of "
               "the causal forward direction: it probes that transfer, not the causal features alone.",
