@@ -266,6 +266,19 @@ def ablations(table: dict) -> list[str]:
     lines += ["", "How each evaluation moves with K, the images per sequence (K=1 is ARM, without separator; K >= 2 "
               "with cluster separators):", ""]
     lines += [f"- {k_trend(table, item)}." for item in EVALS]
+    lines += ["", "Reading them (facts, then explanations that this study does not test):", "",
+              "- Sequence length: an image here is 64 tokens, 68 with a cluster separator, so K = 2, 4, 8 and 16 "
+              "make sequences of 136, 272, 544 and 1088 tokens. The paper reports accuracy dropping past about "
+              "640 tokens; here it falls from K=2 on, far below that length.",
+              "- Size of the effect sought: the paper's STAR-B leads ARM-B by 0.3 points on ImageNet (83.5 vs "
+              "83.2%) after 1600 pretraining epochs; this study pretrains for 4. A lead of that size on the full "
+              "fine-tune would be hidden by the spread here (std 0.1-0.2 over seeds; up to 0.5 between two runs of "
+              "one seed, see below).",
+              "- Untested: the images packed into a sequence are unrelated draws, so what the state carries from "
+              "earlier images does not help predict the next one, and the encoder has to learn to discount it; "
+              "and the classifier reads each image from a fresh state, while in pretraining all but 1/K of the "
+              "images follow others, a mismatch that grows with K. Probing each encoder with a prefix of other "
+              "images would tell these apart; it was not run."]
     return lines + [""]
 
 
