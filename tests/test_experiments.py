@@ -2,6 +2,7 @@
 two optimizer steps per run): results are recorded, resuming skips them, the budget stops work, the arms
 build the models they name, and the report is built from what was recorded."""
 
+import argparse
 import json
 import sys
 import tarfile
@@ -148,7 +149,15 @@ def test_merge_adds_new_items_and_keeps_repeats_apart(tmp_path):
     (there / "results.json").write_text(json.dumps({"r/a/s0/ft1": entry("ft1", 72.0, 3)}))  # a second repeat
     study.merge(there, here)
     assert [e["test_top1"] for e in json.loads((here / "reruns.json").read_text())["r/a/s0/ft1"]] == [71.0, 72.0]
-    # one call's shards, merged by one command: each adds its own units
+    # one call's shards, merged by one command: each adds its own units, and the pretraining that one shard
+    # replaced (to finish its unit) is not a repeat in the other, which started from the same results.json
+    write(tmp_path / "fm2", {"r/d/s0/pretrain": entry("pretrain", None, 1)}, {})
+    study.merge(tmp_path / "fm2", here)
+    write(tmp_path / "fm3", {"r/d/s0/pretrain": entry("pretrain", None, 5), "r/d/s0/ft1": entry("ft1", 40.0, 5)}, {})
+    write(tmp_path / "fm4", {"r/d/s0/pretrain": entry("pretrain", None, 1)}, {})
+    assert study.main(["merge", "--returned", str(tmp_path / "fm3"), str(tmp_path / "fm4"), "--out", str(here)]) == 0
+    assert json.loads((here / "results.json").read_text())["r/d/s0/pretrain"]["finished"] == 5
+    assert "r/d/s0/pretrain" not in json.loads((here / "reruns.json").read_text())
     for shard, key in enumerate(("r/c/s0/ft1", "r/c/s1/ft1")):
         write(tmp_path / f"fm{shard}", {key: entry("ft1", 50.0 + shard, 4)}, {})
     assert study.main(["merge", "--returned", str(tmp_path / "fm0"), str(tmp_path / "fm1"), "--out", str(here)]) == 0
@@ -175,22 +184,23 @@ def test_shards_split_the_unfinished_units(tmp_path):
     assert sorted(u for shard in shards for u in shard) == sorted(u for u in units if u != done)
     assert [len(shard) for shard in shards] == [5, 5, 4]
     assert shards[0][0] == ("k4_token", 0)  # in stage order
-    for bad in ("2/2", "1", "a/b", "-1/2"):
-        with pytest.raises(SystemExit):
-            study.main(["run", "--next", "--shard", bad, "--out", str(tmp_path)])
+    assert study.parse_shard("1/2") == (1, 2)
+    for bad in ("2/2", "1", "a/b", "1/0", "-1/2"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            study.parse_shard(bad)
 
 
-def test_estimates_use_this_cards_measurements(monkeypatch):
+def test_estimates_use_this_cards_measurements():
     rid = study.recipe_id("h100")
     results = {f"{rid}/star_k4/s{seed}/{item}": {"item": item, "device": card, "num_images": 4, "epochs": 12,
                                                   "wall_s": wall}
                for seed, card, wall in ((0, "slow card", 200.0), (1, "fast card", 100.0))
                for item in ("pretrain", "ft100")}
-    monkeypatch.setattr(study, "device_name", lambda: "fast card")
-    assert study.estimate(results, "h100", "star_k4", "ft100") == pytest.approx(100.0 * 1.1 + 10)
-    assert study.estimate(results, "h100", "star_k4", "pretrain") == pytest.approx(100.0 * 1.1 + 10)
-    assert study.estimate(results, "h100", "star_k16", "pretrain") == pytest.approx(150.0 * 1.1 + 10)  # K unmeasured
-    monkeypatch.setattr(study, "device_name", lambda: "new card")  # nothing measured on it: every card counts
+    assert study.estimate(results, "h100", "star_k4", "ft100", "fast card") == pytest.approx(100.0 * 1.1 + 10)
+    assert study.estimate(results, "h100", "star_k4", "pretrain", "fast card") == pytest.approx(100.0 * 1.1 + 10)
+    assert study.estimate(results, "h100", "star_k16", "pretrain", "fast card") == pytest.approx(150.0 * 1.1 + 10)
+    # nothing measured on the card (or no card named, as in the report): every card counts
+    assert study.estimate(results, "h100", "star_k4", "ft100", "new card") == pytest.approx(200.0 * 1.1 + 10)
     assert study.estimate(results, "h100", "star_k4", "ft100") == pytest.approx(200.0 * 1.1 + 10)
     assert study.estimate({}, "h100", "star_k4", "ft100") == study.RECIPES["h100"]["estimate_s"]["ft100"]
 
@@ -209,7 +219,10 @@ def test_k_sweep_slope_and_ablation_lines():
         return report.collect(results, rid)
 
     slope, se, runs = report.k_slope(table(-2.0), "linprobe")
-    assert slope == pytest.approx(-2.0) and se < 0.2 and runs == 15
+    # by hand: x = log2 K = 0..4, 3 runs each; the fit leaves only the seed jitter (-0.3, 0, 0.3) as residual,
+    # RSS = 5 * 0.18 = 0.9 over 15 - 2 degrees of freedom; Sxx = 3 * (4 + 1 + 0 + 1 + 4) = 30
+    assert slope == pytest.approx(-2.0) and runs == 15
+    assert se == pytest.approx((0.9 / 13 / 30) ** 0.5)
     assert "it falls with K" in report.k_trend(table(-2.0), "linprobe")
     assert "preliminary" not in report.k_trend(table(-2.0), "linprobe")
     assert "no trend in K" in report.k_trend(table(0.0), "ft1")
@@ -217,6 +230,14 @@ def test_k_sweep_slope_and_ablation_lines():
     assert "preliminary: 5 of 5 values of K, at least 2 seeds" in report.k_trend(table(-2.0, seeds=(0, 1)), "ft1")
     assert "fewer than 3 values of K" in report.k_trend(table(-2.0, arms=("arm_k1", "star_k2")), "ft1")
     assert report.k_slope(table(-2.0, arms=("arm_k1", "star_k2")), "ft1") is None
+    for results, called in ((table(-2.0), "the same way: both fall"), (table(0.0), "nowhere clear")):
+        claim = {key: v for key, v in results.items() if key[0] in ("star_k4", "arm_k1", "scratch")}
+        text = report.conclusion({**results, **claim}, {})
+        assert f"The K sweep points {called}" in text and "preliminary" not in text
+    text = report.conclusion(table(-2.0, seeds=(0, 1)), {})
+    assert "not tested yet" in text  # 2 seeds of STAR and ARM: no claim, so no K sentence either
+    partial = {**table(-2.0, seeds=(0, 1)), **{k: v for k, v in table(-2.0).items() if k[0] in ("star_k4", "arm_k1")}}
+    assert "both fall" in report.conclusion(partial, {}) and "preliminary: not every K" in report.conclusion(partial, {})
     lines = report.ablations(table(-2.0, arms=(*report.K_SWEEP, "k4_nosep")))
     assert any("(c) vs (d) K=4, no separator, linear probe" in line for line in lines)
     assert any("(e) K=4, one-token sep., 1% labels: not measured yet" in line for line in lines)
@@ -224,13 +245,16 @@ def test_k_sweep_slope_and_ablation_lines():
 
 def test_items_run_two_at_a_time_are_named():
     def entry(commit, shard=None, img_s=6000.0):
-        e = {"item": "pretrain", "device": "H200", "commit": commit, "img_s": img_s}
+        e = {"item": "pretrain", "device": "H200", "commit": commit, "img_s": img_s, "arm": "arm_k1", "seed": 2}
         return {**e, "shard": shard} if shard else e
 
     assert report.shared_machines([entry("abc1234"), entry("abc1234", "0/1")]) == []
-    [line] = report.shared_machines([entry("abc1234", "1/2", 7000.0), entry("abc1234", img_s=6400.0)])
-    assert line.startswith("- 1 item ran on a machine with 2 GPUs (H200)")
-    assert "7000-7000 images/s there, and 6400-6400 images/s on the same card alone" in line
+    [line] = report.shared_machines([entry("abc1234", "1/4", 7000.0), entry("abc1234", img_s=6400.0)])
+    assert line.startswith("- 1 item ran on a machine with 4 GPUs (H200)")
+    assert "7000-7000 images/s there; the runs that had a machine of the same card to themselves ((b) ARM, K=1 " \
+           "seed 2) ran at 6400-6400" in line
+    [line] = report.shared_machines([entry("eada05e")])  # recorded before entries named their shard
+    assert line.startswith("- 1 item ran on a machine with 2 GPUs") and "eada05e" in line
 
 
 def test_conclusion_applies_the_two_std_criterion():

@@ -102,23 +102,27 @@ def cards(table: dict) -> list[str]:
 
 
 def shared_machines(entries: list) -> list[str]:
-    """Caveat line for the items that ran on a 2-GPU machine next to another job on the other GPU, with their
-    pretraining speed next to that of the runs that had a machine to themselves on the same card."""
-    def shared(e):
-        return e.get("shard", "0/1").split("/")[1] != "1" or e.get("commit") in TWO_AT_ONCE_COMMITS
+    """Caveat line for the items that ran on a machine with several GPUs next to other jobs on the other GPUs,
+    with their pretraining speed next to that of the runs that had a machine to themselves on the same card."""
+    def gpus(e):  # GPUs of the machine the entry ran on, when it shared one
+        return int(e["shard"].split("/")[1]) if "shard" in e else 2 if e.get("commit") in TWO_AT_ONCE_COMMITS else 1
     ours = [e for e in entries if e.get("item") in ("pretrain", *EVALS)]
-    two = [e for e in ours if shared(e)]
-    if not two:
+    shared = [e for e in ours if gpus(e) > 1]
+    if not shared:
         return []
-    cards = sorted({e["device"] for e in two})
-    speeds = [[e["img_s"] for e in ours if e["item"] == "pretrain" and e["device"] in cards and shared(e) == side]
-              for side in (True, False)]
-    line = (f"- {len(two)} item{'s' if len(two) != 1 else ''} ran on a machine with 2 GPUs ({', '.join(cards)}), one run per GPU, next to another "
-            "job on the other GPU (another unit; at 6d8768d the GPU tests), the two sharing the host's 32 CPU "
-            "cores (12 loader workers per run); commits " + ", ".join(sorted({e["commit"] for e in two})) + ".")
-    if all(speeds):
-        line += (f" Pretraining ran at {min(speeds[0]):.0f}-{max(speeds[0]):.0f} images/s there, and "
-                 f"{min(speeds[1]):.0f}-{max(speeds[1]):.0f} images/s on the same card alone.")
+    cards = sorted({e["device"] for e in shared})
+    line = (f"- {len(shared)} item{'s' if len(shared) != 1 else ''} ran on a machine with "
+            f"{'/'.join(str(n) for n in sorted({gpus(e) for e in shared}))} GPUs ({', '.join(cards)}), one run per "
+            "GPU, next to other jobs on the other GPUs (other units; at 6d8768d the GPU tests), all sharing the "
+            "host's CPU cores; commits " + ", ".join(sorted({e["commit"] for e in shared})) + ".")
+    pretrain = [e for e in ours if e["item"] == "pretrain" and e["device"] in cards]
+    there = [e["img_s"] for e in pretrain if gpus(e) > 1]
+    alone = [e for e in pretrain if gpus(e) == 1]
+    if there and alone:
+        names = ", ".join(f"{ARM_NAMES[e['arm']]} seed {e['seed']}" for e in alone)
+        speeds = [e["img_s"] for e in alone]
+        line += (f" Pretraining ran at {min(there):.0f}-{max(there):.0f} images/s there; the runs that had a machine "
+                 f"of the same card to themselves ({names}) ran at {min(speeds):.0f}-{max(speeds):.0f}.")
     return [line]
 
 
@@ -216,7 +220,8 @@ def conclusion(table: dict, full: dict) -> str:
         text += (" The K sweep points " + ("the same way: both fall" if falls else "nowhere clear: they do not both "
                  "fall by more than 2 standard errors") + " as more images share a sequence (" + "; ".join(
                  f"{EVAL_NAMES[i]} {slope:+.2f} ± {se:.2f} points per doubling of K" for i, (slope, se, _) in
-                 fits.items()) + "; see Ablations).")
+                 fits.items()) + "; see Ablations" + ("" if complete_k_sweep(table, claim_items) else
+                                                   "; preliminary: not every K has 3 seeds yet") + ").")
     pending = [f"{EVAL_NAMES[item]} of {ARM_NAMES[arm]} ({len(table[arm, item])} of 3 seeds)"
                for arm in ("star_k4", "arm_k1", "scratch") for item in EVALS if len(table[arm, item]) < 3]
     if pending:
@@ -236,6 +241,11 @@ def k_slope(table: dict, item: str):
     return slope, math.sqrt(residual / sum((xi - statistics.mean(x)) ** 2 for xi in x)), len(points)
 
 
+def complete_k_sweep(table: dict, items) -> bool:
+    """Whether every K of the sweep has 3 seeds of each of `items`."""
+    return all(len(table[arm, item]) >= len(SEEDS) for arm in K_SWEEP for item in items)
+
+
 def k_trend(table: dict, item: str) -> str:
     """How `item` moves with K: the means per K and the slope per doubling (a slope more than 2 standard errors
     from zero is called a trend)."""
@@ -248,9 +258,9 @@ def k_trend(table: dict, item: str) -> str:
                       for a in measured)
     called = f"{'falls' if slope < 0 else 'rises'} with K" if abs(slope) > 2 * se else \
         "shows no trend in K beyond 2 standard errors"
-    seeds = min(len(table[a, item]) for a in measured)
-    note = "" if seeds >= 3 and len(measured) == len(K_SWEEP) else \
-        f" (preliminary: {len(measured)} of {len(K_SWEEP)} values of K, at least {seeds} seeds each)"
+    fewest = min(len(table[a, item]) for a in measured)
+    note = "" if complete_k_sweep(table, [item]) else \
+        f" (preliminary: {len(measured)} of {len(K_SWEEP)} values of K, at least {fewest} seeds each)"
     return (f"{EVAL_NAMES[item]}: {means}; {slope:+.2f} ± {se:.2f} points per doubling of K (slope ± standard "
             f"error over {runs} runs): it {called}{note}")
 
@@ -447,7 +457,7 @@ def build(recipe_name: str, study_dir: Path, out: Path) -> Path:
               "|---|" + "---|" * (len(EVALS) + 2)]
     for arm in ARMS:
         cells = [fmt([e["test_top1"] for e in table[arm, item]]) for item in EVALS]
-        cells += [fmt([e["wall_s"] for e in table[arm, "pretrain"]], 0), fmt([e["img_s"] for e in table[arm, "pretrain"]], 0)]
+        cells += [fmt([e[key] for e in table[arm, "pretrain"]], 0) for key in ("wall_s", "img_s")]
         lines.append(f"| {ARM_NAMES[arm]} | " + " | ".join(cells) + " |")
     lines.append("")
 

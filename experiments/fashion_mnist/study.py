@@ -49,7 +49,7 @@ from star.cli.train import build_loaders, build_model, run
 from star.config import TrainConfig, apply_overrides, load_config
 from star.models import create_model
 from star.training.checkpoint import atomic_write
-from star.training.provenance import device_name, environment
+from star.training.provenance import environment
 
 HERE = Path(__file__).resolve().parent
 PRESET = "fmnist-tiny"  # 32 px, patch 4 (8x8 grid), clusters of 2x2 patches (4x4 clusters per image)
@@ -278,20 +278,19 @@ def unit_items(arm: str) -> list[str]:
     return (["pretrain"] if ARMS[arm] is not None else []) + list(EVALS)
 
 
-def estimate(results: dict, recipe_name: str, arm: str, item: str) -> float:
+def estimate(results: dict, recipe_name: str, arm: str, item: str, device: str | None = None) -> float:
     """Seconds an item should take: the slowest of this recipe's own measured items of its kind per epoch
-    (pretraining: of the same K), times this item's epochs, plus start-up; the recipe's guess before anything
-    was measured. Only this card's measurements count when there are any (an H100's would make H200 calls
-    plan too little work). Carried-over entries are left out: older code measured them (slower, see
-    carry_over)."""
+    (pretraining: of the same K; a K not measured yet is guessed at 1.5x the slowest measured K), times this
+    item's epochs, plus start-up; the recipe's guess before anything was measured. With `device`, only that
+    card's measurements count when it has any (an H100's would make H200 calls plan too little work).
+    Carried-over entries are left out: older code measured them (slower, see carry_over)."""
     recipe, rid = RECIPES[recipe_name], recipe_id(recipe_name)
     kind = [e for k, e in results.items()
             if k.startswith(rid + "/") and e.get("item") == item and "carried_from" not in e]
-    here = device_name()
-    kind = [e for e in kind if e.get("device") == here] or kind
+    kind = [e for e in kind if e.get("device") == device] or kind
     if not kind:
         return recipe["estimate_s"][item]
-    if item == "pretrain":  # a K not measured yet: half as long again as the slowest measured K (a guess)
+    if item == "pretrain":
         same = [e["wall_s"] for e in kind if e.get("num_images") == ARMS[arm]["num_images"]]
         return (max(same) if same else 1.5 * max(e["wall_s"] for e in kind)) * 1.1 + 10
     extra = recipe["pretrain"]["epochs"] if ARMS[arm] is None and item != "linprobe" else 0
@@ -320,7 +319,7 @@ def run_units(units, recipe_name: str, out: Path, runs: Path, budget_s: float | 
         for i, item in enumerate(todo):
             # a unit with pretraining must fit whole before it starts (its weights do not outlive the call)
             whole = i == 0 and ARMS[arm] is not None
-            needed = sum(estimate(results, recipe_name, arm, t) for t in (todo if whole else [item]))
+            needed = sum(estimate(results, recipe_name, arm, t, env["device"]) for t in (todo if whole else [item]))
             left = None if budget_s is None else budget_s - (time.perf_counter() - start)
             if left is not None and needed > left:
                 print(f"[study] skipping {arm} s{seed} {item}: needs ~{needed:.0f}s, {left:.0f}s left")
@@ -388,7 +387,7 @@ def carry_over(recipe_name: str, out: Path, source: str, items) -> int:
     return copied
 
 
-def merge(returned: Path, out: Path) -> dict:
+def merge(returned: Path, out: Path, start: dict | None = None) -> dict:
     """Bring a GPU call's results home: `returned` is its fm.tgz (or the unpacked folder) holding results.json,
     curves/ and figures/. New items are added. An item recorded here and different there was run again by a
     call that started from an older results.json: the recorded one stays and the other is added to the key's
@@ -396,7 +395,9 @@ def merge(returned: Path, out: Path) -> dict:
     call pretrained again because its weights were gone, to finish evaluations missing here: its new
     pretraining entry, loss curve and picture replace the old ones, as they would have on the GPU machine (a
     pretraining repeated without finishing any evaluation is a repeat). Files are copied before results.json
-    is written, so a merge that failed can be run again. Returns the keys per outcome."""
+    is written, so a merge that failed can be run again. `start` is results.json as it was before this
+    call's first archive was merged: an entry still as it was there is not a repeat (another shard of the
+    call replaced it). Returns the keys per outcome."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = returned
         if returned.is_file():
@@ -411,7 +412,8 @@ def merge(returned: Path, out: Path) -> dict:
             raise SystemExit(f"merge: no results.json in {returned}")
         theirs, ours = load_results(folder / "results.json"), load_results(out / "results.json")
         added = sorted(k for k in theirs if k not in ours)
-        differ = sorted(k for k in theirs if k in ours and theirs[k] != ours[k])
+        differ = sorted(k for k in theirs if k in ours and theirs[k] != ours[k]
+                        and (start is None or theirs[k] != start.get(k)))
         finished_units = {k.rsplit("/", 1)[0] for k in added}
         replaced = [k for k in differ if k.endswith("/pretrain") and k.rsplit("/", 1)[0] in finished_units]
         reruns = [k for k in differ if k not in replaced]
@@ -493,8 +495,9 @@ def main(argv=None) -> int:
     if args.command == "merge":
         if args.returned is None:
             parser.error("merge needs --returned PATH [PATH ...] (a GPU call's fm*.tgz or their folders)")
+        start = load_results(args.out / "results.json")  # what every shard of the call started from
         for returned in args.returned:
-            merge(returned, args.out)
+            merge(returned, args.out, start)
         return 0
     if args.command == "carry-over":
         if not args.source or not args.items:
