@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from star.models import StarPretrain
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments" / "fashion_mnist"))
+import context  # noqa: E402
 import report  # noqa: E402
 import study  # noqa: E402
 
@@ -313,3 +316,50 @@ def test_tune_runs_the_grid_then_the_best_twice_as_long(tmp_path, one_thread, mo
     before = (tmp_path / "tune.json").read_text()
     assert tune.main(args) == 0  # all done: nothing pretrained or run again
     assert (tmp_path / "tune.json").read_text() == before
+
+
+def tiny_star(separator: str, num_images: int = 4):
+    torch.manual_seed(0)
+    return StarPretrain(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2,
+                        cluster_size=2, num_images=num_images, separator=separator, decoder_dim=32,
+                        decoder_num_heads=4, scan_impl="chunked").eval()
+
+
+def test_context_loss_by_position_and_features(one_thread):
+    model = tiny_star("none")
+    images = torch.randn(12, 1, 16, 16)
+    by_position = context.loss_by_position(model, images, batch=8)
+    with torch.no_grad():  # no separator: every target is past the first cluster, so the means agree
+        assert sum(by_position) / 4 == pytest.approx(model(images.reshape(3, 4, 1, 16, 16))["loss"].item(), rel=1e-5)
+    model = tiny_star("cluster")
+    others = context.prefixes_of(12, 2, torch.Generator().manual_seed(1))
+    assert not (others == torch.arange(12)[:, None]).any() and others.max() < 12
+    alone = context.features(model, images, 0, torch.Generator())
+    after = context.features(model, images, 2, torch.Generator().manual_seed(1))
+    with torch.no_grad():  # by hand: the last image's tokens (after its separator) of [others..., image]
+        seqs = torch.cat([images[others], images[:, None]], dim=1)
+        tokens = model.forward_features(model.build_sequence(seqs))[-1][:, 2 * 20 + 4:]
+        assert torch.allclose(after, model.feature_norms[-1](tokens).mean(1), atol=1e-5)
+        tokens = model.forward_features(model.build_sequence(images[:, None]))[-1][:, 4:]
+        assert torch.allclose(alone, model.feature_norms[-1](tokens).mean(1), atol=1e-5)
+    assert not torch.allclose(alone, after, atol=1e-3)  # the state carries the other images
+
+
+def test_context_probe_and_report(tmp_path, one_thread):
+    labels = torch.arange(200) % 4
+    separable = torch.nn.functional.one_hot(labels, 4).float() * 3 + torch.randn(200, 4) * 0.1
+    assert context.linear_probe(separable[:150], labels[:150], separable[150:], labels[150:], 4) == 100.0
+    noise = torch.randn(200, 8)
+    assert context.linear_probe(noise[:150], labels[:150], noise[150:], labels[150:], 4) < 60.0
+    assert context.main(["--recipe", "smoke", "--arms", "star_k2", "--out", str(tmp_path),
+                         "--runs", str(tmp_path / "runs")]) == 0
+    [entry] = json.loads((tmp_path / "context.json").read_text()).values()
+    assert len(entry["loss_by_position"]) == 2 and set(entry["probe_top1_by_prefix"]) == {"0", "1"}
+    assert entry["train_images"] == 48 and entry["test_images"] == 64  # the smoke holdout (16) stays out
+    assert entry["pretraining"]["final_loss"] > 0 and not (tmp_path / "curves").exists()  # the study's stay as they are
+    section = report.context(tmp_path, study.recipe_id("smoke"))
+    assert section[0].startswith("## Why does accuracy fall with K?")
+    assert any(line.startswith("| (f) K=2, cluster sep. |") for line in section)
+    assert report.context(tmp_path, study.recipe_id("h100")) == []  # another recipe's: no section
+    with pytest.raises(SystemExit):
+        context.main(["--prefix", "-1", "--out", str(tmp_path)])

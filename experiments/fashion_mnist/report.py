@@ -265,7 +265,7 @@ def k_trend(table: dict, item: str) -> str:
             f"error over {runs} runs): it {called}{note}")
 
 
-def ablations(table: dict) -> list[str]:
+def ablations(table: dict, context_measured: bool = False) -> list[str]:
     """Verdict lines of the ablations: does the cluster separator matter at K=4 ((c) vs (d) and (e)), and how
     each evaluation moves with the number of images per sequence ((b) and the K sweep (f))."""
     lines = ["## Ablations", "", "Does the separator matter at K=4? The cluster separator (c) against no separator "
@@ -276,7 +276,7 @@ def ablations(table: dict) -> list[str]:
     lines += ["", "How each evaluation moves with K, the images per sequence (K=1 is ARM, without separator; K >= 2 "
               "with cluster separators):", ""]
     lines += [f"- {k_trend(table, item)}." for item in EVALS]
-    lines += ["", "Reading them (facts, then explanations that this study does not test):", "",
+    lines += ["", "Reading them (facts, then two explanations):", "",
               "- Sequence length: an image here is 64 tokens, 68 with a cluster separator, so K = 2, 4, 8 and 16 "
               "make sequences of 136, 272, 544 and 1088 tokens. The paper reports accuracy dropping past about "
               "640 tokens; here it falls from K=2 on, far below that length.",
@@ -284,11 +284,37 @@ def ablations(table: dict) -> list[str]:
               "83.2%) after 1600 pretraining epochs; this study pretrains for 4. A lead of that size on the full "
               "fine-tune would be hidden by the spread here (std 0.1-0.2 over seeds; up to 0.5 between two runs of "
               "one seed, see below).",
-              "- Untested: the images packed into a sequence are unrelated draws, so what the state carries from "
+              "- Explanations: the images packed into a sequence are unrelated draws, so what the state carries from "
               "earlier images does not help predict the next one, and the encoder has to learn to discount it; "
               "and the classifier reads each image from a fresh state, while in pretraining all but 1/K of the "
-              "images follow others, a mismatch that grows with K. Probing each encoder with a prefix of other "
-              "images would tell these apart; it was not run."]
+              "images follow others, a mismatch that grows with K. `context.py` measures both: "
+              + ("see the next section." if context_measured else "it has not run yet.")]
+    return lines + [""]
+
+
+def context(study_dir: Path, rid: str) -> list[str]:
+    """The section of context.py's measurements (context.json), if any: next-cluster loss by position in the
+    sequence and the causal linear probe of an image alone and after other images."""
+    entries = sorted((e for k, e in load_results(study_dir / "context.json").items() if k.startswith(rid + "/")),
+                     key=lambda e: list(ARMS).index(e["arm"]))
+    if not entries:
+        return []
+    lines = ["## Why does accuracy fall with K? (context.py)", "",
+             "`python experiments/fashion_mnist/context.py`: one more seed-0 pretraining of each arm below (the "
+             "study's recipe; the study keeps no weights), then two measurements on the test images. Next-cluster "
+             "loss (MSE, normalized pixels; clusters 2-16 only, so arms with and without separators compare) of "
+             "the image at positions 1, 2 and K of sequences of K images. Causal linear probe (test top-1 %): the "
+             "last encoder level, LayerNormed as the decoder reads it, averaged over an image's tokens; a "
+             "logistic regression fitted on the 55k training part; each image read alone (as fine-tuning reads "
+             "it) and after m random other images. Raw results: `experiments/fashion_mnist/context.json`.", "",
+             "| arm | loss, position 1 | position 2 | position K | probe, alone | probe after m others | "
+             "card, commit |", "|---|---|---|---|---|---|---|"]
+    for e in entries:
+        loss, probe = e["loss_by_position"], e["probe_top1_by_prefix"]
+        later = [f"{probe[m]:.2f} (m={m})" for m in sorted(probe, key=int) if m != "0"]
+        lines.append(f"| {ARM_NAMES[e['arm']]} | {loss[0]:.4f} | "
+                     + (f"{loss[1]:.4f} | {loss[-1]:.4f} (K={len(loss)})" if len(loss) > 1 else "- | -")
+                     + f" | {probe['0']:.2f} | {', '.join(later) or '-'} | {e['device']}, {e['commit']} |")
     return lines + [""]
 
 
@@ -479,7 +505,8 @@ def build(recipe_name: str, study_dir: Path, out: Path) -> Path:
     lines.append("")
 
     lines += ["## Conclusion", "", conclusion(table, full), ""]
-    lines += ablations(table)
+    measured = context(study_dir, rid)
+    lines += ablations(table, bool(measured)) + measured
     lines += tuning(study_dir, table)
     lines += ["## Plots", ""]
     batch = pre["batch_size"]
