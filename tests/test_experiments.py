@@ -158,6 +158,9 @@ def test_merge_adds_new_items_and_keeps_repeats_apart(tmp_path):
     study.merge(tmp_path / "fm2", here)
     write(tmp_path / "fm3", {"r/d/s0/pretrain": entry("pretrain", None, 5), "r/d/s0/ft1": entry("ft1", 40.0, 5)}, {})
     write(tmp_path / "fm4", {"r/d/s0/pretrain": entry("pretrain", None, 1)}, {})
+    for shard in ("fm3", "fm4"):  # gpu_call.sh keeps what each shard started from
+        (tmp_path / shard / "start.json").write_text(json.dumps({"r/d/s0/pretrain": entry("pretrain", None, 1)}))
+    study.merge(tmp_path / "fm3", here)  # one archive first (a merge cut short), then both: still no repeat
     assert study.main(["merge", "--returned", str(tmp_path / "fm3"), str(tmp_path / "fm4"), "--out", str(here)]) == 0
     assert json.loads((here / "results.json").read_text())["r/d/s0/pretrain"]["finished"] == 5
     assert "r/d/s0/pretrain" not in json.loads((here / "reruns.json").read_text())
@@ -325,12 +328,21 @@ def tiny_star(separator: str, num_images: int = 4):
                         decoder_num_heads=4, scan_impl="chunked").eval()
 
 
-def test_context_loss_by_position_and_features(one_thread):
-    model = tiny_star("none")
+@pytest.mark.parametrize("separator", ["none", "cluster", "token"])
+def test_context_loss_by_position_leaves_out_first_clusters(separator, one_thread):
+    model = tiny_star(separator)
     images = torch.randn(12, 1, 16, 16)
     by_position = context.loss_by_position(model, images, batch=8)
-    with torch.no_grad():  # no separator: every target is past the first cluster, so the means agree
-        assert sum(by_position) / 4 == pytest.approx(model(images.reshape(3, 4, 1, 16, 16))["loss"].item(), rel=1e-5)
+    with torch.no_grad():  # by hand: the targets whose serialized position is past the first cluster
+        out = model(images.reshape(3, 4, 1, 16, 16))
+        past_first = model.layout(4).target_pos >= model.cluster_len
+        err = (out["pred"] - out["target"])[:, :, past_first].pow(2).mean(dim=(0, 2, 3))
+    assert by_position == pytest.approx(err.tolist(), rel=1e-5)
+    assert int(past_first.sum()) == 12  # 4 clusters of 4 patches per image, the first left out
+
+
+def test_context_loss_by_position_and_features(one_thread):
+    images = torch.randn(12, 1, 16, 16)
     model = tiny_star("cluster")
     others = context.prefixes_of(12, 2, torch.Generator().manual_seed(1))
     assert not (others == torch.arange(12)[:, None]).any() and others.max() < 12
@@ -343,6 +355,13 @@ def test_context_loss_by_position_and_features(one_thread):
         tokens = model.forward_features(model.build_sequence(images[:, None]))[-1][:, 4:]
         assert torch.allclose(alone, model.feature_norms[-1](tokens).mean(1), atol=1e-5)
     assert not torch.allclose(alone, after, atol=1e-3)  # the state carries the other images
+    torch.manual_seed(0)
+    with_cls = StarPretrain(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2, cluster_size=2,
+                            num_images=4, decoder_dim=32, decoder_num_heads=4, scan_impl="chunked", cls_token=True)
+    with torch.no_grad():  # the cls token at the very end is not one of the image's tokens
+        tokens = with_cls.forward_features(with_cls.build_sequence(images[:, None]))[-1][:, 4:-1]
+        assert torch.allclose(context.features(with_cls.eval(), images, 0, torch.Generator()),
+                              with_cls.feature_norms[-1](tokens).mean(1), atol=1e-5)
 
 
 def test_context_probe_and_report(tmp_path, one_thread):
@@ -351,6 +370,9 @@ def test_context_probe_and_report(tmp_path, one_thread):
     assert context.linear_probe(separable[:150], labels[:150], separable[150:], labels[150:], 4) == 100.0
     noise = torch.randn(200, 8)
     assert context.linear_probe(noise[:150], labels[:150], noise[150:], labels[150:], 4) < 60.0
+    # standardized with the training features' statistics only: test features shifted far off stay shifted
+    shifted = separable[150:] + torch.tensor([50.0, 0, 0, 0])
+    assert context.linear_probe(separable[:150], labels[:150], shifted, labels[150:], 4) < 50.0
     assert context.main(["--recipe", "smoke", "--arms", "star_k2", "--out", str(tmp_path),
                          "--runs", str(tmp_path / "runs")]) == 0
     [entry] = json.loads((tmp_path / "context.json").read_text()).values()

@@ -11,7 +11,7 @@
    Better after a prefix than alone: fine-tuning reads the encoder outside the context it was trained in.
    It also probes the causal features alone, which the study's 4-direction linear probe does not.
 
-    python experiments/fashion_mnist/context.py --out DIR [--arms arm_k1 star_k4 k4_nosep star_k16]
+    python experiments/fashion_mnist/context.py [--out DIR] [--arms arm_k1 star_k4 k4_nosep star_k16]
 
 Each arm's encoder is pretrained with the study's recipe and seed 0 (a separate run from the study's, which
 keeps no weights) into --runs, and reused from there when present. Results go to DIR/context.json, one entry
@@ -55,6 +55,8 @@ def load_images(cfg, model, split: str, device) -> tuple[torch.Tensor, torch.Ten
 
 def prefixes_of(n: int, prefix: int, generator: torch.Generator) -> torch.Tensor:
     """(n, prefix) indices: for each image, `prefix` others drawn at random (never the image itself)."""
+    if prefix and n < 2:
+        raise ValueError(f"a prefix of other images needs at least 2 images, got {n}")
     others = torch.randint(0, max(n - 1, 1), (n, prefix), generator=generator)
     return others + (others >= torch.arange(n)[:, None]).long()
 
@@ -66,6 +68,8 @@ def loss_by_position(model, images: torch.Tensor, batch: int) -> list[float]:
     usable = len(images) // k * k
     seqs = images[:usable].reshape(-1, k, *images.shape[1:])
     kept = model.grid ** 2 - model.cluster_len  # targets past the first cluster, the same with or without separator
+    if kept <= 0:
+        raise ValueError("one cluster per image: no target past the first cluster to compare positions by")
     total = torch.zeros(k, device=images.device, dtype=torch.float64)
     for start in range(0, len(seqs), batch):
         out = model(seqs[start:start + batch])
@@ -110,8 +114,8 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes: int, steps: int 
 
 
 def measure(recipe_name: str, arm: str, runs: Path, out: Path, prefixes=None) -> dict:
-    """Pretrain (or reuse) the arm's seed-0 encoder, then both measurements. `prefixes`: the m of the probe,
-    by default 0 and K - 1 (the arm's own context; only 0 and 3 for K = 1)."""
+    """Pretrain (or reuse) the arm's seed-0 encoder, then both measurements. `prefixes`: the m of the probe
+    besides 0 (alone, always measured), by default K - 1 (the arm's own context; 3 for K = 1)."""
     recipe, rid = RECIPES[recipe_name], recipe_id(recipe_name)
     weights = runs / rid / arm / f"s{SEED}" / "pretrain"
     start = time.perf_counter()
@@ -126,7 +130,7 @@ def measure(recipe_name: str, arm: str, runs: Path, out: Path, prefixes=None) ->
     train_x, train_y = train_x[keep], train_y[keep]  # the study's training part: the holdout stays out
     test_x, test_y, _ = load_images(cfg, model, "test", device)
     k = model.num_images
-    prefixes = sorted(set(prefixes if prefixes is not None else (0, k - 1 if k > 1 else 3)))
+    prefixes = sorted({0, *(prefixes if prefixes is not None else [k - 1 if k > 1 else 3])})  # 0: the baseline
     generator = torch.Generator().manual_seed(SEED)
     probe = {}
     for m in prefixes:
@@ -150,10 +154,12 @@ def main(argv=None) -> int:
     parser.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS),
                         choices=[a for a, spec in ARMS.items() if spec is not None])
     parser.add_argument("--prefix", type=int, nargs="+", default=None,
-                        help="probe after these numbers of other images (default: 0 and K - 1 of each arm)")
+                        help="probe after these numbers of other images too (default: K - 1 of each arm; 0, "
+                             "alone, is always probed)")
     parser.add_argument("--recipe", default="h100", choices=sorted(RECIPES))
     parser.add_argument("--out", type=Path, default=HERE, help="where context.json goes")
-    parser.add_argument("--runs", type=Path, default=HERE / "runs", help="pretrained weights (reused when present)")
+    parser.add_argument("--runs", type=Path, default=HERE / "runs" / "context",
+                        help="pretrained weights (reused when present; apart from the study's, which it deletes)")
     args = parser.parse_args(argv)
     if args.prefix is not None and min(args.prefix) < 0:
         parser.error("--prefix takes numbers of images >= 0")

@@ -20,7 +20,8 @@ deadline=$(python3 -c "print(int($budget * 60 + 25))")
 pids=()
 for ((g = 0; g < gpus; g++)); do
     mkdir -p "$OUT/fm$g" && cp -r experiments/fashion_mnist/{results.json,curves,figures} "$OUT/fm$g/"
-    CUDA_VISIBLE_DEVICES=${ids[g]} timeout $((deadline - (SECONDS - start))) python3 experiments/fashion_mnist/study.py \
+    cp experiments/fashion_mnist/results.json "$OUT/fm$g/start.json"  # what the shard started from, for merge
+    CUDA_VISIBLE_DEVICES=${ids[g]} timeout -k 5 $((deadline - (SECONDS - start))) python3 experiments/fashion_mnist/study.py \
         run --next --shard "$g/$gpus" --budget-min "$budget" --out "$OUT/fm$g" --runs "/tmp/fmruns$g" \
         > "$OUT/log$g.txt" 2>&1 &
     pids+=($!)

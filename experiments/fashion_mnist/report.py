@@ -311,10 +311,11 @@ def context(study_dir: Path, rid: str) -> list[str]:
              "card, commit |", "|---|---|---|---|---|---|---|"]
     for e in entries:
         loss, probe = e["loss_by_position"], e["probe_top1_by_prefix"]
-        later = [f"{probe[m]:.2f} (m={m})" for m in sorted(probe, key=int) if m != "0"]
-        lines.append(f"| {ARM_NAMES[e['arm']]} | {loss[0]:.4f} | "
-                     + (f"{loss[1]:.4f} | {loss[-1]:.4f} (K={len(loss)})" if len(loss) > 1 else "- | -")
-                     + f" | {probe['0']:.2f} | {', '.join(later) or '-'} | {e['device']}, {e['commit']} |")
+        later = ", ".join(f"{probe[m]:.2f} (m={m})" for m in sorted(probe, key=int) if m != "0") or "-"
+        alone = f"{probe['0']:.2f}" if "0" in probe else "-"
+        positions = f"{loss[1]:.4f} | {loss[-1]:.4f} (K={len(loss)})" if len(loss) > 1 else "- | -"
+        lines.append(f"| {ARM_NAMES[e['arm']]} | {loss[0]:.4f} | {positions} | {alone} | {later} | "
+                     f"{e['device']}, {e['commit']} |")
     return lines + [""]
 
 

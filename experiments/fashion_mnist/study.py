@@ -387,7 +387,7 @@ def carry_over(recipe_name: str, out: Path, source: str, items) -> int:
     return copied
 
 
-def merge(returned: Path, out: Path, start: dict | None = None) -> dict:
+def merge(returned: Path, out: Path) -> dict:
     """Bring a GPU call's results home: `returned` is its fm.tgz (or the unpacked folder) holding results.json,
     curves/ and figures/. New items are added. An item recorded here and different there was run again by a
     call that started from an older results.json: the recorded one stays and the other is added to the key's
@@ -395,9 +395,9 @@ def merge(returned: Path, out: Path, start: dict | None = None) -> dict:
     call pretrained again because its weights were gone, to finish evaluations missing here: its new
     pretraining entry, loss curve and picture replace the old ones, as they would have on the GPU machine (a
     pretraining repeated without finishing any evaluation is a repeat). Files are copied before results.json
-    is written, so a merge that failed can be run again. `start` is results.json as it was before this
-    call's first archive was merged: an entry still as it was there is not a repeat (another shard of the
-    call replaced it). Returns the keys per outcome."""
+    is written, so a merge that failed can be run again. An archive's start.json (gpu_call.sh writes it) is
+    the results.json its shard started from: an entry still as it was there is not a repeat, whatever
+    another shard of the call replaced meanwhile. Returns the keys per outcome."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = returned
         if returned.is_file():
@@ -411,9 +411,9 @@ def merge(returned: Path, out: Path, start: dict | None = None) -> dict:
         if not (folder / "results.json").is_file():
             raise SystemExit(f"merge: no results.json in {returned}")
         theirs, ours = load_results(folder / "results.json"), load_results(out / "results.json")
+        start = load_results(folder / "start.json")
         added = sorted(k for k in theirs if k not in ours)
-        differ = sorted(k for k in theirs if k in ours and theirs[k] != ours[k]
-                        and (start is None or theirs[k] != start.get(k)))
+        differ = sorted(k for k in theirs if k in ours and theirs[k] != ours[k] and theirs[k] != start.get(k))
         finished_units = {k.rsplit("/", 1)[0] for k in added}
         replaced = [k for k in differ if k.endswith("/pretrain") and k.rsplit("/", 1)[0] in finished_units]
         reruns = [k for k in differ if k not in replaced]
@@ -495,9 +495,8 @@ def main(argv=None) -> int:
     if args.command == "merge":
         if args.returned is None:
             parser.error("merge needs --returned PATH [PATH ...] (a GPU call's fm*.tgz or their folders)")
-        start = load_results(args.out / "results.json")  # what every shard of the call started from
         for returned in args.returned:
-            merge(returned, args.out, start)
+            merge(returned, args.out)
         return 0
     if args.command == "carry-over":
         if not args.source or not args.items:
