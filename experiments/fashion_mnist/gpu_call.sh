@@ -2,13 +2,14 @@
 # One GPU call of the Fashion-MNIST study: one shard per visible GPU, each running the unfinished units that
 # fit its budget, then one archive per shard in $OUT (fm0.tgz, fm1.tgz, ...) to bring home with
 # `study.py merge --returned fm*.tgz` before the next call.
-# Usage, in the repo root on the GPU machine: OUT=<folder> bash experiments/fashion_mnist/gpu_call.sh COMMIT [BUDGET_MIN]
+# Usage, in the repo root on the GPU machine:
+#     OUT=<folder> bash experiments/fashion_mnist/gpu_call.sh COMMIT [BUDGET_MIN]
 # Fashion-MNIST's four .gz files are read from $STAR_DATA, by default .fmnist in the repo root. Exits 0 when
 # every shard ended well (done, or stopped by its budget with work left), else with the first failing status.
 set -uo pipefail
 start=$SECONDS
 commit=${1:?usage: OUT=<folder> gpu_call.sh COMMIT [BUDGET_MIN]}
-budget=${2:-9.3}
+budget=${2:-9.4}
 : "${OUT:?set OUT to the folder the results go to}"
 export PYTHONPATH=$PWD/src STAR_DATA=${STAR_DATA:-$PWD/.fmnist} STAR_COMMIT=$commit TQDM_DISABLE=1 PYTHONUNBUFFERED=1
 gpus=$(python3 -c "import torch; print(torch.cuda.device_count())") || exit 1
@@ -21,15 +22,20 @@ pids=()
 for ((g = 0; g < gpus; g++)); do
     mkdir -p "$OUT/fm$g" && cp -r experiments/fashion_mnist/{results.json,curves,figures} "$OUT/fm$g/"
     cp experiments/fashion_mnist/results.json "$OUT/fm$g/start.json"  # what the shard started from, for merge
-    CUDA_VISIBLE_DEVICES=${ids[g]} timeout -k 5 $((deadline - (SECONDS - start))) python3 experiments/fashion_mnist/study.py \
-        run --next --shard "$g/$gpus" --budget-min "$budget" --out "$OUT/fm$g" --runs "/tmp/fmruns$g" \
-        > "$OUT/log$g.txt" 2>&1 &
+    CUDA_VISIBLE_DEVICES=${ids[g]} timeout -k 5 $((deadline - (SECONDS - start))) \
+        python3 experiments/fashion_mnist/study.py run --next --shard "$g/$gpus" --budget-min "$budget" \
+        --out "$OUT/fm$g" --runs "/tmp/fmruns$g" > "$OUT/log$g.txt" 2>&1 &
     pids+=($!)
 done
 status=0
 for ((g = 0; g < gpus; g++)); do
     wait "${pids[g]}"; rc=$?
-    echo "shard $g/$gpus: exit $rc$([ $rc = 3 ] && echo ' (stopped by its budget, work left)')$([ $rc = 124 ] && echo ' (killed at the deadline: its unit is lost)')"
+    case $rc in
+        3) why=" (stopped by its budget, work left)" ;;
+        124) why=" (killed at the deadline: its unit is lost)" ;;
+        *) why="" ;;
+    esac
+    echo "shard $g/$gpus: exit $rc$why"
     if [ $rc != 0 ] && [ $rc != 3 ] && [ $status = 0 ]; then status=$rc; fi
 done
 cd "$OUT" && for ((g = 0; g < gpus; g++)); do tar czf "fm$g.tgz" "fm$g" && rm -rf "fm$g"; done

@@ -36,7 +36,7 @@ K_SWEEP = ("arm_k1", "star_k2", "star_k4", "star_k8", "star_k16")
 TARGET_TOP1 = 95.0
 ISSUE_BUDGET_MIN = 60  # GPU minutes the issue sizes the whole study to
 GPU_COMMAND = """\
-OUT=<folder> bash experiments/fashion_mnist/gpu_call.sh <commit> 9.5      # on the GPU machine: one shard per GPU
+OUT=<folder> bash experiments/fashion_mnist/gpu_call.sh <commit>          # on the GPU machine: one shard per GPU
 python experiments/fashion_mnist/study.py merge --returned <folder>/fm*.tgz  # here, before the next call
 python experiments/fashion_mnist/report.py"""
 # Calls at these commits ran on a 2-GPU machine, one job per GPU, before entries recorded their shard.

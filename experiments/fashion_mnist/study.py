@@ -12,7 +12,7 @@ The whole study, on one GPU (or one shard per GPU of a machine, below), in resum
 On a machine with N GPUs, N shards run at once, one per GPU, each with its own --out and --runs (a shard takes
 every N-th unfinished unit, so they never share one); gpu_call.sh starts them and packs one archive each:
 
-    OUT=<folder> bash experiments/fashion_mnist/gpu_call.sh <commit> 9.5  # one call: 9.5 minutes of units
+    OUT=<folder> bash experiments/fashion_mnist/gpu_call.sh <commit>  # one call: 9.4 minutes of units
 
 A unit of work is one arm x seed: pretraining (unless the arm is "scratch"), then four evaluations of the
 encoder, each a fresh classifier trained on the 55k-image training part and measured on the untouched test
