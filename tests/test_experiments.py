@@ -236,10 +236,10 @@ def test_k_sweep_slope_and_ablation_lines():
     assert "preliminary: 5 of 5 values of K, at least 2 seeds" in report.k_trend(table(-2.0, seeds=(0, 1)), "ft1")
     assert "fewer than 3 values of K" in report.k_trend(table(-2.0, arms=("arm_k1", "star_k2")), "ft1")
     assert report.k_slope(table(-2.0, arms=("arm_k1", "star_k2")), "ft1") is None
-    for results, called in ((table(-2.0), "the same way: both fall"), (table(0.0), "nowhere clear")):
+    for results, called in ((table(-2.0), "both fall"), (table(0.0), "they do not both fall")):
         claim = {key: v for key, v in results.items() if key[0] in ("star_k4", "arm_k1", "scratch")}
         text = report.conclusion({**results, **claim}, {})
-        assert f"The K sweep points {called}" in text and "preliminary" not in text
+        assert f"In the K sweep, {called}" in text and "preliminary" not in text
     text = report.conclusion(table(-2.0, seeds=(0, 1)), {})
     assert "not tested yet" in text  # 2 seeds of STAR and ARM: no claim, so no K sentence either
     partial = {**table(-2.0, seeds=(0, 1)), **{k: v for k, v in table(-2.0).items() if k[0] in ("star_k4", "arm_k1")}}

@@ -217,8 +217,8 @@ def conclusion(table: dict, full: dict) -> str:
     fits = {item: k_slope(table, item) for item in claim_items}
     if all(fits.values()):
         falls = all(slope < -2 * se for slope, se, _ in fits.values())
-        text += (" The K sweep points " + ("the same way: both fall" if falls else "nowhere clear: they do not both "
-                 "fall by more than 2 standard errors") + " as more images share a sequence (" + "; ".join(
+        text += (" In the K sweep, " + ("both fall" if falls else "they do not both fall by more than 2 standard "
+                 "errors") + " as more images share a sequence (" + "; ".join(
                  f"{EVAL_NAMES[i]} {slope:+.2f} ± {se:.2f} points per doubling of K" for i, (slope, se, _) in
                  fits.items()) + "; see Ablations" + ("" if complete_k_sweep(table, claim_items) else
                                                    "; preliminary: not every K has 3 seeds yet") + ").")
