@@ -36,10 +36,15 @@ from study import (ARMS, HERE, RECIPES, do_pretrain, load_results, pretrain_conf
 from star.cli.train import classification_transform  # noqa: E402
 from star.data import build_dataset, train_val_split  # noqa: E402
 from star.models import load_pretrained  # noqa: E402
+from star.training import resolve_device  # noqa: E402
 from star.training.provenance import environment  # noqa: E402
 
 SEED = 0
 DEFAULT_ARMS = ("arm_k1", "star_k4", "k4_nosep", "star_k16")
+
+
+def result_key(rid: str, arm: str) -> str:
+    return f"{rid}/{arm}/s{SEED}"
 
 
 def load_images(cfg, model, split: str, device) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -123,7 +128,7 @@ def measure(recipe_name: str, arm: str, runs: Path, out: Path, prefixes=None) ->
     if not (weights / "model").is_dir():  # its loss curve and picture stay in the runs folder, not the study's
         pretraining = do_pretrain(recipe, arm, SEED, runs / rid, weights.parent, rid)
     cfg = pretrain_config(recipe, arm, SEED, weights)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(cfg.device)
     model = load_pretrained(weights / "model").to(device).eval()
     train_x, train_y, num_classes = load_images(cfg, model, "train", device)
     keep = torch.tensor(train_val_split(len(train_x), recipe["val_size"], SEED)[0], device=device)
@@ -142,7 +147,7 @@ def measure(recipe_name: str, arm: str, runs: Path, out: Path, prefixes=None) ->
              "train_images": len(train_x), "test_images": len(test_x), "pretraining": pretraining,
              "wall_s": time.perf_counter() - start,
              "recipe": rid, **environment(device)}
-    save_result(out / "context.json", f"{rid}/{arm}/s{SEED}", entry)
+    save_result(out / "context.json", result_key(rid, arm), entry)
     print(f"[context] {arm}: loss by position {[round(v, 4) for v in entry['loss_by_position']]}, "
           f"probe top-1 by prefix {({m: round(v, 2) for m, v in probe.items()})}", flush=True)
     return entry
@@ -165,7 +170,7 @@ def main(argv=None) -> int:
         parser.error("--prefix takes numbers of images >= 0")
     done = load_results(args.out / "context.json")
     for arm in args.arms:
-        if f"{recipe_id(args.recipe)}/{arm}/s{SEED}" in done:
+        if result_key(recipe_id(args.recipe), arm) in done:
             print(f"[context] {arm}: already in {args.out / 'context.json'}")
             continue
         measure(args.recipe, arm, args.runs, args.out, args.prefix)

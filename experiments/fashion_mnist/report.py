@@ -444,7 +444,7 @@ def build(recipe_name: str, study_dir: Path, out: Path) -> Path:
     figures = out / "fashion-mnist"
     figures.mkdir(parents=True, exist_ok=True)
     ours = [e for k, e in results.items() if k.startswith(rid + "/")]
-    done = sum(f"{rid}/{a}/s{s}/{i}" in results for st in STAGES.values() for a, s in st for i in unit_items(a))
+    done = sum(item_key(rid, a, s, i) in results for st in STAGES.values() for a, s in st for i in unit_items(a))
     total = sum(len(unit_items(a)) for st in STAGES.values() for a, _ in st)
 
     lines = ["# Fashion-MNIST: does packing images with separators (STAR) beat one image per sequence (ARM)?", "",

@@ -278,6 +278,11 @@ def unit_items(arm: str) -> list[str]:
     return (["pretrain"] if ARMS[arm] is not None else []) + list(EVALS)
 
 
+def unit_done(results: dict, rid: str, arm: str, seed: int) -> bool:
+    """Whether every item of the arm x seed is recorded."""
+    return all(item_key(rid, arm, seed, i) in results for i in unit_items(arm))
+
+
 def estimate(results: dict, recipe_name: str, arm: str, item: str, device: str | None = None) -> float:
     """Seconds an item should take: the slowest of this recipe's own measured items of its kind per epoch
     (pretraining: of the same K; a K not measured yet is guessed at 1.5x the slowest measured K), times this
@@ -340,7 +345,7 @@ def run_units(units, recipe_name: str, out: Path, runs: Path, budget_s: float | 
             print(f"[study] done {arm} seed {seed} {item}: {shown}", flush=True)
         else:
             results = load_results(results_path)
-            if all(item_key(rid, arm, seed, i) in results for i in unit_items(arm)):
+            if unit_done(results, rid, arm, seed):
                 shutil.rmtree(runs / arm / f"s{seed}", ignore_errors=True)  # the unit is finished: free the weights
     return finished
 
@@ -459,7 +464,7 @@ def shard_units(units, recipe_name: str, out: Path, shard: tuple[int, int]) -> l
     """Every N-th of the units that still have work, from the I-th: shards started from the same results.json
     take disjoint units, and each gets its share of the remaining work rather than of the finished."""
     results, rid = load_results(out / "results.json"), recipe_id(recipe_name)
-    unfinished = [(a, s) for a, s in units if any(item_key(rid, a, s, i) not in results for i in unit_items(a))]
+    unfinished = [(a, s) for a, s in units if not unit_done(results, rid, a, s)]
     index, count = shard
     return unfinished[index::count]
 
