@@ -9,6 +9,7 @@
 set -uo pipefail
 start=$SECONDS
 commit=${1:?usage: OUT=<folder> gpu_call.sh COMMIT [BUDGET_MIN]}
+if [[ $commit =~ ^[0-9a-f]{40}$ ]]; then commit=${commit:0:7}; fi  # recorded short, as git_commit() does
 budget=${2:-9.4}
 : "${OUT:?set OUT to the folder the results go to}"
 export PYTHONPATH=$PWD/src STAR_DATA=${STAR_DATA:-$PWD/.fmnist} STAR_COMMIT=$commit TQDM_DISABLE=1 PYTHONUNBUFFERED=1
