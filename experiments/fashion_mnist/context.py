@@ -1,4 +1,4 @@
-"""Why does accuracy fall as K grows? Two measurements on seed-0 encoders pretrained with the study's recipe.
+"""Why does accuracy fall as K grows? Two measurements on encoders pretrained with the study's recipe.
 
 1. Next-cluster loss by position in the sequence: sequences of K test images (the K the encoder was pretrained
    with), the loss of the image at each position 1..K, over clusters 2..16 only (the first cluster is a target
@@ -11,11 +11,11 @@
    Better after a prefix than alone: fine-tuning reads the encoder outside the context it was trained in.
    It also probes the causal features alone, which the study's 4-direction linear probe does not.
 
-    python experiments/fashion_mnist/context.py [--out DIR] [--arms arm_k1 star_k4 k4_nosep star_k16]
+    python experiments/fashion_mnist/context.py [--out DIR] [--arms arm_k1 star_k4 k4_nosep star_k16] [--seeds 0]
 
-Each arm's encoder is pretrained with the study's recipe and seed 0 (a separate run from the study's, which
+Each arm's encoder is pretrained with the study's recipe and each seed (a separate run from the study's, which
 keeps no weights) into --runs, and reused from there when present. Results go to DIR/context.json, one entry
-per arm, written as each finishes; `pretraining` in an entry holds the pretraining's time and final loss
+per arm and seed, written as each finishes; `pretraining` in an entry holds the pretraining's time and final loss
 (null when the weights were reused).
 """
 
@@ -39,20 +39,19 @@ from star.models import load_pretrained  # noqa: E402
 from star.training import resolve_device  # noqa: E402
 from star.training.provenance import environment  # noqa: E402
 
-SEED = 0
 DEFAULT_ARMS = ("arm_k1", "star_k4", "k4_nosep", "star_k16")
 
 
-def result_key(rid: str, arm: str) -> str:
-    return f"{rid}/{arm}/s{SEED}"
+def result_key(rid: str, arm: str, seed: int) -> str:
+    return f"{rid}/{arm}/s{seed}"
 
 
-def load_images(cfg, model, split: str, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+def load_images(cfg, model, split: str, device, seed: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """A split as one tensor (N, C, H, W), resized and normalized as the classifiers evaluate, its labels and
     the number of classes."""
     transform = classification_transform(cfg, model.img_size, model.in_chans, train=False)
     data = build_dataset(cfg.data.dataset, split, transform, in_chans=model.in_chans, img_size=model.img_size,
-                         num_samples=cfg.data.num_samples, seed=SEED)
+                         num_samples=cfg.data.num_samples, seed=seed)
     loader = torch.utils.data.DataLoader(data, batch_size=1024, num_workers=cfg.data.num_workers)
     images, labels = zip(*loader)
     return torch.cat(images).to(device), torch.cat(labels).to(device), len(data.classes)
@@ -118,37 +117,37 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes: int, steps: int 
         return (head(test_x).argmax(1) == test_y).float().mean().item() * 100
 
 
-def measure(recipe_name: str, arm: str, runs: Path, out: Path, prefixes=None) -> dict:
-    """Pretrain (or reuse) the arm's seed-0 encoder, then both measurements. `prefixes`: the m of the probe
+def measure(recipe_name: str, arm: str, seed: int, runs: Path, out: Path, prefixes=None) -> dict:
+    """Pretrain (or reuse) the arm's encoder of this seed, then both measurements. `prefixes`: the m of the probe
     besides 0 (alone, always measured), by default K - 1 (the arm's own context; 3 for K = 1)."""
     recipe, rid = RECIPES[recipe_name], recipe_id(recipe_name)
-    weights = runs / rid / arm / f"s{SEED}" / "pretrain"
+    weights = runs / rid / arm / f"s{seed}" / "pretrain"
     start = time.perf_counter()
     pretraining = None
     if not (weights / "model").is_dir():  # its loss curve and picture stay in the runs folder, not the study's
-        pretraining = do_pretrain(recipe, arm, SEED, runs / rid, weights.parent, rid)
-    cfg = pretrain_config(recipe, arm, SEED, weights)
+        pretraining = do_pretrain(recipe, arm, seed, runs / rid, weights.parent, rid)
+    cfg = pretrain_config(recipe, arm, seed, weights)
     device = resolve_device(cfg.device)
     model = load_pretrained(weights / "model").to(device).eval()
-    train_x, train_y, num_classes = load_images(cfg, model, "train", device)
-    keep = torch.tensor(train_val_split(len(train_x), recipe["val_size"], SEED)[0], device=device)
+    train_x, train_y, num_classes = load_images(cfg, model, "train", device, seed)
+    keep = torch.tensor(train_val_split(len(train_x), recipe["val_size"], seed)[0], device=device)
     train_x, train_y = train_x[keep], train_y[keep]  # the study's training part: the holdout stays out
-    test_x, test_y, _ = load_images(cfg, model, "test", device)
+    test_x, test_y, _ = load_images(cfg, model, "test", device, seed)
     k = model.num_images
     prefixes = sorted({0, *(prefixes if prefixes is not None else [k - 1 if k > 1 else 3])})  # 0: the baseline
-    generator = torch.Generator().manual_seed(SEED)
+    generator = torch.Generator().manual_seed(seed)
     probe = {}
     for m in prefixes:
         fit = [features(model, x, m, generator) for x in (train_x, test_x)]
         probe[str(m)] = linear_probe(fit[0], train_y, fit[1], test_y, num_classes)
     shuffled = test_x[torch.randperm(len(test_x), generator=generator).to(device)]
-    entry = {"arm": arm, "seed": SEED, "num_images": k, "separator": model.init_args["separator"],
+    entry = {"arm": arm, "seed": seed, "num_images": k, "separator": model.init_args["separator"],
              "loss_by_position": loss_by_position(model, shuffled, max(1, 1024 // k)), "probe_top1_by_prefix": probe,
              "train_images": len(train_x), "test_images": len(test_x), "pretraining": pretraining,
              "wall_s": time.perf_counter() - start,
              "recipe": rid, **environment(device)}
-    save_result(out / "context.json", result_key(rid, arm), entry)
-    print(f"[context] {arm}: loss by position {[round(v, 4) for v in entry['loss_by_position']]}, "
+    save_result(out / "context.json", result_key(rid, arm, seed), entry)
+    print(f"[context] {arm} s{seed}: loss by position {[round(v, 4) for v in entry['loss_by_position']]}, "
           f"probe top-1 by prefix {({m: round(v, 2) for m, v in probe.items()})}", flush=True)
     return entry
 
@@ -161,6 +160,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prefix", type=int, nargs="+", default=None,
                         help="probe after these numbers of other images too (default: K - 1 of each arm; 0, "
                              "alone, is always probed)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="pretraining seeds, one encoder each")
     parser.add_argument("--recipe", default="h100", choices=sorted(RECIPES))
     parser.add_argument("--out", type=Path, default=HERE, help="where context.json goes")
     parser.add_argument("--runs", type=Path, default=HERE / "runs" / "context",
@@ -169,11 +169,12 @@ def main(argv=None) -> int:
     if args.prefix is not None and min(args.prefix) < 0:
         parser.error("--prefix takes numbers of images >= 0")
     done = load_results(args.out / "context.json")
-    for arm in args.arms:
-        if result_key(recipe_id(args.recipe), arm) in done:
-            print(f"[context] {arm}: already in {args.out / 'context.json'}")
-            continue
-        measure(args.recipe, arm, args.runs, args.out, args.prefix)
+    for seed in args.seeds:
+        for arm in args.arms:
+            if result_key(recipe_id(args.recipe), arm, seed) in done:
+                print(f"[context] {arm} s{seed}: already in {args.out / 'context.json'}")
+                continue
+            measure(args.recipe, arm, seed, args.runs, args.out, args.prefix)
     return 0
 
 
