@@ -37,7 +37,11 @@ from star.ops.groups import param_groups, sequences_per_group, sum_per_group
 # with shorter chunks (fewer registers). The interpreter (CPU, TRITON_INTERPRET=1) runs element by element in
 # Python, so it gets small tiles and short segments (several segments even in short test sequences); tl.dot
 # needs at least 16 channels.
-CUDA_CONFIG = dict(SEGMENT=32, fwd=dict(BLOCK_D=32, CHUNK=4, num_warps=1), bwd=dict(BLOCK_D=64, CHUNK=2, num_warps=2))  # H100 sweep
+# CUDA tiles: the fastest of `benchmarks/scan.py --sweep`, last run on an H200 with the prefetching kernels
+# (6af86b7, docs/benchmarks/scan_h200/): it kept fwd and SEGMENT and moved bwd from 64 channels on 2 warps to
+# 32 on 1.
+CUDA_CONFIG = dict(SEGMENT=32, fwd=dict(BLOCK_D=32, CHUNK=4, num_warps=1),
+                   bwd=dict(BLOCK_D=32, CHUNK=2, num_warps=1))
 INTERPRETER_CONFIG = dict(SEGMENT=8, fwd=dict(BLOCK_D=16, CHUNK=4, num_warps=1),
                           bwd=dict(BLOCK_D=16, CHUNK=2, num_warps=1))
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E): exp2 is the hardware instruction
