@@ -65,9 +65,10 @@ def main():
     parser.add_argument("--sass-dir", type=Path, help="write <dir>/scan_{fwd,bwd}.sass")
     parser.add_argument("--out", type=Path, help="append the results here as JSON lines")
     args = parser.parse_args()
+    commit = git_commit()  # before the first line is appended: --out may be a tracked file
     for direction in ("fwd", "bwd"):
         numbers, sass = report(compile_kernel(direction, args.arch))
-        line = json.dumps(dict(kernel=f"scan_{direction}", arch=f"sm_{args.arch}", commit=git_commit(),
+        line = json.dumps(dict(kernel=f"scan_{direction}", arch=f"sm_{args.arch}", commit=commit,
                                triton=triton.__version__, **numbers))
         print(line)
         if args.out:
