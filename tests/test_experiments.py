@@ -391,42 +391,67 @@ def test_context_probe_and_report(tmp_path, one_thread):
     assert section[0].startswith("## Why does accuracy fall with K?")
     assert any(line.startswith("| (f) K=2, cluster sep. |") and "(n=2)" in line for line in section)
     assert report.context(tmp_path, h100, report.collect({}, h100)) == []  # another recipe's: no section
+    with pytest.raises(SystemExit):
+        context.main(["--prefix", "-1", "--out", str(tmp_path)])
 
 
 def test_context_verdict_lines(tmp_path):
-    """The section's verdicts follow the numbers: a first-image loss rising with K, later images predicted worse
-    than the first, features better after a prefix than alone."""
+    """The section's verdicts follow the numbers, at their thresholds: a first-image loss rising with K (> 2
+    standard errors), later images predicted worse than the first and features better in the arm's own context
+    (> 2 std over seeds); no verdict of "no effect" without 3 seeds."""
     rid = study.recipe_id("h100")
 
-    def write(later_step, prefix_gain, study_step=None):
+    def write(first_step=0.02, later_step=0.0, prefix_gain=0.0, spread=0.001, seeds=study.SEEDS,
+              study_step=None, other_prefix_gain=0.0):
         entries = {}
         for arm in report.K_SWEEP:
             k = study.ARMS[arm]["num_images"]
-            for seed, jitter in zip(study.SEEDS, (-0.001, 0.0, 0.001)):
-                first = 0.40 + 0.02 * math.log2(k) + jitter
-                alone = 86.0 - 0.5 * math.log2(k) + 10 * jitter
+            shape = ([0.03, 0.0, -0.03] + [0.0] * k)[:k - 1] if k >= 4 else [0.0] * (k - 1)  # mean 0, last not
+            for seed, sign in zip(seeds, (-1, 0, 1)):
+                first = 0.40 + first_step * math.log2(k) + 0.001 * sign
+                alone = 86.0 - 0.5 * math.log2(k) + 0.1 * sign
+                probe = {"0": alone, str(max(k - 1, 3)): alone + prefix_gain + 10 * spread * sign}
+                if k > 2:  # a prefix that is not the arm's pretraining context
+                    probe["1"] = alone + other_prefix_gain
                 entries[f"{rid}/{arm}/s{seed}"] = {
                     "arm": arm, "num_images": k, "device": "card", "commit": "abc",
-                    "loss_by_position": [first] + [first + later_step + jitter] * (k - 1),
-                    "probe_top1_by_prefix": {"0": alone, str(max(k - 1, 3)): alone + prefix_gain + 10 * jitter}}
+                    "loss_by_position": [first] + [first + later_step + spread * sign + x for x in shape],
+                    "probe_top1_by_prefix": probe}
         (tmp_path / "context.json").write_text(json.dumps(entries))
         linprobe = {} if study_step is None else {  # the study's linear probe, without seed spread
             study.item_key(rid, arm, seed, "linprobe"): {"test_top1": 80.0 + study_step * k.bit_length() + seed / 10}
             for arm, k in ((a, study.ARMS[a]["num_images"]) for a in report.K_SWEEP) for seed in study.SEEDS}
         return "\n".join(report.context(tmp_path, rid, report.collect(linprobe, rid)))
 
-    plain = write(later_step=0.0, prefix_gain=0.0)
-    assert "+0.0200 ± 0.0002 per doubling of K over 15 runs" in plain  # SE: jitter only, as in the K-sweep test
+    plain = write()
+    # first-image loss: SE from the seed jitter alone, (0.001^2 * 2 * 5 / 13 / 30) ** 0.5, as in the K-sweep test
+    assert "+0.0200 ± 0.0002 per doubling of K over 15 runs" in plain
     assert "predicts worse even where nothing comes before" in plain
     assert "do not get in the way" in plain and "costs nothing measurable" in plain
     assert "neither explanation accounts for the fall" in plain
     assert "-1.00 points = " in plain  # STAR K=4 vs ARM on the causal probe: 2 doublings of -0.5
-    assert "The causal probe moves" not in plain  # no study linear probe to compare with
-    assert "much closer across K" in write(0.0, 0.0, study_step=-3.0)  # causal -0.5 per doubling vs -3
-    assert "a K trend of the same size" in write(0.0, 0.0, study_step=-0.6)
-    hurt = write(later_step=0.05, prefix_gain=0.0)
+    assert "The causal probe moves" not in plain and "ranks them" not in plain  # no study probe to compare
+    [star_row] = [line for line in plain.splitlines() if line.startswith("| (c) STAR")]
+    assert float(star_row.split(" | ")[2].split()[0]) == pytest.approx(0.0, abs=1e-9)  # mean of 2..K, not K
+    se = 0.001 * (10 / 13 / 30) ** 0.5
+    assert "No rise with K beyond 2 standard errors" in write(first_step=1.5 * se)
+    assert "predicts worse even" in write(first_step=2.5 * se)
+    # later images: spread 0.001 is the std over seeds
+    assert "do not get in the way" in write(later_step=0.0015)
+    hurt = write(later_step=0.0025)
     assert "earlier images get in the way" in hurt and "neither explanation" not in hurt
-    helped = write(later_step=0.0, prefix_gain=1.0)
+    # features in the arm's own context: std over seeds 10 * spread = 0.01 points
+    assert "costs nothing measurable" in write(prefix_gain=0.015)
+    helped = write(prefix_gain=0.025)
     assert "outside the context it was trained in" in helped and "neither explanation" not in helped
-    with pytest.raises(SystemExit):
-        context.main(["--prefix", "-1", "--out", str(tmp_path)])
+    assert "costs nothing measurable" in write(other_prefix_gain=1.0)  # not the context it was trained in
+    # against the study's linear probe
+    closer = write(study_step=-3.0)  # causal -0.5 per doubling vs -3
+    assert "much closer across K" in closer and "ranks them the same way" in closer
+    assert "about the same size" in write(study_step=-0.6)
+    assert "more than twice" in write(study_step=-0.2)
+    other = write(study_step=1.0)
+    assert "disagree on the direction" in other and "ranks them the other way" in other
+    one_seed = write(seeds=(0,))
+    assert "Not judged: fewer than 3 seeds" in one_seed
+    assert "do not get in the way" not in one_seed and "neither explanation" not in one_seed

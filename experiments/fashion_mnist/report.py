@@ -301,7 +301,8 @@ def context(study_dir: Path, rid: str, table: dict) -> list[str]:
     """The section of context.py's measurements (context.json), if any: next-cluster loss by position in the
     sequence and the causal linear probe of an image alone and after other images, mean ± std over seeds, then
     what they say about the two explanations of the K trend."""
-    entries = [e for k, e in load_results(study_dir / "context.json").items() if k.startswith(rid + "/")]
+    entries = [e for k, e in load_results(study_dir / "context.json").items()
+               if k.startswith(rid + "/") and "0" in e["probe_top1_by_prefix"]]
     by_arm = {arm: [e for e in entries if e["arm"] == arm] for arm in ARMS}
     by_arm = {arm: found for arm, found in by_arm.items() if found}
     if not by_arm:
@@ -314,6 +315,8 @@ def context(study_dir: Path, rid: str, table: dict) -> list[str]:
     after = {(arm, m): [e["probe_top1_by_prefix"][m] - e["probe_top1_by_prefix"]["0"] for e in found
                         if m in e["probe_top1_by_prefix"]] for arm, found in by_arm.items() for m in prefixes}
     after = {key: diffs for key, diffs in after.items() if diffs}
+    own_context = {arm: after[arm, str(ARMS[arm]["num_images"] - 1)] for arm in by_arm
+                   if ARMS[arm]["num_images"] > 1 and (arm, str(ARMS[arm]["num_images"] - 1)) in after}
     cards = sorted({f"{e['device']} at {e['commit']}" for e in entries})
     lines = ["## Why does accuracy fall with K? (context.py)", "",
              "`python experiments/fashion_mnist/context.py --seeds 0 1 2`: one more pretraining of each arm and "
@@ -334,8 +337,13 @@ def context(study_dir: Path, rid: str, table: dict) -> list[str]:
                      f"{fmt(alone[arm])} | {moved} | {fmt([e['test_top1'] for e in table[arm, 'linprobe']])} |")
     lines += ["", "What they say:", ""]
 
+    few = [ARM_NAMES[arm] for arm, found in by_arm.items() if len(found) < len(SEEDS)]
+    if few:  # a verdict of "no effect" needs a spread to be judged against
+        lines.append(f"- Not judged: fewer than {len(SEEDS)} seeds of {', '.join(few)}.")
+        return lines + [""]
+
     def above(values, sign):  # the mean is past zero in this direction by more than 2 std over seeds
-        return len(values) > 1 and sign * statistics.mean(values) > 2 * statistics.stdev(values)
+        return sign * statistics.mean(values) > 2 * statistics.stdev(values)
     sweep = [arm for arm in K_SWEEP if arm in by_arm]
     fit = log2_slope([(ARMS[arm]["num_images"], v) for arm in sweep for v in first[arm]])
     rises = fit is not None and fit[0] > 2 * fit[1]
@@ -352,33 +360,44 @@ def context(study_dir: Path, rid: str, table: dict) -> list[str]:
                      + (f"Worse by more than 2 std for {', '.join(ARM_NAMES[a] for a in hurt)}: earlier images "
                         "get in the way." if hurt else "No arm predicts later images worse than its first by more "
                         "than 2 std: the unrelated images before an image do not get in the way of predicting it."))
-    helped = [arm for (arm, _), diffs in after.items() if above(diffs, +1)]
-    if after:
-        means = [statistics.mean(d) for d in after.values()]
-        lines.append(f"- Reading an image after others instead of alone moves the causal probe by {min(means):+.2f} "
-                     f"to {max(means):+.2f} points (arm means). "
-                     + (f"Better after others by more than 2 std for {', '.join(ARM_NAMES[a] for a in helped)}: "
+    helped = [arm for arm, diffs in own_context.items() if above(diffs, +1)]
+    if own_context:
+        means = [statistics.mean(d) for d in own_context.values()]
+        lines.append(f"- Reading an image after K-1 others (its pretraining context) instead of alone moves the "
+                     f"causal probe by {min(means):+.2f} to {max(means):+.2f} points (arm means, K > 1). "
+                     + (f"Better in that context by more than 2 std for {', '.join(ARM_NAMES[a] for a in helped)}: "
                         "fine-tuning from a fresh state reads the encoder outside the context it was trained in."
-                        if helped else "No arm's features are better in the context it was pretrained in by more "
-                        "than 2 std, so the fresh state fine-tuning reads images from costs nothing measurable."))
+                        if helped else "No arm's features are better in that context by more than 2 std, so the "
+                        "fresh state fine-tuning reads images from costs nothing measurable."))
     causal = log2_slope([(ARMS[arm]["num_images"], v) for arm in sweep for v in alone[arm]])
     study = k_slope(table, "linprobe")
     if causal is not None and study is not None:
+        if causal[0] * study[0] <= 0:
+            size = "The two probes disagree on the direction of the K trend."
+        elif abs(causal[0]) < abs(study[0]) / 2:
+            size = ("The features are much closer across K than the study's probe makes them look. The two probes "
+                    "differ in what they read (causal features alone vs the 4-direction classifier) and in the fit "
+                    "(full-batch L-BFGS, 200 iterations, vs 3 SGD epochs); which of the two makes the gap is not "
+                    "separated here.")
+        elif abs(causal[0]) > 2 * abs(study[0]):
+            size = "The causal probe sees a K trend more than twice the study's probe's."
+        else:
+            size = "The two probes see a K trend of about the same size (within a factor of 2)."
         lines.append(f"- The causal probe moves by {causal[0]:+.2f} ± {causal[1]:.2f} points per doubling of K, the "
-                     f"study's linear probe by {study[0]:+.2f} ± {study[1]:.2f}. "
-                     + ("The features are much closer across K than the study's probe makes them look. The two "
-                        "probes differ in what they read (causal features alone vs the 4-direction classifier) and "
-                        "in the fit (full-batch L-BFGS, 200 iterations, vs 3 SGD epochs); which of the two makes "
-                        "the gap is not separated here." if abs(causal[0]) < abs(study[0]) / 2 else
-                        "The two probes see a K trend of the same size."))
+                     f"study's linear probe by {study[0]:+.2f} ± {study[1]:.2f}. {size}")
     if {"star_k4", "arm_k1"} <= set(alone):
         star, arm = alone["star_k4"], alone["arm_k1"]
-        spread = max(statistics.stdev(star), statistics.stdev(arm)) if min(len(star), len(arm)) > 1 else math.nan
+        spread = max(statistics.stdev(star), statistics.stdev(arm))
         gap = statistics.mean(star) - statistics.mean(arm)
-        lines.append(f"- STAR (c) vs ARM (b) on the causal probe: {statistics.mean(star):.2f} vs "
-                     f"{statistics.mean(arm):.2f}, {gap:+.2f} points = {gap / spread:+.1f} x the larger std "
-                     f"({spread:.2f}); the ranking of the study's linear probe{' holds' if gap < 0 else ' turns'}.")
-    if rises and later and not hurt and after and not helped:
+        line = (f"- STAR (c) vs ARM (b) on the causal probe: {statistics.mean(star):.2f} vs "
+                f"{statistics.mean(arm):.2f}, {gap:+.2f} points = {gap / spread:+.1f} x the larger std "
+                f"({spread:.2f})")
+        if table["star_k4", "linprobe"] and table["arm_k1", "linprobe"]:
+            study_gap = (statistics.mean(e["test_top1"] for e in table["star_k4", "linprobe"])
+                         - statistics.mean(e["test_top1"] for e in table["arm_k1", "linprobe"]))
+            line += f"; the study's linear probe ranks them {'the same' if gap * study_gap > 0 else 'the other'} way"
+        lines.append(line + ".")
+    if rises and later and not hurt and own_context and not helped:
         lines.append("- So neither explanation accounts for the fall. What falls with K is how well the encoder "
                      "predicts at all, the first image included, at the same images seen and optimizer steps; why "
                      "longer sequences train a worse predictor at this budget is not measured here.")
