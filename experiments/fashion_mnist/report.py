@@ -110,12 +110,12 @@ def shared_machines(entries: list) -> list[str]:
     shared = [e for e in ours if gpus(e) > 1]
     if not shared:
         return []
-    cards = sorted({e["device"] for e in shared})
+    devices = sorted({e["device"] for e in shared})
     line = (f"- {len(shared)} item{'s' if len(shared) != 1 else ''} ran on a machine with "
-            f"{'/'.join(str(n) for n in sorted({gpus(e) for e in shared}))} GPUs ({', '.join(cards)}), one run per "
+            f"{'/'.join(str(n) for n in sorted({gpus(e) for e in shared}))} GPUs ({', '.join(devices)}), one run per "
             "GPU, next to other jobs on the other GPUs (other units; at 6d8768d the GPU tests), all sharing the "
             "host's CPU cores; commits " + ", ".join(sorted({e["commit"] for e in shared})) + ".")
-    pretrain = [e for e in ours if e["item"] == "pretrain" and e["device"] in cards]
+    pretrain = [e for e in ours if e["item"] == "pretrain" and e["device"] in devices]
     there = [e["img_s"] for e in pretrain if gpus(e) > 1]
     alone = [e for e in pretrain if gpus(e) == 1]
     if there and alone:
@@ -165,6 +165,11 @@ def fmt(values: list[float], digits: int = 2) -> str:
     return f"{mean:.{digits}f}{spread} (n={len(values)})"
 
 
+def margin(a: list[float], b: list[float]) -> tuple[float, float]:
+    """How far a's mean is above b's, and the larger of the two standard deviations to judge it by."""
+    return statistics.mean(a) - statistics.mean(b), max(statistics.stdev(a), statistics.stdev(b))
+
+
 def compare(table: dict, better: str, worse: str, item: str) -> str:
     """One line: mean difference, in units of the larger of the two standard deviations."""
     a = [e["test_top1"] for e in table[better, item]]
@@ -175,7 +180,7 @@ def compare(table: dict, better: str, worse: str, item: str) -> str:
     line = f"{EVAL_NAMES[item]}: {statistics.mean(a):.2f} vs {statistics.mean(b):.2f}, difference {diff:+.2f} points"
     if min(len(a), len(b)) < 3:
         return line + f"; not enough seeds to judge ({len(a)} and {len(b)}, 3 needed)"
-    spread = max(statistics.stdev(a), statistics.stdev(b))
+    spread = margin(a, b)[1]
     verdict = "meets" if diff > 2 * spread else "does not meet"
     if spread == 0:
         return line + f"; both stds are 0; {verdict} the > 2 std criterion"
@@ -192,11 +197,9 @@ def conclusion(table: dict, full: dict) -> str:
         return ("The claim is not tested yet: it needs the linear probe and the 1%-label fine-tune of 3 seeds of "
                 f"STAR (c) and ARM (b), and so far {', '.join(short)}. Nothing here supports or contradicts STAR.")
 
-    def margin(item):
-        a = [e["test_top1"] for e in table["star_k4", item]]
-        b = [e["test_top1"] for e in table["arm_k1", item]]
-        return statistics.mean(a) - statistics.mean(b), max(statistics.stdev(a), statistics.stdev(b))
-    wins = {item: margin(item) for item in claim_items}
+    def top1(arm, item):
+        return [e["test_top1"] for e in table[arm, item]]
+    wins = {item: margin(top1("star_k4", item), top1("arm_k1", item)) for item in claim_items}
     if all(d > 2 * s for d, s in wins.values()):
         claim = "STAR beats ARM by more than 2 std on both the linear probe and the 1%-label fine-tune"
     elif all(d <= 0 for d, _ in wins.values()):
@@ -387,14 +390,13 @@ def context(study_dir: Path, rid: str, table: dict) -> list[str]:
                      f"study's linear probe by {study[0]:+.2f} ± {study[1]:.2f}. {size}")
     if {"star_k4", "arm_k1"} <= set(alone):
         star, arm = alone["star_k4"], alone["arm_k1"]
-        spread = max(statistics.stdev(star), statistics.stdev(arm))
-        gap = statistics.mean(star) - statistics.mean(arm)
+        gap, spread = margin(star, arm)
         line = (f"- STAR (c) vs ARM (b) on the causal probe: {statistics.mean(star):.2f} vs "
                 f"{statistics.mean(arm):.2f}, {gap:+.2f} points = {gap / spread:+.1f} x the larger std "
                 f"({spread:.2f})")
-        if table["star_k4", "linprobe"] and table["arm_k1", "linprobe"]:
-            study_gap = (statistics.mean(e["test_top1"] for e in table["star_k4", "linprobe"])
-                         - statistics.mean(e["test_top1"] for e in table["arm_k1", "linprobe"]))
+        study_star, study_arm = ([e["test_top1"] for e in table[a, "linprobe"]] for a in ("star_k4", "arm_k1"))
+        if study_star and study_arm:
+            study_gap = statistics.mean(study_star) - statistics.mean(study_arm)
             line += f"; the study's linear probe ranks them {'the same' if gap * study_gap > 0 else 'the other'} way"
         lines.append(line + ".")
     if rises and later and not hurt and own_context and not helped:
