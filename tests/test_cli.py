@@ -68,6 +68,12 @@ def test_linprobe_trains_only_the_head(pretrained, tmp_path):
     assert torch.equal(probe.state_dict()["blocks.0.mixer.in_proj.weight"], pre["blocks.0.mixer.in_proj.weight"])
 
 
+def metric_column(run, name: str) -> list[float]:
+    """One column of a run's metrics.csv, the rows that logged it."""
+    with open(run / "metrics.csv") as f:
+        return [float(r[name]) for r in csv.DictReader(f) if r.get(name)]
+
+
 def test_compile_flag_trains_like_eager(pretrained, tmp_path, monkeypatch):
     """`--compile` runs the training steps through torch.compile (AOT autograd without codegen here, to stay
     fast on the CPU): same losses as the eager run, which the module fixture made."""
@@ -81,12 +87,7 @@ def test_compile_flag_trains_like_eager(pretrained, tmp_path, monkeypatch):
     out = tmp_path / "compiled"
     assert star("pretrain", *PRETRAIN, *SYNTHETIC, "--output_dir", out, "--compile") == 0
     assert compiled == ["StarPretrain"]
-
-    def losses(run):
-        with open(run / "metrics.csv") as f:
-            return [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
-
-    assert losses(out) == pytest.approx(losses(pretrained), rel=1e-4)
+    assert metric_column(out, "train/loss") == pytest.approx(metric_column(pretrained, "train/loss"), rel=1e-4)
 
 
 def test_compile_mode_reaches_torch_compile(tmp_path, monkeypatch, capsys):
@@ -115,17 +116,10 @@ def test_cuda_graph_compile_trains_like_eager_on_cuda(tmp_path):
     assert star("finetune", *gpu, "--output_dir", tmp_path / "eager") == 0
     assert star("finetune", *gpu, "--output_dir", tmp_path / "graphs", "--compile", "--compile_mode",
                 "reduce-overhead") == 0
-
-    def rows(run):
-        with open(run / "metrics.csv") as f:
-            return list(csv.DictReader(f))
-
-    def column(run, name):
-        return [float(r[name]) for r in rows(run) if r.get(name)]
-
-    assert column(tmp_path / "graphs", "train/loss") == pytest.approx(column(tmp_path / "eager", "train/loss"), rel=1e-3)
-    assert column(tmp_path / "graphs", "val/loss") == pytest.approx(column(tmp_path / "eager", "val/loss"), rel=1e-3)
-    assert len(column(tmp_path / "graphs", "val/loss")) == 2
+    graphs, eager = tmp_path / "graphs", tmp_path / "eager"
+    assert metric_column(graphs, "train/loss") == pytest.approx(metric_column(eager, "train/loss"), rel=1e-3)
+    assert metric_column(graphs, "val/loss") == pytest.approx(metric_column(eager, "val/loss"), rel=1e-3)
+    assert len(metric_column(graphs, "val/loss")) == 2
 
 
 def test_failed_run_frees_its_model_before_leaving_the_process_group(tmp_path, monkeypatch):
