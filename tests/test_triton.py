@@ -89,6 +89,29 @@ def test_selective_scan_matches_reference(length, reverse, dtype, optional, d_st
 
 
 @needs_kernels
+@pytest.mark.parametrize("reverse,grouped", [(False, False), (True, False), (True, True)])
+def test_long_sequences_scan_in_parts_parallel_over_time(reverse, grouped):
+    """Too few sequences to fill the device: each sequence runs as several parts at once (local passes, carry
+    pass, fix-up), forward and backward, with the numerics of one long walk."""
+    from star.ops import selective_scan
+    from star.ops.triton import selective_scan as kernels
+
+    groups = 2 if grouped else 1
+    inputs = _scan_inputs(groups, LONG, CHANNELS, 16, torch.float32, optional=True)
+    if grouped:
+        g = torch.Generator().manual_seed(3)
+        grouped = dict(A=-(0.1 + 3 * torch.rand(groups, CHANNELS, 16, generator=g)),
+                       D=torch.randn(groups, CHANNELS, generator=g),
+                       delta_bias=0.5 * torch.randn(groups, CHANNELS, generator=g) - 1.0)
+        inputs.update({k: v.to(DEVICE).requires_grad_() for k, v in grouped.items()})
+    for direction in ("fwd", "bwd"):
+        parts, part_segments = kernels._parts(inputs["u"], CHANNELS, direction)
+        assert parts > 1 and (parts - 1) * part_segments < kernels._n_segments(LONG, inputs["u"])
+    _check_against_reference(kernels.selective_scan_triton, lambda **kw: selective_scan(**kw, impl="ref"), inputs,
+                             torch.float32, reverse=reverse)
+
+
+@needs_kernels
 @pytest.mark.parametrize("reverse", [False, True])
 def test_grouped_parameters_match_reference(reverse):
     """A (groups, d, n), D and delta_bias (groups, d), conv weights (groups, d, k): sequence run g of the batch

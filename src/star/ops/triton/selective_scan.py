@@ -21,7 +21,22 @@ Nothing is accumulated with atomics: dA, dD and d_delta_bias are per-batch parti
 per-channel-block partials, summed afterwards by torch in a fixed order, so gradients are deterministic.
 u, delta and z may be strided views (only the channel stride must be 1), which saves the copies of the
 mixer's (x, z) split. reverse=True only changes which time index a scan position reads.
+
+Parallel over time. A long sequence in a small batch gives too few (batch, channel block) programs to fill
+the GPU (4 sequences of 10,240 tokens at d=768: 96 programs for 132 SMs, each walking 10,240 steps). Then
+each sequence is cut into `parts` (whole segments each) that run as programs of their own, in three steps
+per direction, since the recurrence is linear in its carried value:
+  1. a local pass per part from a zero start: the forward's state at the part's end (u, delta, B read; no
+     outputs), the backward's adjoint carry at the part's start (delta, z, dy, C read), and the sum of delta
+     over the part, which gives the part's total decay exp(A * sum delta) in one exp;
+  2. a carry pass, one program per (sequence, channel block) over the parts in order (backward: in reverse):
+     the true state entering part p is decay(p-1) * entering(p-1) + local end(p-1);
+  3. the main kernels above, each part started from its true entering state (the backward from its true
+     carry), so outputs, checkpoints and gradients are those of one long walk up to fp32 rounding.
+The local passes cost about a third of a scan more; `_parts` uses them only where the programs are too few
+(fewer than CUDA_CONFIG["MIN_WAVES"] waves of resident programs) and sequences span several segments.
 """
+import functools
 import math
 from typing import Optional
 
@@ -40,10 +55,16 @@ from star.ops.groups import param_groups, sequences_per_group, sum_per_group
 # CUDA tiles: the fastest of `benchmarks/scan.py --sweep`, last run on an H200 with the prefetching kernels
 # (6af86b7, docs/benchmarks/scan_h200/): it kept fwd and SEGMENT and moved bwd from 64 channels on 2 warps to
 # 32 on 1.
+# Time parallelism (module docstring): a launch is cut into parts when its programs fill fewer than MIN_WAVES
+# waves of RESIDENT_PER_SM programs per SM (234 registers per backward thread: 8 one-warp programs fit an
+# SM); the parts then aim at MIN_WAVES waves, each at least MIN_PART_SEGMENTS segments long. The interpreter
+# counts one "SM" and small numbers, so the tests' short sequences run in several parts.
 CUDA_CONFIG = dict(SEGMENT=32, fwd=dict(BLOCK_D=32, CHUNK=4, num_warps=1),
-                   bwd=dict(BLOCK_D=32, CHUNK=2, num_warps=1))
+                   bwd=dict(BLOCK_D=32, CHUNK=2, num_warps=1),
+                   RESIDENT_PER_SM=8, MIN_WAVES=4, MIN_PART_SEGMENTS=4)
 INTERPRETER_CONFIG = dict(SEGMENT=8, fwd=dict(BLOCK_D=16, CHUNK=4, num_warps=1),
-                          bwd=dict(BLOCK_D=16, CHUNK=2, num_warps=1))
+                          bwd=dict(BLOCK_D=16, CHUNK=2, num_warps=1),
+                          RESIDENT_PER_SM=4, MIN_WAVES=4, MIN_PART_SEGMENTS=1)
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E): exp2 is the hardware instruction
 
 
@@ -198,14 +219,29 @@ def _chunk_values(u, delta, Bt, Ct, z, mask, bias, HAS_BIAS: tl.constexpr, SOFTP
 
 
 @triton.jit
+def _part_state(ptr, pid_b, pid_p, n_parts, offs_n, offs_d, D, N: tl.constexpr):
+    """Offsets of one part's (N_PAD, BLOCK_D) state in a (b, parts, N, D) fp32 buffer."""
+    return ptr + ((pid_b * n_parts + pid_p) * N + offs_n[:, None]) * D + offs_d[None, :]
+
+
+@triton.jit
+def _part_chunks(pid_p, part_segments, L, CHUNK: tl.constexpr, SEG_CHUNKS: tl.constexpr):
+    """First chunk and end chunk (exclusive) of part pid_p, which spans `part_segments` whole segments."""
+    first = pid_p * part_segments * SEG_CHUNKS
+    return first, tl.minimum(first + part_segments * SEG_CHUNKS, tl.cdiv(L, CHUNK))
+
+
+@triton.jit
 def _scan_fwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, ckpt_ptr,
-    L, D, n_segments, seq_per_group, stride_ub, stride_ul, stride_deltab, stride_deltal, stride_zb, stride_zl,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, ckpt_ptr, init_ptr,
+    L, D, n_segments, part_segments, seq_per_group, stride_ub, stride_ul, stride_deltab, stride_deltal,
+    stride_zb, stride_zl,
     N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, SEG_CHUNKS: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    REVERSE: tl.constexpr, SAVE_STATES: tl.constexpr,
+    REVERSE: tl.constexpr, SAVE_STATES: tl.constexpr, HAS_INIT: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
+    pid_p = tl.program_id(2)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, N_PAD)
     mask_d = offs_d < D
@@ -213,16 +249,20 @@ def _scan_fwd_kernel(
     A2, bias, Dv = _load_params(A_ptr, D_ptr, bias_ptr, pid_b // seq_per_group, offs_d, offs_n, mask_d, mask_nd, D,
                                 N, BLOCK_D, HAS_D, HAS_BIAS)
     ckpt_base = ckpt_ptr + pid_b * n_segments * N * D + offs_n[:, None] * D + offs_d[None, :]
-    n_chunks = tl.cdiv(L, CHUNK)
+    first, end = _part_chunks(pid_p, part_segments, L, CHUNK, SEG_CHUNKS)
 
-    h = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
+    if HAS_INIT:  # the true state entering this part (time-parallel launch)
+        h = tl.load(_part_state(init_ptr, pid_b, pid_p, tl.num_programs(2), offs_n, offs_d, D, N), mask=mask_nd,
+                    other=0.0)
+    else:
+        h = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
     # Software pipelining by hand: chunk c+1's loads are issued before chunk c's math, so their latency
     # overlaps it (the loop would otherwise wait on every chunk's loads). Past the end they are all masked.
-    u_next, delta_next, z_next = _chunk_loads(u_ptr, delta_ptr, z_ptr, 0, pid_b, L, offs_d, mask_d, stride_ub,
+    u_next, delta_next, z_next = _chunk_loads(u_ptr, delta_ptr, z_ptr, first, pid_b, L, offs_d, mask_d, stride_ub,
                                               stride_ul, stride_deltab, stride_deltal, stride_zb, stride_zl,
                                               CHUNK, REVERSE, HAS_Z)
-    B_next, C_next = _chunk_bc(B_ptr, C_ptr, 0, pid_b, L, offs_n, offs_n < N, N, CHUNK, REVERSE)
-    for chunk in range(n_chunks):
+    B_next, C_next = _chunk_bc(B_ptr, C_ptr, first, pid_b, L, offs_n, offs_n < N, N, CHUNK, REVERSE)
+    for chunk in range(first, end):
         if SAVE_STATES:
             if chunk % SEG_CHUNKS == 0:
                 tl.store(ckpt_base + (chunk // SEG_CHUNKS) * N * D, h, mask=mask_nd)
@@ -242,16 +282,20 @@ def _scan_fwd_kernel(
 
 @triton.jit
 def _scan_bwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_ptr, ckpt_ptr, scratch_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_ptr, ckpt_ptr, init_ptr, scratch_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dA_part_ptr, dB_part_ptr, dC_part_ptr, dD_part_ptr, dbias_part_ptr,
-    L, D, n_segments, seq_per_group, stride_ub, stride_ul, stride_deltab, stride_deltal, stride_zb, stride_zl,
+    L, D, n_segments, part_segments, seq_per_group, stride_ub, stride_ul, stride_deltab, stride_deltal,
+    stride_zb, stride_zl,
     N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, SEG_CHUNKS: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    REVERSE: tl.constexpr, PRECISION: tl.constexpr,
+    REVERSE: tl.constexpr, PRECISION: tl.constexpr, HAS_INIT: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
+    pid_p = tl.program_id(2)
     n_dblocks = tl.num_programs(1)
+    n_parts = tl.num_programs(2)
+    pid_bp = pid_b * n_parts + pid_p  # partials of dA, dD and the dt bias are per (sequence, part)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, N_PAD)
     mask_d = offs_d < D
@@ -260,17 +304,23 @@ def _scan_bwd_kernel(
     A2, bias, Dv = _load_params(A_ptr, D_ptr, bias_ptr, pid_b // seq_per_group, offs_d, offs_n, mask_d, mask_nd, D,
                                 N, BLOCK_D, HAS_D, HAS_BIAS)
     ckpt_base = ckpt_ptr + pid_b * n_segments * N * D + offs_n[:, None] * D + offs_d[None, :]
-    scratch_base = (scratch_ptr + (pid_b * n_dblocks + pid_d) * SEG_CHUNKS * N_PAD * BLOCK_D
+    scratch_base = (scratch_ptr + ((pid_b * n_dblocks + pid_d) * n_parts + pid_p) * SEG_CHUNKS * N_PAD * BLOCK_D
                     + offs_n[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :])
     part_bc_base = (pid_b * n_dblocks + pid_d) * L
     n_chunks = tl.cdiv(L, CHUNK)
+    first_seg = pid_p * part_segments
+    end_seg = tl.minimum(first_seg + part_segments, n_segments)
 
-    carry = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)  # a_{t+1} g_{t+1} at the step after the current chunk
+    # a_{t+1} g_{t+1} at the step after the current chunk: zero past the sequence end, else the part's true carry
+    if HAS_INIT:
+        carry = tl.load(_part_state(init_ptr, pid_b, pid_p, n_parts, offs_n, offs_d, D, N), mask=mask_nd, other=0.0)
+    else:
+        carry = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
     dA_acc = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for step in range(n_segments):
-        seg = n_segments - 1 - step
+    for step in range(end_seg - first_seg):
+        seg = end_seg - 1 - step
         first = seg * SEG_CHUNKS
         seg_chunks = tl.minimum(SEG_CHUNKS, n_chunks - first)
 
@@ -344,11 +394,129 @@ def _scan_bwd_kernel(
             _store_channel_sum(dB_part_ptr, g * (delta * u)[:, None, :], t, part_bc_base, mask_t, N, N_PAD, CHUNK,
                                BLOCK_D, PRECISION)
 
-    tl.store(dA_part_ptr + pid_b * N * D + offs_n[:, None] * D + offs_d[None, :], dA_acc, mask=mask_nd)
+    tl.store(dA_part_ptr + pid_bp * N * D + offs_n[:, None] * D + offs_d[None, :], dA_acc, mask=mask_nd)
     if HAS_D:
-        tl.store(dD_part_ptr + pid_b * D + offs_d, dD_acc, mask=mask_d)
+        tl.store(dD_part_ptr + pid_bp * D + offs_d, dD_acc, mask=mask_d)
     if HAS_BIAS:
-        tl.store(dbias_part_ptr + pid_b * D + offs_d, dbias_acc, mask=mask_d)
+        tl.store(dbias_part_ptr + pid_bp * D + offs_d, dbias_acc, mask=mask_d)
+
+
+@triton.jit
+def _part_end_state_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, end_ptr, delta_sum_ptr,
+    L, D, n_parts, part_segments, seq_per_group, stride_ub, stride_ul, stride_deltab, stride_deltal,
+    stride_zb, stride_zl,
+    N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, SEG_CHUNKS: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    REVERSE: tl.constexpr,
+):
+    """Time-parallel forward, step 1: the state at the end of each part but the last from a zero start, and the
+    part's sum of delta. Launched over parts 0 .. n_parts - 2 (the last part's end feeds nothing)."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_p = tl.program_id(2)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, N_PAD)
+    mask_d = offs_d < D
+    mask_n = offs_n < N
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+    A2, bias, _ = _load_params(A_ptr, A_ptr, bias_ptr, pid_b // seq_per_group, offs_d, offs_n, mask_d, mask_nd, D,
+                               N, BLOCK_D, False, HAS_BIAS)
+    first, end = _part_chunks(pid_p, part_segments, L, CHUNK, SEG_CHUNKS)
+    h = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
+    delta_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    u_next, delta_next, _ = _chunk_loads(u_ptr, delta_ptr, u_ptr, first, pid_b, L, offs_d, mask_d, stride_ub,
+                                         stride_ul, stride_deltab, stride_deltal, 0, 0, CHUNK, REVERSE, False)
+    B_next, _ = _chunk_bc(B_ptr, B_ptr, first, pid_b, L, offs_n, mask_n, N, CHUNK, REVERSE)
+    for chunk in range(first, end):
+        u, delta, Bt = u_next, delta_next, B_next
+        u_next, delta_next, _ = _chunk_loads(u_ptr, delta_ptr, u_ptr, chunk + 1, pid_b, L, offs_d, mask_d, stride_ub,
+                                             stride_ul, stride_deltab, stride_deltal, 0, 0, CHUNK, REVERSE, False)
+        B_next, _ = _chunk_bc(B_ptr, B_ptr, chunk + 1, pid_b, L, offs_n, mask_n, N, CHUNK, REVERSE)
+        _, _, mask, _ = _chunk_index(chunk, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE)
+        u, delta, _, Bt, _, _ = _chunk_values(u, delta, Bt, Bt, u, mask, bias, HAS_BIAS, SOFTPLUS)
+        _, _, _, h = _chunk_states(h, delta, u, Bt, A2, CHUNK)
+        delta_sum += tl.sum(delta, axis=0)
+    tl.store(_part_state(end_ptr, pid_b, pid_p, n_parts, offs_n, offs_d, D, N), h, mask=mask_nd)
+    tl.store(delta_sum_ptr + (pid_b * n_parts + pid_p) * D + offs_d, delta_sum, mask=mask_d)
+
+
+@triton.jit
+def _part_adjoint_kernel(
+    delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dy_ptr, carry_ptr, delta_sum_ptr,
+    L, D, n_parts, part_segments, seq_per_group, stride_ub, stride_ul, stride_deltab, stride_deltal,
+    stride_zb, stride_zl,
+    N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, SEG_CHUNKS: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    REVERSE: tl.constexpr,
+):
+    """Time-parallel backward, step 1: the adjoint carry a_t g_t at the start of each part but the first, from a
+    zero carry at the part's end (g_t = C_t dy_t + a_{t+1} g_{t+1} needs no states), and the part's sum of delta.
+    Launched over parts 1 .. n_parts - 1 (the first part's carry feeds nothing)."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_p = tl.program_id(2) + 1
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, N_PAD)
+    mask_d = offs_d < D
+    mask_n = offs_n < N
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+    A2, bias, _ = _load_params(A_ptr, A_ptr, bias_ptr, pid_b // seq_per_group, offs_d, offs_n, mask_d, mask_nd, D,
+                               N, BLOCK_D, False, HAS_BIAS)
+    first, end = _part_chunks(pid_p, part_segments, L, CHUNK, SEG_CHUNKS)
+    carry = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
+    delta_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    _, delta_next, z_next = _chunk_loads(delta_ptr, delta_ptr, z_ptr, end - 1, pid_b, L, offs_d, mask_d,
+                                         stride_deltab, stride_deltal, stride_deltab, stride_deltal, stride_zb,
+                                         stride_zl, CHUNK, REVERSE, HAS_Z)
+    dy_next = _chunk_dy(dy_ptr, end - 1, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE)
+    for j in range(end - first):
+        chunk = end - 1 - j
+        delta, z, dy = delta_next, z_next, dy_next
+        _, delta_next, z_next = _chunk_loads(delta_ptr, delta_ptr, z_ptr, chunk - 1, pid_b, L, offs_d, mask_d,
+                                             stride_deltab, stride_deltal, stride_deltab, stride_deltal, stride_zb,
+                                             stride_zl, CHUNK, REVERSE, HAS_Z)
+        dy_next = _chunk_dy(dy_ptr, chunk - 1, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE)
+        Ct, _ = _chunk_bc(C_ptr, C_ptr, chunk, pid_b, L, offs_n, mask_n, N, CHUNK, REVERSE)
+        _, _, mask, _ = _chunk_index(chunk, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE)
+        _, delta, _, Ct, _, z = _chunk_values(delta, delta, Ct, Ct, z, mask, bias, HAS_BIAS, SOFTPLUS)
+        dy = dy.to(tl.float32)
+        if HAS_Z:
+            dy, _ = _gate(z, dy)
+        a = tl.exp2(delta[:, None, :] * A2[None, :, :])
+        c = dy[:, None, :] * Ct[:, :, None]
+        for i in tl.static_range(CHUNK - 1, -1, -1):
+            carry = _row(a, i, CHUNK) * (_row(c, i, CHUNK) + carry)
+        delta_sum += tl.sum(delta, axis=0)
+    tl.store(_part_state(carry_ptr, pid_b, pid_p, n_parts, offs_n, offs_d, D, N), carry, mask=mask_nd)
+    tl.store(delta_sum_ptr + (pid_b * n_parts + pid_p) * D + offs_d, delta_sum, mask=mask_d)
+
+
+@triton.jit
+def _part_carry_kernel(A_ptr, local_ptr, delta_sum_ptr, entering_ptr, D, n_parts, seq_per_group,
+                       N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr):
+    """Time-parallel step 2: the true value entering every part, walking the parts in order (the forward's states)
+    or in reverse order (the backward's carries): entering(next) = exp(A * sum delta) * entering + local."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, N_PAD)
+    mask_d = offs_d < D
+    mask_nd = (offs_n < N)[:, None] & mask_d[None, :]
+    A2, _, _ = _load_params(A_ptr, A_ptr, A_ptr, pid_b // seq_per_group, offs_d, offs_n, mask_d, mask_nd, D, N,
+                            BLOCK_D, False, False)
+    h = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
+    for i in range(n_parts - 1):
+        if BACKWARD:
+            p = n_parts - 1 - i
+        else:
+            p = i
+        tl.store(_part_state(entering_ptr, pid_b, p, n_parts, offs_n, offs_d, D, N), h, mask=mask_nd)
+        delta_sum = tl.load(delta_sum_ptr + (pid_b * n_parts + p) * D + offs_d, mask=mask_d, other=0.0)
+        local = tl.load(_part_state(local_ptr, pid_b, p, n_parts, offs_n, offs_d, D, N), mask=mask_nd, other=0.0)
+        h = tl.exp2(A2 * delta_sum[None, :]) * h + local
+    if BACKWARD:
+        last = 0
+    else:
+        last = n_parts - 1
+    tl.store(_part_state(entering_ptr, pid_b, last, n_parts, offs_n, offs_d, D, N), h, mask=mask_nd)
 
 
 def _config(u: Tensor) -> dict:
@@ -357,6 +525,51 @@ def _config(u: Tensor) -> dict:
 
 def _n_segments(length: int, u: Tensor) -> int:
     return math.ceil(length / _config(u)["SEGMENT"])
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _parts(u: Tensor, d: int, direction: str) -> tuple[int, int]:
+    """(parts, segments per part) of a launch over u's (b, l) sequences: one part while the (sequence, channel
+    block) programs fill MIN_WAVES waves of the GPU, else enough parts for that many waves, none shorter than
+    MIN_PART_SEGMENTS segments (module docstring)."""
+    config = _config(u)
+    b, l = u.shape[:2]
+    n_segments = _n_segments(l, u)
+    programs = b * triton.cdiv(d, config[direction]["BLOCK_D"])
+    sms = _sm_count(u.device.index if u.device.index is not None else torch.cuda.current_device()) \
+        if u.is_cuda else 1
+    target = config["MIN_WAVES"] * config["RESIDENT_PER_SM"] * sms
+    parts = min(triton.cdiv(target, programs), n_segments // config["MIN_PART_SEGMENTS"]) if programs < target else 1
+    if parts <= 1:
+        return 1, n_segments
+    part_segments = triton.cdiv(n_segments, parts)
+    return triton.cdiv(n_segments, part_segments), part_segments
+
+
+def _entering(u, delta, A, B, C, z, delta_bias, dy, flags, parts, part_segments, direction):
+    """Time-parallel steps 1 and 2 (module docstring): the true state (forward) or adjoint carry (backward)
+    entering each part, (b, parts, N, D) fp32."""
+    b, l, d = u.shape
+    n = A.shape[-1]
+    args = _launch_args(u, A, delta, z, direction)
+    local = u.new_empty((b, parts, n, d), dtype=torch.float32)
+    delta_sum = u.new_empty((b, parts, d), dtype=torch.float32)
+    entering = torch.empty_like(local)
+    grid = (b, triton.cdiv(d, args["BLOCK_D"]))
+    common = (l, d, parts, part_segments, sequences_per_group(u, A))
+    if direction == "fwd":
+        _part_end_state_kernel[(*grid, parts - 1)](u, delta, A, B, _empty_if_none(delta_bias, u), local, delta_sum,
+                                                   *common, **args, **flags)
+    else:
+        _part_adjoint_kernel[(*grid, parts - 1)](delta, A, C, _empty_if_none(z, u), _empty_if_none(delta_bias, u), dy,
+                                                 local, delta_sum, *common, **args, **flags)
+    _part_carry_kernel[grid](A, local, delta_sum, entering, d, parts, sequences_per_group(u, A), N=n,
+                             N_PAD=args["N_PAD"], BLOCK_D=args["BLOCK_D"], BACKWARD=direction == "bwd", num_warps=1)
+    return entering
 
 
 def _launch_args(u: Tensor, A: Tensor, delta: Tensor, z: Optional[Tensor], direction: str) -> dict:
@@ -390,13 +603,16 @@ def _selective_scan_fwd(
     b, l, d = u.shape
     n = A.shape[-1]
     n_segments = _n_segments(l, u)
+    flags = _flags(D, z, delta_bias, delta_softplus, reverse)
+    parts, part_segments = _parts(u, d, "fwd")
+    entering = _entering(u, delta, A, B, C, z, delta_bias, None, flags, parts, part_segments, "fwd") \
+        if parts > 1 else u.new_empty(0)
     y = u.new_empty((b, l, d))
     ckpt = u.new_empty((b, n_segments, n, d) if save_states else (0,), dtype=torch.float32)
-    _scan_fwd_kernel[(b, triton.cdiv(d, _config(u)["fwd"]["BLOCK_D"]))](
+    _scan_fwd_kernel[(b, triton.cdiv(d, _config(u)["fwd"]["BLOCK_D"]), parts)](
         u, delta, A, B, C, _empty_if_none(D, u), _empty_if_none(z, u), _empty_if_none(delta_bias, u), y, ckpt,
-        l, d, n_segments, sequences_per_group(u, A), **_launch_args(u, A, delta, z, "fwd"),
-        **_flags(D, z, delta_bias, delta_softplus, reverse),
-        SAVE_STATES=save_states,
+        entering, l, d, n_segments, part_segments, sequences_per_group(u, A), **_launch_args(u, A, delta, z, "fwd"),
+        **flags, SAVE_STATES=save_states, HAS_INIT=parts > 1,
     )
     return y, ckpt
 
@@ -420,23 +636,27 @@ def _selective_scan_bwd(
     tiles = _config(u)["bwd"]
     n_dblocks = triton.cdiv(d, tiles["BLOCK_D"])
     f32 = dict(dtype=torch.float32)
+    flags = _flags(D, z, delta_bias, delta_softplus, reverse)
+    parts, part_segments = _parts(u, d, "bwd")
+    entering = _entering(u, delta, A, B, C, z, delta_bias, dy, flags, parts, part_segments, "bwd") \
+        if parts > 1 else u.new_empty(0)
     du, ddelta = u.new_empty((b, l, d)), delta.new_empty((b, l, d))
     dz = z.new_empty((b, l, d)) if z is not None else u.new_empty(0)
-    scratch = u.new_empty((b, n_dblocks, _config(u)["SEGMENT"] // tiles["CHUNK"], triton.next_power_of_2(n),
+    scratch = u.new_empty((b, n_dblocks, parts, _config(u)["SEGMENT"] // tiles["CHUNK"], triton.next_power_of_2(n),
                            tiles["BLOCK_D"]), **f32)
-    dA_part = u.new_empty((b, n, d), **f32)
+    dA_part = u.new_empty((b, parts, n, d), **f32)
     dB_part = u.new_empty((b, n_dblocks, l, n), **f32)
     dC_part = u.new_empty((b, n_dblocks, l, n), **f32)
-    dD_part = u.new_empty((b, d) if D is not None else (0,), **f32)
-    dbias_part = u.new_empty((b, d) if delta_bias is not None else (0,), **f32)
-    _scan_bwd_kernel[(b, n_dblocks)](
+    dD_part = u.new_empty((b, parts, d) if D is not None else (0,), **f32)
+    dbias_part = u.new_empty((b, parts, d) if delta_bias is not None else (0,), **f32)
+    _scan_bwd_kernel[(b, n_dblocks, parts)](
         u, delta, A, B, C, _empty_if_none(D, u), _empty_if_none(z, u), _empty_if_none(delta_bias, u),
-        dy, ckpt, scratch, du, ddelta, dz, dA_part, dB_part, dC_part, dD_part, dbias_part,
-        l, d, _n_segments(l, u), sequences_per_group(u, A), **_launch_args(u, A, delta, z, "bwd"),
-        **_flags(D, z, delta_bias, delta_softplus, reverse),
-        PRECISION="tf32x3" if u.dtype == torch.float32 else "tf32",
+        dy, ckpt, entering, scratch, du, ddelta, dz, dA_part, dB_part, dC_part, dD_part, dbias_part,
+        l, d, _n_segments(l, u), part_segments, sequences_per_group(u, A), **_launch_args(u, A, delta, z, "bwd"),
+        **flags, PRECISION="tf32x3" if u.dtype == torch.float32 else "tf32", HAS_INIT=parts > 1,
     )
     groups = b // sequences_per_group(u, A)
+    dA_part, dD_part, dbias_part = (x.sum(1) if x.numel() else x for x in (dA_part, dD_part, dbias_part))
     dA = sum_per_group(dA_part, groups).transpose(-1, -2).reshape(A.shape).contiguous().to(A.dtype)  # A's layout
     dB = dB_part.sum(1).to(B.dtype)
     dC = dC_part.sum(1).to(C.dtype)
