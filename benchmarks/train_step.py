@@ -1,7 +1,8 @@
 """Pretraining throughput of STAR (linear-time Mamba) vs a ViT of the same width and depth (quadratic attention).
 
-    python benchmarks/train_step.py [--out docs/benchmarks] [--sizes tiny small base] [--num-images 1 4 16]
+    python benchmarks/train_step.py [--out docs/benchmarks] [--sizes tiny small base] [--num-images 1 4 16 64 128]
     python benchmarks/train_step.py --task finetune [--compile]   # the 4-direction classifier at 224 px
+    python benchmarks/train_step.py --sizes tiny base --impls triton --profile --out docs/benchmarks/k_sweep
 
 One training step = bf16-autocast forward, backward, AdamW step, on random images already on the GPU (no
 data loading). STAR models are `star_{size}_patch16_192` with K images per sequence (K * 160 encoder tokens:
@@ -16,6 +17,11 @@ one batch, 197 tokens) against the same ViT at 224 px, cross-entropy on random l
 train_step_finetune.{json,md}. --compile wraps every model (STAR and ViT) in torch.compile (default mode),
 adds "+compile" to the implementation names and "_compile" to the file names; compile time is spent in
 the warm-up steps, not timed. A configuration that fails is recorded as an error row.
+
+--profile (eager only) adds one more step per configuration under torch.profiler and splits its CUDA kernel
+time by part of the model (benchmarks/breakdown.py): scan kernels, the rest of the mixers, MLPs, norms,
+decoder, optimizer, ... for STAR; attention, MLPs, norms, ... for the ViT. The pretraining run also draws
+images/s against K for every model into train_step.png.
 """
 import argparse
 import datetime
@@ -31,6 +37,7 @@ from timm.models.vision_transformer import VisionTransformer
 import star
 from star.models.registry import SIZES
 from star.training.provenance import git_commit
+from breakdown import KERNEL_RULES, star_parts, step_breakdown, vit_parts
 from outputs import write_outputs
 
 BENCH_SIZES = ("tiny", "small", "base")
@@ -54,16 +61,31 @@ def time_steps(step, warmup: int, steps: int) -> tuple:
 
 
 def training_step(model, loss_fn):
-    """One optimizer step over `model`'s parameters of the loss `loss_fn()` computes."""
+    """One optimizer step over `model`'s parameters of the loss `loss_fn()` computes; its parts stay reachable
+    as `step.forward_backward` and `step.optimizer` for the profiled breakdown."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
 
-    def step():
+    def forward_backward():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = loss_fn()
         loss.backward()
+
+    def step():
+        forward_backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    step.forward_backward, step.optimizer = forward_backward, optimizer
     return step
+
+
+def measure(model, loss_fn, warmup, steps, parts, profile: bool) -> dict:
+    """ms per step and peak GiB; with `profile`, also ms per part of one more step."""
+    step = training_step(model, loss_fn)
+    ms, mem = time_steps(step, warmup, steps)
+    row = dict(ms=ms, peak_gib=mem)
+    if profile:
+        row["breakdown_ms"] = step_breakdown(model, step.forward_backward, step.optimizer, parts, KERNEL_RULES)
+    return row
 
 
 def training_model(model, compile_model: bool):
@@ -71,7 +93,7 @@ def training_model(model, compile_model: bool):
     return model, torch.compile(model) if compile_model else model
 
 
-def bench_star(size, k, impl, images_per_step, warmup, steps, task="pretrain", compile_model=False):
+def bench_star(size, k, impl, images_per_step, warmup, steps, task="pretrain", compile_model=False, profile=False):
     if task == "finetune":
         model, run = training_model(star.create_model(f"star_{size}_patch16_224", scan_impl=impl).cuda(), compile_model)
         images = torch.randn(images_per_step, 3, 224, 224, device="cuda")
@@ -82,12 +104,11 @@ def bench_star(size, k, impl, images_per_step, warmup, steps, task="pretrain", c
                                     compile_model)
         images = torch.randn(images_per_step // k, k, 3, 192, 192, device="cuda")
         loss_fn, tokens = (lambda: run(images)["loss"]), k * 160
-    ms, mem = time_steps(training_step(model, loss_fn), warmup, steps)
     return dict(model=f"star_{size}", impl=impl + ("+compile" if compile_model else ""), tokens_per_seq=tokens,
-                ms=ms, peak_gib=mem)
+                **measure(model, loss_fn, warmup, steps, star_parts(), profile))
 
 
-def bench_vit(size, k, images_per_step, warmup, steps, task="pretrain", compile_model=False):
+def bench_vit(size, k, images_per_step, warmup, steps, task="pretrain", compile_model=False, profile=False):
     dim, depth = SIZES[size]["embed_dim"], SIZES[size]["depth"]
     img_size = 224 if task == "finetune" else round(192 * math.sqrt(k))
     model, run = training_model(VisionTransformer(
@@ -96,14 +117,14 @@ def bench_vit(size, k, images_per_step, warmup, steps, task="pretrain", compile_
     batch = images_per_step // k
     images = torch.randn(batch, 3, img_size, img_size, device="cuda")
     labels = torch.randint(0, 1000, (batch,), device="cuda")
-    ms, mem = time_steps(training_step(model, lambda: F.cross_entropy(run(images), labels)), warmup, steps)
     return dict(model=f"vit_{size}", impl="sdpa" + ("+compile" if compile_model else ""),
-                tokens_per_seq=(img_size // 16) ** 2, ms=ms, peak_gib=mem)
+                tokens_per_seq=(img_size // 16) ** 2,
+                **measure(model, lambda: F.cross_entropy(run(images), labels), warmup, steps, vit_parts(), profile))
 
 
 def run(args):
     rows = []
-    extra = dict(task=args.task, compile_model=args.compile)
+    extra = dict(task=args.task, compile_model=args.compile, profile=args.profile)
     for size in args.sizes:
         for k in args.num_images if args.task == "pretrain" else [1]:
             runs = [(f"vit_{size}", "sdpa", lambda: bench_vit(size, k, args.images, args.warmup, args.steps, **extra))]
@@ -156,23 +177,57 @@ def markdown(meta, rows):
         else:
             cells += [r.get("error", "failed"), "", "", ""]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    profiled = [r for r in rows if r.get("breakdown_ms")]
+    if profiled:
+        parts = list(dict.fromkeys(p for r in profiled for p in r["breakdown_ms"] if p != "total")) + ["total"]
+        columns = ["size"] + ([] if finetune else ["K"]) + ["model"] + parts
+        lines += ["", "CUDA kernel time of one profiled step by part of the model, ms (benchmarks/breakdown.py; "
+                  "backward kernels count with the forward op that made them):", "",
+                  "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        for r in profiled:
+            cells = [r["size"]] + ([] if finetune else [r["num_images"]]) + [r["model"]]
+            cells += [f"{r['breakdown_ms'][p]:.1f}" if p in r["breakdown_ms"] else "" for p in parts]
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def plot_images_per_s(rows, path: Path) -> None:
+    """images/s against K (log scale), one line per model."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for model in dict.fromkeys(r["model"] for r in rows):
+        points = sorted((r["num_images"], r["images_per_s"]) for r in rows if r["model"] == model and r.get("ms"))
+        if points:
+            ax.plot(*zip(*points), marker="o", linestyle="--" if model.startswith("vit") else "-", label=model)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("K, images per sequence (STAR: K * 160 tokens; ViT: K * 144)")
+    ax.set_ylabel("images / s")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
     parser.add_argument("--sizes", nargs="+", default=list(BENCH_SIZES), choices=list(SIZES))
-    parser.add_argument("--num-images", type=int, nargs="+", default=[1, 4, 16], help="K, images per sequence")
+    parser.add_argument("--num-images", type=int, nargs="+", default=[1, 4, 16, 64, 128],
+                        help="K, images per sequence")
     parser.add_argument("--impls", nargs="+", default=["triton", "chunked"], choices=["triton", "chunked", "ref"])
     parser.add_argument("--chunked-sizes", nargs="+", default=["tiny"], help="sizes the chunked scan runs at")
     parser.add_argument("--chunked-max-images", type=int, default=4, help="largest K the chunked scan runs at")
-    parser.add_argument("--images", type=int, default=64, help="images per step (a multiple of every K)")
+    parser.add_argument("--images", type=int, default=256, help="images per step (a multiple of every K)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--task", choices=("pretrain", "finetune"), default="pretrain")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model")
+    parser.add_argument("--profile", action="store_true", help="add each step's time by part of the model")
     args = parser.parse_args()
+    if args.profile and args.compile:
+        raise SystemExit("--profile times eager steps; run it without --compile")
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/train_step.py needs a CUDA GPU")
     bad = [k for k in args.num_images if k < 1 or args.images % k] if args.task == "pretrain" else []
@@ -185,6 +240,8 @@ def main():
                 warmup=args.warmup, task=args.task, compile=args.compile)
     name = "train_step" + ("_finetune" if args.task == "finetune" else "") + ("_compile" if args.compile else "")
     write_outputs(args.out, name, dict(meta=meta, rows=rows), markdown(meta, rows))
+    if args.task == "pretrain" and len(args.num_images) > 1:
+        plot_images_per_s(rows, args.out / f"{name}.png")
 
 
 if __name__ == "__main__":

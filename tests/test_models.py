@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -123,6 +124,54 @@ def test_predictions_never_see_the_future(separator):
     assert not torch.allclose(pred[:, 1, first_changed + per_cluster:], base[:, 1, first_changed + per_cluster:],
                               atol=1e-4)
     assert not torch.allclose(pred[:, 2:], base[:, 2:], atol=1e-4)  # later images do see it
+
+
+@pytest.mark.parametrize("cls_token", [False, True])
+def test_decoder_windows_are_one_model_at_one_image(cls_token):
+    image = tiny_pretrain(num_images=1, cls_token=cls_token)
+    sequence = StarPretrain(**{**image.init_args, "decoder_window": "sequence"}).eval()
+    sequence.load_state_dict(image.state_dict())
+    x = images(k=1)
+    assert image.decoder_window == "image" and sequence.decoder_window == "sequence"
+    torch.testing.assert_close(image(x)["pred"], sequence(x)["pred"], rtol=0, atol=1e-6)
+
+
+def test_image_window_reads_only_its_own_images_tokens():
+    """Perturb the encoder features of image 0 only: with the image window, image 1's predictions stay."""
+    for window, image1_changes in (("image", False), ("sequence", True)):
+        model = tiny_pretrain(decoder_window=window)
+        features = model.forward_features(model.build_sequence(images(k=2)))
+        image_len = model.separator_len + model.grid ** 2
+        changed = [f.clone() for f in features]
+        for f in changed:
+            f[:, :image_len] += torch.randn_like(f[:, :image_len])
+        base, pred = (model.forward_decoder(f, 2).reshape(2, 2, -1, 16) for f in (features, changed))
+        assert not torch.allclose(pred[:, 0], base[:, 0], atol=1e-4)
+        assert torch.allclose(pred[:, 1], base[:, 1], atol=1e-6) != image1_changes, window
+
+
+def test_decoder_attention_work_per_image_is_the_same_at_every_k(monkeypatch):
+    """What reaches SDPA: with the image window, queries x keys per image and the mask do not grow with K
+    (the sequence window, checked alongside, grows linearly per image)."""
+    import star.models.star as star_module
+    calls, sdpa = [], star_module.F.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, attn_mask=None):
+        calls.append((q.shape[:-1].numel() * k.shape[-2], attn_mask.numel()))
+        return sdpa(q, k, v, attn_mask=attn_mask)
+
+    monkeypatch.setattr(star_module.F, "scaled_dot_product_attention", recording_sdpa)
+    work = {}
+    for window in ("image", "sequence"):
+        for k in (1, 4, 16, 64):
+            model = tiny_pretrain(depth=1, decoder_depth=1, num_images=k, decoder_window=window)
+            calls.clear()
+            with torch.no_grad():
+                model(images(b=1, k=k))
+            (scores, mask_size), = calls
+            work[window, k] = (scores / k, mask_size)
+    assert {work["image", k] for k in (1, 4, 16, 64)} == {work["image", 1]}
+    assert work["sequence", 64][0] == 64 * work["sequence", 1][0]
 
 
 def test_first_cluster_predicted_only_with_separator():
@@ -312,6 +361,11 @@ def test_save_and_load_pretrained(tmp_path):
     assert torch.equal(model(x)["pred"], loaded(x)["pred"])
     with pytest.raises(ValueError, match="not a VisionMambaClassifier"):
         VisionMambaClassifier.from_pretrained(tmp_path / "m")
+    # saved before decoder_window existed: loads with the whole-sequence window it was trained with
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    del config["decoder_window"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    assert load_pretrained(tmp_path / "m").decoder_window == "sequence"
     with pytest.raises(FileNotFoundError, match="save_pretrained"):
         load_pretrained(tmp_path / "nothing")
     # weights of another size: every mismatched key is named

@@ -167,6 +167,7 @@ def pretrain_config(recipe: dict, arm: str, seed: int, output_dir: Path) -> Trai
     flags = _common(recipe, seed, output_dir) + _flags(recipe["model"], "model")
     flags += _flags(recipe["pretrain"], "optim") + ["--data.num_samples", str(recipe["train_images"])]
     flags += ["--model.num_images", str(ARMS[arm]["num_images"]), "--model.separator", ARMS[arm]["separator"]]
+    flags += ["--model.decoder_window", "sequence"]  # the study ran before the per-image window was the default
     return apply_overrides(load_config(PRESET, "pretrain"), flags)
 
 

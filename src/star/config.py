@@ -41,6 +41,7 @@ class ModelConfig:
     decoder_dim: Optional[int] = None
     decoder_depth: Optional[int] = None
     decoder_num_heads: Optional[int] = None
+    decoder_window: Optional[Literal["image", "sequence"]] = None  # what a query reads: its own image, or all before
     num_classes: Optional[int] = None
     drop_path_rate: Optional[float] = None
     scan_impl: Optional[Literal["auto", "ref", "chunked", "triton"]] = None

@@ -47,6 +47,9 @@ class PretrainedMixin:
     """`save_pretrained(dir)` / `from_pretrained(dir)`. Models keep their constructor arguments in `init_args`."""
 
     init_args: dict
+    # arguments added after models were first saved, with the value those models were built with: a saved
+    # config that lacks one gets that value, not today's default
+    saved_before: dict = {}
 
     def save_pretrained(self, path: Union[str, Path], state_dict: Mapping[str, torch.Tensor] = None) -> Path:
         """Write config.json + model.safetensors; `state_dict` replaces this module's own (e.g. the full
@@ -74,7 +77,7 @@ class PretrainedMixin:
         model_cls = ARCHITECTURES[arch]
         if cls is not PretrainedMixin and not issubclass(model_cls, cls):
             raise ValueError(f"{path} holds a {arch}, not a {cls.__name__}")
-        model = model_cls(**{**config, **overrides})
+        model = model_cls(**{**model_cls.saved_before, **config, **overrides})
         load_state_dict_checked(model, load_file(str(path / WEIGHTS_NAME)), source=str(path))
         return model
 

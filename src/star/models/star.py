@@ -7,6 +7,12 @@ Data path (one sequence of K images):
     -> 4 cross-attention decoder blocks; the query of cluster j of image k sees only encoder tokens that
        come before that cluster (block-causal mask) -> per-patch normalized pixels, MSE.
 K = 1 with separator="none" is ARM. With a separator, the first cluster of every image is a target too.
+
+The decoder window: with "image" (the default) the queries of image k read only image k's own encoder tokens
+(its separator and the clusters before the query's), so the K images fold into the batch and one small
+(Nt, S + N) mask serves them all: attention work per image is the same at any K, and earlier images still
+reach image k through the encoder's state. "sequence" lets them read every earlier token of the sequence
+too, with a (K * Nt, L) mask, quadratic in K (kept for ablation). At K = 1 the two are the same model.
 """
 
 import math
@@ -23,12 +29,13 @@ from star.models.patches import (check_images, cluster_order, normalize_patches,
                                  unpatchify)
 
 SEPARATORS = ("cluster", "token", "fixed", "none")
+DECODER_WINDOWS = ("image", "sequence")
 
 
 class SequenceLayout(NamedTuple):
     """Index bookkeeping of a K-image STAR sequence (depends only on K and the geometry)."""
     target_pos: torch.Tensor  # (Nt,) serialized patch positions within an image that are predicted
-    mask: torch.Tensor        # (K*Nt, L) bool: query may attend to encoder token
+    mask: torch.Tensor        # bool, query may attend to encoder token: (Nt, S + N) per image, or (K*Nt, L)
 
 
 class CrossAttentionBlock(nn.Module):
@@ -63,12 +70,13 @@ def default_feature_layers(depth: int, num_levels: int = 4) -> List[int]:
 
 @register_architecture
 class StarPretrain(PretrainedMixin, nn.Module):
+    saved_before = {"decoder_window": "sequence"}  # the only window before it was an argument
     def __init__(self, img_size: int = 192, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
                  depth: int = 12, d_state: int = 16, d_conv: int = 4, expand: int = 1, cluster_size: int = 4,
                  num_images: int = 4, separator: str = "cluster", separator_value: float = 1.0,
                  cls_token: bool = False, feature_layers: Optional[Sequence[int]] = None, decoder_dim: int = 512,
                  decoder_depth: int = 4, decoder_num_heads: int = 8, decoder_mlp_ratio: float = 4.0,
-                 scan_impl: str = "auto"):
+                 decoder_window: str = "image", scan_impl: str = "auto"):
         super().__init__()
         feature_layers = list(feature_layers or default_feature_layers(depth, decoder_depth))
         self.init_args = dict(
@@ -76,9 +84,12 @@ class StarPretrain(PretrainedMixin, nn.Module):
             d_state=d_state, d_conv=d_conv, expand=expand, cluster_size=cluster_size, num_images=num_images,
             separator=separator, separator_value=separator_value, cls_token=cls_token,
             feature_layers=feature_layers, decoder_dim=decoder_dim, decoder_depth=decoder_depth,
-            decoder_num_heads=decoder_num_heads, decoder_mlp_ratio=decoder_mlp_ratio, scan_impl=scan_impl)
+            decoder_num_heads=decoder_num_heads, decoder_mlp_ratio=decoder_mlp_ratio, decoder_window=decoder_window,
+            scan_impl=scan_impl)
         if separator not in SEPARATORS:
             raise ValueError(f"separator={separator!r}; choose one of {SEPARATORS}")
+        if decoder_window not in DECODER_WINDOWS:
+            raise ValueError(f"decoder_window={decoder_window!r}; choose one of {DECODER_WINDOWS}")
         if img_size % patch_size:
             raise ValueError(f"img_size={img_size} is not a multiple of patch_size={patch_size}")
         if num_images < 1:
@@ -89,7 +100,7 @@ class StarPretrain(PretrainedMixin, nn.Module):
             raise ValueError(f"feature_layers={feature_layers} must list decoder_depth={decoder_depth} "
                              f"layer numbers in 1..depth={depth}")
         self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
-        self.num_images, self.feature_layers = num_images, feature_layers
+        self.num_images, self.feature_layers, self.decoder_window = num_images, feature_layers, decoder_window
         grid = img_size // patch_size
         self.grid, self.cluster_len = grid, cluster_size ** 2
         self.register_buffer("order", cluster_order(grid, cluster_size), persistent=False)
@@ -139,20 +150,24 @@ class StarPretrain(PretrainedMixin, nn.Module):
 
     def _build_layout(self, num_images: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Targets and the block-causal mask for K images. Every token carries a 'unit' number (a separator
-        or a cluster); the query predicting unit u may only read encoder tokens of units < u."""
+        or a cluster); the query predicting unit u may only read encoder tokens of units < u. The "image"
+        window's mask is the one of a single image, without the cls token (no query reads it)."""
         n, t, s = self.grid ** 2, self.cluster_len, self.separator_len
+        image_window = self.decoder_window == "image"
+        num_images = 1 if image_window else num_images
         units_per_image = n // t + 1  # the separator (present or not) and the clusters
         image_units = torch.cat([torch.zeros(s, dtype=torch.long), 1 + torch.arange(n) // t])
         token_units = torch.cat([k * units_per_image + image_units for k in range(num_images)]
-                                + ([torch.tensor([num_images * units_per_image])] if self.cls_token is not None
-                                   else []))
+                                + ([torch.tensor([num_images * units_per_image])]
+                                   if self.cls_token is not None and not image_window else []))
         target_pos = torch.arange(n) if s else torch.arange(t, n)
         query_units = torch.cat([k * units_per_image + 1 + target_pos // t for k in range(num_images)])
         return target_pos, token_units[None, :] < query_units[:, None]
 
     def layout(self, num_images: int) -> SequenceLayout:
-        """The layout for K images: the model's own K from its buffers, any other K built on the spot."""
-        if num_images == self.num_images:
+        """The layout for K images: the model's own K (any K for the "image" window) from its buffers, any other
+        K built on the spot."""
+        if num_images == self.num_images or self.decoder_window == "image":
             return SequenceLayout(self.layout_target_pos, self.layout_mask)
         target_pos, mask = self._build_layout(num_images)
         return SequenceLayout(target_pos.to(self.pos_embed.device), mask.to(self.pos_embed.device))
@@ -181,11 +196,17 @@ class StarPretrain(PretrainedMixin, nn.Module):
         layout = self.layout(num_images)
         levels = torch.cat([norm(f) for norm, f in zip(self.feature_norms, features)], dim=-1)
         keys = self.feature_proj(levels).chunk(len(self.decoder_blocks), dim=-1)
-        q = (self.mask_token + self.decoder_pos_embed[:, layout.target_pos]).repeat(1, num_images, 1)
-        q = q.expand(features[0].shape[0], -1, -1)
+        b = features[0].shape[0]
+        q = self.mask_token + self.decoder_pos_embed[:, layout.target_pos]
+        if self.decoder_window == "image":  # images fold into the batch: (B * K, S + N) keys per image
+            image_len = self.separator_len + self.grid ** 2
+            keys = [kv[:, :num_images * image_len].reshape(b * num_images, image_len, -1) for kv in keys]
+            q = q.expand(b * num_images, -1, -1)
+        else:
+            q = q.repeat(1, num_images, 1).expand(b, -1, -1)
         for block, kv in zip(self.decoder_blocks, keys):
             q = block(q, kv, layout.mask)
-        return self.decoder_pred(self.decoder_norm(q))
+        return self.decoder_pred(self.decoder_norm(q))  # (B * K, Nt, P) or (B, K * Nt, P)
 
     def targets(self, images: torch.Tensor) -> torch.Tensor:
         """Per-patch normalized pixels of the predicted patches, (B, K, Nt, p*p*C), in serialized order."""
