@@ -1,11 +1,11 @@
 """The Triton scan on long sequences in small batches: time per token against short sequences in large ones.
 
-    python benchmarks/scan_long.py [--out docs/benchmarks/k_sweep] [--min-waves 0 1 2 4 8]
+    python benchmarks/scan_long.py [--out docs/benchmarks/k_sweep] [--min-waves 0 2 4 8]
 
 At the tiny (d=192) and base (d=768) widths, times forward and forward+backward of `selective_scan(impl=
 "triton")` (bf16, d_state 16) at the sequence lengths of STAR's K sweep (K * 160 tokens for K = 1, 4, 16, 64,
-128) with about 131k tokens per batch: batch = 819, 204, 51, 12, 6 sequences (and 4 sequences of 10,240
-tokens, the K=64 pretraining step at 256 images). Each shape runs once per `CUDA_CONFIG["MIN_WAVES"]` value
+128) with about 131k tokens per batch (batch = 819, 204, 51, 12 sequences) and with the 40,960 tokens of a
+256-image pretraining step (256, 64, 16, 4, 2 sequences). Each shape runs once per `CUDA_CONFIG["MIN_WAVES"]` value
 of --min-waves (0: never parallel over time, the scan before parts). Every time is also given per token
 relative to the (819, 160) shape of the same setting and width. Writes scan_long.json and scan_long.md.
 """
@@ -22,7 +22,9 @@ from star.training.provenance import git_commit
 from outputs import write_outputs
 from scan import D_STATE, MODELS, scan_fn, scan_inputs, try_time
 
-SHAPES = [(819, 160), (204, 640), (51, 2560), (12, 10240), (4, 10240), (6, 20480)]
+# (batch, length): ~131k tokens (scan.py's shapes and the issue's), then 40,960 (train_step.py's 256 images
+# at K = 1, 4, 16, 64, 128)
+SHAPES = [(819, 160), (204, 640), (51, 2560), (12, 10240), (256, 160), (64, 640), (16, 2560), (4, 10240), (2, 20480)]
 
 
 def run(min_waves):
@@ -68,7 +70,7 @@ def markdown(meta, rows):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/k_sweep"))
-    parser.add_argument("--min-waves", type=int, nargs="+", default=[0, 1, 2, 4, 8])
+    parser.add_argument("--min-waves", type=int, nargs="+", default=[0, 2, 4, 8])
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/scan_long.py needs a CUDA GPU")
