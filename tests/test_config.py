@@ -120,3 +120,17 @@ def test_yaml_syntax_error_names_the_file(tmp_path):
     path.write_text("model:\n  embed_dim: [32\n")
     with pytest.raises(ValueError, match="broken.yaml is not valid YAML"):
         load_config(str(path))
+
+
+def test_config_choices_are_the_code_s_choices():
+    """Config fields that take a choice list exactly what the code accepts (one list, read from the code)."""
+    import typing
+
+    from star.config import ModelConfig
+    from star.models.star import DECODER_WINDOWS, SEPARATORS
+    from star.ops.impls import IMPLS
+
+    hints = typing.get_type_hints(ModelConfig)
+    for field, choices in (("separator", SEPARATORS), ("decoder_window", DECODER_WINDOWS), ("scan_impl", IMPLS)):
+        literal, _none = typing.get_args(hints[field])
+        assert typing.get_args(literal) == choices, field

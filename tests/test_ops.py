@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from star.ops import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
-from star.ops.selective_scan import (SCAN_IMPLS, load_triton_op, pick_impl, selective_scan_chunked,
-                                     selective_scan_ref)
+from star.ops.causal_conv1d import causal_conv1d_ref
+from star.ops.impls import OPS, implementation, load_triton_op
+from star.ops.selective_scan import selective_scan_chunked, selective_scan_ref
 
 
 def make_scan_inputs(batch, length, d, n, *, seed=0, dtype=torch.float64, D=True, z=True, delta_bias=True):
@@ -203,10 +204,23 @@ def test_float64_never_goes_to_the_float32_kernels():
         selective_scan(**inputs, impl="triton")
     with pytest.raises(ValueError, match="computes in float32"):
         causal_conv1d(inputs["u"], torch.ones(2, 4, dtype=torch.float64), impl="triton")
-    # "auto" keeps float64 exact where it would pick Triton: on CUDA (pick_impl reads only dtype and is_cuda)
+    # "auto" keeps float64 exact where it would pick Triton: on CUDA (implementation reads only dtype and is_cuda)
     on_cuda = lambda dtype: SimpleNamespace(dtype=dtype, is_cuda=True)  # noqa: E731
-    assert pick_impl("auto", SCAN_IMPLS, on_cuda(torch.float64), "selective_scan_triton", "chunked") == "chunked"
-    assert callable(pick_impl("auto", SCAN_IMPLS, on_cuda(torch.float32), "selective_scan_triton", "chunked"))
+    assert implementation("selective_scan", "auto", on_cuda(torch.float64)) is selective_scan_chunked
+    assert implementation("causal_conv1d", "auto", on_cuda(torch.float64)) is causal_conv1d_ref
+    assert implementation("selective_scan", "auto", on_cuda(torch.float32)) is load_triton_op("selective_scan_triton")
+
+
+def test_op_table_has_every_implementation_of_every_op():
+    """One row per op, one column per impl name: the mixer passes its one scan_impl to every op."""
+    cpu = SimpleNamespace(dtype=torch.float32, is_cuda=False)
+    assert set(OPS) == {"selective_scan", "causal_conv1d"}
+    for op, row in OPS.items():
+        assert set(row) == {"ref", "chunked", "triton"}, op
+        assert implementation(op, "ref", cpu) is row["ref"] and implementation(op, "auto", cpu) is row["chunked"]
+    with pytest.raises(ValueError, match="is on meta but the sequences are on cpu"):
+        selective_scan(**{**make_scan_inputs(1, 3, 2, 4), "B": torch.empty(1, 3, 4, dtype=torch.float64,
+                                                                             device="meta")})
 
 
 def conv_loop(x, weight, bias, activation, reverse):
@@ -293,8 +307,9 @@ def test_conv_bad_inputs_raise_value_error():
         causal_conv1d(x, weight, torch.randn(4))
     with pytest.raises(ValueError, match=r"activation must be one of \(None, 'silu'\), got 'relu'"):
         causal_conv1d(x, weight, activation="relu")
-    with pytest.raises(ValueError, match=r"impl must be one of \('auto', 'ref', 'triton'\), got 'chunked'"):
-        causal_conv1d(x, weight, impl="chunked")
+    with pytest.raises(ValueError, match=r"impl must be one of \('auto', 'ref', 'chunked', 'triton'\), got 'cuda'"):
+        causal_conv1d(x, weight, impl="cuda")
+    torch.testing.assert_close(causal_conv1d(x, weight, impl="chunked"), causal_conv1d(x, weight, impl="ref"))
     with pytest.raises(ValueError, match=r"conv_state must be \(batch, d, k_minus_1\) = \(2, 3, 3\), got \(2, 3, 4\)"):
         causal_conv1d_update(torch.zeros(2, 3, 4), x[:, 0], weight)
 

@@ -228,7 +228,7 @@ def test_bad_inputs_raise_value_errors():
     from star.ops.triton import causal_conv1d_triton, selective_scan_triton
 
     inputs = {k: v.detach() for k, v in _scan_inputs(1, SHORT, 8, 4, torch.float32, optional=False).items()}
-    with pytest.raises(ValueError, match="B must have shape"):
+    with pytest.raises(ValueError, match=r"B must be \(batch, length, d_state\)"):
         selective_scan_triton(**{**inputs, "B": inputs["B"][:, :-1]})
     with pytest.raises(ValueError, match="u must be"):
         selective_scan_triton(**{**inputs, "u": inputs["u"][0]})

@@ -20,7 +20,7 @@ import torch.nn as nn
 from timm.layers import DropPath, SwiGLU
 
 from star.ops import causal_conv1d, selective_scan
-from star.ops.selective_scan import SCAN_IMPLS
+from star.ops.impls import IMPLS
 
 
 class ScanOrders(NamedTuple):
@@ -73,8 +73,8 @@ class MambaMixer(nn.Module):
                  num_directions: int = 1, depth: int = 1, scan_impl: str = "auto"):
         super().__init__()
         d_inner = expand * dim
-        if scan_impl not in SCAN_IMPLS:
-            raise ValueError(f"scan_impl must be one of {SCAN_IMPLS}, got {scan_impl!r}")
+        if scan_impl not in IMPLS:
+            raise ValueError(f"scan_impl must be one of {IMPLS}, got {scan_impl!r}")
         self.scan_impl = scan_impl
         self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False)
         self.directions = nn.ModuleList(
@@ -112,7 +112,7 @@ class MambaMixer(nn.Module):
 
         impl = self.scan_impl
         x = causal_conv1d(x, stack(lambda s: s.conv1d.weight[:, 0]), stack(lambda s: s.conv1d.bias),
-                          activation="silu", impl="ref" if impl in ("ref", "chunked") else impl)
+                          activation="silu", impl=impl)
         n, l, d = x.shape
         dt_bc = torch.bmm(x.reshape(num, -1, d), stack(lambda s: s.x_proj.weight).transpose(1, 2))
         dt, B, C = dt_bc.split([ssm.dt_rank, ssm.d_state, ssm.d_state], dim=-1)

@@ -11,9 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from .groups import param_groups
-from .selective_scan import check_sequences, check_shape, pick_impl
+from .impls import check_sequences, check_shape, implementation, register_op
 
-CONV_IMPLS = ("auto", "ref", "triton")
 ACTIVATIONS = (None, "silu")
 
 
@@ -49,25 +48,30 @@ def causal_conv1d(x, weight, bias=None, activation=None, reverse=False, impl="au
     Args:
         x: (batch, length, d). weight: (d, k), or (groups, d, k) (see the module docstring).
         bias: (d,), (groups, d) or None. activation: None or "silu".
-        impl: "ref" (F.conv1d), "triton" (star.ops.triton), or "auto" (Triton for CUDA tensors when it
-            imports, else "ref").
+        impl: "ref" or "chunked" (both F.conv1d), "triton" (star.ops.triton), or "auto" (Triton for CUDA
+            tensors when it imports, else F.conv1d).
     Returns:
-        y: (batch, length, d) in x's dtype (for impl="ref", a transposed view of a (batch, d, length) result).
+        y: (batch, length, d) in x's dtype (for F.conv1d, a transposed view of a (batch, d, length) result).
     """
+    check_conv_inputs(x, weight, bias, activation)
+    return implementation("causal_conv1d", impl, x)(x, weight, bias=bias, activation=activation, reverse=reverse)
+
+
+def check_conv_inputs(x, weight, bias=None, activation=None) -> None:
+    """The shapes, dtypes and devices of `causal_conv1d`'s inputs (every implementation's contract)."""
     batch, length, d = check_sequences("x", x)
     if not isinstance(weight, torch.Tensor) or weight.dim() not in (2, 3) or weight.shape[-1] < 1:
         raise ValueError(f"weight must be a (d, k) or (groups, d, k) tensor with d = {d} and k >= 1, got "
                          f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
     groups = {} if weight.dim() == 2 else {"groups": weight.shape[0]}
-    check_shape("weight", weight, **groups, d=d, k=weight.shape[-1])
+    check_shape("weight", weight, x.device, **groups, d=d, k=weight.shape[-1])
     param_groups(weight, 2, batch, "weight groups")
     if bias is not None:
-        check_shape("bias", bias, **groups, d=d)
+        check_shape("bias", bias, x.device, **groups, d=d)
     _check_activation(activation)
 
-    fn = pick_impl(impl, CONV_IMPLS, x, "causal_conv1d_triton", cpu_default="ref")
-    fn = causal_conv1d_ref if fn == "ref" else fn
-    return fn(x, weight, bias=bias, activation=activation, reverse=reverse)
+
+register_op("causal_conv1d", ref=causal_conv1d_ref, chunked=causal_conv1d_ref, triton="causal_conv1d_triton")
 
 
 def causal_conv1d_update(conv_state, x, weight, bias=None, activation=None):

@@ -19,78 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from .groups import param_groups
+from .impls import check_sequences, check_shape, implementation, register_op
 
 # Steps per chunk of `selective_scan_chunked`, from forward+backward timings on 2 CPU cores (float32,
 # d=192, n=16, chunk sizes 4-32 tried): 16 ties the sequential reference at (b=64, l=272), where each
 # step's tensors are already large, and is 1.9x faster than it at (b=8, l=640), where per-op overhead rules.
 CHUNK_SIZE = 16
-
-SCAN_IMPLS = ("auto", "ref", "chunked", "triton")
-
-
-def check_sequences(name: str, x) -> tuple[int, int, int]:
-    """(batch, length, d) of `x`, a real floating-point (batch, length, d) tensor of at least one time step."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 3:
-        raise ValueError(f"{name} must be a (batch, length, d) tensor, got "
-                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    batch, length, d = x.shape
-    check_shape(name, x, batch=batch, length=length, d=d)
-    if length == 0:
-        raise ValueError(f"{name} must have at least one time step, got length 0")
-    return batch, length, d
-
-
-def check_shape(name: str, tensor: torch.Tensor, **dims: int) -> None:
-    """Raise a ValueError naming `name` unless `tensor` has exactly the named dims, e.g. batch=2, length=7."""
-    expected = tuple(dims.values())
-    if not isinstance(tensor, torch.Tensor):
-        raise ValueError(f"{name} must be a tensor of shape ({', '.join(dims)}) = {expected}, "
-                         f"got {type(tensor).__name__}")
-    if tuple(tensor.shape) != expected:
-        raise ValueError(f"{name} must be ({', '.join(dims)}) = {expected}, got {tuple(tensor.shape)}")
-    if not tensor.is_floating_point():
-        raise ValueError(f"{name} must be a real floating-point tensor, got {tensor.dtype}")
-
-
-_TRITON_OPS: dict = {}
-
-
-def load_triton_op(name: str):
-    """Return `star.ops.triton.<name>`, or the ImportError that prevents it (cached: tried once). A dict
-    cache and a plain import statement, which torch.compile traces, so the models compile in one graph."""
-    if name not in _TRITON_OPS:
-        try:
-            import star.ops.triton as triton_ops
-            _TRITON_OPS[name] = getattr(triton_ops, name)
-        except (ImportError, AttributeError) as err:
-            _TRITON_OPS[name] = ImportError(f"star.ops.triton.{name} is unavailable: {err}")
-    return _TRITON_OPS[name]
-
-
-load_triton_op.cache_clear = _TRITON_OPS.clear  # tests: forget what was loaded
-
-
-def pick_impl(impl: str, allowed: tuple, x: torch.Tensor, triton_name: str, cpu_default: str):
-    """Resolve `impl` to a concrete name, or to the Triton callable itself."""
-    if impl not in allowed:
-        raise ValueError(f"impl must be one of {allowed}, got {impl!r}")
-    if x.dtype == torch.float64:  # the kernels compute in float32: keep float64 exact (gradcheck, references)
-        if impl == "triton":
-            raise ValueError(f"impl='triton' computes in float32; float64 inputs need impl='ref' or "
-                             f"'{cpu_default}' (or 'auto', which picks '{cpu_default}' for them)")
-        if impl == "auto":
-            return cpu_default
-    if impl == "auto":
-        if not x.is_cuda or isinstance(load_triton_op(triton_name), ImportError):
-            return cpu_default
-        impl = "triton"
-    if impl == "triton":
-        op = load_triton_op(triton_name)
-        if isinstance(op, ImportError):
-            raise RuntimeError(f"impl='triton' needs the Triton kernels, but {op}. "
-                               f"Use impl='ref' or '{cpu_default}' instead.")
-        return op
-    return impl
 
 
 def _no_autocast(fn):
@@ -224,27 +158,32 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     Returns:
         y: (batch, length, d) in u's dtype.
     """
+    check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
+    return implementation("selective_scan", impl, u)(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                                                     delta_softplus=delta_softplus, reverse=reverse)
+
+
+def check_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None) -> None:
+    """The shapes, dtypes and devices of `selective_scan`'s inputs (every implementation's contract)."""
     batch, length, d = check_sequences("u", u)
-    check_shape("delta", delta, batch=batch, length=length, d=d)
+    check_shape("delta", delta, u.device, batch=batch, length=length, d=d)
     if not isinstance(A, torch.Tensor) or A.dim() not in (2, 3):
         raise ValueError(f"A must be a (d, d_state) or (groups, d, d_state) tensor with d = {d}, got "
                          f"{tuple(A.shape) if isinstance(A, torch.Tensor) else type(A).__name__}")
     d_state = A.shape[-1]
     groups = {} if A.dim() == 2 else {"groups": A.shape[0]}
-    check_shape("A", A, **groups, d=d, d_state=d_state)
+    check_shape("A", A, u.device, **groups, d=d, d_state=d_state)
     param_groups(A, 2, batch, "parameter groups of A")
-    check_shape("B", B, batch=batch, length=length, d_state=d_state)
-    check_shape("C", C, batch=batch, length=length, d_state=d_state)
+    check_shape("B", B, u.device, batch=batch, length=length, d_state=d_state)
+    check_shape("C", C, u.device, batch=batch, length=length, d_state=d_state)
     for name, t in (("D", D), ("delta_bias", delta_bias)):
         if t is not None:
-            check_shape(name, t, **groups, d=d)
+            check_shape(name, t, u.device, **groups, d=d)
     if z is not None:
-        check_shape("z", z, batch=batch, length=length, d=d)
+        check_shape("z", z, u.device, batch=batch, length=length, d=d)
 
-    fn = pick_impl(impl, SCAN_IMPLS, u, "selective_scan_triton", cpu_default="chunked")
-    fn = {"ref": selective_scan_ref, "chunked": selective_scan_chunked}.get(fn, fn)
-    return fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
-              reverse=reverse)
+
+register_op("selective_scan", ref=selective_scan_ref, chunked=selective_scan_chunked, triton="selective_scan_triton")
 
 
 @_no_autocast

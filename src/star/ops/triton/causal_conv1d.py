@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from star.ops.groups import param_groups, sequences_per_group, sum_per_group
+from star.ops.causal_conv1d import check_conv_inputs
+from star.ops.groups import sequences_per_group, sum_per_group
 
 BLOCK_L = 64
 BLOCK_D = 64
@@ -180,19 +181,8 @@ def causal_conv1d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
                          activation: Optional[str] = None, reverse: bool = False) -> Tensor:
     """Depthwise causal conv1d on (b, l, d) with fused bias and optional SiLU; output in x's dtype. Grouped
     weights (groups, d, k) and bias (groups, d) as in `star.ops.causal_conv1d`."""
-    if x.dim() != 3:
-        raise ValueError(f"x must be (batch, length, channels), got shape {tuple(x.shape)}")
-    b, d = x.shape[0], x.shape[2]
-    if weight.dim() not in (2, 3) or weight.shape[-2] != d:
-        raise ValueError(f"weight must be (channels={d}, kernel_size) or (groups, {d}, kernel_size), "
-                         f"got shape {tuple(weight.shape)}")
-    groups = weight.shape[:-2]
-    param_groups(weight, 2, b, "weight groups")
+    check_conv_inputs(x, weight, bias, activation)
     if not 1 <= weight.shape[-1] <= 16:
         raise ValueError(f"kernel_size must be in [1, 16] for the Triton conv, got {weight.shape[-1]}")
-    if bias is not None and tuple(bias.shape) != (*groups, d):
-        raise ValueError(f"bias must have shape {(*groups, d)}, got {tuple(bias.shape)}")
-    if activation not in (None, "silu"):
-        raise ValueError(f"activation must be None or 'silu', got {activation!r}")
     bias = bias.contiguous() if bias is not None else None
     return _causal_conv1d_fwd(x.contiguous(), weight.contiguous(), bias, activation, reverse)

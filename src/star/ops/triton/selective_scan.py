@@ -45,7 +45,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from star.ops.groups import param_groups, sequences_per_group, sum_per_group
+from star.ops.groups import sequences_per_group, sum_per_group
+from star.ops.selective_scan import check_scan_inputs
 
 # Tile sizes per device type and direction. SEGMENT (steps between saved states) is shared by both
 # directions; each direction's CHUNK must divide it. The backward holds more tiles per element, so it runs
@@ -700,24 +701,6 @@ def _backward(ctx, dy, _dckpt):
 _selective_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check_inputs(u, delta, A, B, C, D, z, delta_bias):
-    if u.dim() != 3:
-        raise ValueError(f"u must be (batch, length, channels), got shape {tuple(u.shape)}")
-    b, l, d = u.shape
-    if A.dim() not in (2, 3) or A.shape[-2] != d:
-        raise ValueError(f"A must be (channels={d}, d_state) or (groups, {d}, d_state), got shape {tuple(A.shape)}")
-    groups = A.shape[:-2]
-    param_groups(A, 2, b, "parameter groups of A")
-    n = A.shape[-1]
-    expected = {"delta": (delta, (b, l, d)), "B": (B, (b, l, n)), "C": (C, (b, l, n)),
-                "D": (D, (*groups, d)), "z": (z, (b, l, d)), "delta_bias": (delta_bias, (*groups, d))}
-    for name, (x, shape) in expected.items():
-        if x is not None and tuple(x.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
-        if x is not None and x.device != u.device:
-            raise ValueError(f"{name} is on {x.device} but u is on {u.device}")
-
-
 def _channels_contiguous(x: Optional[Tensor]) -> Optional[Tensor]:
     """(b, l, d) activations are read through their batch/time strides; only the channel stride must be 1."""
     return x if x is None or x.stride(-1) == 1 else x.contiguous()
@@ -730,7 +713,7 @@ def selective_scan_triton(
 ) -> Tensor:
     """Fused selective scan; same contract as `star.ops.selective_scan` (layout (b, l, d), grouped parameters
     allowed), output in u's dtype."""
-    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
     tensors = [u, delta, A, B, C, D, z, delta_bias]
     u, delta, z = (_channels_contiguous(x) for x in (u, delta, z))
     A, B, C, D, delta_bias = (x.contiguous() if x is not None else None for x in (A, B, C, D, delta_bias))
