@@ -403,6 +403,33 @@ def _scan_bwd_kernel(
 
 
 @triton.jit
+def _part_program(A_ptr, bias_ptr, first_part, L, D, part_segments, seq_per_group, N: tl.constexpr,
+                  N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, SEG_CHUNKS: tl.constexpr,
+                  HAS_BIAS: tl.constexpr):
+    """What a local-pass program works on: its sequence, part (grid axis 2 counts from `first_part`), channels,
+    state rows, masks, A * log2(e), dt bias, and its chunk range."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_p = tl.program_id(2) + first_part
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, N_PAD)
+    mask_d = offs_d < D
+    mask_n = offs_n < N
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+    A2, bias, _ = _load_params(A_ptr, A_ptr, bias_ptr, pid_b // seq_per_group, offs_d, offs_n, mask_d, mask_nd, D,
+                               N, BLOCK_D, False, HAS_BIAS)
+    first, end = _part_chunks(pid_p, part_segments, L, CHUNK, SEG_CHUNKS)
+    return pid_b, pid_p, offs_d, offs_n, mask_d, mask_n, mask_nd, A2, bias, first, end
+
+
+@triton.jit
+def _store_part(state_ptr, delta_sum_ptr, state, delta_sum, pid_b, pid_p, n_parts, offs_n, offs_d, mask_d, mask_nd, D,
+                N: tl.constexpr):
+    """A local pass's result: the part's state (or carry) and its sum of delta."""
+    tl.store(_part_state(state_ptr, pid_b, pid_p, n_parts, offs_n, offs_d, D, N), state, mask=mask_nd)
+    tl.store(delta_sum_ptr + (pid_b * n_parts + pid_p) * D + offs_d, delta_sum, mask=mask_d)
+
+
+@triton.jit
 def _part_end_state_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, end_ptr, delta_sum_ptr,
     L, D, n_parts, part_segments, seq_per_group, stride_ub, stride_ul, stride_deltab, stride_deltal,
@@ -413,16 +440,8 @@ def _part_end_state_kernel(
 ):
     """Time-parallel forward, step 1: the state at the end of each part but the last from a zero start, and the
     part's sum of delta. Launched over parts 0 .. n_parts - 2 (the last part's end feeds nothing)."""
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_p = tl.program_id(2)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, N_PAD)
-    mask_d = offs_d < D
-    mask_n = offs_n < N
-    mask_nd = mask_n[:, None] & mask_d[None, :]
-    A2, bias, _ = _load_params(A_ptr, A_ptr, bias_ptr, pid_b // seq_per_group, offs_d, offs_n, mask_d, mask_nd, D,
-                               N, BLOCK_D, False, HAS_BIAS)
-    first, end = _part_chunks(pid_p, part_segments, L, CHUNK, SEG_CHUNKS)
+    pid_b, pid_p, offs_d, offs_n, mask_d, mask_n, mask_nd, A2, bias, first, end = _part_program(
+        A_ptr, bias_ptr, 0, L, D, part_segments, seq_per_group, N, N_PAD, BLOCK_D, CHUNK, SEG_CHUNKS, HAS_BIAS)
     h = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
     delta_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
     u_next, delta_next, _ = _chunk_loads(u_ptr, delta_ptr, u_ptr, first, pid_b, L, offs_d, mask_d, stride_ub,
@@ -437,8 +456,7 @@ def _part_end_state_kernel(
         u, delta, _, Bt, _, _ = _chunk_values(u, delta, Bt, Bt, u, mask, bias, HAS_BIAS, SOFTPLUS)
         _, _, _, h = _chunk_states(h, delta, u, Bt, A2, CHUNK)
         delta_sum += tl.sum(delta, axis=0)
-    tl.store(_part_state(end_ptr, pid_b, pid_p, n_parts, offs_n, offs_d, D, N), h, mask=mask_nd)
-    tl.store(delta_sum_ptr + (pid_b * n_parts + pid_p) * D + offs_d, delta_sum, mask=mask_d)
+    _store_part(end_ptr, delta_sum_ptr, h, delta_sum, pid_b, pid_p, n_parts, offs_n, offs_d, mask_d, mask_nd, D, N)
 
 
 @triton.jit
@@ -453,16 +471,8 @@ def _part_adjoint_kernel(
     """Time-parallel backward, step 1: the adjoint carry a_t g_t at the start of each part but the first, from a
     zero carry at the part's end (g_t = C_t dy_t + a_{t+1} g_{t+1} needs no states), and the part's sum of delta.
     Launched over parts 1 .. n_parts - 1 (the first part's carry feeds nothing)."""
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_p = tl.program_id(2) + 1
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, N_PAD)
-    mask_d = offs_d < D
-    mask_n = offs_n < N
-    mask_nd = mask_n[:, None] & mask_d[None, :]
-    A2, bias, _ = _load_params(A_ptr, A_ptr, bias_ptr, pid_b // seq_per_group, offs_d, offs_n, mask_d, mask_nd, D,
-                               N, BLOCK_D, False, HAS_BIAS)
-    first, end = _part_chunks(pid_p, part_segments, L, CHUNK, SEG_CHUNKS)
+    pid_b, pid_p, offs_d, offs_n, mask_d, mask_n, mask_nd, A2, bias, first, end = _part_program(
+        A_ptr, bias_ptr, 1, L, D, part_segments, seq_per_group, N, N_PAD, BLOCK_D, CHUNK, SEG_CHUNKS, HAS_BIAS)
     carry = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
     delta_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
     _, delta_next, z_next = _chunk_loads(delta_ptr, delta_ptr, z_ptr, end - 1, pid_b, L, offs_d, mask_d,
@@ -487,8 +497,8 @@ def _part_adjoint_kernel(
         for i in tl.static_range(CHUNK - 1, -1, -1):
             carry = _row(a, i, CHUNK) * (_row(c, i, CHUNK) + carry)
         delta_sum += tl.sum(delta, axis=0)
-    tl.store(_part_state(carry_ptr, pid_b, pid_p, n_parts, offs_n, offs_d, D, N), carry, mask=mask_nd)
-    tl.store(delta_sum_ptr + (pid_b * n_parts + pid_p) * D + offs_d, delta_sum, mask=mask_d)
+    _store_part(carry_ptr, delta_sum_ptr, carry, delta_sum, pid_b, pid_p, n_parts, offs_n, offs_d, mask_d, mask_nd, D,
+                N)
 
 
 @triton.jit
