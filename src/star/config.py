@@ -42,6 +42,8 @@ class ModelConfig:
     decoder_depth: Optional[int] = None
     decoder_num_heads: Optional[int] = None
     num_classes: Optional[int] = None
+    global_pool: Optional[Literal["avg", "token"]] = None  # classifier: mean of the tokens beside cls, or cls
+    fc_norm: Optional[bool] = None  # classifier: LayerNorm the pooled features (True) or every token (ARM's)
     drop_path_rate: Optional[float] = None
     scan_impl: Optional[Literal["auto", "ref", "chunked", "triton"]] = None
 

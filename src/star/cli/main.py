@@ -8,6 +8,7 @@
     star visualize RUN_DIR [--out predictions.png]                   next-cluster predictions as a PNG
     star demo      [--output_dir runs/demo]                          pretrain + fine-tune + eval on Fashion-MNIST
     star shards    SRC OUT                                           tar shards of an ImageNet-layout folder
+    star convert   arm CHECKPOINT --out DIR                          an ARM checkpoint as a star model folder
 
 Every config field can be overridden with --dotted.name value; `star pretrain --help` lists them, and
 `--print-config` shows the values a preset gives them.
@@ -68,8 +69,32 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output folder: OUT/train/*.tar, OUT/val/*.tar")
     p.add_argument("--samples-per-shard", type=int, default=5000)
     p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("convert", help="an ARM checkpoint (pretrained or fine-tuned) as a star model folder")
+    p.add_argument("source", choices=("arm",), help="the code base that wrote the checkpoint")
+    p.add_argument("checkpoint", help="a .pth ({'model': state_dict, ...}) or .safetensors file")
+    p.add_argument("--out", required=True, help="model folder to write (config.json, model.safetensors)")
+    p.add_argument("--global-pool", default="avg", choices=("avg", "token"),
+                   help="how a fine-tuned model pooled (not in the weights): avg = ARM's recipe "
+                        "(--global_pool True), token = the cls token (--cls_token); default: avg")
+    p.add_argument("--key", default="model", help="the checkpoint entry holding the weights (default: model; "
+                                                  "e.g. model_ema)")
     sub.add_parser("configs", help="list the shipped config presets")
     return parser
+
+
+def _convert(args) -> None:
+    from star.convert import convert_arm
+
+    model, dropped = convert_arm(args.checkpoint, args.out, global_pool=args.global_pool, key=args.key)
+    a = model.init_args
+    if "num_classes" in a:
+        kind, details = "fine-tuned", f"{a['num_classes']} classes, global_pool {a['global_pool']}"
+    else:
+        kind, details = "pretraining", "K=1, no separator"
+    print(f"{kind} ARM checkpoint -> {type(model).__name__} (embed_dim {a['embed_dim']}, depth {a['depth']}, "
+          f"{a['img_size']} px, {details})")
+    print("dropped: " + "; ".join(f"{k} ({why})" for k, why in dropped.items()) if dropped else "nothing dropped")
+    print(f"wrote {args.out}")
 
 
 def _train(args, overrides: List[str]) -> None:
@@ -124,6 +149,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             for split in splits:
                 shards = write_shards(args.src, args.out, split, args.samples_per_shard, args.seed)
                 print(f"{split}: {len(shards)} shards in {Path(args.out) / split}")
+        elif args.command == "convert":
+            _convert(args)
         elif args.command == "configs":
             from star.config import list_presets
 
