@@ -30,10 +30,12 @@ def _positive_int(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from star import __version__
     from star.config import config_help
 
     parser = argparse.ArgumentParser(prog="star", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--version", action="version", version=f"star {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for task in TASKS:
         p = sub.add_parser(task, help=f"{task} (config fields as --section.field value)",
