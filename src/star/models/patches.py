@@ -1,5 +1,6 @@
 """Image <-> patch geometry shared by the pretraining model and the classifier."""
 
+import math
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -78,10 +79,12 @@ def normalize_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (patches - mean) / (var + eps) ** 0.5
 
 
-def cluster_order(grid: int, cluster_size: int) -> torch.Tensor:
-    """Raster patch indices in STAR's serialization: clusters in raster order, patches raster inside each."""
-    if grid % cluster_size:
-        raise ValueError(f"a {grid}x{grid} patch grid can't be cut into {cluster_size}x{cluster_size} clusters; "
-                         f"choose cluster_size dividing {grid}")
-    idx = torch.arange(grid * grid).reshape(grid // cluster_size, cluster_size, grid // cluster_size, cluster_size)
+def cluster_order(grid: Union[int, Tuple[int, int]], cluster_size: int) -> torch.Tensor:
+    """Raster patch indices in STAR's serialization of a grid (or (height, width)) of patches: clusters in
+    raster order, patches raster inside each."""
+    h, w = (grid, grid) if isinstance(grid, int) else grid
+    if h % cluster_size or w % cluster_size:
+        raise ValueError(f"a {h}x{w} patch grid can't be cut into {cluster_size}x{cluster_size} clusters; "
+                         f"choose cluster_size dividing {math.gcd(h, w)}")
+    idx = torch.arange(h * w).reshape(h // cluster_size, cluster_size, w // cluster_size, cluster_size)
     return idx.permute(0, 2, 1, 3).reshape(-1)
