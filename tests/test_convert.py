@@ -264,7 +264,7 @@ def test_pos_embed_interpolation_is_arms(tmp_path):
 
 def test_unknown_missing_and_unreadable_checkpoints_stop_it(tmp_path):
     sd = arm_state_dict("finetune", depth=1, grid=4, patch=4)
-    with pytest.raises(ValueError, match=r"2 ARM keys .*: layers\.0\.mixer\.gamma, rope\.freqs"):
+    with pytest.raises(ValueError, match=r"2 unknown ARM key\(s\).*: layers\.0\.mixer\.gamma, rope\.freqs"):
         convert_arm({**sd, "layers.0.mixer.gamma": torch.ones(DIM), "rope.freqs": torch.ones(3)})
     del sd["layers.0.mixer.D_c_b"]
     with pytest.raises(ValueError, match="no layers.0.mixer.D_c_b"):
@@ -293,7 +293,7 @@ def test_convert_command_then_eval_and_finetune(tmp_path, capsys):
     assert "test: 256 images, top-1" in capsys.readouterr().out
     pre = save_arm(tmp_path, arm_state_dict("pretrain", depth=12, grid=12, patch=4), "pre.pth")
     assert main(["convert", "arm", str(pre), "--out", str(tmp_path / "arm-pre")]) == 0
-    assert "dropped: dec_pos_embed" in capsys.readouterr().out
+    assert "dropped dec_pos_embed: fixed sin-cos" in capsys.readouterr().out
     geometry = ["--model.embed_dim", "32", "--model.depth", "12", "--model.img_size", "48", "--model.patch_size", "4",
                 "--model.in_chans", "3", "--data.mean_std", "imagenet", "--model.num_classes", "10",
                 "--model.scan_impl", "chunked", "--data.num_samples", "16", "--data.val_size", "8",

@@ -95,7 +95,10 @@ def _convert(args) -> None:
         kind, details = "pretraining", "K=1, no separator"
     print(f"{kind} ARM checkpoint -> {type(model).__name__} (embed_dim {a['embed_dim']}, depth {a['depth']}, "
           f"{a['img_size']} px, {details})")
-    print("dropped: " + "; ".join(f"{k} ({why})" for k, why in dropped.items()) if dropped else "nothing dropped")
+    for key, why in dropped.items():
+        print(f"dropped {key}: {why}")
+    if not dropped:
+        print("nothing dropped")
     print(f"wrote {args.out}")
 
 

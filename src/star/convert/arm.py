@@ -144,10 +144,10 @@ def _decoder(state: Dict[str, torch.Tensor], model_args: dict, out: dict, droppe
     if perm is None:
         raise ValueError("dec_pos_embed is not the fixed sin-cos embedding ARM initialises (its columns are not "
                          "those of star's): this decoder cannot be reproduced")
-    dropped["dec_pos_embed"] = "fixed sin-cos; star computes the same columns (decoder width permuted to match)"
+    dropped["dec_pos_embed"] = "fixed sin-cos, which star computes itself (decoder width permuted to its column order)"
     state.pop("dec_pos_embed")
     if "mask" in state:
-        dropped["mask"] = "the block-causal attention mask; star builds the same one from the cluster layout"
+        dropped["mask"] = "the block-causal attention mask, which star builds itself from the cluster layout"
         state.pop("mask")
 
     def rows(t):  # the decoder's width is the output (rows of a weight)
@@ -233,7 +233,7 @@ def convert_arm(checkpoint: Checkpoint, out_dir: Union[str, Path, None] = None, 
     except KeyError as err:
         raise ValueError(f"not an ARM checkpoint of a known layout: no {err.args[0]}") from None
     if state:
-        raise ValueError(f"{len(state)} ARM keys the conversion does not know (another ARM variant?): "
+        raise ValueError(f"{len(state)} unknown ARM key(s), not converted (another ARM variant?): "
                          + ", ".join(sorted(state)))
     problems = {kind: keys for kind, keys in state_dict_mismatches(model, out).items() if keys}
     if problems:
