@@ -44,6 +44,19 @@ def test_pretrain_finetune_eval_predict(pretrained, tmp_path, capsys):
     assert star("eval", ft, "--split", "test", "--device", "cpu") == 0
     out = capsys.readouterr().out
     assert "test: 256 images, top-1" in out
+    # --split val is the holdout the run validated on (data.val_size), with the accuracy training logged
+    assert star("eval", ft, "--split", "val", "--device", "cpu") == 0
+    out = capsys.readouterr().out
+    assert out.startswith("val (16 training images held out by data.val_size, as in training): 16 images")
+    top1 = float(out.split("top-1 ")[1].split("%")[0])
+    assert top1 == pytest.approx(metric_column(ft, "val/top1")[-1], abs=0.01)
+    # a dataset without a val split says which split it evaluated
+    from test_data import _fake_fashion_mnist
+
+    fake = _fake_fashion_mnist(tmp_path / "fmnist", n_test=12)
+    assert star("eval", ft, "--split", "val", "--data.dataset", "fashion-mnist", "--data.root", fake,
+                "--data.val_size", "0", "--device", "cpu") == 0
+    assert capsys.readouterr().out.startswith("val (= the test split of fashion-mnist, which has no val split): 12 images")
     # predict names classes from the run's classes.json
     classes = json.loads((ft / "model" / "classes.json").read_text())
     img = tmp_path / "a.png"

@@ -13,7 +13,7 @@ from star.data import build_dataset, convert_image
 from star.models import StarPretrain, VisionMambaClassifier, load_pretrained
 from star.models.hub import resolve_model_dir
 from star.cli.train import (CLASSES_FILE, RUN_CONFIG_FILE, check_num_classes, classification_transform,
-                            data_preset, eval_loader)
+                            data_preset, eval_loader, holdout_set)
 from star.training import evaluate, resolve_device
 from star.training.distributed import destroy_distributed, init_distributed
 
@@ -33,7 +33,8 @@ def load_run(path: str, task: str):
 
 def evaluate_run(path: str, cfg_overrides, split: str = "test", device: str = "auto",
                  batch_size: Optional[int] = None) -> dict:
-    """Top-1/top-5 accuracy of a fine-tuned run (or model folder) on `split` of its dataset."""
+    """Top-1/top-5 accuracy of a fine-tuned run (or model folder) on `split` of its dataset; "val" of a run
+    that held out training images (data.val_size) is that holdout. The result names the split truthfully."""
     model, _, cfg = load_run(path, "finetune")
     cfg = apply_overrides(cfg, cfg_overrides)
     if not isinstance(model, VisionMambaClassifier):
@@ -41,8 +42,15 @@ def evaluate_run(path: str, cfg_overrides, split: str = "test", device: str = "a
                          "(fine-tune or linear-probe it first)")
     data = cfg.data
     transform = classification_transform(cfg, model.img_size, model.in_chans, train=False)
-    dataset = build_dataset(data.dataset, split, transform, root=data.root, in_chans=model.in_chans,
-                            img_size=model.img_size, skip_corrupt=data.skip_corrupt)
+    common = dict(root=data.root, in_chans=model.in_chans, img_size=model.img_size, skip_corrupt=data.skip_corrupt)
+    if split == "val" and data.val_size > 0:  # what the run validated on
+        dataset = holdout_set(cfg, transform, seed=cfg.seed, **common)
+        split = f"val ({len(dataset)} training images held out by data.val_size, as in training)"
+    else:
+        dataset = build_dataset(data.dataset, split, transform, **common)
+        actual = getattr(dataset, "split", split)
+        if actual != split:  # e.g. Fashion-MNIST, whose "val" is its test set
+            split = f"{split} (= the {actual} split of {data.dataset}, which has no {split} split)"
     check_num_classes(model, dataset, data.dataset)
     init_distributed(device)  # under torchrun each rank evaluates its share; counts are all-reduced
     try:

@@ -127,7 +127,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             from star.cli.inference import evaluate_run
 
             r = evaluate_run(args.run, rest, args.split, args.device, args.batch_size)
-            print(f"{args.split}: {r['images']} images, top-1 {r['top1']:.2f}%, top-5 {r['top5']:.2f}%, "
+            print(f"{r['split']}: {r['images']} images, top-1 {r['top1']:.2f}%, top-5 {r['top5']:.2f}%, "
                   f"loss {r['loss']:.4f}")
         elif args.command == "predict":
             from star.cli.inference import predict_files

@@ -101,10 +101,8 @@ def build_loaders(cfg: TrainConfig, model: nn.Module) -> Tuple[DataLoader, Optio
     eval_tf = classification_transform(cfg, img_size, in_chans, False)
     train = build_dataset(data.dataset, "train", train_tf, num_samples=data.num_samples, **common)
     if data.val_size > 0:
-        train_idx, val_idx = train_val_split(len(train), data.val_size, cfg.seed)
-        val = LabeledSubset(build_dataset(data.dataset, "train", eval_tf, num_samples=data.num_samples,
-                                          **common), val_idx)
-        train = LabeledSubset(train, train_idx)
+        val = holdout_set(cfg, eval_tf, **common)
+        train = LabeledSubset(train, train_val_split(len(train), data.val_size, cfg.seed)[0])
     else:
         val = build_dataset(data.dataset, "val", eval_tf, **common)
     train = _subset(train, data.num_samples, cfg.seed)
@@ -114,6 +112,12 @@ def build_loaders(cfg: TrainConfig, model: nn.Module) -> Tuple[DataLoader, Optio
     train_loader = DataLoader(train, batch_sampler=sampler, num_workers=data.num_workers,
                               persistent_workers=data.num_workers > 0)
     return train_loader, eval_loader(val, optim.batch_size, data.num_workers)
+
+
+def holdout_set(cfg: TrainConfig, transform, **common) -> LabeledSubset:
+    """The `data.val_size` training images a classification run holds out and validates on (seeded)."""
+    full = build_dataset(cfg.data.dataset, "train", transform, num_samples=cfg.data.num_samples, **common)
+    return LabeledSubset(full, train_val_split(len(full), cfg.data.val_size, cfg.seed)[1])
 
 
 def eval_loader(dataset, batch_size: int, num_workers: int) -> DataLoader:
