@@ -218,10 +218,15 @@ def test_predict_wrong_channels_and_unreadable_files(pretrained, tmp_path, capsy
     assert star("predict", ft, rgb, "--device", "cpu") == 2
     assert "3 channel(s)" in capsys.readouterr().err
     assert star("predict", ft, rgb, "--convert", "--device", "cpu") == 0
+    assert capsys.readouterr().out.startswith(f"{rgb}: ")
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"junk")
-    assert star("predict", ft, broken, "--device", "cpu") == 2
-    assert "broken.png" in capsys.readouterr().err
+    good = tmp_path / "good.png"
+    Image.new("L", (16, 16), 7).save(good)
+    assert star("predict", ft, broken, good, rgb, "--device", "cpu") == 2  # the good file still gets its answer
+    out, err = capsys.readouterr()
+    assert out.startswith(f"{good}: ") and len(out.strip().splitlines()) == 1
+    assert "broken.png" in err and "rgb.png has 3 channel(s)" in err
 
 
 def test_head_size_channels_and_augmentation_are_checked_against_the_data(tmp_path, capsys):

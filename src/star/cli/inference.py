@@ -76,7 +76,8 @@ def _open_image(path: Path, in_chans: int, convert: bool) -> Image.Image:
 
 
 def predict_files(path: str, files: List[str], topk: int = 5, convert: bool = False, device: str = "auto"):
-    """[(file, [(class name, probability), ...])] for each image file, best first."""
+    """([(file, [(class name, probability), ...])] for each readable image file, best first, and
+    [(file, why)] for those that could not be used): one bad file does not cost the others their answer."""
     model, model_dir, cfg = load_run(path, "finetune")
     if not isinstance(model, VisionMambaClassifier):
         raise ValueError(f"{path} holds a {type(model).__name__}, not a classifier")
@@ -85,13 +86,20 @@ def predict_files(path: str, files: List[str], topk: int = 5, convert: bool = Fa
     if len(names) != model.num_classes:  # no names saved (or a folder edited by hand): number the classes
         names = [str(i) for i in range(model.num_classes)]
     transform = classification_transform(cfg, model.img_size, model.in_chans, train=False)
-    batch = torch.stack([transform(_open_image(Path(f), model.in_chans, convert)) for f in files])
+    read, failed = [], []
+    for f in files:
+        try:
+            read.append((f, transform(_open_image(Path(f), model.in_chans, convert))))
+        except ValueError as err:
+            failed.append((f, str(err)))
+    if not read:
+        return [], failed
     dev = resolve_device(device)
     with torch.no_grad():
-        probs = model.to(dev).eval()(batch.to(dev)).float().softmax(-1).cpu()
+        probs = model.to(dev).eval()(torch.stack([x for _, x in read]).to(dev)).float().softmax(-1).cpu()
     top = probs.topk(min(topk, probs.shape[1]), dim=1)
     return [(f, [(names[i], p) for p, i in zip(values.tolist(), indices.tolist())])
-            for f, values, indices in zip(files, top.values, top.indices)]
+            for (f, _), values, indices in zip(read, top.values, top.indices)], failed
 
 
 def draw_predictions(path: str, out: str, num_sequences: int = 4, split: str = "test", device: str = "auto") -> Path:

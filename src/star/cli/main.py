@@ -132,8 +132,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         elif args.command == "predict":
             from star.cli.inference import predict_files
 
-            for file, ranked in predict_files(args.run, args.images, args.topk, args.convert, args.device):
+            results, failed = predict_files(args.run, args.images, args.topk, args.convert, args.device)
+            for file, ranked in results:
                 print(f"{file}: " + ", ".join(f"{name} {p:.3f}" for name, p in ranked))
+            for file, why in failed:
+                print(f"star predict: error: {why}", file=sys.stderr)
+            if failed:
+                return 2
         elif args.command == "visualize":
             from star.cli.inference import draw_predictions
 
