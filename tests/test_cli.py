@@ -263,6 +263,17 @@ def test_model_folder_alone_keeps_its_preprocessing(tmp_path, capsys):
 def test_print_config_and_help(capsys, tmp_path):
     with pytest.raises(SystemExit):
         star("finetune", "--help")
-    assert "--optim.blr: float (built-in default" in capsys.readouterr().out
-    assert star("finetune", "--config", "fmnist-tiny", "--print-config", "--optim.blr", "0.5") == 0
-    assert "blr: 0.5" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--optim.blr: float (built-in default" in out
+    # every field says what it is, and what None means
+    assert "--optim.batch_size: int (built-in default 64): images per optimizer micro-step per device" in out
+    assert "--model.depth: int or none (built-in default None): None = the value model.name is registered with" in out
+    assert "--data.scale_min: float (built-in default 0.2): RandomResizedCrop scale" in out  # not its section heading
+    # one flag style, underscores as in the config fields; hyphens work too
+    for flag, blr in (("--print_config", "--optim.blr"), ("--print-config", "--optim.blr"),
+                      ("--print_config", "--optim.warmup-epochs")):
+        assert star("finetune", "--config", "fmnist-tiny", flag, blr, "0.5") == 0
+        assert ("blr: 0.5" if blr == "--optim.blr" else "warmup_epochs: 0.5") in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        star("--version")
+    assert capsys.readouterr().out.startswith("star 0.1.0")

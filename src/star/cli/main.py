@@ -11,7 +11,8 @@
     star convert   arm CHECKPOINT --out DIR                          an ARM checkpoint as a star model folder
 
 Every config field can be overridden with --dotted.name value; `star pretrain --help` lists them, and
-`--print-config` shows the values a preset gives them.
+`--print_config` shows the values a preset gives them. Flags are spelled with underscores, like the config
+fields (--output_dir, --batch_size); the hyphenated spellings (--output-dir) work too.
 """
 
 import argparse
@@ -20,6 +21,7 @@ from typing import List, Optional
 
 TASKS = ("pretrain", "finetune", "linprobe")
 DEVICES = ("auto", "cpu", "cuda")
+DEVICE_HELP = "default: auto = cuda when available, else cpu"
 
 
 def _positive_int(text: str) -> int:
@@ -43,39 +45,45 @@ def _parser() -> argparse.ArgumentParser:
                            epilog="config fields (--name value, or --name=value):\n" + config_help())
         p.add_argument("--config", default="fmnist-tiny",
                        help="preset name or YAML path (default: fmnist-tiny); see `star configs`")
-        p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+        p.add_argument("--print_config", "--print-config", action="store_true",
+                       help="print the resolved config and exit")
     p = sub.add_parser("eval", help="top-1/top-5 accuracy of a fine-tuned run on a dataset split",
                        epilog="Config fields of the run can be overridden too, e.g. --data.dataset PATH "
                               "--data.num_workers 8 (see `star finetune --help`).")
     p.add_argument("run", help="run directory or saved model folder")
-    p.add_argument("--split", default="test", choices=("train", "val", "test"))
-    p.add_argument("--device", default="auto", choices=DEVICES)
-    p.add_argument("--batch-size", type=_positive_int, default=None, help="default: the run's batch size")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"),
+                   help="default: test; val of a run that held out training images (data.val_size) is that holdout")
+    p.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)
+    p.add_argument("--batch_size", "--batch-size", type=_positive_int, default=None,
+                   help="images per forward pass (default: the run's optim.batch_size)")
     p = sub.add_parser("predict", help="top-k classes of image files")
     p.add_argument("run", help="run directory or saved model folder")
-    p.add_argument("images", nargs="+")
-    p.add_argument("--topk", type=_positive_int, default=5)
+    p.add_argument("images", nargs="+", help="image files; one that cannot be read is reported, the rest answered")
+    p.add_argument("--topk", type=_positive_int, default=5, help="classes shown per image (default: 5)")
     p.add_argument("--convert", action="store_true", help="convert images to the model's channel count")
-    p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)
     p = sub.add_parser("visualize", help="PNG of real images next to next-cluster predictions")
     p.add_argument("run", help="pretraining run directory or saved model folder")
     p.add_argument("--out", default=None, help="PNG path (default: RUN/predictions.png)")
-    p.add_argument("--sequences", type=_positive_int, default=4)
-    p.add_argument("--split", default="test", choices=("train", "val", "test"))
-    p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--sequences", type=_positive_int, default=4, help="rows drawn, K images each (default: 4)")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"),
+                   help="where the images come from (default: test)")
+    p.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)
     p = sub.add_parser("demo", help="the main job: STAR pretrain + fine-tune + test accuracy on Fashion-MNIST")
-    p.add_argument("--output_dir", default="runs/demo")
-    p.add_argument("--config", default="fmnist-demo")
+    p.add_argument("--output_dir", "--output-dir", default="runs/demo",
+                   help="where the two runs and predictions.png go (default: runs/demo)")
+    p.add_argument("--config", default="fmnist-demo", help="preset or YAML path (default: fmnist-demo)")
     p = sub.add_parser("shards", help="write WebDataset-format tar shards of an ImageNet-layout folder")
     p.add_argument("src", help="folder with train/<class>/* (and val/<class>/*)")
     p.add_argument("out", help="output folder: OUT/train/*.tar, OUT/val/*.tar")
-    p.add_argument("--samples-per-shard", type=int, default=5000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples_per_shard", "--samples-per-shard", type=int, default=5000,
+                   help="images per tar file (default: 5000)")
+    p.add_argument("--seed", type=int, default=0, help="of the shuffle that mixes classes across shards (default: 0)")
     p = sub.add_parser("convert", help="an ARM checkpoint (pretrained or fine-tuned) as a star model folder")
     p.add_argument("source", choices=("arm",), help="the code base that wrote the checkpoint")
     p.add_argument("checkpoint", help="a .pth ({'model': state_dict, ...}) or .safetensors file")
     p.add_argument("--out", required=True, help="model folder to write (config.json, model.safetensors)")
-    p.add_argument("--global-pool", default="avg", choices=("avg", "token"),
+    p.add_argument("--global_pool", "--global-pool", default="avg", choices=("avg", "token"),
                    help="how a fine-tuned model pooled (not in the weights): avg = ARM's recipe "
                         "(--global_pool True), token = the cls token (--cls_token); default: avg")
     p.add_argument("--key", default="model", help="the checkpoint entry holding the weights (default: model; "
