@@ -16,6 +16,7 @@ fields (--output_dir, --batch_size); the hyphenated spellings (--output-dir) wor
 """
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -123,7 +124,15 @@ def _train(args, overrides: List[str]) -> None:
         print("final: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
 
 
+def _passive_cpu_threads() -> None:
+    """Waiting CPU threads sleep instead of spinning (OpenMP's passive policy) unless the user chose a policy:
+    on cores that other processes share, torch's spinning threads made fmnist-demo pretraining steps 5-12x
+    slower (README, "Quick start"). OpenMP reads it when torch loads, so this runs before any torch import."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    _passive_cpu_threads()
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
     if rest and args.command not in TASKS + ("eval",):
