@@ -9,6 +9,7 @@
     star demo      [--output_dir runs/demo]                          pretrain + fine-tune + eval on Fashion-MNIST
     star shards    SRC OUT                                           tar shards of an ImageNet-layout folder
     star convert   arm CHECKPOINT --out DIR                          an ARM checkpoint as a star model folder
+    star download  fashion-mnist [--to DIR]                          Fashion-MNIST via torchvision (network)
 
 Every config field can be overridden with --dotted.name value; `star pretrain --help` lists them, and
 `--print_config` shows the values a preset gives them. Flags are spelled with underscores, like the config
@@ -89,6 +90,10 @@ def _parser() -> argparse.ArgumentParser:
                         "(--global_pool True), token = the cls token (--cls_token); default: avg")
     p.add_argument("--key", default="model", help="the checkpoint entry holding the weights (default: model; "
                                                   "e.g. model_ema)")
+    p = sub.add_parser("download", help="fetch a dataset with torchvision's downloader (needs a network)")
+    p.add_argument("dataset", choices=("fashion-mnist",))
+    p.add_argument("--to", default=None, help="folder for the files (default: the cache folder star searches, "
+                                              "~/.cache/star/fashion-mnist)")
     sub.add_parser("configs", help="list the shipped config presets")
     return parser
 
@@ -178,6 +183,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f"{split}: {len(shards)} shards in {Path(args.out) / split}")
         elif args.command == "convert":
             _convert(args)
+        elif args.command == "download":
+            from star.data import download_fashion_mnist
+
+            print(f"Fashion-MNIST in {download_fashion_mnist(args.to)}")
         elif args.command == "configs":
             from star.config import list_presets
 
