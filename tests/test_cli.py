@@ -290,3 +290,25 @@ def test_cpu_threads_wait_passively_unless_told(monkeypatch, capsys):
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     assert star("configs") == 0
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_unfinished_runs_are_used_from_their_latest_checkpoint(pretrained, tmp_path, capsys):
+    """A killed run has checkpoints but no model/: eval, predict, visualize and --pretrained take its latest
+    checkpoint (with a note), and it gives what the finished model gives."""
+    import shutil
+
+    killed = tmp_path / "killed-pre"
+    shutil.copytree(pretrained, killed)
+    shutil.rmtree(killed / "model")
+    assert star("visualize", killed, "--out", tmp_path / "p.png", "--sequences", "1", "--device", "cpu") == 0
+    assert "using its latest checkpoint" in capsys.readouterr().err
+    ft = tmp_path / "ft"
+    assert star("finetune", *FINETUNE, *SYNTHETIC, "--pretrained", killed, "--output_dir", ft) == 0
+    assert star("eval", ft, "--device", "cpu") == 0
+    finished = capsys.readouterr().out.splitlines()[-1]
+    shutil.rmtree(ft / "model")
+    assert star("eval", ft, "--device", "cpu") == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[-1] == finished and "checkpoints/step-" in err
+    assert star("eval", tmp_path / "nothing-here", "--device", "cpu") == 2
+    assert "holds no saved model" in capsys.readouterr().err
