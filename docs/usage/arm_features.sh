@@ -7,11 +7,7 @@ set -uo pipefail
 out=docs/usage/arm_features.txt
 runs=$(mktemp -d)
 : > "$out"
-show() {
-  echo "\$ $*" | sed "s|$runs|runs|g" >> "$out"
-  "$@" 2>&1 | sed "s|$runs|runs|g" | python -c "import sys; [print(l.split(chr(13))[-1]) for l in sys.stdin.read().split(chr(10))[:-1]]" >> "$out"
-  echo "[exit ${PIPESTATUS[0]}]" >> "$out"; echo >> "$out"
-}
+. docs/usage/show.sh
 python - "$runs" <<'PY'
 import sys, torch
 sys.path.insert(0, "tests")
