@@ -5,9 +5,11 @@ Finetuning/models_mamba.py, mamba_simple.py), independently of star's kernels, a
 import argparse
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from star import load_pretrained
 from star.cli.main import main
@@ -202,10 +204,14 @@ def arm_pretrain(images: torch.Tensor, sd: dict, grid: int, patch: int, heads: i
     return pred, target
 
 
-def save_arm(tmp_path, sd, name="checkpoint-99.pth"):
-    """As ARM's misc.save_model writes it: the model beside the run's argparse options and the epoch."""
+def save_arm(tmp_path, sd, name="checkpoint-99.pth", model_ema=None):
+    """As ARM's misc.save_model writes it: the model beside the run's argparse options, the epoch and (in
+    fine-tuning) the EMA weights and best accuracies."""
     path = tmp_path / name
-    torch.save({"model": sd, "epoch": 99, "args": argparse.Namespace(model="arm_base_pz16", blr=5e-4)}, path)
+    ckpt = {"model": sd, "epoch": 99, "args": argparse.Namespace(model="arm_base_pz16", blr=5e-4)}
+    if model_ema is not None:
+        ckpt.update(model_ema=model_ema, max_accuracy=83.1, ema_max_accuracy=83.2)
+    torch.save(ckpt, path)
     return path
 
 
@@ -284,10 +290,28 @@ def test_unknown_missing_and_unreadable_checkpoints_stop_it(tmp_path):
 
 
 def test_convert_command_then_eval_and_finetune(tmp_path, capsys):
-    ft = save_arm(tmp_path, arm_state_dict("finetune", depth=2, grid=4, patch=4), "ft.pth")
+    ema = arm_state_dict("finetune", depth=2, grid=4, patch=4, seed=5)
+    ft = save_arm(tmp_path, arm_state_dict("finetune", depth=2, grid=4, patch=4), "ft.pth", model_ema=ema)
     assert main(["convert", "arm", str(ft), "--out", str(tmp_path / "arm-ft")]) == 0
     out = capsys.readouterr().out
     assert "fine-tuned ARM checkpoint -> VisionMambaClassifier" in out and "nothing dropped" in out
+    assert main(["convert", "arm", str(ft), "--out", str(tmp_path / "arm-ema"), "--key", "model_ema",
+                 "--global_pool", "token"]) == 0
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(load_pretrained(tmp_path / "arm-ema").eval()(images),
+                                   arm_classify(images, ema, depth=2, global_pool=False), rtol=1e-4, atol=1e-5)
+    # the folder says how ARM prepares images for evaluation: Finetuning/util/datasets.py build_transform
+    from torchvision import transforms as T
+
+    from star.cli.train import RUN_CONFIG_FILE, classification_transform
+    from star.config import load_config
+
+    cfg = load_config(str(tmp_path / "arm-ft" / RUN_CONFIG_FILE))
+    arm_eval = T.Compose([T.Resize((256, 256), interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224),
+                          T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 420, 3), dtype=np.uint8))
+    torch.testing.assert_close(classification_transform(cfg, 224, 3, train=False)(image), arm_eval(image))
     synthetic = ["--data.dataset", "synthetic", "--data.num_workers", "0", "--device", "cpu"]
     assert main(["eval", str(tmp_path / "arm-ft"), *synthetic]) == 0
     assert "test: 256 images, top-1" in capsys.readouterr().out

@@ -74,6 +74,8 @@ class DataConfig:
     mixup: float = 0.0  # mixup alpha, 0 = off
     cutmix: float = 0.0  # cutmix alpha, 0 = off
     crop_pct: float = 0.875  # eval: resize to img_size / crop_pct, then center crop
+    # eval: resize the shorter side (center) or the whole image (squash, as ARM evaluates) to img_size / crop_pct
+    crop_mode: Literal["center", "squash"] = "center"
 
 
 @dataclass

@@ -38,7 +38,7 @@ def _timm_entry(name: str):
 
 def register_with_timm() -> None:
     """Make `timm.create_model(<star name>)` work (also with features_only=True)."""
-    from timm.models._registry import is_model, register_model
+    from timm.models import is_model, register_model
 
     for name in MODEL_DEFAULTS:
         if not is_model(name):  # each model gets its pretrained_cfg when built (star.models.registry)

@@ -105,7 +105,7 @@ def classification_transform(cfg: TrainConfig, img_size: int, in_chans: int, tra
     try:
         return finetune_transform(img_size, preset.mean, preset.std, train, auto_augment=data.auto_augment,
                                   re_prob=data.re_prob, crop_pct=data.crop_pct, scale=(data.scale_min, 1.0),
-                                  hflip=0.5 if data.hflip else 0.0)
+                                  hflip=0.5 if data.hflip else 0.0, crop_mode=data.crop_mode)
     except AssertionError as err:  # timm asserts on an auto-augment string it cannot parse
         raise ValueError(f"--data.auto_augment {data.auto_augment!r} is not a policy timm knows "
                          f"(e.g. rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, trivialaugment): {err}") from None

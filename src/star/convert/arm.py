@@ -245,8 +245,8 @@ def convert_arm(checkpoint: Checkpoint, out_dir: Union[str, Path, None] = None, 
 
 
 def _save(model: nn.Module, out_dir: Path) -> None:
-    """The model folder plus a run config saying how ARM prepared images (ImageNet mean/std, resize 256, crop
-    224), so `star eval` / `star predict` need no flags for it."""
+    """The model folder plus a run config saying how ARM prepared images for evaluation (ImageNet mean/std,
+    the image resized to 256 x 256, centre crop 224), so `star eval` / `star predict` need no flags for it."""
     from star.config import TrainConfig, save_config
     from star.cli.train import RUN_CONFIG_FILE
 
@@ -256,5 +256,5 @@ def _save(model: nn.Module, out_dir: Path) -> None:
             if (dims["embed_dim"], dims["depth"]) == (model.init_args["embed_dim"], model.init_args["depth"])]
     if size and model.init_args["patch_size"] == 16:
         cfg.model.name = f"star_{size[0]}_patch16_{224 if cfg.task == 'finetune' else 192}"
-    cfg.data.mean_std, cfg.data.crop_pct = "imagenet", 224 / 256
+    cfg.data.mean_std, cfg.data.crop_pct, cfg.data.crop_mode = "imagenet", 224 / 256, "squash"
     save_config(cfg, out_dir / RUN_CONFIG_FILE)
