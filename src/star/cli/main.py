@@ -41,10 +41,11 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--version", action="version", version=f"star {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fields = config_help()
     for task in TASKS:
         p = sub.add_parser(task, help=f"{task} (config fields as --section.field value)",
                            formatter_class=argparse.RawDescriptionHelpFormatter,
-                           epilog="config fields (--name value, or --name=value):\n" + config_help())
+                           epilog="config fields (--name value, or --name=value):\n" + fields)
         p.add_argument("--config", default="fmnist-tiny",
                        help="preset name or YAML path (default: fmnist-tiny); see `star configs`")
         p.add_argument("--print_config", "--print-config", action="store_true",
