@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import star
 from star import load_pretrained
 from star.cli.main import main
 from star.convert import convert_arm
@@ -219,7 +220,7 @@ def save_arm(tmp_path, sd, name="checkpoint-99.pth", model_ema=None):
 def test_finetuned_arm_checkpoint_gives_arms_logits(tmp_path, global_pool):
     sd = arm_state_dict("finetune", depth=2, grid=4, patch=4)
     model, dropped = convert_arm(save_arm(tmp_path, sd), tmp_path / "arm-ft", global_pool=global_pool)
-    assert dropped == {}
+    assert dropped == {} and star.convert_arm is convert_arm
     loaded = load_pretrained(tmp_path / "arm-ft").eval()  # strict: nothing missing or unexpected
     assert isinstance(loaded, VisionMambaClassifier) and loaded.init_args["fc_norm"] is False
     assert (loaded.img_size, loaded.num_classes, len(loaded.blocks)) == (16, 10, 2)

@@ -24,7 +24,10 @@ for _size, _dims in SIZES.items():
     MODEL_DEFAULTS[f"star_{_size}_patch16_192"] = ("StarPretrain", dict(img_size=192, patch_size=16, **_dims))
     MODEL_DEFAULTS[f"star_{_size}_patch16_224"] = ("VisionMambaClassifier", dict(img_size=224, patch_size=16, **_dims))
 
+
 def _timm_entry(name: str):
+    """timm's entry point for `name`: builds through star.models, imported only then."""
+
     def entry(pretrained: bool = False, **kwargs):
         from star.models.registry import create_model
 
@@ -66,6 +69,7 @@ class _RegisterAfterTimm:
 
 
 def register_when_timm_is_imported() -> None:
+    """Register with timm now if it is imported, else the moment it is (what `import star` calls)."""
     if "timm" in sys.modules:
         register_with_timm()
     elif not any(isinstance(f, _RegisterAfterTimm) for f in sys.meta_path):
