@@ -269,6 +269,23 @@ def test_pos_embed_interpolation_is_arms(tmp_path):
     torch.testing.assert_close(clf.pos_embed, expected.reshape(1, 196, DIM))
 
 
+def test_a_decoder_star_cannot_reproduce_is_dropped_and_the_encoder_kept(tmp_path, capsys):
+    sd = arm_state_dict("pretrain", depth=12, grid=12, patch=4)
+    exact, _ = convert_arm(dict(sd))
+    learned = {**sd, "dec_pos_embed": torch.randn_like(sd["dec_pos_embed"])}  # not ARM's fixed sin-cos
+    model, dropped = convert_arm(learned)
+    decoder = {k for k in sd if k.startswith(("ar_", "dec_", "enc2dec", "norm_", "mask"))}
+    assert set(dropped) == decoder and len(decoder) == 81
+    assert all("not the fixed sin-cos" in why and "starts fresh" in why for why in dropped.values())
+    for key, value in exact.state_dict().items():
+        if key.startswith(("blocks.", "patch_embed.", "pos_embed")):
+            assert torch.equal(model.state_dict()[key], value), key
+    assert main(["convert", "arm", str(save_arm(tmp_path, learned)), "--out", str(tmp_path / "enc")]) == 0
+    line = capsys.readouterr().out.splitlines()[1]
+    assert line.startswith("dropped ") and "... (81 keys): dec_pos_embed is not the fixed sin-cos" in line
+    assert isinstance(load_pretrained(tmp_path / "enc"), StarPretrain)
+
+
 def test_unknown_missing_and_unreadable_checkpoints_stop_it(tmp_path):
     sd = arm_state_dict("finetune", depth=1, grid=4, patch=4)
     with pytest.raises(ValueError, match=r"2 unknown ARM key\(s\).*: layers\.0\.mixer\.gamma, rope\.freqs"):
@@ -276,10 +293,6 @@ def test_unknown_missing_and_unreadable_checkpoints_stop_it(tmp_path):
     del sd["layers.0.mixer.D_c_b"]
     with pytest.raises(ValueError, match="no layers.0.mixer.D_c_b"):
         convert_arm(sd)
-    pre = arm_state_dict("pretrain", depth=12, grid=12, patch=4)
-    pre["dec_pos_embed"] = torch.randn_like(pre["dec_pos_embed"])
-    with pytest.raises(ValueError, match="dec_pos_embed is not the fixed sin-cos"):
-        convert_arm(pre)
     with pytest.raises(ValueError, match="no state dict under 'model'"):
         convert_arm({"model_ema": 3, "epoch": 1})
     junk = tmp_path / "junk.pth"

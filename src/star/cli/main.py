@@ -110,8 +110,12 @@ def _convert(args) -> None:
         kind, details = "pretraining", "K=1, no separator"
     print(f"{kind} ARM checkpoint -> {type(model).__name__} (embed_dim {a['embed_dim']}, depth {a['depth']}, "
           f"{a['img_size']} px, {details})")
+    by_reason: dict = {}
     for key, why in dropped.items():
-        print(f"dropped {key}: {why}")
+        by_reason.setdefault(why, []).append(key)
+    for why, keys in by_reason.items():
+        shown = ", ".join(keys[:6]) + (f", ... ({len(keys)} keys)" if len(keys) > 6 else "")
+        print(f"dropped {shown}: {why}")
     if not dropped:
         print("nothing dropped")
     print(f"wrote {args.out}")

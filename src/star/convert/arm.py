@@ -24,6 +24,8 @@ The map, read off ARM's models_pretrain.py, Finetuning/models_mamba.py and mamba
     dec_pos_embed, mask                   dropped: star computes both. Its sin-cos lists the same columns in
                                           another order (rows first, sines first), so the decoder's width is
                                           permuted to match and the decoder's outputs stay ARM's.
+    A decoder star's cannot hold exactly (another head width, a learned dec_pos_embed) is listed as dropped,
+    key by key, and star's own starts fresh; the encoder is kept either way.
   fine-tuned
     cls_token + pos_embed[N/2]         -> cls_token (ARM adds a position to the middle cls token; star none)
     pos_embed without row N/2          -> pos_embed
@@ -46,6 +48,8 @@ from star.models.patches import sincos_pos_embed
 ARM_CLUSTER_SIZE = 4  # ARM serializes 4x4-patch clusters (models_pretrain.py)
 ARM_HEAD_DIM = 64  # ARM's decoder has dec_embed_dim // 64 heads; the weights don't record it
 DIRECTION_SUFFIXES = ("", "_b", "_c", "_c_b")
+ARM_DECODER_KEYS = ("ar_token", "dec_pos_embed", "enc2dec.", "dec_block.", "norm_1.", "norm_2.", "norm_3.",
+                    "norm_4.", "ar_norm.", "ar_pred.", "mask")
 SSM_NAMES = ("conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight", "dt_proj.bias", "A_log", "D")
 Checkpoint = Union[str, Path, Mapping[str, object]]
 
@@ -136,16 +140,13 @@ def _column_permutation(ours: torch.Tensor, theirs: torch.Tensor) -> Optional[to
 
 
 def _decoder(state: Dict[str, torch.Tensor], model_args: dict, out: dict, dropped: Dict[str, str]) -> None:
-    """ARM's decoder keys as star's, the decoder width permuted so star's own sin-cos embedding fits."""
+    """ARM's decoder keys as star's, the decoder width permuted so star's own sin-cos embedding fits (`perm`
+    checked by the caller)."""
     depth = model_args["decoder_depth"]
     dec = model_args["decoder_dim"]
     grid = model_args["img_size"] // model_args["patch_size"]
-    perm = _column_permutation(sincos_pos_embed(dec, grid)[0], state["dec_pos_embed"][0])
-    if perm is None:
-        raise ValueError("dec_pos_embed is not the fixed sin-cos embedding ARM initialises (its columns are not "
-                         "those of star's): this decoder cannot be reproduced")
+    perm = _column_permutation(sincos_pos_embed(dec, grid)[0], state.pop("dec_pos_embed")[0])
     dropped["dec_pos_embed"] = "fixed sin-cos, which star computes itself (decoder width permuted to its column order)"
-    state.pop("dec_pos_embed")
     if "mask" in state:
         dropped["mask"] = "the block-causal attention mask, which star builds itself from the cluster layout"
         state.pop("mask")
@@ -182,20 +183,43 @@ def _decoder(state: Dict[str, torch.Tensor], model_args: dict, out: dict, droppe
     out["decoder_pred.bias"] = state.pop("ar_pred.bias")
 
 
-def _pretrain(state: Dict[str, torch.Tensor], args: dict, dropped: Dict[str, str]) -> Tuple[nn.Module, dict]:
-    grid = _grid(state["pos_embed"].shape[1], "pos_embed")
-    depth = len({k.split(".")[1] for k in state if k.startswith("dec_block.")})
+def _decoder_mismatch(state: Mapping[str, torch.Tensor], args: dict, grid: int) -> Optional[str]:
+    """Why star's decoder cannot hold ARM's exactly, or None when it can."""
     dec = state["ar_token"].shape[-1]
     if dec % ARM_HEAD_DIM:
-        raise ValueError(f"decoder width {dec} is not a multiple of ARM's head width {ARM_HEAD_DIM}")
+        return f"decoder width {dec} is not a multiple of ARM's head width {ARM_HEAD_DIM}"
+    if state["ar_pred.weight"].shape[0] != args["patch_size"] ** 2 * args["in_chans"]:
+        return f"ar_pred predicts {state['ar_pred.weight'].shape[0]} values per patch, not the patch's pixels"
+    if _column_permutation(sincos_pos_embed(dec, grid)[0], state["dec_pos_embed"][0]) is None:
+        return "dec_pos_embed is not the fixed sin-cos embedding ARM initialises"
+    return None
+
+
+def _pretrain(state: Dict[str, torch.Tensor], args: dict, dropped: Dict[str, str]) -> Tuple[nn.Module, dict]:
+    grid = _grid(state["pos_embed"].shape[1], "pos_embed")
     model_args = dict(args, img_size=grid * args["patch_size"], cluster_size=ARM_CLUSTER_SIZE, num_images=1,
-                      separator="none", decoder_dim=dec, decoder_depth=depth, decoder_num_heads=dec // ARM_HEAD_DIM,
-                      decoder_mlp_ratio=state["dec_block.0.mlp.fc1.weight"].shape[0] / dec)
+                      separator="none")
     out = {"patch_embed.proj.weight": state.pop("patch_embed.proj.weight"),
            "patch_embed.proj.bias": state.pop("patch_embed.proj.bias"), "pos_embed": state.pop("pos_embed")}
     _blocks(state, args["depth"], 1, out)
-    _decoder(state, model_args, out, dropped)
-    return StarPretrain(**model_args), out
+    why = _decoder_mismatch(state, args, grid)
+    if why is None:
+        dec = state["ar_token"].shape[-1]
+        model_args.update(decoder_dim=dec, decoder_depth=len({k.split(".")[1] for k in state
+                                                              if k.startswith("dec_block.")}),
+                          decoder_num_heads=dec // ARM_HEAD_DIM,
+                          decoder_mlp_ratio=state["dec_block.0.mlp.fc1.weight"].shape[0] / dec)
+        _decoder(state, model_args, out, dropped)
+        return StarPretrain(**model_args), out
+    # the encoder is what fine-tuning reads: keep it, and let star's own decoder start fresh
+    for key in [k for k in state if k.startswith(ARM_DECODER_KEYS)]:
+        dropped[key] = f"{why}; star's decoder starts fresh"
+        state.pop(key)
+    model = StarPretrain(**model_args)
+    fresh = {k: v for k, v in model.state_dict().items() if k not in out}
+    if any(k.startswith(("blocks.", "patch_embed.", "pos_embed")) for k in fresh):
+        raise ValueError(f"encoder weights missing from the conversion: {sorted(fresh)}")
+    return model, {**out, **fresh}
 
 
 def _finetuned(state: Dict[str, torch.Tensor], args: dict, global_pool: str) -> Tuple[nn.Module, dict]:
