@@ -239,16 +239,16 @@ def test_finetuned_arm_checkpoint_gives_arms_logits(tmp_path, global_pool):
 
 
 def test_pretraining_arm_checkpoint_gives_arms_predictions(tmp_path):
-    sd = arm_state_dict("pretrain", depth=12, grid=12, patch=4)
+    sd = arm_state_dict("pretrain", depth=12, grid=12, patch=4, dec=512)  # ARM's decoder width: 8 heads
     model, dropped = convert_arm(save_arm(tmp_path, sd), tmp_path / "arm-pre")
     assert set(dropped) == {"dec_pos_embed", "mask"}
     loaded = load_pretrained(tmp_path / "arm-pre").eval()
     assert isinstance(loaded, StarPretrain)
     assert loaded.init_args["separator"] == "none" and loaded.init_args["num_images"] == 1
-    assert loaded.feature_layers == [6, 8, 10, 12] and loaded.init_args["decoder_num_heads"] == 2
+    assert loaded.feature_layers == [6, 8, 10, 12] and loaded.init_args["decoder_num_heads"] == 8
     images = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        pred, target = arm_pretrain(images, sd, grid=12, patch=4, heads=2)
+        pred, target = arm_pretrain(images, sd, grid=12, patch=4, heads=8)
         out = loaded(images[:, None])
     torch.testing.assert_close(out["target"][:, 0], target, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out["pred"][:, 0], pred, rtol=1e-4, atol=1e-4)

@@ -130,11 +130,15 @@ def _blocks(state: Mapping[str, torch.Tensor], depth: int, num_directions: int, 
                 out[f"{dst}mixer.directions.{d}.{name}"] = state.pop(f"{src}mixer.{arm}")
 
 
-def _column_permutation(ours: torch.Tensor, theirs: torch.Tensor) -> Optional[torch.Tensor]:
-    """perm with ours[:, j] == theirs[:, perm[j]] (two (N, D) tables with the same columns), else None."""
-    dist = torch.cdist(ours.t().double(), theirs.t().double())
-    best, perm = dist.min(dim=1)
-    if best.max() > 1e-3 or len(set(perm.tolist())) != len(perm):
+def _sincos_permutation(dim: int, grid: int, theirs: torch.Tensor) -> Optional[torch.Tensor]:
+    """perm with star's sin-cos embedding[:, j] == ARM's[:, perm[j]], or None when `theirs` is not ARM's.
+    ARM's (MAE's get_2d_sincos_pos_embed) lists [sin w, cos w, sin h, cos h], star's (timm's
+    build_sincos2d_pos_embed) [sin h, sin w, cos h, cos w], each dim/4 wide. Derived, then checked: matching
+    columns by value cannot tell apart the low-frequency cosines, which agree to 1e-7 at width 512."""
+    q = dim // 4
+    perm = torch.cat([torch.arange(2 * q, 3 * q), torch.arange(q), torch.arange(3 * q, 4 * q), torch.arange(q, 2 * q)])
+    ours = sincos_pos_embed(dim, grid)[0]
+    if dim % 4 or theirs.shape != ours.shape or not torch.allclose(ours, theirs[:, perm].float(), atol=1e-5):
         return None
     return perm
 
@@ -145,7 +149,7 @@ def _decoder(state: Dict[str, torch.Tensor], model_args: dict, out: dict, droppe
     depth = model_args["decoder_depth"]
     dec = model_args["decoder_dim"]
     grid = model_args["img_size"] // model_args["patch_size"]
-    perm = _column_permutation(sincos_pos_embed(dec, grid)[0], state.pop("dec_pos_embed")[0])
+    perm = _sincos_permutation(dec, grid, state.pop("dec_pos_embed")[0])
     dropped["dec_pos_embed"] = "fixed sin-cos, which star computes itself (decoder width permuted to its column order)"
     if "mask" in state:
         dropped["mask"] = "the block-causal attention mask, which star builds itself from the cluster layout"
@@ -190,7 +194,7 @@ def _decoder_mismatch(state: Mapping[str, torch.Tensor], args: dict, grid: int) 
         return f"decoder width {dec} is not a multiple of ARM's head width {ARM_HEAD_DIM}"
     if state["ar_pred.weight"].shape[0] != args["patch_size"] ** 2 * args["in_chans"]:
         return f"ar_pred predicts {state['ar_pred.weight'].shape[0]} values per patch, not the patch's pixels"
-    if _column_permutation(sincos_pos_embed(dec, grid)[0], state["dec_pos_embed"][0]) is None:
+    if _sincos_permutation(dec, grid, state["dec_pos_embed"][0]) is None:
         return "dec_pos_embed is not the fixed sin-cos embedding ARM initialises"
     return None
 
