@@ -44,6 +44,19 @@ def test_pretrain_finetune_eval_predict(pretrained, tmp_path, capsys):
     assert star("eval", ft, "--split", "test", "--device", "cpu") == 0
     out = capsys.readouterr().out
     assert "test: 256 images, top-1" in out
+    # --split val is the holdout the run validated on (data.val_size), with the accuracy training logged
+    assert star("eval", ft, "--split", "val", "--device", "cpu") == 0
+    out = capsys.readouterr().out
+    assert out.startswith("val (16 training images held out by data.val_size, as in training): 16 images")
+    top1 = float(out.split("top-1 ")[1].split("%")[0])
+    assert top1 == pytest.approx(metric_column(ft, "val/top1")[-1], abs=0.01)
+    # a dataset without a val split says which split it evaluated
+    from test_data import _fake_fashion_mnist
+
+    fake = _fake_fashion_mnist(tmp_path / "fmnist", n_test=12)
+    assert star("eval", ft, "--split", "val", "--data.dataset", "fashion-mnist", "--data.root", fake,
+                "--data.val_size", "0", "--device", "cpu") == 0
+    assert capsys.readouterr().out.startswith("val (= the test split of fashion-mnist, which has no val split): 12 images")
     # predict names classes from the run's classes.json
     classes = json.loads((ft / "model" / "classes.json").read_text())
     img = tmp_path / "a.png"
@@ -205,10 +218,15 @@ def test_predict_wrong_channels_and_unreadable_files(pretrained, tmp_path, capsy
     assert star("predict", ft, rgb, "--device", "cpu") == 2
     assert "3 channel(s)" in capsys.readouterr().err
     assert star("predict", ft, rgb, "--convert", "--device", "cpu") == 0
+    assert capsys.readouterr().out.startswith(f"{rgb}: ")
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"junk")
-    assert star("predict", ft, broken, "--device", "cpu") == 2
-    assert "broken.png" in capsys.readouterr().err
+    good = tmp_path / "good.png"
+    Image.new("L", (16, 16), 7).save(good)
+    assert star("predict", ft, broken, good, rgb, "--device", "cpu") == 2  # the good file still gets its answer
+    out, err = capsys.readouterr()
+    assert out.startswith(f"{good}: ") and len(out.strip().splitlines()) == 1
+    assert "broken.png" in err and "rgb.png has 3 channel(s)" in err
 
 
 def test_head_size_channels_and_augmentation_are_checked_against_the_data(tmp_path, capsys):
@@ -245,6 +263,52 @@ def test_model_folder_alone_keeps_its_preprocessing(tmp_path, capsys):
 def test_print_config_and_help(capsys, tmp_path):
     with pytest.raises(SystemExit):
         star("finetune", "--help")
-    assert "--optim.blr: float (built-in default" in capsys.readouterr().out
-    assert star("finetune", "--config", "fmnist-tiny", "--print-config", "--optim.blr", "0.5") == 0
-    assert "blr: 0.5" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--optim.blr: float (built-in default" in out
+    # every field says what it is, and what None means
+    assert "--optim.batch_size: int (built-in default 64): images per optimizer micro-step per device" in out
+    assert "--model.depth: int or none (built-in default None): None = the value model.name is registered with" in out
+    assert "--data.scale_min: float (built-in default 0.2): RandomResizedCrop scale" in out  # not its section heading
+    # one flag style, underscores as in the config fields; hyphens work too
+    for flag, blr in (("--print_config", "--optim.blr"), ("--print-config", "--optim.blr"),
+                      ("--print_config", "--optim.warmup-epochs")):
+        assert star("finetune", "--config", "fmnist-tiny", flag, blr, "0.5") == 0
+        assert ("blr: 0.5" if blr == "--optim.blr" else "warmup_epochs: 0.5") in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        star("--version")
+    assert capsys.readouterr().out.startswith("star 0.1.0")
+
+
+def test_cpu_threads_wait_passively_unless_told(monkeypatch, capsys):
+    """Spinning OpenMP threads made CPU steps 5-12x slower on busy shared cores; `star` asks for passive
+    waiting, but a policy the user set wins."""
+    import os
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert star("configs") == 0
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert star("configs") == 0
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_unfinished_runs_are_used_from_their_latest_checkpoint(pretrained, tmp_path, capsys):
+    """A killed run has checkpoints but no model/: eval, predict, visualize and --pretrained take its latest
+    checkpoint (with a note), and it gives what the finished model gives."""
+    import shutil
+
+    killed = tmp_path / "killed-pre"
+    shutil.copytree(pretrained, killed)
+    shutil.rmtree(killed / "model")
+    assert star("visualize", killed, "--out", tmp_path / "p.png", "--sequences", "1", "--device", "cpu") == 0
+    assert "using its latest checkpoint" in capsys.readouterr().err
+    ft = tmp_path / "ft"
+    assert star("finetune", *FINETUNE, *SYNTHETIC, "--pretrained", killed, "--output_dir", ft) == 0
+    assert star("eval", ft, "--device", "cpu") == 0
+    finished = capsys.readouterr().out.splitlines()[-1]
+    shutil.rmtree(ft / "model")
+    assert star("eval", ft, "--device", "cpu") == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[-1] == finished and "checkpoints/step-" in err
+    assert star("eval", tmp_path / "nothing-here", "--device", "cpu") == 2
+    assert "holds no saved model" in capsys.readouterr().err

@@ -1,5 +1,7 @@
 import gzip
+import os
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,7 +10,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
-import star.data.fashion_mnist as fmnist
+import star.data.fashion_mnist_files as fmnist
 from star.data import (
     FASHION_MNIST_MEAN, FASHION_MNIST_STD, IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, FashionMNIST,
     ImageFolder, LabeledSubset, StarBatchSampler, SyntheticImages, build_dataset, build_mixup,
@@ -71,6 +73,7 @@ def no_default_data(tmp_path, monkeypatch):
     monkeypatch.delenv("STAR_DATA", raising=False)
     monkeypatch.setattr(fmnist, "_REPO_ROOT", tmp_path / "repo")
     monkeypatch.setattr(fmnist, "SYSTEM_DIR", tmp_path / "system")
+    monkeypatch.setattr(fmnist, "CACHE_DIR", tmp_path / "cache")
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -100,11 +103,71 @@ def test_find_fashion_mnist_error_lists_places(no_default_data, monkeypatch):
         find_fashion_mnist()
     message = str(info.value)
     for place in (tmp / "env", tmp / "env" / "fashion-mnist", tmp / "shared" / "data" / "fashion-mnist",
-                  tmp / "system"):
+                  tmp / "system", tmp / "cache"):
         assert str(place) in message
     assert "apt-get install dataset-fashion-mnist" in message and "STAR_DATA" in message
+    assert "star download fashion-mnist" in message
     with pytest.raises(FileNotFoundError, match="nowhere"):
         find_fashion_mnist(tmp / "nowhere")
+
+
+def test_data_check_needs_only_the_standard_library(tmp_path):
+    """scripts/demo.sh runs the finder with the system python before any set-up: no site-packages (-S)."""
+    import shutil
+    import subprocess
+    import sys
+
+    script = tmp_path / "repo" / "src" / "star" / "data" / "fashion_mnist_files.py"  # no ../shared beside it
+    script.parent.mkdir(parents=True)
+    shutil.copy(fmnist.__file__, script)
+    env = {"STAR_DATA": str(_fake_fashion_mnist(tmp_path / "env")), "HOME": str(tmp_path)}
+    run = dict(capture_output=True, text=True, env=env, cwd=tmp_path)
+    found = subprocess.run([sys.executable, "-S", str(script)], **run)
+    assert found.returncode == 0 and found.stdout.strip() == str(tmp_path / "env")
+    if not Path("/usr/share/datasets/fashion-mnist").is_dir():  # Debian's package would be found
+        env["STAR_DATA"] = str(tmp_path / "empty")
+        missing = subprocess.run([sys.executable, "-S", str(script)], **run)
+        assert missing.returncode == 1 and "Fashion-MNIST not found" in missing.stderr
+        assert "star download fashion-mnist" in missing.stderr
+        # and the demo stops there, before its set-up (which is not even in this copy of the repo)
+        demo = tmp_path / "repo" / "scripts" / "demo.sh"
+        demo.parent.mkdir()
+        shutil.copy(Path(__file__).resolve().parents[1] / "scripts" / "demo.sh", demo)
+        stopped = subprocess.run(["bash", str(demo)], **{**run, "env": {**env, "PYTHON": sys.executable,
+                                                                       "PATH": os.environ["PATH"]}})
+        assert stopped.returncode == 1 and "Fashion-MNIST not found" in stopped.stderr
+        assert "bash scripts/demo.sh --download" in stopped.stderr and "setup.sh" not in stopped.stderr
+
+
+def test_download_fashion_mnist_puts_the_files_where_they_are_found(no_default_data, monkeypatch, tmp_path):
+    """torchvision's downloader (replaced here: no network) leaves FashionMNIST/raw/*; star copies the four
+    IDX files into its cache folder, which the search then finds; a failed download is one clear error."""
+    import torchvision.datasets
+
+    from star.data import download_fashion_mnist
+
+    class FakeTorchvision:
+        def __init__(self, root, train, download):
+            assert download
+            _fake_fashion_mnist(Path(root) / "FashionMNIST" / "raw")
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", FakeTorchvision)
+    monkeypatch.setattr("star.data.fashion_mnist.CACHE_DIR", tmp_path / "cache")
+    assert download_fashion_mnist() == tmp_path / "cache" == find_fashion_mnist()
+    assert len(FashionMNIST(split="test")) == 3
+    from star.cli.main import main
+
+    assert main(["download", "fashion-mnist", "--to", str(tmp_path / "cli")]) == 0
+    assert find_fashion_mnist(tmp_path / "cli") == tmp_path / "cli"
+
+    class Offline:
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", Offline)
+    with pytest.raises(ValueError, match="could not download Fashion-MNIST .*STAR_DATA"):
+        download_fashion_mnist(tmp_path / "elsewhere")
+    assert main(["download", "fashion-mnist"]) == 2
 
 
 @pytest.mark.parametrize("compress", [True, False])

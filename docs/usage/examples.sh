@@ -5,12 +5,7 @@ set -uo pipefail
 out=docs/usage/output.txt
 runs=$(mktemp -d)
 : > "$out"
-# progress bars (loss, lr, img/s; redrawn with \r) are for terminals: the log keeps each bar's final state
-show() {
-  echo "\$ $*" | sed "s|$runs|runs|g" >> "$out"
-  "$@" 2>&1 | sed "s|$runs|runs|g" | python -c "import sys; [print(l.split(chr(13))[-1]) for l in sys.stdin.read().split(chr(10))[:-1]]" >> "$out"
-  echo "[exit ${PIPESTATUS[0]}]" >> "$out"; echo >> "$out"
-}
+. docs/usage/show.sh
 show star configs
 show star pretrain --config fmnist-demo --output_dir "$runs/pre" --max_steps 40 --log_every 10
 show star visualize "$runs/pre" --out "$runs/pre/predictions.png"

@@ -1,10 +1,15 @@
 """star: STAR autoregressive pretraining of Vision Mamba, and fine-tuning for classification."""
 
+from star.model_names import register_when_timm_is_imported
+
 __version__ = "0.1.0"
 
 _MODEL_API = ("StarPretrain", "VisionMambaClassifier", "classifier_from_pretrain", "create_model", "list_models",
               "load_pretrained")
-__all__ = list(_MODEL_API)
+__all__ = [*_MODEL_API, "convert_arm"]
+
+# timm.create_model("star_...") works after `import star` alone, without importing timm or the models here
+register_when_timm_is_imported()
 
 
 def __getattr__(name):
@@ -13,4 +18,8 @@ def __getattr__(name):
         import star.models
 
         return getattr(star.models, name)
+    if name == "convert_arm":
+        from star.convert import convert_arm
+
+        return convert_arm
     raise AttributeError(f"module 'star' has no attribute {name!r}")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
+import re
 import typing
 import warnings
 from dataclasses import dataclass, field
@@ -27,7 +29,7 @@ PRESET_DIR = Path(__file__).parent / "configs"
 class ModelConfig:
     """A registry model plus optional overrides; None keeps the registry default."""
 
-    name: str = "star_tiny_patch16_192"
+    name: str = "star_tiny_patch16_192"  # a registered model (star.list_models()); the fields below override it
     embed_dim: Optional[int] = None
     depth: Optional[int] = None
     img_size: Optional[int] = None
@@ -43,6 +45,8 @@ class ModelConfig:
     decoder_num_heads: Optional[int] = None
     decoder_window: Optional[Literal["image", "sequence"]] = None  # what a query reads: its own image, or all before
     num_classes: Optional[int] = None
+    global_pool: Optional[Literal["avg", "token"]] = None  # classifier: mean of the tokens beside cls, or cls
+    fc_norm: Optional[bool] = None  # classifier: LayerNorm the pooled features (True) or every token (ARM's)
     drop_path_rate: Optional[float] = None
     scan_impl: Optional[Literal["auto", "ref", "chunked", "triton"]] = None
 
@@ -57,7 +61,7 @@ class DataConfig:
     root: Optional[str] = None  # Fashion-MNIST folder; None = search $STAR_DATA, ../shared/data, /usr/share/datasets
     img_size: Optional[int] = None  # None = the model's input size
     in_chans: Optional[int] = None  # None = the model's input channels
-    num_workers: int = 4
+    num_workers: int = 4  # data-loading processes per training process; 0 = load in the main process
     skip_corrupt: bool = False  # skip unreadable images instead of failing
     label_fraction: float = 1.0  # fine-tune on this fraction of the labelled training set
     val_size: int = 0  # training images held out for validation; 0 = use the dataset's own split
@@ -65,25 +69,27 @@ class DataConfig:
     mean_std: str = "imagenet"  # normalization preset name
     # augmentation (timm names)
     scale_min: float = 0.2  # RandomResizedCrop scale lower bound (pretraining and fine-tuning)
-    hflip: bool = True
+    hflip: bool = True  # random horizontal flips
     auto_augment: Optional[str] = None  # e.g. "rand-m9-mstd0.5-inc1"
     re_prob: float = 0.0  # random erasing probability
     mixup: float = 0.0  # mixup alpha, 0 = off
     cutmix: float = 0.0  # cutmix alpha, 0 = off
     crop_pct: float = 0.875  # eval: resize to img_size / crop_pct, then center crop
+    # eval: resize the shorter side (center) or the whole image (squash, as ARM evaluates) to img_size / crop_pct
+    crop_mode: Literal["center", "squash"] = "center"
 
 
 @dataclass
 class OptimConfig:
-    epochs: int = 100
-    warmup_epochs: float = 5.0
+    epochs: int = 100  # passes over the training set
+    warmup_epochs: float = 5.0  # linear lr warmup, then half-cycle cosine to min_lr
     batch_size: int = 64  # images per optimizer micro-step per device
     accum_iter: int = 1  # micro-steps per optimizer step
     blr: float = 1.5e-4  # base lr, scaled by effective batch / 256 (see star.training.schedule)
     lr: Optional[float] = None  # absolute lr; None = derived from blr
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
+    min_lr: float = 0.0  # lr at the end of the cosine schedule
+    weight_decay: float = 0.05  # AdamW's, not on norms, biases, A_log, D and learned tokens
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW's
     clip_grad: Optional[float] = None  # max global grad norm, None = no clipping
     layer_decay: Optional[float] = None  # layer-wise lr decay (fine-tuning), None = off
     smoothing: float = 0.0  # label smoothing
@@ -99,9 +105,9 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    output_dir: str = "runs/star"
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    output_dir: str = "runs/star"  # the run directory: metrics, checkpoints and, at the end, model/
+    seed: int = 0  # weights, data order and augmentation
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
     amp: Literal["auto", "bf16", "none"] = "auto"  # auto = bf16 autocast on CUDA, off on CPU
     compile: bool = False  # torch.compile the model
     # torch.compile's mode; reduce-overhead replays each step as CUDA graphs, which removes the per-kernel
@@ -293,6 +299,7 @@ def apply_overrides(cfg: TrainConfig, args: list[str]) -> TrainConfig:
         if not arg.startswith("--"):
             raise ValueError(f"expected an override like --optim.blr 1e-4, got {arg!r}")
         name, has_value, value = arg[2:].partition("=")
+        name = name.replace("-", "_")  # --optim.batch-size works too: one flag style, both spellings
         tp = _lookup(name)
         if not has_value:
             if i + 1 < len(args) and not args[i + 1].startswith("--"):
@@ -379,10 +386,31 @@ def check_config(cfg: TrainConfig) -> None:
                          "starts from random weights (to continue a pretraining run, use --resume)")
 
 
+def _descriptions(cls: type = None, prefix: str = "") -> dict[str, str]:
+    """Every field's description: the comment after it in its dataclass (and comment lines right above it),
+    so that `--help` and the source say the same thing."""
+    cls = cls or TrainConfig
+    fields, out, above = _fields(cls), {}, []
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        text = line.strip()
+        if text.startswith("#"):
+            above.append(text.lstrip("#").strip())
+            continue
+        match = re.match(r"(\w+):[^#]*(?:#\s*(.*))?$", text)
+        if match and match.group(1) in fields:
+            name = match.group(1)
+            if dataclasses.is_dataclass(fields[name]):
+                out.update(_descriptions(fields[name], f"{prefix}{name}."))
+            else:  # the comment after the field, else the lines above it (not a section heading above both)
+                out[prefix + name] = match.group(2) or " ".join(above)
+        above = []
+    return out
+
+
 def config_help() -> str:
-    """Every overridable field with its type and built-in default, one line each (the task commands' --help);
-    a preset sets many of them, which `--print-config` shows."""
-    defaults = config_to_dict(TrainConfig())
+    """Every overridable field with its type, built-in default and description, one line each (the task
+    commands' --help); a preset sets many of them, which `--print_config` shows."""
+    defaults, descriptions = config_to_dict(TrainConfig()), _descriptions()
     lines = []
     for name in _all_names():
         if name == "task":  # the command sets it
@@ -390,5 +418,9 @@ def config_help() -> str:
         value = defaults
         for part in name.split("."):
             value = value[part]
-        lines.append(f"  --{name}: {_type_name(_lookup(name))} (built-in default {value})")
+        about = descriptions.get(name, "")
+        if value is None and name.startswith("model."):
+            about = (about + "; " if about else "") + "None = the value model.name is registered with"
+        lines.append(f"  --{name}: {_type_name(_lookup(name))} (built-in default {value})" + (f": {about}" if about
+                                                                                              else ""))
     return "\n".join(lines)

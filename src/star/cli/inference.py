@@ -10,30 +10,33 @@ from PIL import Image, UnidentifiedImageError
 
 from star.config import TrainConfig, apply_overrides, load_config
 from star.data import build_dataset, convert_image
-from star.models import StarPretrain, VisionMambaClassifier, load_pretrained
-from star.models.hub import resolve_model_dir
+from star.models import StarPretrain, VisionMambaClassifier
 from star.cli.train import (CLASSES_FILE, RUN_CONFIG_FILE, check_num_classes, classification_transform,
-                            data_preset, eval_loader)
+                            data_preset, eval_loader, holdout_set, load_run_model)
 from star.training import evaluate, resolve_device
 from star.training.distributed import destroy_distributed, init_distributed
 
 
 def load_run(path: str, task: str):
-    """The saved model of a run (or model folder) and the config it was trained with: the one saved beside
-    the weights, else the run directory's; built-in defaults (and a warning) when there is neither."""
-    model_dir = resolve_model_dir(path)
+    """The saved model of a run (or model folder; or, for an unfinished run, its latest checkpoint) and the
+    config it was trained with: the one saved beside the weights, else the run directory's; built-in
+    defaults (and a warning) when there is neither."""
+    model, model_dir, run_cfg = load_run_model(path)
+    if run_cfg is not None:
+        return model, model_dir, run_cfg
     saved = [p for p in (model_dir / RUN_CONFIG_FILE, model_dir.parent / "config.yaml") if p.is_file()]
     cfg = load_config(str(saved[0])) if saved else TrainConfig(task=task)
     if not saved:
         print(f"warning: no {RUN_CONFIG_FILE} in {model_dir} and no config.yaml beside it: preparing images with "
               f"the built-in defaults (data.mean_std {cfg.data.mean_std}, data.crop_pct {cfg.data.crop_pct})",
               file=sys.stderr)
-    return load_pretrained(model_dir), model_dir, cfg
+    return model, model_dir, cfg
 
 
 def evaluate_run(path: str, cfg_overrides, split: str = "test", device: str = "auto",
                  batch_size: Optional[int] = None) -> dict:
-    """Top-1/top-5 accuracy of a fine-tuned run (or model folder) on `split` of its dataset."""
+    """Top-1/top-5 accuracy of a fine-tuned run (or model folder) on `split` of its dataset; "val" of a run
+    that held out training images (data.val_size) is that holdout. The result names the split truthfully."""
     model, _, cfg = load_run(path, "finetune")
     cfg = apply_overrides(cfg, cfg_overrides)
     if not isinstance(model, VisionMambaClassifier):
@@ -41,8 +44,15 @@ def evaluate_run(path: str, cfg_overrides, split: str = "test", device: str = "a
                          "(fine-tune or linear-probe it first)")
     data = cfg.data
     transform = classification_transform(cfg, model.img_size, model.in_chans, train=False)
-    dataset = build_dataset(data.dataset, split, transform, root=data.root, in_chans=model.in_chans,
-                            img_size=model.img_size, skip_corrupt=data.skip_corrupt)
+    common = dict(root=data.root, in_chans=model.in_chans, img_size=model.img_size, skip_corrupt=data.skip_corrupt)
+    if split == "val" and data.val_size > 0:  # what the run validated on
+        dataset = holdout_set(cfg, transform, seed=cfg.seed, **common)
+        split = f"val ({len(dataset)} training images held out by data.val_size, as in training)"
+    else:
+        dataset = build_dataset(data.dataset, split, transform, **common)
+        actual = getattr(dataset, "split", split)
+        if actual != split:  # e.g. Fashion-MNIST, whose "val" is its test set
+            split = f"{split} (= the {actual} split of {data.dataset}, which has no {split} split)"
     check_num_classes(model, dataset, data.dataset)
     init_distributed(device)  # under torchrun each rank evaluates its share; counts are all-reduced
     try:
@@ -68,7 +78,8 @@ def _open_image(path: Path, in_chans: int, convert: bool) -> Image.Image:
 
 
 def predict_files(path: str, files: List[str], topk: int = 5, convert: bool = False, device: str = "auto"):
-    """[(file, [(class name, probability), ...])] for each image file, best first."""
+    """([(file, [(class name, probability), ...])] for each readable image file, best first, and
+    [(file, why)] for those that could not be used): one bad file does not cost the others their answer."""
     model, model_dir, cfg = load_run(path, "finetune")
     if not isinstance(model, VisionMambaClassifier):
         raise ValueError(f"{path} holds a {type(model).__name__}, not a classifier")
@@ -77,13 +88,20 @@ def predict_files(path: str, files: List[str], topk: int = 5, convert: bool = Fa
     if len(names) != model.num_classes:  # no names saved (or a folder edited by hand): number the classes
         names = [str(i) for i in range(model.num_classes)]
     transform = classification_transform(cfg, model.img_size, model.in_chans, train=False)
-    batch = torch.stack([transform(_open_image(Path(f), model.in_chans, convert)) for f in files])
+    read, failed = [], []
+    for f in files:
+        try:
+            read.append((f, transform(_open_image(Path(f), model.in_chans, convert))))
+        except ValueError as err:
+            failed.append((f, str(err)))
+    if not read:
+        return [], failed
     dev = resolve_device(device)
     with torch.no_grad():
-        probs = model.to(dev).eval()(batch.to(dev)).float().softmax(-1).cpu()
+        probs = model.to(dev).eval()(torch.stack([x for _, x in read]).to(dev)).float().softmax(-1).cpu()
     top = probs.topk(min(topk, probs.shape[1]), dim=1)
     return [(f, [(names[i], p) for p, i in zip(values.tolist(), indices.tolist())])
-            for f, values, indices in zip(files, top.values, top.indices)]
+            for (f, _), values, indices in zip(read, top.values, top.indices)], failed
 
 
 def draw_predictions(path: str, out: str, num_sequences: int = 4, split: str = "test", device: str = "auto") -> Path:

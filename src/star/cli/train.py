@@ -1,21 +1,26 @@
 """Turn a `TrainConfig` into a model, data loaders and a finished run (the entry point's half of MAE's split:
 the engine in `star.training` trains; this module decides what it trains on)."""
 
+import contextlib
 import inspect
+import io
 import json
+import sys
 import traceback
+from pathlib import Path
 from typing import Optional, Tuple
 
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from star.config import TrainConfig, check_config, save_config
+from star.config import TrainConfig, check_config, load_config, save_config
 from star.data import (PRESETS, DataPreset, LabeledSubset, StarBatchSampler, build_dataset, build_sequence_loader,
                        finetune_transform, label_subset, pretrain_transform, train_val_split)
 from star.models import VisionMambaClassifier, classifier_from_pretrain, create_model, load_pretrained
-from star.models.hub import MODEL_DIR
+from star.models.hub import MODEL_DIR, load_state_dict_checked, resolve_model_dir
 from star.models.registry import registered_defaults
 from star.training import Trainer, create_loss_fn, seed_everything
+from star.training.checkpoint import load_weights, resolve_checkpoint
 from star.training.distributed import (EvalBatchSampler, destroy_distributed, full_model_state_dict,
                                        init_distributed, is_sharded)
 
@@ -33,7 +38,7 @@ def build_model(cfg: TrainConfig) -> nn.Module:
             raise ValueError("linprobe needs --pretrained RUN_DIR (a linear probe of random weights measures nothing)")
         print("no --pretrained: fine-tuning from random weights")
         return create_model(cfg.model.name, **overrides)
-    source = load_pretrained(cfg.pretrained)
+    source = load_run_model(cfg.pretrained)[0]
     classifier_args = inspect.signature(VisionMambaClassifier).parameters  # model.* fields that fit it
     kwargs = {k: v for k, v in overrides.items() if k in classifier_args}
     # the input size of model.name (e.g. 224 for star_base_patch16_224) unless overridden: fine-tuning at
@@ -46,6 +51,31 @@ def build_model(cfg: TrainConfig) -> nn.Module:
           f"({', '.join(report.missing_keys)}), {len(report.unexpected_keys)} pretraining-only weights dropped"
           f"{resized}")
     return model
+
+
+def load_run_model(path) -> Tuple[nn.Module, Path, Optional[TrainConfig]]:
+    """A saved model folder (or a finished run's model/); else, for a run that was killed or has not
+    finished, the model its config.yaml describes with the weights of its latest checkpoint. Returns (model,
+    the folder the weights came from, the run's config when it was read)."""
+    try:
+        folder = resolve_model_dir(path)
+        return load_pretrained(folder), folder, None
+    except FileNotFoundError as no_model:
+        try:
+            ckpt = resolve_checkpoint(path)
+        except FileNotFoundError:
+            raise no_model from None
+    config = ckpt.parent.parent / "config.yaml"
+    if not config.is_file():
+        raise FileNotFoundError(f"{ckpt} has no config.yaml in its run directory {config.parent}, so the model it "
+                                f"holds is unknown")
+    cfg = load_config(str(config))
+    with contextlib.redirect_stdout(io.StringIO()):  # how the run's model was first initialised is no news here
+        model = build_model(cfg)
+    load_state_dict_checked(model, load_weights(ckpt), source=str(ckpt))
+    print(f"note: {path} has no finished model (killed, or still running?); using its latest checkpoint {ckpt}",
+          file=sys.stderr)
+    return model, ckpt, cfg
 
 
 def _geometry(cfg: TrainConfig, model: nn.Module) -> Tuple[int, int]:
@@ -75,7 +105,7 @@ def classification_transform(cfg: TrainConfig, img_size: int, in_chans: int, tra
     try:
         return finetune_transform(img_size, preset.mean, preset.std, train, auto_augment=data.auto_augment,
                                   re_prob=data.re_prob, crop_pct=data.crop_pct, scale=(data.scale_min, 1.0),
-                                  hflip=0.5 if data.hflip else 0.0)
+                                  hflip=0.5 if data.hflip else 0.0, crop_mode=data.crop_mode)
     except AssertionError as err:  # timm asserts on an auto-augment string it cannot parse
         raise ValueError(f"--data.auto_augment {data.auto_augment!r} is not a policy timm knows "
                          f"(e.g. rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, trivialaugment): {err}") from None
@@ -101,10 +131,8 @@ def build_loaders(cfg: TrainConfig, model: nn.Module) -> Tuple[DataLoader, Optio
     eval_tf = classification_transform(cfg, img_size, in_chans, False)
     train = build_dataset(data.dataset, "train", train_tf, num_samples=data.num_samples, **common)
     if data.val_size > 0:
-        train_idx, val_idx = train_val_split(len(train), data.val_size, cfg.seed)
-        val = LabeledSubset(build_dataset(data.dataset, "train", eval_tf, num_samples=data.num_samples,
-                                          **common), val_idx)
-        train = LabeledSubset(train, train_idx)
+        val = holdout_set(cfg, eval_tf, **common)
+        train = LabeledSubset(train, train_val_split(len(train), data.val_size, cfg.seed)[0])
     else:
         val = build_dataset(data.dataset, "val", eval_tf, **common)
     train = _subset(train, data.num_samples, cfg.seed)
@@ -114,6 +142,12 @@ def build_loaders(cfg: TrainConfig, model: nn.Module) -> Tuple[DataLoader, Optio
     train_loader = DataLoader(train, batch_sampler=sampler, num_workers=data.num_workers,
                               persistent_workers=data.num_workers > 0)
     return train_loader, eval_loader(val, optim.batch_size, data.num_workers)
+
+
+def holdout_set(cfg: TrainConfig, transform, **common) -> LabeledSubset:
+    """The `data.val_size` training images a classification run holds out and validates on (seeded)."""
+    full = build_dataset(cfg.data.dataset, "train", transform, num_samples=cfg.data.num_samples, **common)
+    return LabeledSubset(full, train_val_split(len(full), cfg.data.val_size, cfg.seed)[1])
 
 
 def eval_loader(dataset, batch_size: int, num_workers: int) -> DataLoader:

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from .fashion_mnist import FashionMNIST, find_fashion_mnist
+from .fashion_mnist import FashionMNIST, download_fashion_mnist, find_fashion_mnist
 from .folder import CorruptImageError, ImageFolder, convert_image
 from .shards import ShardDataset, write_shards
 from .sequences import StarBatchSampler, build_sequence_loader, collate_sequences
@@ -56,7 +56,7 @@ def build_dataset(name, split, transform=None, root=None, in_chans=None, img_siz
 
 __all__ = [
     "build_dataset", "DATASET_NAMES",
-    "FashionMNIST", "find_fashion_mnist", "ImageFolder", "CorruptImageError", "convert_image", "SyntheticImages",
+    "FashionMNIST", "find_fashion_mnist", "download_fashion_mnist", "ImageFolder", "CorruptImageError", "convert_image", "SyntheticImages",
     "write_image_folder",
     "ShardDataset", "write_shards", "StarBatchSampler", "collate_sequences", "build_sequence_loader",
     "train_val_split", "label_subset", "LabeledSubset",

@@ -8,67 +8,20 @@ The whole split is loaded into memory once (60k x 28 x 28 uint8 = 47 MB) and sha
 
 import functools
 import gzip
-import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from .fashion_mnist_files import CACHE_DIR, SPLIT_FILES, _file_in, find_fashion_mnist
+
 CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
-SPLIT_FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
-SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's `dataset-fashion-mnist` package
-_REPO_ROOT = Path(__file__).resolve().parents[3]  # src/star/data/x.py -> repo root
-
-
-def _file_in(folder: Path, name: str) -> Path | None:
-    for candidate in (folder / f"{name}.gz", folder / name):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _has_all_files(folder: Path) -> bool:
-    return all(_file_in(folder, name) for files in SPLIT_FILES.values() for name in files)
-
-
-def _candidate_dirs(root) -> list[Path]:
-    """Every folder searched, in priority order."""
-    if root is not None:
-        return [Path(root)]
-    dirs = []
-    if os.environ.get("STAR_DATA"):
-        star_data = Path(os.environ["STAR_DATA"])
-        dirs += [star_data, star_data / "fashion-mnist"]
-    shared = Path("..") / "shared" / "data" / "fashion-mnist"
-    dirs += [(_REPO_ROOT / shared).resolve(), (Path.cwd() / shared).resolve(), SYSTEM_DIR]
-    return list(dict.fromkeys(dirs))  # the repo root is often the working directory: list each place once
-
-
-def find_fashion_mnist(root=None) -> Path:
-    """Return the folder holding the four Fashion-MNIST IDX files (gz or uncompressed).
-
-    Search order: `root` if given (and nothing else); `$STAR_DATA` or `$STAR_DATA/fashion-mnist`;
-    `../shared/data/fashion-mnist` next to the repo root, then next to the working directory;
-    `/usr/share/datasets/fashion-mnist`.
-    """
-    searched = _candidate_dirs(root)
-    for folder in searched:
-        if _has_all_files(folder):
-            return folder
-    needed = ", ".join(f"{name}[.gz]" for files in SPLIT_FILES.values() for name in files)
-    looked = "\n".join(f"  - {folder}" for folder in searched)
-    raise FileNotFoundError(
-        f"Fashion-MNIST not found. A folder must hold {needed}. Looked in:\n{looked}\n"
-        "Get the data with `apt-get install dataset-fashion-mnist` (installs into "
-        f"{SYSTEM_DIR}), or download the files and set STAR_DATA=/path/to/folder."
-    )
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -130,3 +83,24 @@ class FashionMNIST(Dataset):
 
     def __repr__(self):
         return f"FashionMNIST(split={self.split!r}, num_samples={len(self)}, root='{self.root}')"
+
+
+def download_fashion_mnist(folder=None) -> Path:
+    """Fetch the four IDX files with torchvision's downloader into `folder` (default: the cache folder that
+    `find_fashion_mnist` searches) and return it. Needs a network."""
+    from torchvision.datasets import FashionMNIST as TorchvisionFashionMNIST
+
+    folder = Path(folder) if folder is not None else CACHE_DIR
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            for train in (True, False):
+                TorchvisionFashionMNIST(tmp, train=train, download=True)
+        except (OSError, RuntimeError) as err:  # URLError is an OSError; torchvision raises RuntimeError too
+            why = " ".join(str(err).split())  # torchvision's message spans lines
+            raise ValueError(f"could not download Fashion-MNIST ({why}); without a network, install "
+                             f"dataset-fashion-mnist (Debian) or copy the files and set STAR_DATA") from None
+        raw = Path(tmp) / "FashionMNIST" / "raw"
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in (n for files in SPLIT_FILES.values() for n in files):
+            shutil.copyfile(_file_in(raw, name), folder / _file_in(raw, name).name)
+    return find_fashion_mnist(folder)

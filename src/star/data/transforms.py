@@ -77,11 +77,13 @@ def _patch_posterize(transform) -> None:
 
 
 def finetune_transform(img_size, mean, std, train, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25,
-                       crop_pct=224 / 256, interpolation="bicubic", scale=(0.08, 1.0), hflip=0.5, color_jitter=None):
+                       crop_pct=224 / 256, interpolation="bicubic", scale=(0.08, 1.0), hflip=0.5, color_jitter=None,
+                       crop_mode="center"):
     """Fine-tuning transform via timm.data.create_transform (DeiT/MAE recipe).
 
     train: RandomResizedCrop(scale) + flip + RandAugment (or colour jitter when auto_augment is None)
-    + ToTensor + Normalize + random erasing. eval: resize to img_size / crop_pct, centre crop img_size.
+    + ToTensor + Normalize + random erasing. eval: resize the shorter side ("center"), or the image to a
+    square ("squash", as ARM evaluates), to img_size / crop_pct, then centre crop img_size.
     """
     if len(mean) != len(std):
         raise ValueError(f"mean and std must have one value per channel, got {mean} and {std}")
@@ -97,6 +99,7 @@ def finetune_transform(img_size, mean, std, train, auto_augment="rand-m9-mstd0.5
         color_jitter=color_jitter,
         mean=tuple(mean),
         std=tuple(std),
+        crop_mode=crop_mode,
     )
     _patch_posterize(transform)
     return transform

@@ -1,6 +1,7 @@
 """Image <-> patch geometry shared by the pretraining model and the classifier."""
 
-from typing import Optional, Sequence
+import math
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from timm.layers import resample_abs_pos_embed
@@ -8,10 +9,13 @@ from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 
 
 def check_images(images: torch.Tensor, in_chans: int, img_size: int, leading: Sequence[str],
-                 weight_dtype: Optional[torch.dtype] = None) -> None:
+                 weight_dtype: Optional[torch.dtype] = None, any_size_of_patch: Optional[int] = None) -> None:
     """Fail with a readable message (not deep inside a conv) when images don't fit the model: shape, an empty
-    batch, or a dtype the weights cannot take (outside autocast, images must match `weight_dtype`)."""
-    shape = f"({', '.join(leading)}, {in_chans}, {img_size}, {img_size})"
+    batch, or a dtype the weights cannot take (outside autocast, images must match `weight_dtype`).
+    `any_size_of_patch` accepts any height and width divisible by that patch size instead of `img_size`
+    (dense features, whose position embedding is interpolated)."""
+    size = "H, W" if any_size_of_patch else f"{img_size}, {img_size}"
+    shape = f"({', '.join(leading)}, {in_chans}, {size})"
     if images.ndim != len(leading) + 3:
         raise ValueError(f"expected images of shape {shape}, got a {images.ndim}-d tensor {tuple(images.shape)}")
     if images.numel() == 0:
@@ -27,7 +31,11 @@ def check_images(images: torch.Tensor, in_chans: int, img_size: int, leading: Se
     if c != in_chans:
         raise ValueError(f"the model expects {in_chans}-channel images, got {c} channels (shape "
                          f"{tuple(images.shape)}); convert the images or build the model with in_chans={c}")
-    if (h, w) != (img_size, img_size):
+    if any_size_of_patch:
+        if h % any_size_of_patch or w % any_size_of_patch or min(h, w) < any_size_of_patch:
+            raise ValueError(f"image height and width must be multiples of the patch size {any_size_of_patch}, got "
+                             f"{h}x{w}; resize or pad the images")
+    elif (h, w) != (img_size, img_size):
         raise ValueError(f"the model expects {img_size}x{img_size} images, got {h}x{w} (shape {tuple(images.shape)}); "
                          f"resize them or build the model with another img_size")
 
@@ -37,9 +45,12 @@ def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
     return build_sincos2d_pos_embed([grid, grid], dim=dim).unsqueeze(0)
 
 
-def resize_pos_embed(pos_embed: torch.Tensor, new_grid: int) -> torch.Tensor:
-    """Bicubic interpolation of a (1, g*g, dim) grid embedding to new_grid x new_grid (e.g. 12x12 -> 14x14)."""
-    return resample_abs_pos_embed(pos_embed, [new_grid, new_grid], num_prefix_tokens=0)
+def resize_pos_embed(pos_embed: torch.Tensor, new_grid: Union[int, Tuple[int, int]]) -> torch.Tensor:
+    """Bicubic interpolation of a (1, g*g, dim) grid embedding to new_grid x new_grid, or to (height, width)
+    (e.g. 12x12 -> 14x14). Without antialiasing, as DeiT, MAE and ARM interpolate when fine-tuning, so ARM
+    weights start fine-tuning from the same embedding as in ARM's code."""
+    size = [new_grid, new_grid] if isinstance(new_grid, int) else list(new_grid)
+    return resample_abs_pos_embed(pos_embed, size, num_prefix_tokens=0, antialias=False)
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -68,10 +79,12 @@ def normalize_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (patches - mean) / (var + eps) ** 0.5
 
 
-def cluster_order(grid: int, cluster_size: int) -> torch.Tensor:
-    """Raster patch indices in STAR's serialization: clusters in raster order, patches raster inside each."""
-    if grid % cluster_size:
-        raise ValueError(f"a {grid}x{grid} patch grid can't be cut into {cluster_size}x{cluster_size} clusters; "
-                         f"choose cluster_size dividing {grid}")
-    idx = torch.arange(grid * grid).reshape(grid // cluster_size, cluster_size, grid // cluster_size, cluster_size)
+def cluster_order(grid: Union[int, Tuple[int, int]], cluster_size: int) -> torch.Tensor:
+    """Raster patch indices in STAR's serialization of a grid (or (height, width)) of patches: clusters in
+    raster order, patches raster inside each."""
+    h, w = (grid, grid) if isinstance(grid, int) else grid
+    if h % cluster_size or w % cluster_size:
+        raise ValueError(f"a {h}x{w} patch grid can't be cut into {cluster_size}x{cluster_size} clusters; "
+                         f"choose cluster_size dividing {math.gcd(h, w)}")
+    idx = torch.arange(h * w).reshape(h // cluster_size, cluster_size, w // cluster_size, cluster_size)
     return idx.permute(0, 2, 1, 3).reshape(-1)

@@ -3,43 +3,54 @@
 Pretraining models are `star_<size>_patch16_192` (StarPretrain, 192 px, K=4 images per sequence) and
 classifiers `star_<size>_patch16_224` (VisionMambaClassifier, 224 px, 4 scan directions). Every constructor
 argument can be overridden, e.g. `create_model("star_tiny_patch16_192", img_size=32, patch_size=4,
-in_chans=1, cluster_size=2)` for 32 px grayscale images.
+in_chans=1, cluster_size=2)` for 32 px grayscale images. The names themselves live in `star.model_names`,
+which `import star` reads without importing the models.
 """
 
 import fnmatch
 import inspect
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch.nn as nn
 
+from star.data.transforms import PRESETS
+from star.model_names import MODEL_DEFAULTS
 from star.models.classifier import VisionMambaClassifier
 from star.models.star import StarPretrain
 
-SIZES: Dict[str, dict] = {  # the spec's table: patch 16, d_state 16, expand 1
-    "tiny": dict(embed_dim=192, depth=12),
-    "small": dict(embed_dim=384, depth=12),
-    "base": dict(embed_dim=768, depth=12),
-    "large": dict(embed_dim=1024, depth=24),
-    "huge": dict(embed_dim=1536, depth=24),
-}
-
+ARCHITECTURES = {"StarPretrain": StarPretrain, "VisionMambaClassifier": VisionMambaClassifier}
 MODELS: Dict[str, Callable[..., nn.Module]] = {}
-_TIMM_ONLY_ARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")  # timm.create_model passes these
+_TIMM_ONLY_ARGS = ("cache_dir",)  # timm.create_model passes it; star models have no weights to download
 
 
-def _entry(cls: type, name: str, **defaults) -> Callable[..., nn.Module]:
+def _entry(name: str, architecture: str, defaults: dict) -> Callable[..., nn.Module]:
+    cls = ARCHITECTURES[architecture]
     allowed = [p for p in inspect.signature(cls).parameters if p != "self"]
 
-    def build(pretrained: bool = False, **overrides) -> nn.Module:
+    def build(pretrained: bool = False, pretrained_cfg: Optional[dict] = None,
+              pretrained_cfg_overlay: Optional[dict] = None, features_only: bool = False,
+              out_indices: Union[int, Sequence[int]] = 4, **overrides) -> nn.Module:
+        """The model (timm's arguments: `features_only` wraps it in timm's FeatureGetterNet, which returns
+        the (B, C, H/p, W/p) maps of blocks `out_indices`: n for the last n, or a list)."""
         if pretrained:
-            raise ValueError(f"{name}: no released weights; load your own with star.load_pretrained(dir)")
+            raise ValueError(f"{name}: no released weights; load your own with star.load_pretrained(dir) (or "
+                             f"`star convert arm` ARM's)")
         for key in _TIMM_ONLY_ARGS:
             overrides.pop(key, None)
         unknown = sorted(set(overrides) - set(allowed))
         if unknown:
             raise ValueError(f"{name}: unknown argument(s) {', '.join(unknown)}; {cls.__name__} takes "
                              f"{', '.join(allowed)}")
-        return cls(**{**defaults, **overrides})
+        model = cls(**{**defaults, **overrides})
+        cfg = _model_cfg(name, architecture, model, pretrained_cfg, pretrained_cfg_overlay)
+        model.pretrained_cfg = model.default_cfg = cfg
+        if features_only:
+            from timm.models._features import FeatureGetterNet
+
+            model = FeatureGetterNet(model, out_indices=list(out_indices) if not isinstance(out_indices, int)
+                                     else out_indices)
+            model.pretrained_cfg = model.default_cfg = cfg
+        return model
 
     build.__name__ = build.__qualname__ = name
     build.__doc__ = f"{cls.__name__} with {defaults}."
@@ -48,9 +59,32 @@ def _entry(cls: type, name: str, **defaults) -> Callable[..., nn.Module]:
     return build
 
 
-for _size, _dims in SIZES.items():
-    _entry(StarPretrain, f"star_{_size}_patch16_192", img_size=192, patch_size=16, **_dims)
-    _entry(VisionMambaClassifier, f"star_{_size}_patch16_224", img_size=224, patch_size=16, **_dims)
+def pretrained_cfg(name: str, architecture: str, img_size: int, in_chans: int, num_classes: int = 0) -> dict:
+    """timm's pretrained_cfg for a star model: star's eval preprocessing (the data preset for that many
+    channels: ImageNet mean/std and resize 256 + crop 224 for RGB), so that `timm.data.resolve_data_config`
+    + `create_transform` prepare images as `star eval` does."""
+    preset = next((p for p in PRESETS.values() if len(p.mean) == in_chans), None)
+    cfg = dict(architecture=name, input_size=(in_chans, img_size, img_size), interpolation="bicubic",
+               crop_pct=preset.crop_pct if preset else 1.0, num_classes=num_classes, first_conv="patch_embed.proj",
+               classifier="head" if architecture == "VisionMambaClassifier" else None, license="apache-2.0")
+    if preset:
+        cfg.update(mean=tuple(preset.mean), std=tuple(preset.std))
+    return cfg
+
+
+def _model_cfg(name: str, architecture: str, model: nn.Module, base: Optional[dict], overlay: Optional[dict]) -> dict:
+    """The pretrained_cfg of this model's own input size and channels, updated with timm's arguments."""
+    cfg = pretrained_cfg(name, architecture, model.img_size, model.in_chans, getattr(model, "num_classes", 0))
+    if isinstance(base, dict):
+        cfg.update(base)
+    elif base is not None and not isinstance(base, str):  # timm passes a PretrainedCfg it resolved
+        cfg.update(base.to_dict())
+    cfg.update(overlay or {})
+    return cfg
+
+
+for _name, (_architecture, _defaults) in MODEL_DEFAULTS.items():
+    _entry(_name, _architecture, _defaults)
 
 
 def registered_defaults(name: str) -> dict:
@@ -65,17 +99,8 @@ def list_models(pattern: str = "*") -> List[str]:
 
 
 def create_model(name: str, **overrides) -> nn.Module:
-    """Build a registered model; keyword arguments override its defaults."""
+    """Build a registered model; keyword arguments override its defaults (and timm's features_only,
+    out_indices, pretrained_cfg_overlay work as in timm.create_model)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; registered: {', '.join(list_models())}")
     return MODELS[name](**overrides)
-
-
-def register_with_timm() -> None:
-    """Make `timm.create_model("star_base_patch16_224")` work too."""
-    from timm.models import register_model
-    from timm.models._registry import is_model
-
-    for build in MODELS.values():
-        if not is_model(build.__name__):
-            register_model(build)

@@ -16,13 +16,14 @@ too, with a (K * Nt, L) mask, quadratic in K (kept for ablation). At K = 1 the t
 """
 
 import math
-from typing import Dict, List, NamedTuple, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp, PatchEmbed, trunc_normal_
 
+from star.models.features import DenseFeaturesMixin, tokens_to_output
 from star.models.hub import PretrainedMixin, register_architecture
 from star.models.mamba import build_blocks, no_weight_decay_names
 from star.models.patches import (check_images, cluster_order, normalize_patches, patchify, sincos_pos_embed,
@@ -69,7 +70,7 @@ def default_feature_layers(depth: int, num_levels: int = 4) -> List[int]:
 
 
 @register_architecture
-class StarPretrain(PretrainedMixin, nn.Module):
+class StarPretrain(PretrainedMixin, DenseFeaturesMixin, nn.Module):
     saved_before = {"decoder_window": "sequence"}  # the only window before it was an argument
     def __init__(self, img_size: int = 192, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
                  depth: int = 12, d_state: int = 16, d_conv: int = 4, expand: int = 1, cluster_size: int = 4,
@@ -191,6 +192,59 @@ class StarPretrain(PretrainedMixin, nn.Module):
             x = block(x)
             outputs[i] = x
         return [outputs[i] for i in self.feature_layers]
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
+                              return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """timm's dense-feature interface on the causal encoder. Each image (B, C, H, W) is one sequence,
+        read as in pretraining (separator, then the patches cluster by cluster); the outputs of blocks
+        `indices` (None: all, n: the last n, or a list) come back in raster order as (B, C, H/p, W/p) maps
+        ('NCHW') or (B, H/p*W/p, C) tokens ('NLC'); with `return_prefix_tokens` each comes with the
+        separator's outputs. Any image size works whose patch grid the clusters tile. Returns the
+        intermediates, or (the last block's output in sequence order, intermediates)."""
+        if norm:
+            raise ValueError("the causal encoder has no final norm to apply (the decoder norms each feature level)")
+        take, last = self._take_indices(indices)
+        patches, grid = self._dense_patches(x)
+        order = self._grid_cluster_order(grid)
+        x, s = patches[:, order], self.separator_len
+        if s:
+            x = torch.cat([self.separator.to(x.dtype).expand(x.shape[0], s, -1), x], dim=1)
+        inverse = order.argsort()
+        intermediates, prefixes = [], []
+        for i, block in enumerate(self.blocks[:last + 1] if stop_early else self.blocks):
+            x = block(x)
+            if i in take:
+                intermediates.append(x[:, s:][:, inverse])
+                prefixes.append(x[:, :s])
+        maps = tokens_to_output(intermediates, grid, output_fmt)
+        if return_prefix_tokens and s:
+            maps = list(zip(maps, prefixes))
+        return maps if intermediates_only else (x, maps)
+
+    def _grid_cluster_order(self, grid: Tuple[int, int]) -> torch.Tensor:
+        """The serialization of another patch grid (dense features), kept for the next call."""
+        if tuple(grid) == (self.grid, self.grid):
+            return self.order
+        key = (tuple(grid), self.order.device)
+        cached = self.__dict__.get("_grid_order_cache")
+        if cached is None or cached[0] != key:
+            order = cluster_order(tuple(grid), self.init_args["cluster_size"]).to(self.order.device)
+            cached = self.__dict__["_grid_order_cache"] = (key, order)
+        return cached[1]
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Drop the blocks after the last of `indices` and, with `prune_head`, the decoder (every module and
+        parameter the encoder does not use), for a features-only model. There is no final norm to prune."""
+        take, last = self._take_indices(indices)
+        self.blocks = self.blocks[:last + 1]
+        if prune_head:
+            for name in [n for n, _ in self.named_children() if n not in ("patch_embed", "blocks")]:
+                delattr(self, name)
+            for name in [n for n, _ in self.named_parameters(recurse=False) if n not in ("separator", "cls_token")]:
+                delattr(self, name)
+        return take
 
     def forward_decoder(self, features: List[torch.Tensor], num_images: int) -> torch.Tensor:
         layout = self.layout(num_images)
