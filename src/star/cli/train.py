@@ -7,10 +7,10 @@ import traceback
 from typing import Optional, Tuple
 
 import torch.nn as nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from star.config import TrainConfig, check_config, save_config
-from star.data import (PRESETS, DataPreset, LabeledSubset, StarBatchSampler, build_dataset, build_sequence_loader,
+from star.data import (PRESETS, DataPreset, LabeledSubset, build_dataset, build_sequence_loader,
                        finetune_transform, label_subset, pretrain_transform, train_val_split)
 from star.models import VisionMambaClassifier, classifier_from_pretrain, create_model, load_pretrained
 from star.models.hub import MODEL_DIR
@@ -110,9 +110,8 @@ def build_loaders(cfg: TrainConfig, model: nn.Module) -> Tuple[DataLoader, Optio
     train = _subset(train, data.num_samples, cfg.seed)
     if data.label_fraction < 1.0:
         train = LabeledSubset(train, label_subset(train.targets, data.label_fraction, cfg.seed))
-    sampler = StarBatchSampler(len(train), optim.batch_size, 1, seed=cfg.seed)
-    train_loader = DataLoader(train, batch_sampler=sampler, num_workers=data.num_workers,
-                              persistent_workers=data.num_workers > 0)
+    train_loader = build_sequence_loader(train, optim.batch_size, 1, seed=cfg.seed, num_workers=data.num_workers,
+                                         collate_fn=default_collate)
     return train_loader, eval_loader(val, optim.batch_size, data.num_workers)
 
 

@@ -7,7 +7,8 @@ GradScaler: bf16 has fp32's exponent range, so gradients need no loss scaling (f
 
 Resuming is exact: a checkpoint holds the weights, optimizer, EMA, step, the position inside the
 epoch and all RNG states, and the RNG is restored after the data iterator is created, so a
-resumed run retraces the uninterrupted one (bit-exact on CPU with num_workers=0; with workers,
+resumed run retraces the uninterrupted one (bit-exact on CPU, with or without data-loader workers for
+loaders from `star.data.build_sequence_loader`, which seed every sample; with other loaders' workers,
 augmentation randomness is only as reproducible as the dataset's own seeding).
 
 Under torchrun/SLURM (see `star.training.distributed`) the model is wrapped in DDP or sharded with
