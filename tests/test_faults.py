@@ -7,12 +7,22 @@ runs; `STAR_FAULT_TRIALS=20` (marked slow) runs 20 per case.
 """
 
 import csv
+import dataclasses
+import errno
+import json
+import math
+import subprocess
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from star.training import Trainer, checkpoint, engine
+from star.training.checkpoint import (CheckpointError, clean_interrupted_saves, latest_checkpoint, lock_run_dir,
+                                      read_checkpoint, save_checkpoint, step_checkpoints)
+from star.training.engine import MetricsLogger
 from test_cli import SYNTHETIC, TINY, star
+from test_training import TinyClassifier, make_cfg, make_job, read_losses
 
 PRE = ["pretrain", *TINY, "--model.cluster_size", "2", "--model.decoder_dim", "32", "--model.decoder_num_heads", "4"]
 FINE = ["finetune", *TINY, "--data.val_size", "16", "--model.num_classes", "10", "--pretrained", "none"]
@@ -47,3 +57,218 @@ def test_resume_with_workers_retraces_the_uninterrupted_run(tmp_path, task, stop
         assert star(*job, "--output_dir", tmp_path / "split", "--resume", "auto", "--max_steps", stop) == 0
     assert star(*job, "--output_dir", tmp_path / "split", "--resume", "auto") == 0
     assert_same_run(tmp_path / "split", tmp_path / "full")
+
+
+# ---------------------------------------------------------------------------- checkpoints, in process
+# (make_cfg's stand-in job: 3 optimizer steps per epoch, 9 in all)
+
+
+def saved_steps(run) -> list[int]:
+    return [int(p.name.removeprefix("step-")) for p in reversed(step_checkpoints(run))]
+
+
+def test_the_last_step_is_saved_once(tmp_path, monkeypatch):
+    """max_steps a multiple of save_every, mid-epoch: the loop's save and the final one were the same step, and
+    the second deleted the first before renaming its own copy into place."""
+    saves = []
+    monkeypatch.setattr(engine, "save_checkpoint", lambda run, step, *a: saves.append(step) or save_checkpoint(run, step, *a))
+    cfg = make_cfg(tmp_path, "finetune", save_every=2, max_steps=4, keep_last=1)
+    Trainer(cfg, *make_job(cfg)).fit()
+    assert saves == [2, 3, 4] and saved_steps(tmp_path) == [4]
+
+
+def test_a_step_saved_again_keeps_its_old_copy_until_the_new_one_is_in_place(tmp_path, monkeypatch):
+    model = TinyClassifier()
+    first = save_checkpoint(tmp_path, 1, model, {"step": 1}, keep_last=1)
+    replace, calls = checkpoint.os.replace, []
+
+    def dies_renaming_the_new_copy(src, dst):  # the second rename of the re-save: as if killed before it
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", dies_renaming_the_new_copy)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 1, model, {"step": 1, "again": True}, keep_last=1)
+    monkeypatch.undo()
+    assert not first.exists() and latest_checkpoint(tmp_path) == first  # the moment a kill would leave
+    clean_interrupted_saves(tmp_path)
+    assert read_checkpoint(first)[1] == {"step": 1}
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", first.name]
+
+
+def test_kill_while_pruning_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
+    model = TinyClassifier()
+    save_checkpoint(tmp_path, 1, model, {"step": 1})
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", lambda path, **kw: (path / checkpoint.STATE_NAME).unlink())
+    save_checkpoint(tmp_path, 2, model, {"step": 2}, keep_last=1)  # "deletes" step 1 halfway
+    monkeypatch.undo()
+    assert saved_steps(tmp_path) == [2]  # the half-deleted dir is a temp dir, not a checkpoint a resume would try
+    assert [p.name for p in clean_interrupted_saves(tmp_path)] == [".step-00000001.pruned.tmp"]
+
+
+def test_second_writer_is_refused_naming_the_dir(tmp_path, capsys):
+    run = tmp_path / "run"
+    lock = lock_run_dir(run)  # as a live run holds it
+    try:
+        for resume in ([], ["--resume", "auto"]):
+            assert star(*JOBS["pretrain"], "--output_dir", run, *resume) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and f"{run} is in use by another star run (pid " in err
+        assert sorted(p.name for p in run.iterdir()) == [".lock"]  # nothing written
+    finally:
+        lock.close()
+    assert star(*JOBS["pretrain"], "--output_dir", run, "--max_steps", 1) == 0  # free once the holder is gone
+
+
+def test_missing_latest_resumes_from_the_newest_step_dir_never_restarts(tmp_path, capsys):
+    cfg = make_cfg(tmp_path, "finetune", save_every=2, max_steps=5)
+    Trainer(cfg, *make_job(cfg)).fit()
+    rows = (tmp_path / "metrics.csv").read_text()
+    (tmp_path / "checkpoints" / "latest").unlink()
+    with pytest.raises(ValueError, match="already holds checkpoints .*step-00000005.*--resume auto"):
+        Trainer(cfg, *make_job(cfg))
+    assert (tmp_path / "metrics.csv").read_text() == rows and saved_steps(tmp_path) == [3, 4, 5]
+    capsys.readouterr()
+    trainer = Trainer(dataclasses.replace(cfg, resume="auto", max_steps=6), *make_job(cfg))
+    assert trainer.step == 5 and "latest is missing; resuming from " in capsys.readouterr().err
+    trainer.fit()
+    assert sorted(read_losses(tmp_path)) == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("victim", ["state.pt", "model.safetensors"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "missing"])
+def test_corrupt_latest_checkpoint_falls_back_to_an_older_one(tmp_path, capsys, victim, damage):
+    cfg = make_cfg(tmp_path, "finetune", save_every=2, max_steps=4)
+    Trainer(cfg, *make_job(cfg)).fit()
+    bad = latest_checkpoint(tmp_path) / victim
+    {"truncated": lambda: bad.write_bytes(bad.read_bytes()[:100]), "garbage": lambda: bad.write_bytes(b"x" * 999),
+     "missing": bad.unlink}[damage]()
+    capsys.readouterr()
+    trainer = Trainer(dataclasses.replace(cfg, resume="auto"), *make_job(cfg))
+    err = capsys.readouterr().err
+    assert trainer.step == 3 and str(bad) in err and "resuming from" in err and "weights_only" not in err
+    trainer.close()
+    with pytest.raises((CheckpointError, FileNotFoundError), match=str(bad.parent)):  # asked for by name: no fallback
+        Trainer(dataclasses.replace(cfg, resume=str(bad.parent)), *make_job(cfg))
+
+
+def test_no_readable_checkpoint_is_a_one_line_error_naming_the_files(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert star(*JOBS["pretrain"], "--output_dir", run, "--max_steps", 1) == 0
+    (latest_checkpoint(run) / "state.pt").write_bytes(b"\0" * 64)
+    capsys.readouterr()
+    assert star(*JOBS["pretrain"], "--output_dir", run, "--resume", "auto") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"no readable checkpoint in {run / 'checkpoints'}" in err
+    assert str(latest_checkpoint(run) / "state.pt") in err and "weights_only" not in err
+
+
+def test_metrics_csv_survives_a_kill_while_it_is_rewritten(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.csv"
+    logger = MetricsLogger(tmp_path)
+    for step in (1, 2, 3):
+        logger.log(step, {"train/loss": step / 10})
+    logger.close()
+    whole = path.read_text()
+    monkeypatch.setattr(csv.DictWriter, "writerows", lambda self, rows: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        MetricsLogger(tmp_path, resume_step=2)  # dies rewriting the file
+    monkeypatch.undo()
+    assert path.read_text() == whole and list(tmp_path.glob(".*.tmp")) == []
+    path.write_text(whole + "4,0.")  # a row cut short by a kill is dropped on resume, not misread
+    MetricsLogger(tmp_path, resume_step=9).close()
+    assert path.read_text() == whole
+
+
+def nan_gradient_at(call: int, loss_fn):
+    """`loss_fn`, except that at its `call`-th call the loss stays finite and its gradient is NaN."""
+    calls = 0
+
+    def loss(model, batch):
+        nonlocal calls
+        calls += 1
+        value, logs = loss_fn(model, batch)
+        if calls == call:
+            w = model.head.weight
+            value = value + torch.where(w > -math.inf, torch.zeros_like(w), torch.sqrt(-w.abs() - 1)).sum()
+        return value, logs
+
+    return loss
+
+
+def test_a_diverged_last_update_is_never_saved(tmp_path, monkeypatch):
+    """The loss is checked before each update; the last update's result only at saving."""
+    cfg = make_cfg(tmp_path, "finetune", save_every=2, max_steps=4)
+    model, loss_fn, train, val = make_job(cfg)
+    trainer = Trainer(cfg, model, nan_gradient_at(8, loss_fn), train, val)  # micro-batch 8: step 4, the last
+    with pytest.raises(FloatingPointError, match=r"by optimizer step 4: parameter \S+ reaches \|w\| = nan.*"
+                                                 r"not saved. Last good checkpoint: .*step-00000003"):
+        trainer.fit()
+    assert saved_steps(tmp_path) == [2, 3]
+    monkeypatch.setattr(engine, "MAX_WEIGHT", 0.05)  # finite, but beyond the bound: diverged too
+    cfg = make_cfg(tmp_path / "big", "finetune", max_steps=1)
+    with pytest.raises(FloatingPointError, match=r"reaches \|w\| = .* beyond 5e-02"):
+        Trainer(cfg, *make_job(cfg)).fit()
+    assert not (tmp_path / "big" / "checkpoints").exists()
+
+
+def test_full_disk_is_a_one_line_error_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    """torch's own message for a full disk ("[enforce fail at inline_container.cc:672] . unexpected pos") is
+    replaced by one naming the file; the previous checkpoint stays, and no temp dir is left."""
+    run = tmp_path / "run"
+    assert star(*JOBS["pretrain"], "--output_dir", run, "--max_steps", 1) == 0
+    save = torch.save
+
+    def disk_full(obj, path):
+        save(obj, path)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4160 vs 4054")
+
+    monkeypatch.setattr(checkpoint.torch, "save", disk_full)
+    capsys.readouterr()
+    assert star(*JOBS["pretrain"], "--output_dir", run, "--resume", "auto", "--max_steps", 2) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot write checkpoint file {run}/checkpoints/step-00000002/state.pt" in err
+    assert f"the previous checkpoint {run}/checkpoints/step-00000001 is intact" in err
+    assert saved_steps(run) == [1] and read_checkpoint(latest_checkpoint(run))[1]["step"] == 1
+    assert list((run / "checkpoints").glob(".*")) == []
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs: room for one checkpoint of the tiny model (1.3 MB), not for its successor beside it."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root); the injected full-disk test covers the message")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_really_full_disk(small_disk, capsys):
+    run = small_disk / "run"
+    assert star(*JOBS["pretrain"], "--output_dir", run, "--save_every", 1, "--keep_last", 1, "--max_steps", 3) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot write checkpoint file {run}/checkpoints/step-00000002/" in err
+    assert "No space left on device" in err or "the write failed" in err
+    assert saved_steps(run) == [1] and read_checkpoint(latest_checkpoint(run))[1]["step"] == 1
+
+
+def test_leftovers_of_killed_saves_are_removed_and_a_refused_resume_writes_nothing(tmp_path):
+    cfg = make_cfg(tmp_path, "finetune", save_every=2, max_steps=2)
+    Trainer(cfg, *make_job(cfg)).fit()
+    leftovers = [tmp_path / "checkpoints" / ".step-00000004.x1y2.tmp", tmp_path / ".metrics.csv.ab.tmp",
+                 tmp_path / "checkpoints" / ".latest.cd.tmp"]
+    leftovers[0].mkdir()
+    (leftovers[0] / "model.safetensors").write_bytes(b"\0" * 1000)
+    for path in leftovers[1:]:
+        path.write_text("half")
+    records = {name: (tmp_path / name).read_bytes() for name in ("config.yaml", "environment.json", "metrics.csv")}
+    other_seed = dataclasses.replace(cfg, resume="auto", seed=1, max_steps=3)  # another data order: refused
+    with pytest.raises(ValueError, match="sampler state has seed=0 but this run has 1"):
+        Trainer(other_seed, *make_job(other_seed))
+    assert {name: (tmp_path / name).read_bytes() for name in records} == records
+    assert not any(path.exists() for path in leftovers)
+    Trainer(dataclasses.replace(cfg, resume="auto", max_steps=3), *make_job(cfg)).fit()
+    assert [s["from_step"] for s in json.loads((tmp_path / "environment.json").read_text())] == [0, 2]

@@ -167,19 +167,22 @@ def _train(cfg: TrainConfig) -> dict:
     num_classes = getattr(model, "num_classes", None)
     check_num_classes(model, train_loader.dataset, cfg.data.dataset)
     trainer = Trainer(cfg, model, create_loss_fn(cfg, num_classes), train_loader, val_loader)
-    results = trainer.fit()
-    weights = full_model_state_dict(model) if is_sharded(model) else None  # a collective: all ranks
-    if trainer.is_main:
-        saved = [(model, weights, trainer.run_dir / MODEL_DIR)]
-        if trainer.ema is not None:
-            saved.append((trainer.ema.module, None, trainer.run_dir / f"{MODEL_DIR}_ema"))
-        for module, state, folder in saved:
-            module.save_pretrained(folder, state_dict=state)
-            save_config(cfg, folder / RUN_CONFIG_FILE)
-            if cfg.task != "pretrain":  # `star predict` names classes with it
-                (folder / CLASSES_FILE).write_text(json.dumps(list(train_loader.dataset.classes)) + "\n")
-        skipped = getattr(_root_dataset(train_loader.dataset), "num_skipped", 0)
-        if skipped:
-            print(f"skipped {skipped} corrupt image files (--data.skip_corrupt)")
-        print(f"saved {trainer.run_dir / MODEL_DIR}")
+    try:
+        results = trainer.fit()
+        weights = full_model_state_dict(model) if is_sharded(model) else None  # a collective: all ranks
+        if trainer.is_main:
+            saved = [(model, weights, trainer.run_dir / MODEL_DIR)]
+            if trainer.ema is not None:
+                saved.append((trainer.ema.module, None, trainer.run_dir / f"{MODEL_DIR}_ema"))
+            for module, state, folder in saved:
+                module.save_pretrained(folder, state_dict=state)
+                save_config(cfg, folder / RUN_CONFIG_FILE)
+                if cfg.task != "pretrain":  # `star predict` names classes with it
+                    (folder / CLASSES_FILE).write_text(json.dumps(list(train_loader.dataset.classes)) + "\n")
+            skipped = getattr(_root_dataset(train_loader.dataset), "num_skipped", 0)
+            if skipped:
+                print(f"skipped {skipped} corrupt image files (--data.skip_corrupt)")
+            print(f"saved {trainer.run_dir / MODEL_DIR}")
+    finally:
+        trainer.close()  # the run directory stays locked until model/ is written
     return results
