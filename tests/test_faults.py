@@ -1,35 +1,44 @@
 """Nothing lost under faults: kills (SIGKILL at random moments and inside checkpoint writes), corrupt files,
 a full disk, two writers on one run, divergence and hostile images, on tiny synthetic runs of the `star` CLI.
 
-Each kill trial forks a real training process from this one (no second interpreter start-up), kills it,
-resumes, and compares the losses and final weights with an uninterrupted run. By default one trial per case
-runs; `STAR_FAULT_TRIALS=20` (marked slow) runs 20 per case.
+Each kill trial starts real training processes (forked from a server process, to skip the interpreter's
+start-up), SIGKILLs one at a random moment (random mode) or two in a row inside checkpoint writes
+(inside-write mode, via STAR_FAULT_INJECT), resumes to the end and compares the losses and final weights with
+an uninterrupted run. By default one trial runs per case; `STAR_FAULT_KILLS=20` runs 20 kills per case (about
+15 minutes on 2 cores; marked slow), `STAR_FAULT_SEED` picks other kill moments.
 """
 
 import csv
 import dataclasses
-import errno
 import json
 import math
+import multiprocessing
+import os
+import random
+import signal
 import subprocess
+import sys
+import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from star.cli.main import main
 from star.training import Trainer, checkpoint, engine
-from star.training.checkpoint import (CheckpointError, clean_interrupted_saves, latest_checkpoint, lock_run_dir,
-                                      read_checkpoint, save_checkpoint, step_checkpoints)
+from star.training.checkpoint import (FAULT_POINTS, CheckpointError, clean_interrupted_saves, latest_checkpoint,
+                                      lock_run_dir, read_checkpoint, save_checkpoint, step_checkpoints)
 from star.training.engine import MetricsLogger
 from test_cli import SYNTHETIC, TINY, star
 from test_training import TinyClassifier, make_cfg, make_job, read_losses
 
 PRE = ["pretrain", *TINY, "--model.cluster_size", "2", "--model.decoder_dim", "32", "--model.decoder_num_heads", "4"]
 FINE = ["finetune", *TINY, "--data.val_size", "16", "--model.num_classes", "10", "--pretrained", "none"]
-# pretraining: 64 images / 16 = 4 steps per epoch; fine-tuning: 48 / 16 = 3; 8 and 6 steps in all. Random
-# crops and flips (and RandAugment's defaults for fine-tuning) make every sample depend on the RNG.
-JOBS = {"pretrain": PRE + SYNTHETIC + ["--optim.epochs", "2"],
-        "finetune": FINE + SYNTHETIC + ["--optim.epochs", "2"]}
+# Pretraining: 64 images / 16 = 4 steps per epoch, cut at 6; fine-tuning: 48 / 16 = 3, cut at 4. Random crops
+# and flips make every sample depend on the RNG. save_every 2 and keep_last 1: a single checkpoint on disk, and
+# the last step, mid-epoch, is a multiple of save_every: the case whose final checkpoint a kill could lose.
+SAVES = ["--optim.epochs", 2, "--save_every", 2, "--keep_last", 1]
+JOBS = {"pretrain": [*PRE, *SYNTHETIC, *SAVES, "--max_steps", 6], "finetune": [*FINE, *SYNTHETIC, *SAVES, "--max_steps", 4]}
 
 
 def losses(run) -> dict[int, float]:
@@ -46,17 +55,31 @@ def assert_same_run(run, reference) -> None:
     assert all(torch.equal(weights[k], expected[k]) for k in expected)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The uninterrupted run of each (task, workers), made once."""
+    runs = {}
+
+    def run(task, workers):
+        if (task, workers) not in runs:
+            out = tmp_path_factory.mktemp(f"{task}-{workers}") / "run"
+            assert star(*JOBS[task], "--data.num_workers", workers, "--output_dir", out) == 0
+            runs[task, workers] = out
+        return runs[task, workers]
+
+    return run
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("task, stops", [("pretrain", (2, 4)), ("finetune", (2, 3))])
-def test_resume_with_workers_retraces_the_uninterrupted_run(tmp_path, task, stops, workers):
+def test_resume_with_workers_retraces_the_uninterrupted_run(tmp_path, uninterrupted, task, stops, workers):
     """Stopped mid-epoch and at an epoch's end, then resumed: the same run as one that never stopped, also
     with data-loader workers (whose augmentation randomness used to restart from a new seed on resume)."""
     job = [*JOBS[task], "--data.num_workers", workers]
-    assert star(*job, "--output_dir", tmp_path / "full") == 0
     for stop in stops:
-        assert star(*job, "--output_dir", tmp_path / "split", "--resume", "auto", "--max_steps", stop) == 0
-    assert star(*job, "--output_dir", tmp_path / "split", "--resume", "auto") == 0
-    assert_same_run(tmp_path / "split", tmp_path / "full")
+        assert star(*job, "--output_dir", tmp_path, "--resume", "auto", "--max_steps", stop) == 0
+    assert star(*job, "--output_dir", tmp_path, "--resume", "auto") == 0
+    assert_same_run(tmp_path, uninterrupted(task, workers))
 
 
 # ---------------------------------------------------------------------------- checkpoints, in process
@@ -272,3 +295,100 @@ def test_leftovers_of_killed_saves_are_removed_and_a_refused_resume_writes_nothi
     assert not any(path.exists() for path in leftovers)
     Trainer(dataclasses.replace(cfg, resume="auto", max_steps=3), *make_job(cfg)).fit()
     assert [s["from_step"] for s in json.loads((tmp_path / "environment.json").read_text())] == [0, 2]
+
+
+# ---------------------------------------------------------------------------- kills of real training processes
+
+KILLS = int(os.environ.get("STAR_FAULT_KILLS", "0"))  # per case; 0 = one trial
+# the first inside-write trial: killed after the second save renamed its dir into place but before `latest`
+# named it, then while the resumed run saves that step again (the old copy moved aside, the new not yet in place)
+FIRST_FAULTS = ("renamed@2", "old-moved-aside@1")
+
+
+def _child(args, fault):
+    os.environ["TQDM_DISABLE"] = "1"
+    if fault:
+        os.environ["STAR_FAULT_INJECT"] = fault
+    sys.exit(main([str(a) for a in args]))
+
+
+# Processes are forked from a server that imported this module but never trained: forked from pytest, whose
+# OpenMP threads have run, a child hangs in its first parallel op.
+FORKSERVER = multiprocessing.get_context("forkserver")
+FORKSERVER.set_forkserver_preload([__name__])
+
+
+def start(args, fault=None):
+    """`star ARGS` in a new process (with STAR_FAULT_INJECT=fault)."""
+    process = FORKSERVER.Process(target=_child, args=(args, fault))
+    process.start()
+    return process
+
+
+def last_step(run) -> int:
+    try:
+        return max(losses(run), default=0)
+    except (OSError, ValueError, KeyError):  # not written yet, or being replaced
+        return 0
+
+
+def wait_for_step(process, run, step: int) -> None:
+    """Until `process`, training `run`, has logged `step` or ended."""
+    deadline = time.monotonic() + 300
+    while process.is_alive() and last_step(run) < step and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+def kill_at(process, run, step: int, delay: float) -> None:
+    """SIGKILL `process` `delay` seconds after `run` logged `step` (unless it ends first)."""
+    wait_for_step(process, run, step)
+    time.sleep(delay)
+    if process.is_alive():
+        os.kill(process.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["random", "inside-write"])
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("task", ["pretrain", "finetune"])
+def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path, uninterrupted, task, workers, mode):
+    reference = uninterrupted(task, workers)
+    job = [*JOBS[task], "--data.num_workers", workers]
+    max_steps = max(losses(reference))
+    rng = random.Random(f"{os.environ.get('STAR_FAULT_SEED', 0)}/{task}/{workers}/{mode}")
+    kills_per_trial = 1 if mode == "random" else len(FIRST_FAULTS)
+    for trial in range(max(1, -(-KILLS // kills_per_trial))):
+        run, kills = tmp_path / f"trial{trial}", []
+        for attempt in range(kills_per_trial):
+            resume = ["--resume", "auto"] if attempt else []
+            if mode == "random":
+                step, delay = rng.randint(1, max_steps), rng.uniform(0, 0.06)
+                process = start([*job, "--output_dir", run, *resume])
+                kill_at(process, run, step, delay)
+                kills.append(f"{delay * 1000:.0f} ms after step {step}")
+            else:
+                fault = FIRST_FAULTS[attempt] if trial == 0 else f"{rng.choice(FAULT_POINTS)}@{rng.randint(1, 3)}"
+                process = start([*job, "--output_dir", run, *resume], fault)
+                kills.append(fault)
+            process.join(300)
+            assert process.exitcode in (0, -signal.SIGKILL), (kills, process.exitcode)
+            assert process.exitcode or trial or mode == "random", kills  # the first pair is always reached
+            kills[-1] += "" if process.exitcode else " (finished first)"
+        assert star(*job, "--output_dir", run, "--resume", "auto") == 0, kills
+        assert_same_run(run, reference)
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", f"step-{max_steps:08d}"], kills
+
+
+def test_a_second_process_on_a_live_run_is_refused(tmp_path, uninterrupted, capsys):
+    reference = uninterrupted("pretrain", 0)
+    run = tmp_path / "run"
+    first = start([*JOBS["pretrain"], "--data.num_workers", 0, "--output_dir", run])
+    wait_for_step(first, run, 1)
+    assert first.is_alive()
+    capsys.readouterr()
+    for resume in ([], ["--resume", "auto"]):
+        assert star(*JOBS["pretrain"], "--output_dir", run, *resume) == 2
+        assert f"{run} is in use by another star run (pid {first.pid})" in capsys.readouterr().err
+    first.join(300)
+    assert first.exitcode == 0
+    assert_same_run(run, reference)
