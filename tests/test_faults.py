@@ -145,6 +145,27 @@ def test_second_writer_is_refused_naming_the_dir(tmp_path, capsys):
     assert star(*JOBS["pretrain"], "--output_dir", run, "--max_steps", 1) == 0  # free once the holder is gone
 
 
+def _wait_forever(started) -> None:
+    started.set()
+    time.sleep(300)
+
+
+def test_the_lock_ends_with_its_process_not_with_forked_workers(tmp_path):
+    """Data-loader workers are forked from the run: the lock file they inherit is closed in them, so a killed
+    run's directory is free at once, not after its orphaned workers notice and exit."""
+    lock, fork = lock_run_dir(tmp_path), multiprocessing.get_context("fork")
+    started = fork.Event()
+    worker = fork.Process(target=_wait_forever, args=(started,))
+    worker.start()
+    try:
+        assert started.wait(60)
+        lock.close()  # the run ends (or dies); its worker lives on
+        lock_run_dir(tmp_path).close()
+    finally:
+        worker.kill()
+        worker.join()
+
+
 def test_missing_latest_resumes_from_the_newest_step_dir_never_restarts(tmp_path, capsys):
     cfg = make_cfg(tmp_path, "finetune", save_every=2, max_steps=5)
     Trainer(cfg, *make_job(cfg)).fit()
@@ -306,16 +327,20 @@ FIRST_FAULTS = ("renamed@2", "old-moved-aside@1")
 
 
 def _child(args, fault):
+    # data-loader workers are forked from this process, not the server: killed with it, their parent changes,
+    # and they exit (from the server they would outlive it)
+    multiprocessing.set_start_method("fork", force=True)
     os.environ["TQDM_DISABLE"] = "1"
     if fault:
         os.environ["STAR_FAULT_INJECT"] = fault
     sys.exit(main([str(a) for a in args]))
 
 
-# Processes are forked from a server that imported this module but never trained: forked from pytest, whose
-# OpenMP threads have run, a child hangs in its first parallel op.
+# Processes are forked from a server that imported star but never trained: forked from pytest, whose OpenMP
+# threads have run, a child hangs in its first parallel op. (The server cannot preload this module: Python
+# 3.11's forkserver ignores the sys.path it is given.)
 FORKSERVER = multiprocessing.get_context("forkserver")
-FORKSERVER.set_forkserver_preload([__name__])
+FORKSERVER.set_forkserver_preload(["star.cli.train"])
 
 
 def start(args, fault=None):

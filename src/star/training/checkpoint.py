@@ -26,6 +26,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -41,6 +42,17 @@ LOCK_NAME = ".lock"
 REPLACED_SUFFIX = ".replaced"  # a step's previous copy while its new one is renamed into place
 FAULT_POINTS = ("weights-written", "state-written", "old-moved-aside", "renamed", "latest-written", "pruning")
 _fault_hits: collections.Counter = collections.Counter()
+_held_locks: weakref.WeakSet = weakref.WeakSet()  # the lock files `lock_run_dir` opened in this process
+
+
+def _close_inherited_locks() -> None:
+    """In a forked child (a data-loader worker): close the lock files inherited from the run, so that the lock
+    ends with the run's process, not seconds later with its orphaned workers."""
+    for lock in list(_held_locks):
+        lock.close()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
 class CheckpointError(ValueError, OSError):
@@ -174,6 +186,7 @@ def lock_run_dir(run_dir: PathLike):
     lock.truncate(0)
     lock.write(f"pid {os.getpid()}\n")
     lock.flush()
+    _held_locks.add(lock)
     return lock
 
 
