@@ -6,16 +6,17 @@ from pathlib import Path
 from typing import List, Optional
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from star.config import TrainConfig, apply_overrides, load_config
 from star.data import build_dataset, convert_image
+from star.data.folder import open_image
 from star.models import StarPretrain, VisionMambaClassifier, load_pretrained
 from star.models.hub import resolve_model_dir
 from star.cli.train import (CLASSES_FILE, RUN_CONFIG_FILE, check_num_classes, classification_transform,
-                            data_preset, eval_loader)
+                            data_preset, eval_loader, num_skipped)
 from star.training import evaluate, resolve_device
-from star.training.distributed import destroy_distributed, init_distributed
+from star.training.distributed import all_gather_objects, destroy_distributed, init_distributed
 
 
 def load_run(path: str, task: str):
@@ -42,23 +43,21 @@ def evaluate_run(path: str, cfg_overrides, split: str = "test", device: str = "a
     data = cfg.data
     transform = classification_transform(cfg, model.img_size, model.in_chans, train=False)
     dataset = build_dataset(data.dataset, split, transform, root=data.root, in_chans=model.in_chans,
-                            img_size=model.img_size, skip_corrupt=data.skip_corrupt)
+                            img_size=model.img_size, skip_corrupt="drop" if data.skip_corrupt else False)
     check_num_classes(model, dataset, data.dataset)
     init_distributed(device)  # under torchrun each rank evaluates its share; counts are all-reduced
     try:
         loader = eval_loader(dataset, batch_size or cfg.optim.batch_size, data.num_workers)
         dev = resolve_device(device)
-        return {"split": split, "images": len(dataset), **evaluate(model.to(dev), loader, dev)}
+        results = evaluate(model.to(dev), loader, dev)
+        skipped = sum(all_gather_objects(num_skipped(dataset)))  # each rank met its share's
+        return {"split": split, "images": len(dataset) - skipped, "skipped": skipped, **results}
     finally:
         destroy_distributed()
 
 
 def _open_image(path: Path, in_chans: int, convert: bool) -> Image.Image:
-    try:
-        image = Image.open(path)
-        image.load()
-    except (OSError, UnidentifiedImageError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from None
+    image = open_image(path)
     channels = len(image.getbands())
     mode = "L" if in_chans == 1 else "RGB"
     if channels != in_chans and not convert and not (in_chans == 3 and image.mode == "P"):
@@ -68,7 +67,8 @@ def _open_image(path: Path, in_chans: int, convert: bool) -> Image.Image:
 
 
 def predict_files(path: str, files: List[str], topk: int = 5, convert: bool = False, device: str = "auto"):
-    """[(file, [(class name, probability), ...])] for each image file, best first."""
+    """([(file, [(class name, probability), ...])] for each readable image file, best first; [error message] for
+    each other one): one bad file does not cost the answers for the rest."""
     model, model_dir, cfg = load_run(path, "finetune")
     if not isinstance(model, VisionMambaClassifier):
         raise ValueError(f"{path} holds a {type(model).__name__}, not a classifier")
@@ -77,13 +77,20 @@ def predict_files(path: str, files: List[str], topk: int = 5, convert: bool = Fa
     if len(names) != model.num_classes:  # no names saved (or a folder edited by hand): number the classes
         names = [str(i) for i in range(model.num_classes)]
     transform = classification_transform(cfg, model.img_size, model.in_chans, train=False)
-    batch = torch.stack([transform(_open_image(Path(f), model.in_chans, convert)) for f in files])
+    images, errors = {}, []
+    for f in files:
+        try:
+            images[f] = transform(_open_image(Path(f), model.in_chans, convert))
+        except ValueError as err:  # unreadable (CorruptImageError), or of another channel count
+            errors.append(str(err))
+    if not images:
+        return [], errors
     dev = resolve_device(device)
     with torch.no_grad():
-        probs = model.to(dev).eval()(batch.to(dev)).float().softmax(-1).cpu()
+        probs = model.to(dev).eval()(torch.stack(list(images.values())).to(dev)).float().softmax(-1).cpu()
     top = probs.topk(min(topk, probs.shape[1]), dim=1)
     return [(f, [(names[i], p) for p, i in zip(values.tolist(), indices.tolist())])
-            for f, values, indices in zip(files, top.values, top.indices)]
+            for f, values, indices in zip(images, top.values, top.indices)], errors
 
 
 def draw_predictions(path: str, out: str, num_sequences: int = 4, split: str = "test", device: str = "auto") -> Path:

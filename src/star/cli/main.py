@@ -97,13 +97,19 @@ def main(argv: Optional[List[str]] = None) -> int:
             from star.cli.inference import evaluate_run
 
             r = evaluate_run(args.run, rest, args.split, args.device, args.batch_size)
-            print(f"{args.split}: {r['images']} images, top-1 {r['top1']:.2f}%, top-5 {r['top5']:.2f}%, "
+            skipped = f" ({r['skipped']} unreadable files skipped, --data.skip_corrupt)" if r["skipped"] else ""
+            print(f"{args.split}: {r['images']} images{skipped}, top-1 {r['top1']:.2f}%, top-5 {r['top5']:.2f}%, "
                   f"loss {r['loss']:.4f}")
         elif args.command == "predict":
             from star.cli.inference import predict_files
 
-            for file, ranked in predict_files(args.run, args.images, args.topk, args.convert, args.device):
+            results, errors = predict_files(args.run, args.images, args.topk, args.convert, args.device)
+            for file, ranked in results:
                 print(f"{file}: " + ", ".join(f"{name} {p:.3f}" for name, p in ranked))
+            for error in errors:
+                print(f"star predict: error: {error}", file=sys.stderr)
+            if errors:
+                return 2
         elif args.command == "visualize":
             from star.cli.inference import draw_predictions
 

@@ -128,12 +128,16 @@ def _num_images(batch) -> int:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", amp_dtype: Optional[torch.dtype] = None) -> dict[str, float]:
-    """Top-1 / top-5 accuracy (%) and mean cross-entropy of a classifier over (images, labels) batches."""
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy of a classifier over (images, labels) batches; a None
+    batch (only unreadable images, see `star.cli.train.eval_loader`) counts nothing."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top1, top5, count
-    for images, targets in loader:
+    for batch in loader:
+        if batch is None:
+            continue
+        images, targets = batch
         images, targets = _to_device(images, device), _to_device(targets, device)
         with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
             logits = model(images)
