@@ -92,6 +92,14 @@ def test_separator_none_is_a_choice_not_unset():
     (["--optim.betas", "0.9,1.5"], ["optim.betas", "[0, 1)"]),
     (["--model.num_classes", "0"], ["model.num_classes", ">= 1"]),
     (["--log_every", "0"], ["log_every", ">= 1"]),
+    (["--model.patch_size", "0"], ["model.patch_size", ">= 1"]),
+    (["--model.embed_dim", "0"], ["model.embed_dim", ">= 1"]),
+    (["--model.img_size", "0"], ["model.img_size", ">= 1"]),
+    (["--data.img_size", "-3"], ["data.img_size", ">= 1"]),
+    (["--optim.warmup_epochs", "nan"], ["optim.warmup_epochs", ">= 0, got nan"]),
+    (["--optim.lr", "1e39"], ["optim.lr", "(0, 1000]", "1e+39"]),
+    (["--optim.lr", "inf"], ["optim.lr", "(0, 1000]", "inf"]),
+    (["--optim.blr", "nan"], ["optim.blr", "(0, 1000]", "nan"]),
     (["--data.mixup", "0.8", "--optim.batch_size", "15"], ["batch_size must be even", "15"]),
 ])
 def test_values_out_of_range_name_the_flag(args, words):

@@ -297,7 +297,7 @@ def test_sequence_loader_collates_sequences():
     images, labels = next(iter(loader))
     assert images.shape == (2, 4, 3, 8, 8) and images.dtype == torch.float32
     assert labels.shape == (2, 4) and labels.dtype == torch.int64
-    first = next(iter(loader.batch_sampler))
+    first = [index for index, _ in next(iter(loader.batch_sampler))]  # (index, seed key) pairs
     assert labels.flatten().tolist() == [dataset.targets[i] for i in first]
     assert torch.equal(images[0, 1], dataset[first[1]][0])
     assert len(loader) == 6
@@ -305,6 +305,24 @@ def test_sequence_loader_collates_sequences():
         collate_sequences([dataset[0]] * 6, images_per_seq=4)
     with pytest.raises(TypeError, match="ToTensor"):
         collate_sequences([(Image.new("L", (8, 8)), 0)] * 4, images_per_seq=4)
+
+
+def test_seeded_samples_draw_from_their_key_alone():
+    """A sample's augmentation depends on its (seed, epoch, index) key, not on the RNG state it is loaded in
+    (a worker's, however far it got), and loading it leaves the caller's RNG where it was."""
+    flip = T.Compose([T.ToTensor(), T.RandomHorizontalFlip(), T.RandomResizedCrop(8, scale=(0.2, 1.0))])
+    loader = build_sequence_loader(SyntheticImages(48, 8, 3, 4, transform=flip), batch_size=8, images_per_seq=4)
+    sampler = loader.batch_sampler
+    assert next(iter(sampler))[0][1] == f"0/0/{next(iter(sampler))[0][0]}"
+    sampler.set_epoch(1)
+    item = next(iter(sampler))[0]
+    torch.manual_seed(1)
+    before = torch.get_rng_state()
+    first = loader.dataset[item][0]
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(2)
+    assert torch.equal(loader.dataset[item][0], first)
+    assert not torch.equal(loader.dataset[(item[0], "0/2/" + str(item[0]))][0], first)  # another epoch's draw
 
 
 # ----------------------------------------------------------------------------- image folders

@@ -23,6 +23,7 @@ import yaml
 
 TASKS = ("pretrain", "finetune", "linprobe")
 PRESET_DIR = Path(__file__).parent / "configs"
+MAX_LR = 1e3  # AdamW moves every weight by about lr per step: far beyond this, a run can only diverge
 
 
 @dataclass
@@ -340,8 +341,12 @@ def _lookup(name: str) -> Any:
 def check_config(cfg: TrainConfig) -> None:
     """Values out of range fail here, naming the flag, before a model or a data set is built (instead of an
     assert deep in timm, a `step % 0`, or a run that silently trains on nonsense)."""
-    d, o = cfg.data, cfg.optim
-    at_least = [("log_every", cfg.log_every, 1), ("save_every", cfg.save_every, -1),
+    d, o, m = cfg.data, cfg.optim, cfg.model
+    at_least = [("model.embed_dim", m.embed_dim, 1), ("model.depth", m.depth, 1), ("model.img_size", m.img_size, 1),
+                ("model.patch_size", m.patch_size, 1), ("model.cluster_size", m.cluster_size, 1),
+                ("model.num_images", m.num_images, 1), ("model.decoder_dim", m.decoder_dim, 1),
+                ("model.decoder_num_heads", m.decoder_num_heads, 1), ("data.img_size", d.img_size, 1),
+                ("log_every", cfg.log_every, 1), ("save_every", cfg.save_every, -1),
                 ("eval_every", cfg.eval_every, 0), ("keep_last", cfg.keep_last, 0), ("max_steps", cfg.max_steps, 1),
                 ("optim.epochs", o.epochs, 1), ("optim.accum_iter", o.accum_iter, 1),
                 ("optim.batch_size", o.batch_size, 1), ("optim.warmup_epochs", o.warmup_epochs, 0),
@@ -350,7 +355,7 @@ def check_config(cfg: TrainConfig) -> None:
                 ("data.num_samples", d.num_samples, 1), ("data.mixup", d.mixup, 0), ("data.cutmix", d.cutmix, 0),
                 ("model.num_classes", cfg.model.num_classes, 1)]
     for name, value, least in at_least:
-        if value is not None and value < least:
+        if value is not None and not value >= least:  # NaN too
             raise ValueError(f"--{name} must be >= {least}, got {value}")
     # (low, high, low included, high included)
     intervals = [("data.label_fraction", d.label_fraction, 0, 1, False, True),
@@ -365,9 +370,12 @@ def check_config(cfg: TrainConfig) -> None:
         if not ((value >= low if low_in else value > low) and (value <= high if high_in else value < high)):
             span = f"{'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
             raise ValueError(f"--{name} must be in {span}, got {value}")
-    for name, value in (("optim.blr", o.blr), ("optim.lr", o.lr), ("optim.clip_grad", o.clip_grad)):
-        if value is not None and value <= 0:
-            raise ValueError(f"--{name} must be > 0, got {value}")
+    for name, value in (("optim.blr", o.blr), ("optim.lr", o.lr)):
+        if value is not None and not 0 < value <= MAX_LR:  # NaN and inf too
+            raise ValueError(f"--{name} must be in (0, {MAX_LR:g}], got {value} (AdamW moves every weight by about "
+                             "the lr per step)")
+    if o.clip_grad is not None and not o.clip_grad > 0:
+        raise ValueError(f"--optim.clip_grad must be > 0, got {o.clip_grad}")
     if (d.mixup > 0 or d.cutmix > 0) and o.batch_size % 2:
         raise ValueError(f"--data.mixup/--data.cutmix pair images within a batch: --optim.batch_size must be even, "
                          f"got {o.batch_size}")

@@ -6,15 +6,16 @@ from pathlib import Path
 from typing import List, Optional
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from star.config import TrainConfig, apply_overrides, load_config
 from star.data import build_dataset, convert_image
+from star.data.folder import open_image
 from star.models import StarPretrain, VisionMambaClassifier
 from star.cli.train import (CLASSES_FILE, RUN_CONFIG_FILE, check_num_classes, classification_transform,
-                            data_preset, eval_loader, holdout_set, load_run_model)
+                            data_preset, eval_loader, holdout_set, load_run_model, num_skipped)
 from star.training import evaluate, resolve_device
-from star.training.distributed import destroy_distributed, init_distributed
+from star.training.distributed import all_gather_objects, destroy_distributed, init_distributed
 
 
 def load_run(path: str, task: str):
@@ -44,7 +45,8 @@ def evaluate_run(path: str, cfg_overrides, split: str = "test", device: str = "a
                          "(fine-tune or linear-probe it first)")
     data = cfg.data
     transform = classification_transform(cfg, model.img_size, model.in_chans, train=False)
-    common = dict(root=data.root, in_chans=model.in_chans, img_size=model.img_size, skip_corrupt=data.skip_corrupt)
+    common = dict(root=data.root, in_chans=model.in_chans, img_size=model.img_size,
+                  skip_corrupt="drop" if data.skip_corrupt else False)
     if split == "val" and data.val_size > 0:  # what the run validated on
         dataset = holdout_set(cfg, transform, seed=cfg.seed, **common)
         split = f"val ({len(dataset)} training images held out by data.val_size, as in training)"
@@ -58,17 +60,15 @@ def evaluate_run(path: str, cfg_overrides, split: str = "test", device: str = "a
     try:
         loader = eval_loader(dataset, batch_size or cfg.optim.batch_size, data.num_workers)
         dev = resolve_device(device)
-        return {"split": split, "images": len(dataset), **evaluate(model.to(dev), loader, dev)}
+        results = evaluate(model.to(dev), loader, dev)
+        skipped = sum(all_gather_objects(num_skipped(dataset)))  # each rank met its share's
+        return {"split": split, "images": len(dataset) - skipped, "skipped": skipped, **results}
     finally:
         destroy_distributed()
 
 
 def _open_image(path: Path, in_chans: int, convert: bool) -> Image.Image:
-    try:
-        image = Image.open(path)
-        image.load()
-    except (OSError, UnidentifiedImageError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from None
+    image = open_image(path)
     channels = len(image.getbands())
     mode = "L" if in_chans == 1 else "RGB"
     if channels != in_chans and not convert and not (in_chans == 3 and image.mode == "P"):

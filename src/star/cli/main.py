@@ -154,7 +154,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             from star.cli.inference import evaluate_run
 
             r = evaluate_run(args.run, rest, args.split, args.device, args.batch_size)
-            print(f"{r['split']}: {r['images']} images, top-1 {r['top1']:.2f}%, top-5 {r['top5']:.2f}%, "
+            skipped = f" ({r['skipped']} unreadable files skipped, --data.skip_corrupt)" if r["skipped"] else ""
+            print(f"{r['split']}: {r['images']} images{skipped}, top-1 {r['top1']:.2f}%, top-5 {r['top5']:.2f}%, "
                   f"loss {r['loss']:.4f}")
         elif args.command == "predict":
             from star.cli.inference import predict_files

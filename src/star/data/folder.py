@@ -7,8 +7,11 @@ flagged in a shared-memory tensor, so flags set inside DataLoader worker process
 main process: after an epoch, `dataset.num_skipped` / `dataset.skipped_paths` report every bad file met.
 Each skip shows that next sample twice in the epoch, possibly twice in one STAR sequence: harmless for a
 few bad files among many, which is what skip_corrupt is for; clean a folder with many of them instead.
+Evaluation counts every image, so there `skip_corrupt="drop"` returns None for a bad file instead, and
+`star.cli.train.eval_loader` leaves it out.
 """
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -43,12 +46,27 @@ def _class_folders(root: Path) -> list[str]:
     return sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not _hidden(entry.name))
 
 
-def load_image(path, mode: str) -> Image.Image:
-    """Open and fully decode an image (convert() forces the decode, so truncated files fail here)."""
+def open_image(path) -> Image.Image:
+    """Open and fully decode an image file. A broken file, and a decompression bomb (more pixels than PIL's
+    `Image.MAX_IMAGE_PIXELS`, which PIL only warns about below twice that), raise `CorruptImageError` naming it."""
     try:
-        with Image.open(path) as img:
-            return convert_image(img, mode)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:  # closes the file, keeps the decoded pixels
+                img.load()
+            return img
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+        raise CorruptImageError(f"cannot read image {path}: {err}") from None
     except (OSError, SyntaxError, ValueError) as err:  # PIL raises all three for broken files
+        raise CorruptImageError(f"cannot read image {path}: {err}") from err
+
+
+def load_image(path, mode: str) -> Image.Image:
+    """`open_image`, converted to `mode`."""
+    img = open_image(path)
+    try:
+        return convert_image(img, mode)
+    except (OSError, ValueError) as err:
         raise CorruptImageError(f"cannot read image {path}: {err}") from err
 
 
@@ -56,7 +74,9 @@ class ImageFolder(torchvision.datasets.ImageFolder):
     """One split of an ImageNet-layout folder, returning (PIL image in "RGB" or "L", int label).
 
     Class names come from `root/train` when it exists, so every split shares one label mapping even if
-    a validation split lacks some class folders.
+    a validation split lacks some class folders; a class folder without images there is an error (it would
+    still become a class). `skip_corrupt`: False (a bad file raises), True (replaced by the next good
+    sample) or "drop" (None, for evaluation).
     """
 
     def __init__(self, root, split="train", transform=None, in_chans=3, skip_corrupt=False):
@@ -78,15 +98,22 @@ class ImageFolder(torchvision.datasets.ImageFolder):
             raise FileNotFoundError(
                 f"no images found under {split_dir} (extensions {', '.join(IMG_EXTENSIONS)}); {LAYOUT_HINT}"
             )
+        present = set(self.targets)
+        empty = [name for index, name in enumerate(self.classes) if index not in present]
+        if empty and split_dir == self._class_root(split_dir):
+            raise ValueError(f"class folders without images under {split_dir}: {empty[:10]}; add images or remove "
+                             "them (each would still become a class that nothing trains)")
         self.split = split
         self.mode = MODES[in_chans]
         self.skip_corrupt = skip_corrupt
         self._corrupt = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
 
+    def _class_root(self, split_dir: Path) -> Path:
+        """Where class names come from: `root/train` if it exists, else the split itself."""
+        return self.dataset_root / "train" if (self.dataset_root / "train").is_dir() else split_dir
+
     def find_classes(self, directory):
-        class_root = self.dataset_root / "train"
-        if not class_root.is_dir():
-            class_root = Path(directory)
+        class_root = self._class_root(Path(directory))
         classes = _class_folders(class_root)
         if not classes:
             raise FileNotFoundError(f"no class folders in {class_root}; {LAYOUT_HINT}")
@@ -106,6 +133,12 @@ class ImageFolder(torchvision.datasets.ImageFolder):
     def __getitem__(self, index):
         if not self.skip_corrupt:
             return self._sample(index)
+        if self.skip_corrupt == "drop":
+            try:
+                return self._sample(index)
+            except CorruptImageError:
+                self._corrupt[index] = True
+                return None
         for offset in range(len(self.samples)):
             candidate = (index + offset) % len(self.samples)
             if self._corrupt[candidate]:

@@ -6,13 +6,20 @@ and the per-image learning-rate scaling stays the same for any K. Each epoch is 
 batch i is batches i*N .. i*N+N-1 and rank r takes the r-th of them. So N ranks with batch B see
 exactly what one process with batch B and N-fold gradient accumulation sees, and the position in an
 epoch is a number of sequences, which lets a run resume on a different number of ranks.
+
+Augmentation randomness is made just as resumable: `build_sequence_loader` seeds every sample from
+(seed, epoch, index) (`SeededSamples`), so what a sample draws does not depend on which DataLoader
+worker loads it or on how far that worker's RNG had got, and a resumed run, whose workers start
+afresh, draws what the uninterrupted run drew.
 """
 
 import functools
+import random
 
+import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 def _check_sizes(batch_size: int, images_per_seq: int) -> None:
@@ -38,10 +45,12 @@ class StarBatchSampler(Sampler[list[int]]):
     sequences; the tail that does not fill a global batch is dropped (drop_last) or split evenly over
     the ranks, never duplicated. Call `set_epoch(e)` before each epoch, as with DistributedSampler,
     or every epoch repeats the same order. len() is always a full epoch's batches (what LR schedules
-    need), also while a resumed epoch yields only its remaining batches.
+    need), also while a resumed epoch yields only its remaining batches. With `sample_seeds` each index
+    comes as (index, key), the key naming the seed, epoch and index, for `SeededSamples`.
     """
 
-    def __init__(self, num_images, batch_size, images_per_seq, seed=0, drop_last=True, num_replicas=None, rank=None):
+    def __init__(self, num_images, batch_size, images_per_seq, seed=0, drop_last=True, num_replicas=None, rank=None,
+                 sample_seeds=False):
         _check_sizes(batch_size, images_per_seq)
         if num_replicas is None:
             num_replicas = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -56,6 +65,7 @@ class StarBatchSampler(Sampler[list[int]]):
         self.drop_last = drop_last
         self.num_replicas = num_replicas
         self.rank = rank
+        self.sample_seeds = sample_seeds
         self.seqs_per_batch = batch_size // images_per_seq
         self.num_sequences = num_images // images_per_seq
         if self.num_sequences // num_replicas < self.seqs_per_batch:
@@ -98,7 +108,8 @@ class StarBatchSampler(Sampler[list[int]]):
         self._batches_yielded = start
         for batch in batches[start:]:
             self._batches_yielded += 1
-            yield batch.flatten().tolist()
+            indices = batch.flatten().tolist()
+            yield [(i, f"{self.seed}/{self.epoch}/{i}") for i in indices] if self.sample_seeds else indices
 
     def state_dict(self, batches_done: int | None = None) -> dict:
         """Position in the epoch, for resuming mid-epoch.
@@ -148,6 +159,39 @@ class StarBatchSampler(Sampler[list[int]]):
         self._start_batch = self._batches_yielded = min(start + bool(rest), len(self))
 
 
+class SeededSamples(Dataset):
+    """`dataset` indexed by (index, key) pairs (`StarBatchSampler(sample_seeds=True)`): each sample is loaded with
+    Python's, NumPy's and torch's CPU RNGs seeded from `key` alone, and the caller's RNG states are restored
+    after, so loading in the main process leaves the training RNG untouched."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    @property
+    def classes(self):
+        return self.dataset.classes
+
+    @property
+    def targets(self):
+        return self.dataset.targets
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        index, key = item
+        saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        random.seed(key)
+        np.random.seed(random.getrandbits(32))
+        torch.default_generator.manual_seed(random.getrandbits(63))  # not torch.manual_seed: it seeds CUDA too
+        try:
+            return self.dataset[index]
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
+
+
 def collate_sequences(samples, images_per_seq):
     """List of B*K (image tensor, label) -> images (B, K, C, H, W) and labels (B, K)."""
     if len(samples) % images_per_seq:
@@ -164,15 +208,20 @@ def collate_sequences(samples, images_per_seq):
 
 def build_sequence_loader(dataset, batch_size, images_per_seq, seed=0, num_workers=0, drop_last=True,
                           pin_memory=False, num_replicas=None, rank=None, **loader_kwargs) -> DataLoader:
-    """DataLoader yielding STAR batches; `loader.batch_sampler` gives set_epoch / state_dict / load_state_dict."""
+    """DataLoader yielding STAR batches; `loader.batch_sampler` gives set_epoch / state_dict / load_state_dict.
+
+    Samples are seeded (`SeededSamples`) and the loader draws its workers' base seed from a generator of its
+    own, so neither loading nor starting workers moves the global RNG. `collate_fn` defaults to
+    `collate_sequences`; classification (K=1) passes torch's default collate for (B, C, H, W) batches."""
     sampler = StarBatchSampler(len(dataset), batch_size, images_per_seq, seed=seed, drop_last=drop_last,
-                               num_replicas=num_replicas, rank=rank)
+                               num_replicas=num_replicas, rank=rank, sample_seeds=True)
+    loader_kwargs.setdefault("collate_fn", functools.partial(collate_sequences, images_per_seq=images_per_seq))
     return DataLoader(
-        dataset,
+        SeededSamples(dataset),
         batch_sampler=sampler,
-        collate_fn=functools.partial(collate_sequences, images_per_seq=images_per_seq),
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
+        generator=torch.Generator(),
         **loader_kwargs,
     )

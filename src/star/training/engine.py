@@ -7,7 +7,8 @@ GradScaler: bf16 has fp32's exponent range, so gradients need no loss scaling (f
 
 Resuming is exact: a checkpoint holds the weights, optimizer, EMA, step, the position inside the
 epoch and all RNG states, and the RNG is restored after the data iterator is created, so a
-resumed run retraces the uninterrupted one (bit-exact on CPU with num_workers=0; with workers,
+resumed run retraces the uninterrupted one (bit-exact on CPU, with or without data-loader workers for
+loaders from `star.data.build_sequence_loader`, which seed every sample; with other loaders' workers,
 augmentation randomness is only as reproducible as the dataset's own seeding).
 
 Under torchrun/SLURM (see `star.training.distributed`) the model is wrapped in DDP or sharded with
@@ -37,8 +38,10 @@ from torch import nn
 from tqdm import tqdm
 
 from star.config import CUDA_GRAPH_MODES, TrainConfig, check_config, config_to_dict, save_config
-from star.training.checkpoint import (STATE_NAME, atomic_write, latest_checkpoint, load_checkpoint, load_weights,
-                                      resolve_checkpoint, save_checkpoint)
+from star.models.hub import load_state_dict_checked
+from star.training.checkpoint import (atomic_write, clean_interrupted_saves, find_resumable, latest_checkpoint,
+                                      lock_run_dir, read_checkpoint, resolve_checkpoint, save_checkpoint,
+                                      step_checkpoints)
 from star.training.distributed import (all_gather_objects, full_model_state_dict, is_sharded, load_full_model_state_dict,
                                        load_optimizer_state_by_name, optimizer_state_by_name, wrap_model)
 from star.training.optim import create_optimizer, freeze_for_linear_probe
@@ -46,6 +49,9 @@ from star.training.provenance import environment
 from star.training.schedule import CosineSchedule, resolve_lr
 
 LossFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, dict]"]
+# A parameter beyond this has diverged: trained weights of these models stay within a few units (the largest,
+# Mamba's A_log, is log(d_state)), and AdamW moves a weight by about lr per step.
+MAX_WEIGHT = 1e6
 
 
 # ---------------------------------------------------------------------------- runtime helpers
@@ -122,12 +128,16 @@ def _num_images(batch) -> int:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", amp_dtype: Optional[torch.dtype] = None) -> dict[str, float]:
-    """Top-1 / top-5 accuracy (%) and mean cross-entropy of a classifier over (images, labels) batches."""
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy of a classifier over (images, labels) batches; a None
+    batch (only unreadable images, see `star.cli.train.eval_loader`) counts nothing."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top1, top5, count
-    for images, targets in loader:
+    for batch in loader:
+        if batch is None:
+            continue
+        images, targets = batch
         images, targets = _to_device(images, device), _to_device(targets, device)
         with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
             logits = model(images)
@@ -151,17 +161,20 @@ class MetricsLogger:
     """Appends metric rows to `metrics.csv` (columns grow as new metrics appear) and TensorBoard.
 
     On resume, rows logged after the checkpoint's step (by a run that died later) are dropped so
-    the file reads as one uninterrupted run.
+    the file reads as one uninterrupted run; a row cut short by a kill is dropped too. The file is
+    only ever appended to or replaced whole (`atomic_write`), so a kill never leaves it emptied.
     """
 
     def __init__(self, run_dir: Path, resume_step: Optional[int] = None):
         self.path = run_dir / "metrics.csv"
         self.fields, self.rows = ["step"], []
         if resume_step is not None and self.path.is_file():
-            with open(self.path, newline="") as f:
-                reader = csv.DictReader(f)
-                self.fields = list(reader.fieldnames or ["step"])
-                self.rows = [r for r in reader if int(r["step"]) <= resume_step]
+            lines = self.path.read_text().splitlines(keepends=True)
+            if lines and not lines[-1].endswith("\n"):
+                lines.pop()  # the row being appended when the run died
+            reader = csv.DictReader(lines)
+            self.fields = list(reader.fieldnames or ["step"])
+            self.rows = [r for r in reader if int(r["step"]) <= resume_step]
         self._rewrite()
         purge = 0 if resume_step is None else resume_step + 1  # a fresh start drops a dead run's events too
         try:
@@ -173,10 +186,13 @@ class MetricsLogger:
             self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=purge)
 
     def _rewrite(self) -> None:
-        with open(self.path, "w", newline="") as f:
-            writer = csv.DictWriter(f, self.fields)
-            writer.writeheader()
-            writer.writerows(self.rows)
+        def write(path: Path) -> None:
+            with open(path, "w", newline="") as f:
+                writer = csv.DictWriter(f, self.fields)
+                writer.writeheader()
+                writer.writerows(self.rows)
+
+        atomic_write(self.path, write)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         row = {"step": step, **{k: repr(float(v)) for k, v in metrics.items()}}
@@ -252,19 +268,37 @@ class Trainer:
         self.epoch = 0  # current epoch
         self.batches_done = 0  # micro-batches of the current epoch consumed
         self.last_checkpoint: Optional[Path] = None
+        self._saved_step: Optional[int] = None  # the step last_checkpoint holds: a step is saved once
         self._rng_to_restore: Optional[dict] = None
         self._sampler_to_restore: Optional[dict] = None
-        if cfg.resume is not None:
-            self.resume(cfg.resume)
-        elif (found := latest_checkpoint(self.run_dir)) is not None:
-            raise ValueError(f"{self.run_dir} already holds checkpoints (latest: {found}); "
-                             "pass --resume auto to continue that run, or choose another --output_dir")
-        self.metrics = None
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
-            self._record_environment()
-            self.metrics = MetricsLogger(self.run_dir, resume_step=self.step if self.last_checkpoint else None)
+        self.metrics, self._lock = None, None
+        if self.is_main:  # the only writer of run_dir, from here to close()
+            self._lock = lock_run_dir(self.run_dir)
+        try:
+            if self.is_main:
+                clean_interrupted_saves(self.run_dir)
+            if self.world_size > 1:  # the other ranks read checkpoints only once rank 0 has tidied them
+                dist.barrier()
+            if cfg.resume is not None:
+                self.resume(cfg.resume)
+            elif found := (latest_checkpoint(self.run_dir) or next(iter(step_checkpoints(self.run_dir)), None)):
+                raise ValueError(f"{self.run_dir} already holds checkpoints (latest: {found}); "
+                                 "pass --resume auto to continue that run, or choose another --output_dir")
+            if self.is_main:  # only once the start is accepted: a refused resume leaves the run's records alone
+                save_config(cfg, self.run_dir / "config.yaml")
+                self._record_environment()
+                self.metrics = MetricsLogger(self.run_dir, resume_step=self.step if self.last_checkpoint else None)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the run directory for another run (at the end of the job, or when it fails)."""
+        if self.metrics is not None:
+            self.metrics.close()
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def _record_environment(self) -> None:
         """Append where this start of the run happens to `environment.json`: a resumed run (maybe on another
@@ -290,23 +324,56 @@ class Trainer:
         }
 
     def save(self) -> None:
-        """Write a checkpoint (rank 0); every rank must call this, as it gathers state from all."""
+        """Write a checkpoint (rank 0) unless this step already has one; every rank must call this, as it
+        gathers state from all."""
+        if self._saved_step == self.step:
+            return
+        self._check_weights()
         weights = _StateDictView(full_model_state_dict(self.model)) if is_sharded(self.model) else self.model
         state = self.state_dict()
         if self.is_main:
             self.last_checkpoint = save_checkpoint(self.run_dir, self.step, weights, state, self.cfg.keep_last)
+        self._saved_step = self.step
+
+    def _check_weights(self) -> None:
+        """The loss is checked before each update, so the last update's result is checked here, before it is
+        saved: every parameter finite and below `MAX_WEIGHT` (on every rank, so all stop together)."""
+        named = [(n, p.detach()) for n, p in self.model.named_parameters()]
+        local = [p.to_local() if hasattr(p, "to_local") else p for _, p in named]  # FSDP: this rank's shard
+        peaks = torch.stack([p.abs().amax() if p.numel() else p.new_zeros(()) for p in local]).float()
+        if self.world_size > 1:
+            dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
+        bad = [(name, peak) for (name, _), peak in zip(named, peaks.tolist()) if not peak <= MAX_WEIGHT]
+        if bad:
+            name, peak = bad[0]
+            raise FloatingPointError(
+                f"training diverged by optimizer step {self.step}: parameter {name} reaches |w| = {peak:.3g} "
+                f"({len(bad)} parameters beyond {MAX_WEIGHT:.0e} or not finite); not saved. Last good checkpoint: "
+                f"{self.last_checkpoint or 'none saved yet'} (lower --optim.lr / --optim.blr, or set --optim.clip_grad)")
 
     def resume(self, path: str) -> None:
-        """Continue from checkpoint `path` ("auto" = this run's latest, or start fresh if none)."""
-        ckpt = latest_checkpoint(self.run_dir) if path == "auto" else resolve_checkpoint(path)
-        if ckpt is None:
-            return
-        if is_sharded(self.model):
-            state = torch.load(ckpt / STATE_NAME, map_location="cpu", weights_only=True)
-            load_full_model_state_dict(self.model, load_weights(ckpt))
+        """Continue from checkpoint `path`: "auto" or a run dir = that run's newest readable checkpoint (the one
+        `latest` names, else an older one, with a warning), "auto" starting fresh if there is none; a
+        checkpoint dir = exactly that one."""
+        run_dir = self.run_dir if path == "auto" else Path(path)
+        if path == "auto" or (run_dir / "checkpoints").is_dir():
+            found = find_resumable(run_dir)
+            if found is None:
+                if path == "auto":
+                    return
+                raise FileNotFoundError(f"no checkpoint in {run_dir / 'checkpoints'}")
+            ckpt, weights, state = found
         else:
-            state = load_checkpoint(ckpt, self.model)
+            ckpt = resolve_checkpoint(path)
+            weights, state = read_checkpoint(ckpt)
+        if is_sharded(self.model):
+            load_full_model_state_dict(self.model, weights)
+        else:
+            load_state_dict_checked(self.model, weights, str(ckpt))
         self._check_resumable(ckpt, state)
+        sampler = getattr(self.train_loader, "batch_sampler", None)
+        if state["data"]["sampler"] is not None and hasattr(sampler, "load_state_dict"):
+            sampler.load_state_dict(state["data"]["sampler"])  # refuses another data order now, not after a start
         # the checkpoint's group hyperparameters give way to this config's (the lr is set by the schedule)
         fresh = [{k: g[k] for k in ("weight_decay", "betas", "lr_scale") if k in g}
                  for g in self.optimizer.param_groups]
@@ -325,7 +392,7 @@ class Trainer:
             self._rng_to_restore = rank_rngs[self.rank]
         else:  # a rank the saved run did not have: its own stream, distinct from every other rank's
             seed_everything(self.cfg.seed + self.rank + 1_000_003 * self.step)
-        self.last_checkpoint = ckpt
+        self.last_checkpoint, self._saved_step = ckpt, self.step
         if self.is_main:
             print(f"resumed from {ckpt}: step {self.step}, epoch {self.epoch}, batch {self.batches_done}")
 
@@ -368,6 +435,9 @@ class Trainer:
                     results = self.evaluate_all()
                 if final or (epoch_end and self.cfg.save_every >= 0):
                     self.save()
+        except BaseException:
+            self.close()
+            raise
         finally:
             if self.metrics is not None:
                 self.metrics.close()
