@@ -250,6 +250,14 @@ def test_resume_retraces_the_uninterrupted_run(tmp_path, task, save_every, check
             torch.testing.assert_close(v, b["ema"][k], rtol=0, atol=1e-6)
 
 
+def test_resume_auto_on_a_new_run_says_it_starts_from_scratch(tmp_path, capsys):
+    cfg = dataclasses.replace(make_cfg(tmp_path / "new", "finetune"), resume="auto")
+    trainer = Trainer(cfg, *make_job(cfg))
+    assert trainer.step == 0
+    assert f"--resume auto: no checkpoint in {tmp_path / 'new' / 'checkpoints'}, starting from step 0" in \
+        capsys.readouterr().out
+
+
 def test_resume_checks_the_batch_and_task_and_takes_the_new_hyperparameters(tmp_path, capsys):
     cfg = dataclasses.replace(make_cfg(tmp_path, "finetune"), max_steps=2, save_every=1)
     Trainer(cfg, *make_job(cfg)).fit()

@@ -360,6 +360,8 @@ class Trainer:
             found = find_resumable(run_dir)
             if found is None:
                 if path == "auto":
+                    if self.is_main:
+                        print(f"--resume auto: no checkpoint in {run_dir / 'checkpoints'}, starting from step 0")
                     return
                 raise FileNotFoundError(f"no checkpoint in {run_dir / 'checkpoints'}")
             ckpt, weights, state = found
