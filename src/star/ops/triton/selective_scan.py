@@ -150,6 +150,16 @@ def _store_channel_sum(ptr, x, t, part_base, mask_t, N: tl.constexpr, N_PAD: tl.
 
 
 @triton.jit
+def _channel_block(pid_d, D, N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A program's channels and state rows, and their masks: offs_d, offs_n, mask_d, mask_n, mask_nd."""
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, N_PAD)
+    mask_d = offs_d < D
+    mask_n = offs_n < N
+    return offs_d, offs_n, mask_d, mask_n, mask_n[:, None] & mask_d[None, :]
+
+
+@triton.jit
 def _load_params(A_ptr, D_ptr, bias_ptr, group, offs_d, offs_n, mask_d, mask_nd, D, N: tl.constexpr,
                  BLOCK_D: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr):
     """A * log2(e) (N_PAD, BLOCK_D), dt bias and D (zeros when absent) of this program's channels, from the
@@ -243,10 +253,7 @@ def _scan_fwd_kernel(
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     pid_p = tl.program_id(2)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, N_PAD)
-    mask_d = offs_d < D
-    mask_nd = (offs_n < N)[:, None] & mask_d[None, :]
+    offs_d, offs_n, mask_d, mask_n, mask_nd = _channel_block(tl.program_id(1), D, N, N_PAD, BLOCK_D)
     A2, bias, Dv = _load_params(A_ptr, D_ptr, bias_ptr, pid_b // seq_per_group, offs_d, offs_n, mask_d, mask_nd, D,
                                 N, BLOCK_D, HAS_D, HAS_BIAS)
     ckpt_base = ckpt_ptr + pid_b * n_segments * N * D + offs_n[:, None] * D + offs_d[None, :]
@@ -262,7 +269,7 @@ def _scan_fwd_kernel(
     u_next, delta_next, z_next = _chunk_loads(u_ptr, delta_ptr, z_ptr, first, pid_b, L, offs_d, mask_d, stride_ub,
                                               stride_ul, stride_deltab, stride_deltal, stride_zb, stride_zl,
                                               CHUNK, REVERSE, HAS_Z)
-    B_next, C_next = _chunk_bc(B_ptr, C_ptr, first, pid_b, L, offs_n, offs_n < N, N, CHUNK, REVERSE)
+    B_next, C_next = _chunk_bc(B_ptr, C_ptr, first, pid_b, L, offs_n, mask_n, N, CHUNK, REVERSE)
     for chunk in range(first, end):
         if SAVE_STATES:
             if chunk % SEG_CHUNKS == 0:
@@ -271,7 +278,7 @@ def _scan_fwd_kernel(
         u_next, delta_next, z_next = _chunk_loads(u_ptr, delta_ptr, z_ptr, chunk + 1, pid_b, L, offs_d, mask_d,
                                                   stride_ub, stride_ul, stride_deltab, stride_deltal, stride_zb,
                                                   stride_zl, CHUNK, REVERSE, HAS_Z)
-        B_next, C_next = _chunk_bc(B_ptr, C_ptr, chunk + 1, pid_b, L, offs_n, offs_n < N, N, CHUNK, REVERSE)
+        B_next, C_next = _chunk_bc(B_ptr, C_ptr, chunk + 1, pid_b, L, offs_n, mask_n, N, CHUNK, REVERSE)
         t, mask_t, mask, offs = _chunk_index(chunk, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE)
         u, delta, _, Bt, Ct, z = _chunk_values(u, delta, Bt, Ct, z, mask, bias, HAS_BIAS, SOFTPLUS)
         _, _, hs, h = _chunk_states(h, delta, u, Bt, A2, CHUNK)
@@ -297,11 +304,7 @@ def _scan_bwd_kernel(
     n_dblocks = tl.num_programs(1)
     n_parts = tl.num_programs(2)
     pid_bp = pid_b * n_parts + pid_p  # partials of dA, dD and the dt bias are per (sequence, part)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, N_PAD)
-    mask_d = offs_d < D
-    mask_n = offs_n < N
-    mask_nd = mask_n[:, None] & mask_d[None, :]
+    offs_d, offs_n, mask_d, mask_n, mask_nd = _channel_block(pid_d, D, N, N_PAD, BLOCK_D)
     A2, bias, Dv = _load_params(A_ptr, D_ptr, bias_ptr, pid_b // seq_per_group, offs_d, offs_n, mask_d, mask_nd, D,
                                 N, BLOCK_D, HAS_D, HAS_BIAS)
     ckpt_base = ckpt_ptr + pid_b * n_segments * N * D + offs_n[:, None] * D + offs_d[None, :]
@@ -410,11 +413,7 @@ def _part_program(A_ptr, bias_ptr, first_part, L, D, part_segments, seq_per_grou
     state rows, masks, A * log2(e), dt bias, and its chunk range."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_p = tl.program_id(2) + first_part
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, N_PAD)
-    mask_d = offs_d < D
-    mask_n = offs_n < N
-    mask_nd = mask_n[:, None] & mask_d[None, :]
+    offs_d, offs_n, mask_d, mask_n, mask_nd = _channel_block(tl.program_id(1), D, N, N_PAD, BLOCK_D)
     A2, bias, _ = _load_params(A_ptr, A_ptr, bias_ptr, pid_b // seq_per_group, offs_d, offs_n, mask_d, mask_nd, D,
                                N, BLOCK_D, False, HAS_BIAS)
     first, end = _part_chunks(pid_p, part_segments, L, CHUNK, SEG_CHUNKS)
@@ -507,10 +506,7 @@ def _part_carry_kernel(A_ptr, local_ptr, delta_sum_ptr, entering_ptr, D, n_parts
     """Time-parallel step 2: the true value entering every part, walking the parts in order (the forward's states)
     or in reverse order (the backward's carries): entering(next) = exp(A * sum delta) * entering + local."""
     pid_b = tl.program_id(0).to(tl.int64)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, N_PAD)
-    mask_d = offs_d < D
-    mask_nd = (offs_n < N)[:, None] & mask_d[None, :]
+    offs_d, offs_n, mask_d, mask_n, mask_nd = _channel_block(tl.program_id(1), D, N, N_PAD, BLOCK_D)
     A2, _, _ = _load_params(A_ptr, A_ptr, A_ptr, pid_b // seq_per_group, offs_d, offs_n, mask_d, mask_nd, D, N,
                             BLOCK_D, False, False)
     h = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
