@@ -39,7 +39,7 @@ def run(min_waves):
                            parts_fwd=kernels._parts(inputs["u"], d, "fwd")[0],
                            parts_bwd=kernels._parts(inputs["u"], d, "bwd")[0])
                 for backward, key in ((False, "fwd"), (True, "fwd_bwd")):
-                    row[f"{key}_ms"] = try_time(scan_fn("triton"), scan_inputs(b, l, d, D_STATE), backward)
+                    row[f"{key}_ms"] = try_time(scan_fn("triton"), inputs, backward)
                     row[f"{key}_ns_per_token"] = row[f"{key}_ms"] * 1e6 / (b * l) if row[f"{key}_ms"] else None
                 base = base or row
                 for key in ("fwd", "fwd_bwd"):
