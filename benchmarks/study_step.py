@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from star.config import apply_overrides
-from star.cli.train import build_model
+from star.build import build_model
 from star.training import create_loss_fn, create_optimizer
 from star.training.provenance import device_name, git_commit
 from star.training.schedule import CosineSchedule, resolve_lr

@@ -261,7 +261,7 @@ def test_reset_classifier_like_timm(tmp_path):
 
 
 def test_finetune_takes_the_input_size_of_its_model_name(tmp_path):
-    from star.cli.train import build_model
+    from star.build import build_model
     from star.config import apply_overrides, load_config
 
     tiny_pretrain().save_pretrained(tmp_path / "run" / "model")  # a run directory, as `star pretrain` leaves it
@@ -271,6 +271,8 @@ def test_finetune_takes_the_input_size_of_its_model_name(tmp_path):
     cfg = apply_overrides(load_config("imagenet-base", "finetune"), ["--pretrained", str(tmp_path / "run"), *geometry])
     assert build_model(cfg).img_size == 224  # star_base_patch16_224: pretrained at 16 px, fine-tuned at 224
     assert build_model(apply_overrides(cfg, ["--model.img_size", "32"])).img_size == 32
+    with pytest.raises(ValueError, match="model.decoder_depth, model.separator: not an argument of the classifier"):
+        build_model(apply_overrides(cfg, ["--model.separator", "token", "--model.decoder_depth", "2"]))  # not dropped
 
 
 def test_pretrain_to_classifier_transfer(tmp_path):

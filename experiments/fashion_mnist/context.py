@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from study import (ARMS, HERE, RECIPES, do_pretrain, load_results, pretrain_config, recipe_id,  # noqa: E402
                    save_result)
 
-from star.cli.train import classification_transform  # noqa: E402
+from star.build import classification_transform  # noqa: E402
 from star.data import build_dataset, train_val_split  # noqa: E402
 from star.models import load_pretrained  # noqa: E402
 from star.training import resolve_device  # noqa: E402

@@ -45,7 +45,8 @@ from pathlib import Path
 import torch
 
 from star.cli.inference import draw_predictions, evaluate_run
-from star.cli.train import build_loaders, build_model, run
+from star.build import build_loaders, build_model
+from star.cli.train import run
 from star.config import TrainConfig, apply_overrides, load_config
 from star.models import create_model
 from star.training.checkpoint import atomic_write

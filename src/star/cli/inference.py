@@ -1,37 +1,20 @@
 """Using trained models: accuracy on a dataset, classes of image files, and pictures of next-cluster predictions."""
 
 import json
-import sys
 from pathlib import Path
 from typing import List, Optional
 
 import torch
 from PIL import Image
 
-from star.config import TrainConfig, apply_overrides, load_config
+from star.config import apply_overrides
 from star.data import build_dataset, convert_image
 from star.data.folder import open_image
 from star.models import StarPretrain, VisionMambaClassifier
-from star.cli.train import (CLASSES_FILE, RUN_CONFIG_FILE, check_num_classes, classification_transform,
-                            data_preset, eval_loader, holdout_set, load_run_model, num_skipped)
+from star.build import (CLASSES_FILE, check_num_classes, classification_transform, data_preset, eval_loader,
+                        holdout_set, load_run, num_skipped)
 from star.training import evaluate, resolve_device
 from star.training.distributed import all_gather_objects, destroy_distributed, init_distributed
-
-
-def load_run(path: str, task: str):
-    """The saved model of a run (or model folder; or, for an unfinished run, its latest checkpoint) and the
-    config it was trained with: the one saved beside the weights, else the run directory's; built-in
-    defaults (and a warning) when there is neither."""
-    model, model_dir, run_cfg = load_run_model(path)
-    if run_cfg is not None:
-        return model, model_dir, run_cfg
-    saved = [p for p in (model_dir / RUN_CONFIG_FILE, model_dir.parent / "config.yaml") if p.is_file()]
-    cfg = load_config(str(saved[0])) if saved else TrainConfig(task=task)
-    if not saved:
-        print(f"warning: no {RUN_CONFIG_FILE} in {model_dir} and no config.yaml beside it: preparing images with "
-              f"the built-in defaults (data.mean_std {cfg.data.mean_std}, data.crop_pct {cfg.data.crop_pct})",
-              file=sys.stderr)
-    return model, model_dir, cfg
 
 
 def evaluate_run(path: str, cfg_overrides, split: str = "test", device: str = "auto",

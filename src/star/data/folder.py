@@ -8,7 +8,7 @@ main process: after an epoch, `dataset.num_skipped` / `dataset.skipped_paths` re
 Each skip shows that next sample twice in the epoch, possibly twice in one STAR sequence: harmless for a
 few bad files among many, which is what skip_corrupt is for; clean a folder with many of them instead.
 Evaluation counts every image, so there `skip_corrupt="drop"` returns None for a bad file instead, and
-`star.cli.train.eval_loader` leaves it out.
+`star.build.eval_loader` leaves it out.
 """
 
 import warnings

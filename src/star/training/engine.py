@@ -129,7 +129,7 @@ def _num_images(batch) -> int:
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", amp_dtype: Optional[torch.dtype] = None) -> dict[str, float]:
     """Top-1 / top-5 accuracy (%) and mean cross-entropy of a classifier over (images, labels) batches; a None
-    batch (only unreadable images, see `star.cli.train.eval_loader`) counts nothing."""
+    batch (only unreadable images, see `star.build.eval_loader`) counts nothing."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
