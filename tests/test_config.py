@@ -135,10 +135,12 @@ def test_config_choices_are_the_code_s_choices():
     import typing
 
     from star.config import ModelConfig
+    from star.models.classifier import GLOBAL_POOLS
     from star.models.star import DECODER_WINDOWS, SEPARATORS
     from star.ops.impls import IMPLS
 
     hints = typing.get_type_hints(ModelConfig)
-    for field, choices in (("separator", SEPARATORS), ("decoder_window", DECODER_WINDOWS), ("scan_impl", IMPLS)):
+    for field, choices in (("separator", tuple(SEPARATORS)), ("decoder_window", DECODER_WINDOWS),
+                           ("scan_impl", IMPLS), ("global_pool", GLOBAL_POOLS)):
         literal, _none = typing.get_args(hints[field])
         assert typing.get_args(literal) == choices, field

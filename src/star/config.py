@@ -22,6 +22,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 TASKS = ("pretrain", "finetune", "linprobe")
+DEVICES = ("auto", "cpu", "cuda")  # auto = cuda when available
 PRESET_DIR = Path(__file__).parent / "configs"
 MAX_LR = 1e3  # AdamW moves every weight by about lr per step: far beyond this, a run can only diverge
 
@@ -102,13 +103,13 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes th
 
 @dataclass
 class TrainConfig:
-    task: Literal["pretrain", "finetune", "linprobe"] = "pretrain"
+    task: Literal[TASKS] = "pretrain"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     output_dir: str = "runs/star"  # the run directory: metrics, checkpoints and, at the end, model/
     seed: int = 0  # weights, data order and augmentation
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
+    device: Literal[DEVICES] = "auto"  # auto = cuda when available
     amp: Literal["auto", "bf16", "none"] = "auto"  # auto = bf16 autocast on CUDA, off on CPU
     compile: bool = False  # torch.compile the model
     # torch.compile's mode; reduce-overhead replays each step as CUDA graphs, which removes the per-kernel

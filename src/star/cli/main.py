@@ -21,8 +21,7 @@ import os
 import sys
 from typing import List, Optional
 
-TASKS = ("pretrain", "finetune", "linprobe")
-DEVICES = ("auto", "cpu", "cuda")
+from star.config import DEVICES, TASKS
 DEVICE_HELP = "default: auto = cuda when available, else cpu"
 
 

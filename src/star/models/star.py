@@ -29,8 +29,53 @@ from star.models.mamba import build_blocks, no_weight_decay_names
 from star.models.patches import (check_images, cluster_order, normalize_patches, patchify, sincos_pos_embed,
                                  unpatchify)
 
-SEPARATORS = ("cluster", "token", "fixed", "none")
 DECODER_WINDOWS = ("image", "sequence")
+
+
+class ClusterSeparator:
+    """STAR's separator: one learned vector repeated to a cluster's length, so that every image opens with a
+    unit the size of its clusters and its first cluster is predicted like the others."""
+
+    @staticmethod
+    def length(cluster_len: int) -> int:
+        return cluster_len
+
+    @staticmethod
+    def vector(embed_dim: int, value: float) -> Optional[torch.Tensor]:
+        """The separator's vector: a learned `nn.Parameter`, a fixed tensor (kept as a buffer) or None."""
+        return nn.Parameter(trunc_normal_(torch.zeros(1, 1, embed_dim), std=0.02))
+
+
+class TokenSeparator(ClusterSeparator):
+    """A single learned token before each image."""
+
+    @staticmethod
+    def length(cluster_len: int) -> int:
+        return 1
+
+
+class FixedSeparator(ClusterSeparator):
+    """A cluster-long separator of one constant (`separator_value`), not learned."""
+
+    @staticmethod
+    def vector(embed_dim: int, value: float) -> Optional[torch.Tensor]:
+        return torch.full((1, 1, embed_dim), float(value))
+
+
+class NoSeparator(ClusterSeparator):
+    """Images back to back (ARM at K = 1): an image's first cluster has no context and is not predicted."""
+
+    @staticmethod
+    def length(cluster_len: int) -> int:
+        return 0
+
+    @staticmethod
+    def vector(embed_dim: int, value: float) -> Optional[torch.Tensor]:
+        return None
+
+
+# `--model.separator` names a mode here; a new mode is one class above and one entry
+SEPARATORS = {"cluster": ClusterSeparator, "token": TokenSeparator, "fixed": FixedSeparator, "none": NoSeparator}
 
 
 class SequenceLayout(NamedTuple):
@@ -88,7 +133,7 @@ class StarPretrain(PretrainedMixin, DenseFeaturesMixin, nn.Module):
             decoder_num_heads=decoder_num_heads, decoder_mlp_ratio=decoder_mlp_ratio, decoder_window=decoder_window,
             scan_impl=scan_impl)
         if separator not in SEPARATORS:
-            raise ValueError(f"separator={separator!r}; choose one of {SEPARATORS}")
+            raise ValueError(f"separator={separator!r}; choose one of {tuple(SEPARATORS)}")
         if decoder_window not in DECODER_WINDOWS:
             raise ValueError(f"decoder_window={decoder_window!r}; choose one of {DECODER_WINDOWS}")
         if img_size % patch_size:
@@ -109,11 +154,12 @@ class StarPretrain(PretrainedMixin, DenseFeaturesMixin, nn.Module):
         # encoder
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.register_buffer("pos_embed", sincos_pos_embed(embed_dim, grid))
-        self.separator_len = {"cluster": self.cluster_len, "fixed": self.cluster_len, "token": 1, "none": 0}[separator]
-        if separator in ("cluster", "token"):  # one learned vector, repeated: all separator tokens are identical
-            self.separator = nn.Parameter(trunc_normal_(torch.zeros(1, 1, embed_dim), std=0.02))
-        elif separator == "fixed":
-            self.register_buffer("separator", torch.full((1, 1, embed_dim), float(separator_value)))
+        mode = SEPARATORS[separator]  # one vector, repeated: all separator tokens are identical
+        self.separator_len, vector = mode.length(self.cluster_len), mode.vector(embed_dim, separator_value)
+        if isinstance(vector, nn.Parameter):
+            self.separator = vector
+        elif vector is not None:
+            self.register_buffer("separator", vector)
         self.cls_token = nn.Parameter(trunc_normal_(torch.zeros(1, 1, embed_dim), std=0.02)) if cls_token else None
         self.blocks = build_blocks(embed_dim, depth, num_directions=1, d_state=d_state, d_conv=d_conv,
                                    expand=expand, scan_impl=scan_impl)
@@ -177,13 +223,16 @@ class StarPretrain(PretrainedMixin, DenseFeaturesMixin, nn.Module):
         """(B, K, C, H, W) -> STAR token sequence (B, L, D): [separator, clusters] per image (+ cls)."""
         b, k = images.shape[:2]
         x = self.patch_embed(images.flatten(0, 1)) + self.pos_embed
-        x = x[:, self.order]
-        if self.separator_len:
-            x = torch.cat([self.separator.to(x.dtype).expand(b * k, self.separator_len, -1), x], dim=1)
-        x = x.reshape(b, -1, x.shape[-1])
+        x = self._open_with_separator(x[:, self.order]).reshape(b, -1, x.shape[-1])
         if self.cls_token is not None:  # at the very end: nothing reads it in pretraining, it is kept for transfer
             x = torch.cat([x, self.cls_token.expand(b, -1, -1)], dim=1)
         return x
+
+    def _open_with_separator(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, n, D) serialized images -> (N, S + n, D), each opened by the separator's S tokens."""
+        if not self.separator_len:
+            return images
+        return torch.cat([self.separator.to(images.dtype).expand(images.shape[0], self.separator_len, -1), images], 1)
 
     def forward_features(self, x: torch.Tensor) -> List[torch.Tensor]:
         """Run the causal encoder; return the outputs of `feature_layers` (1-based)."""
@@ -207,9 +256,7 @@ class StarPretrain(PretrainedMixin, DenseFeaturesMixin, nn.Module):
         take, last = self._take_indices(indices)
         patches, grid = self._dense_patches(x)
         order = self._grid_cluster_order(grid)
-        x, s = patches[:, order], self.separator_len
-        if s:
-            x = torch.cat([self.separator.to(x.dtype).expand(x.shape[0], s, -1), x], dim=1)
+        x, s = self._open_with_separator(patches[:, order]), self.separator_len
         inverse = order.argsort()
         intermediates, prefixes = [], []
         for i, block in enumerate(self.blocks[:last + 1] if stop_early else self.blocks):
