@@ -144,3 +144,16 @@ def test_config_choices_are_the_code_s_choices():
                            ("scan_impl", IMPLS), ("global_pool", GLOBAL_POOLS)):
         literal, _none = typing.get_args(hints[field])
         assert typing.get_args(literal) == choices, field
+
+
+def test_model_config_fields_are_model_arguments():
+    """Every model.* field is an argument of a model class, so an override can only mean what the code takes."""
+    import dataclasses
+    import inspect
+
+    from star.config import ModelConfig
+    from star.models import StarPretrain, VisionMambaClassifier
+
+    arguments = set(inspect.signature(StarPretrain).parameters) | set(inspect.signature(VisionMambaClassifier).parameters)
+    fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"name"}
+    assert fields <= arguments, sorted(fields - arguments)

@@ -7,6 +7,7 @@ token: "token"), then LayerNorm and a linear layer; `fc_norm=False` LayerNorms e
 instead, as ARM's fine-tuned models do.
 """
 
+import inspect
 from pathlib import Path
 from typing import List, NamedTuple, Optional, Tuple, Union
 
@@ -15,7 +16,8 @@ import torch.nn as nn
 from timm.layers import PatchEmbed, trunc_normal_
 
 from star.models.features import DenseFeaturesMixin, tokens_to_output
-from star.models.hub import PretrainedMixin, load_pretrained, register_architecture, state_dict_mismatches
+from star.models.hub import (PretrainedMixin, constructor_args, load_pretrained, register_architecture,
+                             state_dict_mismatches)
 from star.models.mamba import ScanOrders, build_blocks, no_weight_decay_names, scan_orders
 from star.models.patches import check_images, resize_pos_embed, sincos_pos_embed
 from star.models.star import StarPretrain
@@ -48,10 +50,7 @@ class VisionMambaClassifier(PretrainedMixin, DenseFeaturesMixin, nn.Module):
                  drop_path_rate: float = 0.0, scan_impl: str = "auto", global_pool: str = "avg",
                  fc_norm: bool = True):
         super().__init__()
-        self.init_args = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
-                              embed_dim=embed_dim, depth=depth, d_state=d_state, d_conv=d_conv, expand=expand,
-                              drop_path_rate=drop_path_rate, scan_impl=scan_impl, global_pool=global_pool,
-                              fc_norm=fc_norm)
+        self.init_args = constructor_args(VisionMambaClassifier, locals())
         if img_size % patch_size:
             raise ValueError(f"img_size={img_size} is not a multiple of patch_size={patch_size}")
         self.img_size, self.in_chans = img_size, in_chans
@@ -188,8 +187,8 @@ def classifier_from_pretrain(source: Union[str, Path, StarPretrain, VisionMambaC
     if isinstance(pretrain, VisionMambaClassifier):
         base, seed_directions = dict(pretrain.init_args), False
     elif isinstance(pretrain, StarPretrain):
-        encoder_args = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "d_state", "d_conv", "expand",
-                        "scan_impl")
+        encoder_args = [k for k in inspect.signature(VisionMambaClassifier).parameters  # the arguments both take
+                        if k in inspect.signature(StarPretrain).parameters]
         base, seed_directions = {k: pretrain.init_args[k] for k in encoder_args}, True
     else:
         where = source if isinstance(source, (str, Path)) else "the model given"

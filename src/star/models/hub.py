@@ -1,5 +1,6 @@
 """Weights as safetensors with a JSON config beside them, loadable without the code that trained them."""
 
+import inspect
 import json
 from pathlib import Path
 from typing import Dict, Mapping, Union
@@ -41,6 +42,12 @@ def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, torch.Ten
             lines.append(f"  {kind} keys: {shown}")
         raise ValueError("\n".join(lines))
     model.load_state_dict(state_dict, strict=True)
+
+
+def constructor_args(cls: type, values: Mapping) -> dict:
+    """`cls.__init__`'s arguments as this call has them (`values` = its `locals()`): the model's config, which
+    `save_pretrained` writes and `from_pretrained` builds from; the signature is the one list of them."""
+    return {name: values[name] for name in inspect.signature(cls.__init__).parameters if name != "self"}
 
 
 class PretrainedMixin:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from timm.layers import Mlp, PatchEmbed, trunc_normal_
 
 from star.models.features import DenseFeaturesMixin, tokens_to_output
-from star.models.hub import PretrainedMixin, register_architecture
+from star.models.hub import PretrainedMixin, constructor_args, register_architecture
 from star.models.mamba import build_blocks, no_weight_decay_names
 from star.models.patches import (check_images, cluster_order, normalize_patches, patchify, sincos_pos_embed,
                                  unpatchify)
@@ -125,13 +125,7 @@ class StarPretrain(PretrainedMixin, DenseFeaturesMixin, nn.Module):
                  decoder_window: str = "image", scan_impl: str = "auto"):
         super().__init__()
         feature_layers = list(feature_layers or default_feature_layers(depth, decoder_depth))
-        self.init_args = dict(
-            img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
-            d_state=d_state, d_conv=d_conv, expand=expand, cluster_size=cluster_size, num_images=num_images,
-            separator=separator, separator_value=separator_value, cls_token=cls_token,
-            feature_layers=feature_layers, decoder_dim=decoder_dim, decoder_depth=decoder_depth,
-            decoder_num_heads=decoder_num_heads, decoder_mlp_ratio=decoder_mlp_ratio, decoder_window=decoder_window,
-            scan_impl=scan_impl)
+        self.init_args = constructor_args(StarPretrain, locals())
         if separator not in SEPARATORS:
             raise ValueError(f"separator={separator!r}; choose one of {tuple(SEPARATORS)}")
         if decoder_window not in DECODER_WINDOWS:
