@@ -141,7 +141,7 @@ KERNEL_RULES = {"scan": ("_scan_fwd_kernel", "_scan_bwd_kernel", "_part_end_stat
 if __name__ == "__main__":  # the bookkeeping on the CPU: a tiny STAR step, parts by CPU self time
     import star
 
-    model = star.create_model("star_tiny_patch16_192", img_size=32, patch_size=4, in_chans=1, embed_dim=64,
+    model = star.create_model("star_pretrain_tiny_patch16_192", img_size=32, patch_size=4, in_chans=1, embed_dim=64,
                               depth=2, cluster_size=2, decoder_dim=64, decoder_num_heads=4, scan_impl="chunked")
     opt = torch.optim.AdamW(model.parameters())
     x = torch.randn(2, 4, 1, 32, 32)

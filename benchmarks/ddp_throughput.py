@@ -22,7 +22,7 @@ from star.training.distributed import destroy_distributed, init_distributed, wra
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="star_base_patch16_192")
+    parser.add_argument("--model", default="star_pretrain_base_patch16_192")
     parser.add_argument("--batch-size", type=int, default=128, help="images per GPU per step")
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (kernel compilation)")

@@ -27,7 +27,7 @@ CASES = {
     "star_tiny classifier, 32 px (Fashion-MNIST study)": (
         "star_tiny_patch16_224", dict(img_size=32, patch_size=4, in_chans=1, num_classes=10), (1, 32, 32)),
     "star_tiny pretraining, 32 px, K=4 (Fashion-MNIST study)": (
-        "star_tiny_patch16_192", dict(img_size=32, patch_size=4, in_chans=1, cluster_size=2, num_images=4),
+        "star_pretrain_tiny_patch16_192", dict(img_size=32, patch_size=4, in_chans=1, cluster_size=2, num_images=4),
         (4, 1, 32, 32)),
     "star_tiny classifier, 224 px": ("star_tiny_patch16_224", dict(num_classes=1000), (3, 224, 224)),
 }

@@ -5,7 +5,7 @@
     python benchmarks/train_step.py --sizes tiny base --impls triton --profile --out docs/benchmarks/k_sweep
 
 One training step = bf16-autocast forward, backward, AdamW step, on random images already on the GPU (no
-data loading). STAR models are `star_{size}_patch16_192` with K images per sequence (K * 160 encoder tokens:
+data loading). STAR models are `star_pretrain_{size}_patch16_192` with K images per sequence (K * 160 encoder tokens:
 144 patches + a 16-token separator per image) for each scan implementation; "chunked" (plain PyTorch) runs
 only where --chunked-sizes/--chunked-max-images allow, since it launches kernels per time step. The ViT is
 timm's VisionTransformer (PyTorch SDPA attention, no class token, average pooling, 1000-way head) at
@@ -100,8 +100,8 @@ def bench_star(size, k, impl, images_per_step, warmup, steps, task="pretrain", c
         labels = torch.randint(0, 1000, (images_per_step,), device="cuda")
         loss_fn, tokens = (lambda: F.cross_entropy(run(images), labels)), 197
     else:
-        model, run = training_model(star.create_model(f"star_{size}_patch16_192", num_images=k, scan_impl=impl).cuda(),
-                                    compile_model)
+        model = star.create_model(f"star_pretrain_{size}_patch16_192", num_images=k, scan_impl=impl).cuda()
+        model, run = training_model(model, compile_model)
         images = torch.randn(images_per_step // k, k, 3, 192, 192, device="cuda")
         loss_fn, tokens = (lambda: run(images)["loss"]), k * 160
     return dict(model=f"star_{size}", impl=impl + ("+compile" if compile_model else ""), tokens_per_seq=tokens,

@@ -103,7 +103,7 @@ def test_eval_sampler_exact_and_even():
 
 def tiny_model():
     torch.manual_seed(0)
-    return star.create_model("star_tiny_patch16_192", img_size=16, patch_size=4, in_chans=1, cluster_size=2,
+    return star.create_model("star_pretrain_tiny_patch16_192", img_size=16, patch_size=4, in_chans=1, cluster_size=2,
                              embed_dim=32, depth=2, decoder_dim=32, decoder_num_heads=4, num_images=K,
                              scan_impl="chunked")
 

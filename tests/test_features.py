@@ -103,7 +103,7 @@ def test_bad_dense_feature_requests_fail_clearly():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("name,args", [("star_tiny_patch16_224", CLF), ("star_tiny_patch16_192", PRE)])
+@pytest.mark.parametrize("name,args", [("star_tiny_patch16_224", CLF), ("star_pretrain_tiny_patch16_192", PRE)])
 def test_timm_features_only(name, args):
     full = timm.create_model(name, **args).eval()
     net = timm.create_model(name, features_only=True, out_indices=(0, 2), **args).eval()

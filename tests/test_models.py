@@ -208,15 +208,34 @@ def test_parameter_counts_match_the_spec(size, params):
 def test_registry_and_timm():
     import timm
 
-    assert "star_base_patch16_192" in star.list_models() and "star_huge_patch16_224" in star.list_models()
+    assert "star_pretrain_base_patch16_192" in star.list_models() and "star_huge_patch16_224" in star.list_models()
     assert isinstance(timm.create_model("star_tiny_patch16_224", **TINY_CLF, num_classes=3),
                       VisionMambaClassifier)
-    model = create_model("star_tiny_patch16_192", **TINY)
+    model = create_model("star_pretrain_tiny_patch16_192", **TINY)
     assert isinstance(model, StarPretrain) and model.init_args["embed_dim"] == 32
     with pytest.raises(ValueError, match="unknown model"):
         create_model("star_tiny_patch16_193")
-    with pytest.raises(ValueError, match="star_tiny_patch16_192"):
-        create_model("star_tiny_patch16_192", not_an_argument=1)
+    with pytest.raises(ValueError, match="star_pretrain_tiny_patch16_192"):
+        create_model("star_pretrain_tiny_patch16_192", not_an_argument=1)
+
+
+def test_renamed_pretraining_models_still_build_with_a_warning(tmp_path):
+    import timm
+
+    from star.build import build_model
+    from star.config import TrainConfig, load_config, save_config
+
+    assert "star_tiny_patch16_192" not in star.list_models()  # listed under today's name only
+    for build in (create_model, timm.create_model):
+        with pytest.warns(Warning, match="star_pretrain_tiny_patch16_192"):
+            assert isinstance(build("star_tiny_patch16_192", **TINY), StarPretrain)
+    cfg = TrainConfig()  # a run config saved before the rename names the old model
+    cfg.model.name = "star_tiny_patch16_192"
+    for key, value in TINY.items():
+        setattr(cfg.model, key, value)
+    save_config(cfg, tmp_path / "config.yaml")
+    with pytest.warns(FutureWarning, match="renamed"):
+        assert isinstance(build_model(load_config(str(tmp_path / "config.yaml"))), StarPretrain)
 
 
 def test_bad_images_give_clear_errors():

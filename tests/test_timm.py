@@ -34,7 +34,7 @@ def test_import_star_alone_registers_with_timm_without_importing_it():
         "assert 'star.models' not in sys.modules, 'registering must not import the models'\n"
         "net = timm.create_model('star_tiny_patch16_224', features_only=True)\n"
         "maps = net(torch.randn(1, 3, 32, 48))\n"
-        "print(len(maps), tuple(maps[-1].shape), type(timm.create_model('star_tiny_patch16_192')).__name__)\n")
+        "print(len(maps), tuple(maps[-1].shape), type(timm.create_model('star_pretrain_tiny_patch16_192')).__name__)\n")
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["4", "(1,", "192,", "2,", "3)", "StarPretrain"]
     # timm imported first, star after: registered at once
@@ -54,7 +54,7 @@ def test_python_dash_m_star_and_version():
 
 
 @pytest.mark.parametrize("name,size,args", [("star_tiny_patch16_224", 224, {}),
-                                            ("star_tiny_patch16_192", 32, dict(img_size=32, patch_size=4,
+                                            ("star_pretrain_tiny_patch16_192", 32, dict(img_size=32, patch_size=4,
                                                                                in_chans=1, cluster_size=2))])
 def test_pretrained_cfg_gives_stars_preprocessing(name, size, args):
     with torch.device("meta"):

@@ -31,7 +31,7 @@ MAX_LR = 1e3  # AdamW moves every weight by about lr per step: far beyond this, 
 class ModelConfig:
     """A registry model plus optional overrides; None keeps the registry default."""
 
-    name: str = "star_tiny_patch16_192"  # a registered model (star.list_models()); the fields below override it
+    name: str = "star_pretrain_tiny_patch16_192"  # a registered model (star.list_models()); the fields below override it
     embed_dim: Optional[int] = None
     depth: Optional[int] = None
     img_size: Optional[int] = None

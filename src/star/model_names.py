@@ -20,9 +20,23 @@ SIZES: Dict[str, dict] = {  # the spec's table: patch 16, d_state 16, expand 1
 
 # name -> (architecture, constructor defaults): pretraining models at 192 px, classifiers at 224
 MODEL_DEFAULTS: Dict[str, Tuple[str, dict]] = {}
+# names that were renamed -> today's name: they still build (with a warning), and saved configs naming them load
+MODEL_ALIASES: Dict[str, str] = {}
 for _size, _dims in SIZES.items():
-    MODEL_DEFAULTS[f"star_{_size}_patch16_192"] = ("StarPretrain", dict(img_size=192, patch_size=16, **_dims))
+    MODEL_DEFAULTS[f"star_pretrain_{_size}_patch16_192"] = ("StarPretrain", dict(img_size=192, patch_size=16, **_dims))
     MODEL_DEFAULTS[f"star_{_size}_patch16_224"] = ("VisionMambaClassifier", dict(img_size=224, patch_size=16, **_dims))
+    MODEL_ALIASES[f"star_{_size}_patch16_192"] = f"star_pretrain_{_size}_patch16_192"  # its name in star 0.1
+
+
+def resolve_model_name(name: str) -> str:
+    """Today's name for `name`, warning when it is a renamed one."""
+    if name in MODEL_ALIASES:
+        import warnings
+
+        warnings.warn(f"model name {name!r} is renamed {MODEL_ALIASES[name]!r} (the pretraining model); the old "
+                      f"name will be removed", FutureWarning, stacklevel=3)
+        return MODEL_ALIASES[name]
+    return name
 
 
 def _timm_entry(name: str):
@@ -40,12 +54,15 @@ def _timm_entry(name: str):
 
 
 def register_with_timm() -> None:
-    """Make `timm.create_model(<star name>)` work (also with features_only=True)."""
-    from timm.models import is_model, register_model
+    """Make `timm.create_model(<star name>)` work (also with features_only=True); renamed names map to
+    today's through timm's deprecations, which warn."""
+    from timm.models import is_model, register_model, register_model_deprecations
 
+    module = sys.modules[__name__]
     for name in MODEL_DEFAULTS:
         if not is_model(name):  # each model gets its pretrained_cfg when built (star.models.registry)
-            register_model(_timm_entry(name))
+            setattr(module, name, register_model(_timm_entry(name)))  # where timm's deprecations look entries up
+    register_model_deprecations(__name__, MODEL_ALIASES)
 
 
 class _RegisterAfterTimm:

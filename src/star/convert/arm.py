@@ -283,6 +283,7 @@ def _save(model: nn.Module, out_dir: Path) -> None:
     size = [s for s, dims in SIZES.items()
             if (dims["embed_dim"], dims["depth"]) == (model.init_args["embed_dim"], model.init_args["depth"])]
     if size and model.init_args["patch_size"] == 16:
-        cfg.model.name = f"star_{size[0]}_patch16_{224 if cfg.task == 'finetune' else 192}"
+        cfg.model.name = (f"star_{size[0]}_patch16_224" if cfg.task == "finetune"
+                          else f"star_pretrain_{size[0]}_patch16_192")
     cfg.data.mean_std, cfg.data.crop_pct, cfg.data.crop_mode = "imagenet", 224 / 256, "squash"
     save_config(cfg, out_dir / RUN_CONFIG_FILE)

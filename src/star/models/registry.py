@@ -1,10 +1,11 @@
 """Named model sizes, and `create_model` to build any of them (timm-style; also registered with timm).
 
-Pretraining models are `star_<size>_patch16_192` (StarPretrain, 192 px, K=4 images per sequence) and
-classifiers `star_<size>_patch16_224` (VisionMambaClassifier, 224 px, 4 scan directions). Every constructor
-argument can be overridden, e.g. `create_model("star_tiny_patch16_192", img_size=32, patch_size=4,
-in_chans=1, cluster_size=2)` for 32 px grayscale images. The names themselves live in `star.model_names`,
-which `import star` reads without importing the models.
+Pretraining models are `star_pretrain_<size>_patch16_192` (StarPretrain, 192 px, K=4 images per sequence)
+and classifiers `star_<size>_patch16_224` (VisionMambaClassifier, 224 px, 4 scan directions). Every
+constructor argument can be overridden, e.g. `create_model("star_pretrain_tiny_patch16_192", img_size=32,
+patch_size=4, in_chans=1, cluster_size=2)` for 32 px grayscale images. The names themselves live in
+`star.model_names`, which `import star` reads without importing the models; the pretraining models' earlier
+names (`star_<size>_patch16_192`) still build, with a warning.
 """
 
 import fnmatch
@@ -14,7 +15,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch.nn as nn
 
 from star.data.transforms import PRESETS
-from star.model_names import MODEL_DEFAULTS
+from star.model_names import MODEL_DEFAULTS, resolve_model_name
 from star.models.classifier import VisionMambaClassifier
 from star.models.star import StarPretrain
 
@@ -89,6 +90,7 @@ for _name, (_architecture, _defaults) in MODEL_DEFAULTS.items():
 
 def registered_defaults(name: str) -> dict:
     """The constructor arguments model `name` is registered with (e.g. img_size=224, embed_dim=768)."""
+    name = resolve_model_name(name)
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; registered: {', '.join(list_models())}")
     return dict(MODELS[name].defaults)
@@ -101,6 +103,7 @@ def list_models(pattern: str = "*") -> List[str]:
 def create_model(name: str, **overrides) -> nn.Module:
     """Build a registered model; keyword arguments override its defaults (and timm's features_only,
     out_indices, pretrained_cfg_overlay work as in timm.create_model)."""
+    name = resolve_model_name(name)
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; registered: {', '.join(list_models())}")
     return MODELS[name](**overrides)
