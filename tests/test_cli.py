@@ -142,6 +142,7 @@ def test_failed_run_frees_its_model_before_leaving_the_process_group(tmp_path, m
     import weakref
 
     from star.cli import train as cli_train
+    from star.training import Trainer
     from star.config import apply_overrides, load_config
 
     models, freed = [], []
@@ -154,7 +155,7 @@ def test_failed_run_frees_its_model_before_leaving_the_process_group(tmp_path, m
         gc.collect()
         freed.append(models[0]() is None)
 
-    monkeypatch.setattr(cli_train.Trainer, "fit", failing_fit)
+    monkeypatch.setattr(Trainer, "fit", failing_fit)
     monkeypatch.setattr(cli_train, "destroy_distributed", destroy)
     cfg = apply_overrides(load_config("fmnist-tiny", "pretrain"),
                           [str(a) for a in PRETRAIN + SYNTHETIC + ["--output_dir", tmp_path]])

@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import star
 from star.config import ModelConfig, OptimConfig, TrainConfig
 from star.data import StarBatchSampler, build_sequence_loader
-from star.training import Trainer, create_loss_fn, evaluate
+from star.build import build_trainer
+from star.training import create_loss_fn, evaluate
 from star.training.checkpoint import WEIGHTS_NAME, latest_checkpoint
 from star.training.distributed import (EvalBatchSampler, destroy_distributed, first_host, init_distributed,
                                        read_env)
@@ -138,7 +139,7 @@ def train(out, world, die_at=None, resume=None, **top):
     cfg = make_cfg(out, world, resume=resume, **top)
     loss_fn = DiesAtStep(cfg, die_at) if die_at else create_loss_fn(cfg)
     loader = build_sequence_loader(dataset(), cfg.optim.batch_size, K, seed=cfg.seed)
-    trainer = Trainer(cfg, tiny_model(), loss_fn, loader)
+    trainer = build_trainer(cfg, tiny_model(), loss_fn, loader)
     if die_at is None:
         trainer.fit()
         return

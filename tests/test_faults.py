@@ -29,7 +29,8 @@ from safetensors.torch import load_file
 
 from star.cli.main import main
 from star.data import write_image_folder
-from star.training import Trainer, checkpoint, engine
+from star.build import build_trainer
+from star.training import checkpoint, engine
 from star.training.checkpoint import (FAULT_POINTS, CheckpointError, clean_interrupted_saves, latest_checkpoint,
                                       lock_run_dir, read_checkpoint, save_checkpoint, step_checkpoints)
 from star.training.engine import MetricsLogger
@@ -105,7 +106,7 @@ def test_the_last_step_is_saved_once(tmp_path, monkeypatch):
     saves = []
     monkeypatch.setattr(engine, "save_checkpoint", lambda run, step, *a: saves.append(step) or save_checkpoint(run, step, *a))
     cfg = make_cfg(tmp_path, "finetune", save_every=2, max_steps=4, keep_last=1)
-    Trainer(cfg, *make_job(cfg)).fit()
+    build_trainer(cfg, *make_job(cfg)).fit()
     assert saves == [2, 3, 4] and saved_steps(tmp_path) == [4]
 
 
@@ -177,14 +178,14 @@ def test_the_lock_ends_with_its_process_not_with_forked_workers(tmp_path):
 
 def test_missing_latest_resumes_from_the_newest_step_dir_never_restarts(tmp_path, capsys):
     cfg = make_cfg(tmp_path, "finetune", save_every=2, max_steps=5)
-    Trainer(cfg, *make_job(cfg)).fit()
+    build_trainer(cfg, *make_job(cfg)).fit()
     rows = (tmp_path / "metrics.csv").read_text()
     (tmp_path / "checkpoints" / "latest").unlink()
     with pytest.raises(ValueError, match="already holds checkpoints .*step-00000005.*--resume auto"):
-        Trainer(cfg, *make_job(cfg))
+        build_trainer(cfg, *make_job(cfg))
     assert (tmp_path / "metrics.csv").read_text() == rows and saved_steps(tmp_path) == [3, 4, 5]
     capsys.readouterr()
-    trainer = Trainer(dataclasses.replace(cfg, resume="auto", max_steps=6), *make_job(cfg))
+    trainer = build_trainer(dataclasses.replace(cfg, resume="auto", max_steps=6), *make_job(cfg))
     assert trainer.step == 5 and "latest is missing; resuming from " in capsys.readouterr().err
     trainer.fit()
     assert sorted(read_losses(tmp_path)) == [1, 2, 3, 4, 5, 6]
@@ -194,17 +195,17 @@ def test_missing_latest_resumes_from_the_newest_step_dir_never_restarts(tmp_path
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "missing"])
 def test_corrupt_latest_checkpoint_falls_back_to_an_older_one(tmp_path, capsys, victim, damage):
     cfg = make_cfg(tmp_path, "finetune", save_every=2, max_steps=4)
-    Trainer(cfg, *make_job(cfg)).fit()
+    build_trainer(cfg, *make_job(cfg)).fit()
     bad = latest_checkpoint(tmp_path) / victim
     {"truncated": lambda: bad.write_bytes(bad.read_bytes()[:100]), "garbage": lambda: bad.write_bytes(b"x" * 999),
      "missing": bad.unlink}[damage]()
     capsys.readouterr()
-    trainer = Trainer(dataclasses.replace(cfg, resume="auto"), *make_job(cfg))
+    trainer = build_trainer(dataclasses.replace(cfg, resume="auto"), *make_job(cfg))
     err = capsys.readouterr().err
     assert trainer.step == 3 and str(bad) in err and "resuming from" in err and "weights_only" not in err
     trainer.close()
     with pytest.raises((CheckpointError, FileNotFoundError), match=str(bad.parent)):  # asked for by name: no fallback
-        Trainer(dataclasses.replace(cfg, resume=str(bad.parent)), *make_job(cfg))
+        build_trainer(dataclasses.replace(cfg, resume=str(bad.parent)), *make_job(cfg))
 
 
 def test_no_readable_checkpoint_is_a_one_line_error_naming_the_files(tmp_path, capsys):
@@ -255,7 +256,7 @@ def test_a_diverged_last_update_is_never_saved(tmp_path, monkeypatch):
     """The loss is checked before each update; the last update's result only at saving."""
     cfg = make_cfg(tmp_path, "finetune", save_every=2, max_steps=4)
     model, loss_fn, train, val = make_job(cfg)
-    trainer = Trainer(cfg, model, nan_gradient_at(8, loss_fn), train, val)  # micro-batch 8: step 4, the last
+    trainer = build_trainer(cfg, model, nan_gradient_at(8, loss_fn), train, val)  # micro-batch 8: step 4, the last
     with pytest.raises(FloatingPointError, match=r"by optimizer step 4: parameter \S+ reaches \|w\| = nan.*"
                                                  r"not saved. Last good checkpoint: .*step-00000003"):
         trainer.fit()
@@ -263,7 +264,7 @@ def test_a_diverged_last_update_is_never_saved(tmp_path, monkeypatch):
     monkeypatch.setattr(engine, "MAX_WEIGHT", 0.05)  # finite, but beyond the bound: diverged too
     cfg = make_cfg(tmp_path / "big", "finetune", max_steps=1)
     with pytest.raises(FloatingPointError, match=r"reaches \|w\| = .* beyond 5e-02"):
-        Trainer(cfg, *make_job(cfg)).fit()
+        build_trainer(cfg, *make_job(cfg)).fit()
     assert not (tmp_path / "big" / "checkpoints").exists()
 
 
@@ -313,7 +314,7 @@ def test_a_really_full_disk(small_disk, capsys):
 
 def test_leftovers_of_killed_saves_are_removed_and_a_refused_resume_writes_nothing(tmp_path):
     cfg = make_cfg(tmp_path, "finetune", save_every=2, max_steps=2)
-    Trainer(cfg, *make_job(cfg)).fit()
+    build_trainer(cfg, *make_job(cfg)).fit()
     leftovers = [tmp_path / "checkpoints" / ".step-00000004.x1y2.tmp", tmp_path / ".metrics.csv.ab.tmp",
                  tmp_path / "checkpoints" / ".latest.cd.tmp"]
     leftovers[0].mkdir()
@@ -323,10 +324,10 @@ def test_leftovers_of_killed_saves_are_removed_and_a_refused_resume_writes_nothi
     records = {name: (tmp_path / name).read_bytes() for name in ("config.yaml", "environment.json", "metrics.csv")}
     other_seed = dataclasses.replace(cfg, resume="auto", seed=1, max_steps=3)  # another data order: refused
     with pytest.raises(ValueError, match="sampler state has seed=0 but this run has 1"):
-        Trainer(other_seed, *make_job(other_seed))
+        build_trainer(other_seed, *make_job(other_seed))
     assert {name: (tmp_path / name).read_bytes() for name in records} == records
     assert not any(path.exists() for path in leftovers)
-    Trainer(dataclasses.replace(cfg, resume="auto", max_steps=3), *make_job(cfg)).fit()
+    build_trainer(dataclasses.replace(cfg, resume="auto", max_steps=3), *make_job(cfg)).fit()
     assert [s["from_step"] for s in json.loads((tmp_path / "environment.json").read_text())] == [0, 2]
 
 

@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from star.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 from star.data import StarBatchSampler, build_sequence_loader
-from star.training import (CosineSchedule, Trainer, atomic_write, cosine_lr, create_loss_fn, create_optimizer,
+from star.build import build_trainer
+from star.training import (CosineSchedule, atomic_write, cosine_lr, create_loss_fn, create_optimizer,
                            evaluate, freeze_for_linear_probe, latest_checkpoint, load_checkpoint, load_weights,
                            param_groups, resolve_lr, save_checkpoint)
 from star.training import checkpoint as checkpoint_module
@@ -211,7 +212,7 @@ def test_resume_retraces_the_uninterrupted_run(tmp_path, task, save_every, check
     # 48 images / batch 8 = 6 batches per epoch, accum 2 -> 3 optimizer steps per epoch, 9 in all
     full_dir, crash_dir = tmp_path / "full", tmp_path / "crash"
     cfg = make_cfg(full_dir, task)
-    Trainer(cfg, *make_job(cfg)).fit()
+    build_trainer(cfg, *make_job(cfg)).fit()
     full = read_losses(full_dir)
     assert sorted(full) == list(range(1, 10))
 
@@ -227,14 +228,14 @@ def test_resume_retraces_the_uninterrupted_run(tmp_path, task, save_every, check
         return loss_fn(model, batch)
 
     with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg, model, crashing_loss, train, val).fit()
+        build_trainer(cfg, model, crashing_loss, train, val).fit()
     # mid-epoch: 2 of 6 batches into epoch 1; epoch-end: the end of epoch 0, before the next epoch's loader
     assert latest_checkpoint(crash_dir).name == checkpoint
     with pytest.raises(ValueError, match="resume auto"):
-        Trainer(cfg, *make_job(cfg))
+        build_trainer(cfg, *make_job(cfg))
 
     cfg = dataclasses.replace(cfg, resume="auto")
-    Trainer(cfg, *make_job(cfg, seed=123)).fit()  # different init: everything must come from the checkpoint
+    build_trainer(cfg, *make_job(cfg, seed=123)).fit()  # different init: everything must come from the checkpoint
     resumed = read_losses(crash_dir)
     assert sorted(resumed) == sorted(full)
     starts = json.loads((crash_dir / "environment.json").read_text())  # the first start, then the resume
@@ -252,7 +253,7 @@ def test_resume_retraces_the_uninterrupted_run(tmp_path, task, save_every, check
 
 def test_resume_auto_on_a_new_run_says_it_starts_from_scratch(tmp_path, capsys):
     cfg = dataclasses.replace(make_cfg(tmp_path / "new", "finetune"), resume="auto")
-    trainer = Trainer(cfg, *make_job(cfg))
+    trainer = build_trainer(cfg, *make_job(cfg))
     assert trainer.step == 0
     assert f"--resume auto: no checkpoint in {tmp_path / 'new' / 'checkpoints'}, starting from step 0" in \
         capsys.readouterr().out
@@ -260,21 +261,21 @@ def test_resume_auto_on_a_new_run_says_it_starts_from_scratch(tmp_path, capsys):
 
 def test_resume_checks_the_batch_and_task_and_takes_the_new_hyperparameters(tmp_path, capsys):
     cfg = dataclasses.replace(make_cfg(tmp_path, "finetune"), max_steps=2, save_every=1)
-    Trainer(cfg, *make_job(cfg)).fit()
+    build_trainer(cfg, *make_job(cfg)).fit()
     resume = dataclasses.replace(cfg, resume="auto", max_steps=3)
     bigger = dataclasses.replace(resume, optim=dataclasses.replace(cfg.optim, batch_size=16))
     with pytest.raises(ValueError, match="global batch of 16 images .* this run's is 32"):
-        Trainer(bigger, *make_job(bigger))
+        build_trainer(bigger, *make_job(bigger))
     split = dataclasses.replace(resume, optim=dataclasses.replace(cfg.optim, batch_size=4, accum_iter=4))
-    Trainer(split, *make_job(split))  # the same global batch, split differently: fine
+    build_trainer(split, *make_job(split))  # the same global batch, split differently: fine
     other_task = dataclasses.replace(resume, task="linprobe")
     with pytest.raises(ValueError, match="finetune checkpoint; it cannot resume a linprobe run"):
-        Trainer(other_task, *make_job(other_task))
-    assert Trainer(dataclasses.replace(resume, max_steps=2), *make_job(cfg)).fit() == {}  # already there: says so
+        build_trainer(other_task, *make_job(other_task))
+    assert build_trainer(dataclasses.replace(resume, max_steps=2), *make_job(cfg)).fit() == {}  # already there: says so
     assert "nothing to train: the run is at step 2" in capsys.readouterr().out
     changed = dataclasses.replace(resume, optim=dataclasses.replace(cfg.optim, weight_decay=0.3, betas=(0.5, 0.6),
                                                                     layer_decay=0.5))
-    trainer = Trainer(changed, *make_job(changed))
+    trainer = build_trainer(changed, *make_job(changed))
     groups = trainer.optimizer.param_groups
     assert {g["weight_decay"] for g in groups} == {0.0, 0.3} and {g["betas"] for g in groups} == {(0.5, 0.6)}
     assert sorted({g["lr_scale"] for g in groups})[-2] == pytest.approx(0.5)  # layer decay 0.5, not the saved 0.8
@@ -285,7 +286,7 @@ def test_checkpoint_schedule(tmp_path, save_every, saved):
     """3 optimizer steps per epoch, 3 epochs: epoch ends unless save_every is -1 (only the last), plus every
     save_every steps."""
     cfg = make_cfg(tmp_path, "finetune", save_every=save_every, keep_last=0)
-    Trainer(cfg, *make_job(cfg)).fit()
+    build_trainer(cfg, *make_job(cfg)).fit()
     assert sorted(int(p.name.removeprefix("step-")) for p in (tmp_path / "checkpoints").glob("step-*")) == saved
 
 
@@ -296,7 +297,7 @@ def test_checkpoint_schedule(tmp_path, save_every, saved):
 def test_bad_intervals_name_the_flag(tmp_path, override, flag):
     cfg = dataclasses.replace(make_cfg(tmp_path, "finetune"), **override)
     with pytest.raises(ValueError, match=flag):
-        Trainer(cfg, *make_job(cfg))
+        build_trainer(cfg, *make_job(cfg))
 
 
 def test_non_finite_loss_stops_naming_the_step_and_checkpoint(tmp_path):
@@ -310,7 +311,7 @@ def test_non_finite_loss_stops_naming_the_step_and_checkpoint(tmp_path):
         loss, logs = loss_fn(model, batch)
         return (loss * math.nan if calls == 9 else loss), logs
 
-    trainer = Trainer(cfg, model, exploding_loss, train, val)
+    trainer = build_trainer(cfg, model, exploding_loss, train, val)
     with pytest.raises(FloatingPointError, match=r"optimizer step 5 \(epoch 1.*step-00000004"):
         trainer.fit()
     assert trainer.step == 4

@@ -1,4 +1,5 @@
-"""From a `TrainConfig` to the objects a run uses: the model, the data loaders, and a saved run read back.
+"""From a `TrainConfig` to the objects a run uses: the model, the data loaders, the trainer with its device,
+wrapping, optimizer, schedule and EMA, and a saved run read back.
 
 The entry points (`star.cli`, the experiments, the benchmarks) parse a config and call these; the training
 engine (`star.training`) receives what they build. One place decides how a config becomes objects.
@@ -11,17 +12,22 @@ import sys
 from pathlib import Path
 from typing import Optional, Tuple
 
+import torch
 import torch.nn as nn
+from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, default_collate
 
-from star.config import TrainConfig, load_config
+from star.config import CUDA_GRAPH_MODES, TrainConfig, check_config, load_config
 from star.data import (PRESETS, DataPreset, LabeledSubset, build_dataset, build_sequence_loader,
                        finetune_transform, label_subset, pretrain_transform, train_val_split)
 from star.models import VisionMambaClassifier, classifier_from_pretrain, create_model, load_pretrained
 from star.models.hub import load_state_dict_checked, resolve_model_dir
 from star.models.registry import registered_defaults
+from star.training import CosineSchedule, Trainer, create_optimizer, freeze_for_linear_probe, resolve_lr
 from star.training.checkpoint import load_weights, resolve_checkpoint
-from star.training.distributed import EvalBatchSampler
+from star.training.distributed import EvalBatchSampler, wrap_model
+from star.training.engine import LossFn, steps_per_epoch
+from star.training.runtime import rank_and_world_size, resolve_amp, resolve_device, seed_everything
 
 CLASSES_FILE = "classes.json"  # class names beside a classifier's weights
 RUN_CONFIG_FILE = "run_config.yaml"  # the run's config beside its weights: how to prepare images for them
@@ -203,3 +209,35 @@ def num_skipped(dataset) -> int:
     while hasattr(dataset, "dataset"):
         dataset = dataset.dataset
     return getattr(dataset, "num_skipped", 0)
+
+
+def build_trainer(cfg: TrainConfig, model: nn.Module, loss_fn: LossFn, train_loader: DataLoader,
+                  val_loader: Optional[DataLoader] = None) -> Trainer:
+    """The `Trainer` for `model` as `cfg` says: on its device (a linear probe frozen but for the head), wrapped
+    for DDP/FSDP on several processes, compiled with `cfg.compile`, with AdamW at the scaled lr, the cosine
+    schedule and the EMA. Every rank draws from its own seed from here on."""
+    check_config(cfg)  # for callers that did not come through `star.cli.train.run`, which checks before building
+    rank, world_size = rank_and_world_size()
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed + rank)
+    if cfg.task == "linprobe":
+        freeze_for_linear_probe(model)
+    model = model.to(device)
+    train_model = model
+    if world_size > 1:
+        if cfg.distributed == "fsdp" and cfg.optim.ema_decay is not None:
+            raise ValueError("optim.ema_decay (model EMA) is not supported with distributed=fsdp; use ddp")
+        if cfg.compile and cfg.compile_mode in CUDA_GRAPH_MODES:
+            raise ValueError(f"--compile_mode {cfg.compile_mode} (CUDA graphs) is not supported with multi-GPU "
+                             "runs; use --compile_mode default or max-autotune-no-cudagraphs")
+        train_model = wrap_model(model, device, cfg.distributed)
+    if cfg.compile:
+        train_model = torch.compile(train_model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
+    optim = cfg.optim
+    steps = steps_per_epoch(train_loader, optim.accum_iter)
+    lr = resolve_lr(optim, world_size)
+    optimizer = create_optimizer(model, optim, lr)
+    schedule = CosineSchedule(optimizer, lr, optim.min_lr, optim.warmup_epochs * steps, optim.epochs * steps)
+    ema = ModelEmaV3(model, decay=optim.ema_decay) if optim.ema_decay is not None else None
+    return Trainer(cfg, model, loss_fn, train_loader, val_loader, optimizer=optimizer, schedule=schedule,
+                   device=device, amp_dtype=resolve_amp(cfg.amp, device), train_model=train_model, ema=ema)

@@ -4,10 +4,11 @@ engine in `star.training`) and save the final weights with the config beside the
 import json
 import traceback
 
-from star.build import CLASSES_FILE, RUN_CONFIG_FILE, build_loaders, build_model, check_num_classes, num_skipped
+from star.build import (CLASSES_FILE, RUN_CONFIG_FILE, build_loaders, build_model, build_trainer, check_num_classes,
+                        num_skipped)
 from star.config import TrainConfig, check_config, save_config
 from star.models.hub import MODEL_DIR
-from star.training import Trainer, create_loss_fn, seed_everything
+from star.training import create_loss_fn, seed_everything
 from star.training.distributed import destroy_distributed, full_model_state_dict, init_distributed, is_sharded
 
 
@@ -33,7 +34,7 @@ def _train(cfg: TrainConfig) -> dict:
     train_loader, val_loader = build_loaders(cfg, model)
     num_classes = getattr(model, "num_classes", None)
     check_num_classes(model, train_loader.dataset, cfg.data.dataset)
-    trainer = Trainer(cfg, model, create_loss_fn(cfg, num_classes), train_loader, val_loader)
+    trainer = build_trainer(cfg, model, create_loss_fn(cfg, num_classes), train_loader, val_loader)
     try:
         results = trainer.fit()
         weights = full_model_state_dict(model) if is_sharded(model) else None  # a collective: all ranks

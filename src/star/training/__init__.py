@@ -8,7 +8,9 @@ from star.training.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from star.training.engine import Trainer, evaluate, get_rng_state, resolve_amp, resolve_device, seed_everything, set_rng_state
+from star.training.engine import Trainer
+from star.training.metrics import evaluate
+from star.training.runtime import get_rng_state, resolve_amp, resolve_device, seed_everything, set_rng_state
 from star.training.losses import ClassificationLoss, create_loss_fn, pretrain_loss
 from star.training.optim import create_optimizer, freeze_for_linear_probe, param_groups
 from star.training.schedule import CosineSchedule, cosine_lr, resolve_lr

@@ -1,8 +1,9 @@
 """One training engine for pretraining, fine-tuning and linear probing (MAE-style loop).
 
-`Trainer(cfg, model, loss_fn, train_loader, val_loader).fit()` runs a whole job: AdamW with
-per-step warmup + cosine lr, gradient accumulation, grad clipping, bf16 autocast on CUDA,
-optional EMA, evaluation, metrics (tqdm, `metrics.csv`, TensorBoard) and checkpoints. There is no
+`star.build.build_trainer(cfg, model, loss_fn, train_loader, val_loader).fit()` runs a whole job: AdamW
+with per-step warmup + cosine lr, gradient accumulation, grad clipping, bf16 autocast on CUDA, optional
+EMA, evaluation, metrics (tqdm, `metrics.csv`, TensorBoard) and checkpoints; the builder makes the
+objects (device, DDP/FSDP, compile, optimizer, schedule, EMA) and the `Trainer` runs the loop. There is no
 GradScaler: bf16 has fp32's exponent range, so gradients need no loss scaling (fp16 is not offered).
 
 Resuming is exact: a checkpoint holds the weights, optimizer, EMA, step, the position inside the
@@ -20,33 +21,30 @@ kept in sequences, each rank's RNG is kept too (a rank new to the run is seeded 
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import math
 import os
-import random
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from timm.utils import ModelEmaV3
 from torch import nn
 from tqdm import tqdm
 
-from star.config import CUDA_GRAPH_MODES, TrainConfig, check_config, config_to_dict, save_config
+from star.config import CUDA_GRAPH_MODES, TrainConfig, config_to_dict, save_config
 from star.models.hub import load_state_dict_checked
 from star.training.checkpoint import (atomic_write, clean_interrupted_saves, find_resumable, latest_checkpoint,
                                       lock_run_dir, read_checkpoint, resolve_checkpoint, save_checkpoint,
                                       step_checkpoints)
 from star.training.distributed import (all_gather_objects, full_model_state_dict, is_sharded, load_full_model_state_dict,
-                                       load_optimizer_state_by_name, optimizer_state_by_name, wrap_model)
-from star.training.optim import create_optimizer, freeze_for_linear_probe
+                                       load_optimizer_state_by_name, optimizer_state_by_name)
+from star.training.metrics import MetricsLogger, evaluate
 from star.training.provenance import environment
-from star.training.schedule import CosineSchedule, resolve_lr
+from star.training.runtime import get_rng_state, num_images, rank_and_world_size, seed_everything, set_rng_state, to_device
+from star.training.schedule import CosineSchedule
 
 LossFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, dict]"]
 # A parameter beyond this has diverged: trained weights of these models stay within a few units (the largest,
@@ -54,166 +52,15 @@ LossFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, dict]"]
 MAX_WEIGHT = 1e6
 
 
-# ---------------------------------------------------------------------------- runtime helpers
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but no CUDA device is available; use --device cpu")
-    if device == "cuda" and dist.is_available() and dist.is_initialized():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device(device)
-
-
-def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype: bf16 on CUDA for "auto", None (full fp32) on CPU for "auto"."""
-    if amp == "bf16" or (amp == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def get_rng_state() -> dict:
-    """Every RNG the training step may draw from, in a form `torch.load(weights_only=True)` accepts."""
-    kind, key, pos, has_gauss, gauss = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": (kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    kind, key, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available():  # a resumed run may see fewer GPUs than the one that saved
-        for device, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(cuda_state, device)
-
-
-def _dist_rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _to_device(batch, device: torch.device):
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to_device(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    return batch
-
-
-def _num_images(batch) -> int:
-    """Images in a batch: B*K for pretraining sequences (B, K, C, H, W), else B."""
-    x = batch[0] if isinstance(batch, (tuple, list)) else batch
-    return x.shape[0] * x.shape[1] if x.ndim == 5 else x.shape[0]
-
-
-# ---------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", amp_dtype: Optional[torch.dtype] = None) -> dict[str, float]:
-    """Top-1 / top-5 accuracy (%) and mean cross-entropy of a classifier over (images, labels) batches; a None
-    batch (only unreadable images, see `star.build.eval_loader`) counts nothing."""
-    device = torch.device(device)
-    was_training = model.training
-    model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top1, top5, count
-    for batch in loader:
-        if batch is None:
-            continue
-        images, targets = batch
-        images, targets = _to_device(images, device), _to_device(targets, device)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-            logits = model(images)
-        logits = logits.float()
-        topk = logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]
-        totals += torch.stack([F.cross_entropy(logits, targets, reduction="sum"), topk[:, 0].sum(),
-                               topk.any(dim=1).sum(), torch.tensor(targets.shape[0], device=device)]).double()
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(totals)
-    model.train(was_training)
-    loss, top1, top5, count = totals.tolist()
-    if count == 0:
-        raise ValueError("evaluate: the loader yielded no samples")
-    return {"loss": loss / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count}
-
-
-# ---------------------------------------------------------------------------- metrics
-
-
-class MetricsLogger:
-    """Appends metric rows to `metrics.csv` (columns grow as new metrics appear) and TensorBoard.
-
-    On resume, rows logged after the checkpoint's step (by a run that died later) are dropped so
-    the file reads as one uninterrupted run; a row cut short by a kill is dropped too. The file is
-    only ever appended to or replaced whole (`atomic_write`), so a kill never leaves it emptied.
-    """
-
-    def __init__(self, run_dir: Path, resume_step: Optional[int] = None):
-        self.path = run_dir / "metrics.csv"
-        self.fields, self.rows = ["step"], []
-        if resume_step is not None and self.path.is_file():
-            lines = self.path.read_text().splitlines(keepends=True)
-            if lines and not lines[-1].endswith("\n"):
-                lines.pop()  # the row being appended when the run died
-            reader = csv.DictReader(lines)
-            self.fields = list(reader.fieldnames or ["step"])
-            self.rows = [r for r in reader if int(r["step"]) <= resume_step]
-        self._rewrite()
-        purge = 0 if resume_step is None else resume_step + 1  # a fresh start drops a dead run's events too
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # tensorboard is a dependency, but a bare GPU image may lack it: keep the CSV
-            print("tensorboard is not installed: metrics go to metrics.csv only")
-            self.tb = None
-        else:
-            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=purge)
-
-    def _rewrite(self) -> None:
-        def write(path: Path) -> None:
-            with open(path, "w", newline="") as f:
-                writer = csv.DictWriter(f, self.fields)
-                writer.writeheader()
-                writer.writerows(self.rows)
-
-        atomic_write(self.path, write)
-
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        row = {"step": step, **{k: repr(float(v)) for k, v in metrics.items()}}
-        self.rows.append(row)
-        if any(k not in self.fields for k in row):
-            self.fields += [k for k in row if k not in self.fields]
-            self._rewrite()
-        else:
-            with open(self.path, "a", newline="") as f:
-                csv.DictWriter(f, self.fields).writerow(row)
-        if self.tb is not None:
-            for k, v in metrics.items():
-                self.tb.add_scalar(k, float(v), step)
-            self.tb.flush()
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
 # ---------------------------------------------------------------------------- trainer
+
+
+def steps_per_epoch(train_loader, accum_iter: int) -> int:
+    """Optimizer steps in one pass over `train_loader` (a trailing partial accumulation is dropped)."""
+    steps = len(train_loader) // accum_iter
+    if steps == 0:
+        raise ValueError(f"the train loader has {len(train_loader)} batches per epoch, fewer than accum_iter={accum_iter}")
+    return steps
 
 
 class Trainer:
@@ -224,45 +71,27 @@ class Trainer:
     `state_dict(batches_done=n)` and `load_state_dict(state)`, the last making the next iter() start
     at batch n of the saved epoch; without them resuming mid-epoch draws and discards the batches
     already consumed (correct, but slow). `val_loader`, for classification tasks, yields (images, labels).
-    For `task == "linprobe"` everything but `model.head` is frozen here.
+    The model arrives on `device` with its optimizer, lr schedule and EMA built (`star.build.build_trainer`);
+    `train_model` is the model as the loss calls it (DDP-wrapped, compiled), `model` the module whose weights
+    are saved. The trainer owns the run directory: it locks it, resumes from it and writes to it.
     """
 
-    def __init__(self, cfg: TrainConfig, model: nn.Module, loss_fn: LossFn, train_loader, val_loader=None):
-        check_config(cfg)
+    def __init__(self, cfg: TrainConfig, model: nn.Module, loss_fn: LossFn, train_loader, val_loader=None, *,
+                 optimizer: torch.optim.Optimizer, schedule: CosineSchedule, device: torch.device,
+                 amp_dtype: Optional[torch.dtype] = None, train_model: Optional[nn.Module] = None,
+                 ema: Optional[ModelEmaV3] = None):
         self.cfg, self.loss_fn = cfg, loss_fn
         self.train_loader, self.val_loader = train_loader, val_loader
-        self.rank, self.world_size = _dist_rank_world()
+        self.rank, self.world_size = rank_and_world_size()
         self.is_main = self.rank == 0
-        self.device = resolve_device(cfg.device)
-        self.amp_dtype = resolve_amp(cfg.amp, self.device)
+        self.device, self.amp_dtype = device, amp_dtype
         self.run_dir = Path(cfg.output_dir)
-        seed_everything(cfg.seed + self.rank)
-
-        if cfg.task == "linprobe":
-            freeze_for_linear_probe(model)
-        self.model = model.to(self.device)
-        self.train_model = self.model  # what the loss sees: wrapped for DDP / compiled
-        if self.world_size > 1:
-            if cfg.distributed == "fsdp" and cfg.optim.ema_decay is not None:
-                raise ValueError("optim.ema_decay (model EMA) is not supported with distributed=fsdp; use ddp")
-            self.train_model = wrap_model(self.model, self.device, cfg.distributed)
+        self.model = model
+        self.train_model = model if train_model is None else train_model  # what the loss sees: DDP / compiled
         self.cuda_graphs = cfg.compile and cfg.compile_mode in CUDA_GRAPH_MODES
-        if self.cuda_graphs and self.world_size > 1:
-            raise ValueError(f"--compile_mode {cfg.compile_mode} (CUDA graphs) is not supported with multi-GPU "
-                             "runs; use --compile_mode default or max-autotune-no-cudagraphs")
-        if cfg.compile:
-            mode = None if cfg.compile_mode == "default" else cfg.compile_mode
-            self.train_model = torch.compile(self.train_model, mode=mode)
-
-        optim = cfg.optim
-        self.steps_per_epoch = len(train_loader) // optim.accum_iter
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"the train loader has {len(train_loader)} batches per epoch, fewer than accum_iter={optim.accum_iter}")
-        self.total_steps = optim.epochs * self.steps_per_epoch
-        self.lr = resolve_lr(optim, self.world_size)
-        self.optimizer = create_optimizer(self.model, optim, self.lr)
-        self.schedule = CosineSchedule(self.optimizer, self.lr, optim.min_lr, optim.warmup_epochs * self.steps_per_epoch, self.total_steps)
-        self.ema = ModelEmaV3(self.model, decay=optim.ema_decay) if optim.ema_decay is not None else None
+        self.optimizer, self.schedule, self.ema = optimizer, schedule, ema
+        self.steps_per_epoch = steps_per_epoch(train_loader, cfg.optim.accum_iter)
+        self.total_steps = cfg.optim.epochs * self.steps_per_epoch
 
         self.step = 0  # optimizer steps done
         self.epoch = 0  # current epoch
@@ -501,7 +330,7 @@ class Trainer:
             while not self._done():
                 losses, logs = [], {}
                 for micro in range(accum):
-                    batch = _to_device(next(it), self.device)
+                    batch = to_device(next(it), self.device)
                     if self.cuda_graphs:  # a new step: the graphs may reuse the previous step's output memory
                         torch.compiler.cudagraph_mark_step_begin()
                     with self._gradient_sync(micro == accum - 1):
@@ -509,7 +338,7 @@ class Trainer:
                             loss, logs = self.loss_fn(self.train_model, batch)
                         (loss / accum).backward()
                     losses.append(loss.detach().float())
-                    images += _num_images(batch)
+                    images += num_images(batch)
                     self.batches_done += 1
                     bar.update(1)
                 loss = torch.stack(losses).mean()
