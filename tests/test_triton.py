@@ -94,7 +94,9 @@ def test_long_sequences_scan_in_parts_parallel_over_time(reverse, grouped):
     """Too few sequences to fill the device: each sequence runs as several parts at once (local passes, carry
     pass, fix-up), forward and backward, with the numerics of one long walk."""
     from star.ops import selective_scan
-    from star.ops.triton import selective_scan as kernels
+    from star.ops.triton import selective_scan_triton
+    from star.ops.triton.selective_scan_chunks import _n_segments
+    from star.ops.triton.selective_scan_parts import _parts
 
     groups = 2 if grouped else 1
     inputs = _scan_inputs(groups, LONG, CHANNELS, 16, torch.float32, optional=True)
@@ -105,9 +107,9 @@ def test_long_sequences_scan_in_parts_parallel_over_time(reverse, grouped):
                        delta_bias=0.5 * torch.randn(groups, CHANNELS, generator=g) - 1.0)
         inputs.update({k: v.to(DEVICE).requires_grad_() for k, v in grouped.items()})
     for direction in ("fwd", "bwd"):
-        parts, part_segments = kernels._parts(inputs["u"], CHANNELS, direction)
-        assert parts > 1 and (parts - 1) * part_segments < kernels._n_segments(LONG, inputs["u"])
-    _check_against_reference(kernels.selective_scan_triton, lambda **kw: selective_scan(**kw, impl="ref"), inputs,
+        parts, part_segments = _parts(inputs["u"], CHANNELS, direction)
+        assert parts > 1 and (parts - 1) * part_segments < _n_segments(LONG, inputs["u"])
+    _check_against_reference(selective_scan_triton, lambda **kw: selective_scan(**kw, impl="ref"), inputs,
                              torch.float32, reverse=reverse)
 
 
