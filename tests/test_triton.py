@@ -241,6 +241,37 @@ def test_bad_inputs_raise_value_errors():
 
 
 @needs_kernels
+def test_inputs_are_checked_once_on_every_path(monkeypatch):
+    """star.ops' entry points check before they dispatch, the Triton ones when called directly: once a call."""
+    import importlib
+
+    from star.ops import causal_conv1d, selective_scan
+    from star.ops.triton import causal_conv1d_triton, selective_scan_triton
+
+    calls = []
+
+    def counted(check):
+        def wrapper(*args, **kwargs):
+            calls.append(check.__name__)
+            return check(*args, **kwargs)
+        return wrapper
+
+    for op, check in (("selective_scan", "check_scan_inputs"), ("causal_conv1d", "check_conv_inputs")):
+        wrapper = counted(getattr(importlib.import_module(f"star.ops.{op}"), check))
+        for module in (f"star.ops.{op}", f"star.ops.triton.{op}"):
+            monkeypatch.setattr(importlib.import_module(module), check, wrapper)
+    inputs = {k: v.detach() for k, v in _scan_inputs(1, SHORT, 8, 4, torch.float32, optional=True).items()}
+    weight = torch.randn(8, 4, device=DEVICE)
+    for call, check in ((lambda: selective_scan(**inputs, impl="triton"), "check_scan_inputs"),
+                        (lambda: selective_scan_triton(**inputs), "check_scan_inputs"),
+                        (lambda: causal_conv1d(inputs["u"], weight, impl="triton"), "check_conv_inputs"),
+                        (lambda: causal_conv1d_triton(inputs["u"], weight), "check_conv_inputs")):
+        calls.clear()
+        call()
+        assert calls == [check]
+
+
+@needs_kernels
 @pytest.mark.parametrize("name", ["pretrain", "classifier"])
 def test_models_compile_fullgraph_and_match_eager(name):
     """Whole models with the Triton ops trace into one graph (torch.compile fullgraph; inductor on CUDA,

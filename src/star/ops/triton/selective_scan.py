@@ -42,7 +42,7 @@ from star.ops.triton.selective_scan_chunks import (CUDA_CONFIG, LOG2E, _channel_
 from star.ops.triton.selective_scan_parts import _entering, _part_chunks, _part_state, _parts
 
 # CUDA_CONFIG is the scan's tile setting: the benchmarks read and tune it here (scan_variants.py in every tree)
-__all__ = ["CUDA_CONFIG", "selective_scan_triton"]
+__all__ = ["CUDA_CONFIG", "selective_scan_triton", "selective_scan_triton_unchecked"]
 
 
 @triton.jit
@@ -330,8 +330,15 @@ def selective_scan_triton(
     delta_softplus: bool = True, reverse: bool = False,
 ) -> Tensor:
     """Fused selective scan; same contract as `star.ops.selective_scan` (layout (b, l, d), grouped parameters
-    allowed), output in u's dtype."""
+    allowed), output in u's dtype. Checks its inputs as `star.ops.selective_scan` does."""
     check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
+    return selective_scan_triton_unchecked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+
+
+def selective_scan_triton_unchecked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
+                                    reverse=False) -> Tensor:
+    """`selective_scan_triton` without the input checks: the op table's Triton entry, which
+    `star.ops.selective_scan` calls once it has checked the inputs itself."""
     tensors = [u, delta, A, B, C, D, z, delta_bias]
     u, delta, z = (_channels_contiguous(x) for x in (u, delta, z))
     A, B, C, D, delta_bias = (x.contiguous() if x is not None else None for x in (A, B, C, D, delta_bias))
