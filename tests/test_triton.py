@@ -35,6 +35,37 @@ def test_kernels_in_interpreter_subprocess():
     assert " passed" in result.stdout
 
 
+@pytest.mark.skipif(INTERPRETED, reason="compiles the jit functions, which the interpreter replaces")
+@pytest.mark.parametrize("activations", ["*bf16", "*fp32"])
+def test_time_parallel_kernels_compile_for_the_gpu(activations):
+    """The interpreter runs code that Triton's compiler refuses (a name carried through a loop with two types):
+    the local passes and the carry pass compile for sm_90 on any machine (a GPU runs them only for long
+    sequences in small batches)."""
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from star.ops.triton import selective_scan_parts as parts
+    from star.ops.triton.selective_scan_chunks import CUDA_CONFIG
+
+    kernels = (parts._part_end_state_kernel, CUDA_CONFIG["fwd"]), (parts._part_adjoint_kernel, CUDA_CONFIG["bwd"]), \
+        (parts._part_carry_kernel, CUDA_CONFIG["fwd"])
+    for kernel, tiles in kernels:
+        params = list(inspect.signature(kernel.fn).parameters)
+        constexprs = {k: v for k, v in dict(N=16, N_PAD=16, BLOCK_D=tiles["BLOCK_D"], CHUNK=tiles["CHUNK"],
+                                            SEG_CHUNKS=CUDA_CONFIG["SEGMENT"] // tiles["CHUNK"], HAS_D=True,
+                                            HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, REVERSE=False,
+                                            BACKWARD=False).items() if k in params}
+        signature = {p: "constexpr" if p in constexprs else "i32" if not p.endswith("_ptr") else
+                     activations if p in ("u_ptr", "delta_ptr", "z_ptr", "dy_ptr", "B_ptr", "C_ptr") else "*fp32"
+                     for p in params}
+        triton.compile(ASTSource(fn=kernel, signature=signature,
+                                 constexprs={(params.index(k),): v for k, v in constexprs.items()}),
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1))
+
+
 def _rel_err(x, ref):
     return ((x.detach().double().cpu() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 

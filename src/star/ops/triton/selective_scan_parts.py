@@ -79,9 +79,12 @@ def _part_end_state_kernel(
         A_ptr, bias_ptr, 0, L, D, part_segments, seq_per_group, N, N_PAD, BLOCK_D, CHUNK, SEG_CHUNKS, HAS_BIAS)
     h = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
     delta_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    u_next, delta_next, _ = _chunk_loads(u_ptr, delta_ptr, u_ptr, first, pid_b, L, offs_d, mask_d, stride_ub,
-                                         stride_ul, stride_deltab, stride_deltal, 0, 0, CHUNK, REVERSE, False)
-    B_next, _ = _chunk_bc(B_ptr, B_ptr, first, pid_b, L, offs_n, mask_n, N, CHUNK, REVERSE)
+    # What a load before a loop leaves unused is not named `_`: the loop reassigns `_` with other types, and a
+    # name both bound before a loop and reassigned in it is loop-carried, so its type must stay (Triton fails
+    # to compile it; the interpreter does not check).
+    u_next, delta_next, _z = _chunk_loads(u_ptr, delta_ptr, u_ptr, first, pid_b, L, offs_d, mask_d, stride_ub,
+                                          stride_ul, stride_deltab, stride_deltal, 0, 0, CHUNK, REVERSE, False)
+    B_next, _B = _chunk_bc(B_ptr, B_ptr, first, pid_b, L, offs_n, mask_n, N, CHUNK, REVERSE)
     for chunk in range(first, end):
         u, delta, Bt = u_next, delta_next, B_next
         u_next, delta_next, _ = _chunk_loads(u_ptr, delta_ptr, u_ptr, chunk + 1, pid_b, L, offs_d, mask_d, stride_ub,
@@ -110,9 +113,9 @@ def _part_adjoint_kernel(
         A_ptr, bias_ptr, 1, L, D, part_segments, seq_per_group, N, N_PAD, BLOCK_D, CHUNK, SEG_CHUNKS, HAS_BIAS)
     carry = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
     delta_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    _, delta_next, z_next = _chunk_loads(delta_ptr, delta_ptr, z_ptr, end - 1, pid_b, L, offs_d, mask_d,
-                                         stride_deltab, stride_deltal, stride_deltab, stride_deltal, stride_zb,
-                                         stride_zl, CHUNK, REVERSE, HAS_Z)
+    _u, delta_next, z_next = _chunk_loads(delta_ptr, delta_ptr, z_ptr, end - 1, pid_b, L, offs_d, mask_d,
+                                          stride_deltab, stride_deltal, stride_deltab, stride_deltal, stride_zb,
+                                          stride_zl, CHUNK, REVERSE, HAS_Z)  # not `_`: see _part_end_state_kernel
     dy_next = _chunk_dy(dy_ptr, end - 1, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE)
     for j in range(end - first):
         chunk = end - 1 - j
