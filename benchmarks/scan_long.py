@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 import triton
 
-from star.ops.triton import selective_scan as kernels
+from star.ops.triton.selective_scan import CUDA_CONFIG
+from star.ops.triton.selective_scan_parts import _parts
 from star.training.provenance import git_commit
 from outputs import write_outputs
 from scan import D_STATE, MODELS, scan_fn, scan_inputs, try_time
@@ -30,14 +31,14 @@ SHAPES = [(819, 160), (204, 640), (51, 2560), (12, 10240), (256, 160), (64, 640)
 def run(min_waves):
     rows = []
     for waves in min_waves:
-        kernels.CUDA_CONFIG["MIN_WAVES"] = waves
+        CUDA_CONFIG["MIN_WAVES"] = waves
         for model, d in MODELS.items():
             base = None
             for b, l in SHAPES:
                 inputs = scan_inputs(b, l, d, D_STATE)
                 row = dict(min_waves=waves, model=model, d=d, batch=b, length=l, tokens=b * l,
-                           parts_fwd=kernels._parts(inputs["u"], d, "fwd")[0],
-                           parts_bwd=kernels._parts(inputs["u"], d, "bwd")[0])
+                           parts_fwd=_parts(inputs["u"], d, "fwd")[0],
+                           parts_bwd=_parts(inputs["u"], d, "bwd")[0])
                 for backward, key in ((False, "fwd"), (True, "fwd_bwd")):
                     row[f"{key}_ms"] = try_time(scan_fn("triton"), inputs, backward)
                     row[f"{key}_ns_per_token"] = row[f"{key}_ms"] * 1e6 / (b * l) if row[f"{key}_ms"] else None
@@ -74,12 +75,12 @@ def main():
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/scan_long.py needs a CUDA GPU")
-    default = kernels.CUDA_CONFIG["MIN_WAVES"]
+    default = CUDA_CONFIG["MIN_WAVES"]
     rows = run(args.min_waves)
-    kernels.CUDA_CONFIG["MIN_WAVES"] = default
+    CUDA_CONFIG["MIN_WAVES"] = default
     meta = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), torch=torch.__version__,
                 triton=triton.__version__, commit=git_commit(), sms=torch.cuda.get_device_properties(0).multi_processor_count,
-                config=json.loads(json.dumps(kernels.CUDA_CONFIG)))
+                config=json.loads(json.dumps(CUDA_CONFIG)))
     write_outputs(args.out, "scan_long", dict(meta=meta, rows=rows), markdown(meta, rows))
 
 

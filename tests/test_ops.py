@@ -208,7 +208,7 @@ def test_float64_never_goes_to_the_float32_kernels():
     on_cuda = lambda dtype: SimpleNamespace(dtype=dtype, is_cuda=True)  # noqa: E731
     assert implementation("selective_scan", "auto", on_cuda(torch.float64)) is selective_scan_chunked
     assert implementation("causal_conv1d", "auto", on_cuda(torch.float64)) is causal_conv1d_ref
-    assert implementation("selective_scan", "auto", on_cuda(torch.float32)) is load_triton_op("selective_scan_triton")
+    assert implementation("selective_scan", "auto", on_cuda(torch.float32)) is load_triton_op(OPS["selective_scan"]["triton"])
 
 
 def test_op_table_has_every_implementation_of_every_op():

@@ -35,6 +35,37 @@ def test_kernels_in_interpreter_subprocess():
     assert " passed" in result.stdout
 
 
+@pytest.mark.skipif(INTERPRETED, reason="compiles the jit functions, which the interpreter replaces")
+@pytest.mark.parametrize("activations", ["*bf16", "*fp32"])
+def test_time_parallel_kernels_compile_for_the_gpu(activations):
+    """The interpreter runs code that Triton's compiler refuses (a name carried through a loop with two types):
+    the local passes and the carry pass compile for sm_90 on any machine (a GPU runs them only for long
+    sequences in small batches)."""
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from star.ops.triton import selective_scan_parts as parts
+    from star.ops.triton.selective_scan_chunks import CUDA_CONFIG
+
+    kernels = (parts._part_end_state_kernel, CUDA_CONFIG["fwd"]), (parts._part_adjoint_kernel, CUDA_CONFIG["bwd"]), \
+        (parts._part_carry_kernel, CUDA_CONFIG["fwd"])
+    for kernel, tiles in kernels:
+        params = list(inspect.signature(kernel.fn).parameters)
+        constexprs = {k: v for k, v in dict(N=16, N_PAD=16, BLOCK_D=tiles["BLOCK_D"], CHUNK=tiles["CHUNK"],
+                                            SEG_CHUNKS=CUDA_CONFIG["SEGMENT"] // tiles["CHUNK"], HAS_D=True,
+                                            HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, REVERSE=False,
+                                            BACKWARD=False).items() if k in params}
+        signature = {p: "constexpr" if p in constexprs else "i32" if not p.endswith("_ptr") else
+                     activations if p in ("u_ptr", "delta_ptr", "z_ptr", "dy_ptr", "B_ptr", "C_ptr") else "*fp32"
+                     for p in params}
+        triton.compile(ASTSource(fn=kernel, signature=signature,
+                                 constexprs={(params.index(k),): v for k, v in constexprs.items()}),
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1))
+
+
 def _rel_err(x, ref):
     return ((x.detach().double().cpu() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
@@ -94,7 +125,9 @@ def test_long_sequences_scan_in_parts_parallel_over_time(reverse, grouped):
     """Too few sequences to fill the device: each sequence runs as several parts at once (local passes, carry
     pass, fix-up), forward and backward, with the numerics of one long walk."""
     from star.ops import selective_scan
-    from star.ops.triton import selective_scan as kernels
+    from star.ops.triton import selective_scan_triton
+    from star.ops.triton.selective_scan_chunks import _n_segments
+    from star.ops.triton.selective_scan_parts import _parts
 
     groups = 2 if grouped else 1
     inputs = _scan_inputs(groups, LONG, CHANNELS, 16, torch.float32, optional=True)
@@ -105,9 +138,9 @@ def test_long_sequences_scan_in_parts_parallel_over_time(reverse, grouped):
                        delta_bias=0.5 * torch.randn(groups, CHANNELS, generator=g) - 1.0)
         inputs.update({k: v.to(DEVICE).requires_grad_() for k, v in grouped.items()})
     for direction in ("fwd", "bwd"):
-        parts, part_segments = kernels._parts(inputs["u"], CHANNELS, direction)
-        assert parts > 1 and (parts - 1) * part_segments < kernels._n_segments(LONG, inputs["u"])
-    _check_against_reference(kernels.selective_scan_triton, lambda **kw: selective_scan(**kw, impl="ref"), inputs,
+        parts, part_segments = _parts(inputs["u"], CHANNELS, direction)
+        assert parts > 1 and (parts - 1) * part_segments < _n_segments(LONG, inputs["u"])
+    _check_against_reference(selective_scan_triton, lambda **kw: selective_scan(**kw, impl="ref"), inputs,
                              torch.float32, reverse=reverse)
 
 
@@ -236,6 +269,37 @@ def test_bad_inputs_raise_value_errors():
         causal_conv1d_triton(inputs["u"], torch.randn(8, 4, device=DEVICE), activation="relu")
     with pytest.raises(ValueError, match="kernel_size"):
         causal_conv1d_triton(inputs["u"], torch.randn(8, 40, device=DEVICE))
+
+
+@needs_kernels
+def test_inputs_are_checked_once_on_every_path(monkeypatch):
+    """star.ops' entry points check before they dispatch, the Triton ones when called directly: once a call."""
+    import importlib
+
+    from star.ops import causal_conv1d, selective_scan
+    from star.ops.triton import causal_conv1d_triton, selective_scan_triton
+
+    calls = []
+
+    def counted(check):
+        def wrapper(*args, **kwargs):
+            calls.append(check.__name__)
+            return check(*args, **kwargs)
+        return wrapper
+
+    for op, check in (("selective_scan", "check_scan_inputs"), ("causal_conv1d", "check_conv_inputs")):
+        wrapper = counted(getattr(importlib.import_module(f"star.ops.{op}"), check))
+        for module in (f"star.ops.{op}", f"star.ops.triton.{op}"):
+            monkeypatch.setattr(importlib.import_module(module), check, wrapper)
+    inputs = {k: v.detach() for k, v in _scan_inputs(1, SHORT, 8, 4, torch.float32, optional=True).items()}
+    weight = torch.randn(8, 4, device=DEVICE)
+    for call, check in ((lambda: selective_scan(**inputs, impl="triton"), "check_scan_inputs"),
+                        (lambda: selective_scan_triton(**inputs), "check_scan_inputs"),
+                        (lambda: causal_conv1d(inputs["u"], weight, impl="triton"), "check_conv_inputs"),
+                        (lambda: causal_conv1d_triton(inputs["u"], weight), "check_conv_inputs")):
+        calls.clear()
+        call()
+        assert calls == [check]
 
 
 @needs_kernels

@@ -71,7 +71,7 @@ def check_conv_inputs(x, weight, bias=None, activation=None) -> None:
     _check_activation(activation)
 
 
-register_op("causal_conv1d", ref=causal_conv1d_ref, chunked=causal_conv1d_ref, triton="causal_conv1d_triton")
+register_op("causal_conv1d", ref=causal_conv1d_ref, chunked=causal_conv1d_ref, triton="causal_conv1d_triton_unchecked")
 
 
 def causal_conv1d_update(conv_state, x, weight, bias=None, activation=None):

@@ -5,6 +5,9 @@ As mamba_ssm pairs each fast op with a `_ref` twin of the same signature, every 
 resolves a name for a given input ("auto": Triton for CUDA tensors when it imports, else "chunked"). An op
 without a chunked form lists its reference there, so one `scan_impl` choice serves every op of the mixer. A
 new implementation is one more column: a name in IMPLS and an entry in each op's row.
+Each op's entry point (`selective_scan`, `causal_conv1d`) checks the inputs once, before it dispatches, so the
+functions in a row take them unchecked: the Triton column names `*_triton_unchecked`, and the public
+`*_triton` functions, for direct calls, run the same checks and then those.
 """
 from typing import Callable, Dict, Union
 

@@ -183,7 +183,8 @@ def check_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None) -> Non
         check_shape("z", z, u.device, batch=batch, length=length, d=d)
 
 
-register_op("selective_scan", ref=selective_scan_ref, chunked=selective_scan_chunked, triton="selective_scan_triton")
+register_op("selective_scan", ref=selective_scan_ref, chunked=selective_scan_chunked,
+            triton="selective_scan_triton_unchecked")
 
 
 @_no_autocast

@@ -3,7 +3,8 @@
 Both entry points are autograd-aware wrappers around `torch.library` custom ops, so torch.compile and
 CUDA graphs capture them; they also run on CPU tensors under TRITON_INTERPRET=1 (for tests).
 """
-from .causal_conv1d import causal_conv1d_triton
-from .selective_scan import selective_scan_triton
+from .causal_conv1d import causal_conv1d_triton, causal_conv1d_triton_unchecked
+from .selective_scan import selective_scan_triton, selective_scan_triton_unchecked
 
-__all__ = ["causal_conv1d_triton", "selective_scan_triton"]
+__all__ = ["causal_conv1d_triton", "causal_conv1d_triton_unchecked", "selective_scan_triton",
+           "selective_scan_triton_unchecked"]

@@ -180,8 +180,15 @@ _causal_conv1d_fwd.register_autograd(_backward, setup_context=_setup_context)
 def causal_conv1d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                          activation: Optional[str] = None, reverse: bool = False) -> Tensor:
     """Depthwise causal conv1d on (b, l, d) with fused bias and optional SiLU; output in x's dtype. Grouped
-    weights (groups, d, k) and bias (groups, d) as in `star.ops.causal_conv1d`."""
+    weights (groups, d, k) and bias (groups, d) as in `star.ops.causal_conv1d`, whose input checks it runs."""
     check_conv_inputs(x, weight, bias, activation)
+    return causal_conv1d_triton_unchecked(x, weight, bias, activation, reverse)
+
+
+def causal_conv1d_triton_unchecked(x, weight, bias=None, activation=None, reverse=False) -> Tensor:
+    """`causal_conv1d_triton` without the op's input checks: the op table's Triton entry, which
+    `star.ops.causal_conv1d` calls once it has checked the inputs itself. The kernel's own limit on the
+    kernel size is checked here, on every path."""
     if not 1 <= weight.shape[-1] <= 16:
         raise ValueError(f"kernel_size must be in [1, 16] for the Triton conv, got {weight.shape[-1]}")
     bias = bias.contiguous() if bias is not None else None

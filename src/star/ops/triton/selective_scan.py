@@ -22,22 +22,10 @@ per-channel-block partials, summed afterwards by torch in a fixed order, so grad
 u, delta and z may be strided views (only the channel stride must be 1), which saves the copies of the
 mixer's (x, z) split. reverse=True only changes which time index a scan position reads.
 
-Parallel over time. A long sequence in a small batch gives too few (batch, channel block) programs to fill
-the GPU (4 sequences of 10,240 tokens at d=768: 96 programs for 132 SMs, each walking 10,240 steps). Then
-each sequence is cut into `parts` (whole segments each) that run as programs of their own, in three steps
-per direction, since the recurrence is linear in its carried value:
-  1. a local pass per part from a zero start: the forward's state at the part's end (u, delta, B read; no
-     outputs), the backward's adjoint carry at the part's start (delta, z, dy, C read), and the sum of delta
-     over the part, which gives the part's total decay exp(A * sum delta) in one exp;
-  2. a carry pass, one program per (sequence, channel block) over the parts in order (backward: in reverse):
-     the true state entering part p is decay(p-1) * entering(p-1) + local end(p-1);
-  3. the main kernels above, each part started from its true entering state (the backward from its true
-     carry), so outputs, checkpoints and gradients are those of one long walk up to fp32 rounding.
-The local passes cost about a third of a scan more; `_parts` uses them only where the programs are too few
-(fewer than CUDA_CONFIG["MIN_WAVES"] waves of resident programs) and sequences span several segments.
+Parallel over time: a long sequence in a small batch is cut into parts that run as programs of their own
+(star.ops.triton.selective_scan_parts); the kernels here then start each part from its true entering state
+(HAS_INIT). The pieces every kernel shares are in star.ops.triton.selective_scan_chunks.
 """
-import functools
-import math
 from typing import Optional
 
 import torch
@@ -47,199 +35,14 @@ from torch import Tensor
 
 from star.ops.groups import sequences_per_group, sum_per_group
 from star.ops.selective_scan import check_scan_inputs
+from star.ops.triton.selective_scan_chunks import (CUDA_CONFIG, LOG2E, _channel_block, _chunk_bc, _chunk_dy,
+                                                   _chunk_index, _chunk_loads, _chunk_states, _chunk_values, _config,
+                                                   _empty_if_none, _gate, _launch_args, _load_params, _n_segments,
+                                                   _row, _set_row, _store_channel_sum)
+from star.ops.triton.selective_scan_parts import _entering, _part_chunks, _part_state, _parts
 
-# Tile sizes per device type and direction. SEGMENT (steps between saved states) is shared by both
-# directions; each direction's CHUNK must divide it. The backward holds more tiles per element, so it runs
-# with shorter chunks (fewer registers). The interpreter (CPU, TRITON_INTERPRET=1) runs element by element in
-# Python, so it gets small tiles and short segments (several segments even in short test sequences); tl.dot
-# needs at least 16 channels.
-# CUDA tiles: the fastest of `benchmarks/scan.py --sweep`, last run on an H200 with the prefetching kernels
-# (6af86b7, docs/benchmarks/scan_h200/): it kept fwd and SEGMENT and moved bwd from 64 channels on 2 warps to
-# 32 on 1.
-# Time parallelism (module docstring): a launch is cut into parts when its programs fill fewer than MIN_WAVES
-# waves of RESIDENT_PER_SM programs per SM (234 registers per backward thread: 8 one-warp programs fit an
-# SM); the parts then aim at MIN_WAVES waves, each at least MIN_PART_SEGMENTS segments long. The interpreter
-# counts one "SM" and small numbers, so the tests' short sequences run in several parts.
-CUDA_CONFIG = dict(SEGMENT=32, fwd=dict(BLOCK_D=32, CHUNK=4, num_warps=1),
-                   bwd=dict(BLOCK_D=32, CHUNK=2, num_warps=1),
-                   RESIDENT_PER_SM=8, MIN_WAVES=4, MIN_PART_SEGMENTS=4)
-INTERPRETER_CONFIG = dict(SEGMENT=8, fwd=dict(BLOCK_D=16, CHUNK=4, num_warps=1),
-                          bwd=dict(BLOCK_D=16, CHUNK=2, num_warps=1),
-                          RESIDENT_PER_SM=4, MIN_WAVES=4, MIN_PART_SEGMENTS=1)
-LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E): exp2 is the hardware instruction
-
-
-@triton.jit
-def _row(x, index: tl.constexpr, CHUNK: tl.constexpr):
-    """x[index] of a (CHUNK, ...) tile. Time sits inside each thread and the other rows are -0.0 (x + -0.0 == x
-    exactly), so after constant folding this is plain register moves."""
-    rows = tl.arange(0, CHUNK)[:, None, None]
-    return tl.sum(tl.where(rows == index, x, -0.0), axis=0)
-
-
-@triton.jit
-def _set_row(x, index: tl.constexpr, value, CHUNK: tl.constexpr):
-    rows = tl.arange(0, CHUNK)[:, None, None]
-    return tl.where(rows == index, value[None, :, :], x)
-
-
-@triton.jit
-def _load_rows(ptr, stride_b, stride_l, pid_b, t, offs_d, mask):
-    """A (CHUNK, BLOCK_D) tile in its stored dtype: converting it is left to where it is used, so a load issued
-    a chunk ahead does not wait for its data."""
-    return tl.load(ptr + pid_b * stride_b + t[:, None] * stride_l + offs_d[None, :], mask=mask, other=0.0)
-
-
-@triton.jit
-def _delta_values(raw, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """Returns (delta after bias/softplus, zeroed where masked; d softplus / d input).
-
-    softplus and its derivative share one exp: log(1 + e) and e / (1 + e), linear above 20 as in Mamba."""
-    raw = raw.to(tl.float32)
-    if HAS_BIAS:
-        raw += bias[None, :]
-    if SOFTPLUS:
-        e = tl.exp(tl.minimum(raw, 20.0))
-        delta = tl.where(raw > 20.0, raw, tl.log(1.0 + e))
-        dsoftplus = tl.where(raw > 20.0, 1.0, e / (1.0 + e))
-    else:
-        delta = raw
-        dsoftplus = tl.full(raw.shape, 1.0, tl.float32)
-    return tl.where(mask, delta, 0.0), dsoftplus
-
-
-@triton.jit
-def _chunk_rows(chunk, L, CHUNK: tl.constexpr, REVERSE: tl.constexpr):
-    """Time index each scan position of one chunk reads, and which positions exist."""
-    pos = chunk * CHUNK + tl.arange(0, CHUNK)
-    if REVERSE:
-        t = L - 1 - pos
-    else:
-        t = pos
-    return t, (pos >= 0) & (pos < L)  # chunk -1 or n_chunks: loads issued ahead that are not used
-
-
-@triton.jit
-def _chunk_states(h, delta, u, Bt, A2, CHUNK: tl.constexpr):
-    """Decays a, inputs b and states h_t (CHUNK, N, BLOCK_D) of one chunk entered with state h; also its last
-    state. The steps are unrolled: one FMA per element and step, no scan machinery."""
-    a = tl.exp2(delta[:, None, :] * A2[None, :, :])
-    b = (delta * u)[:, None, :] * Bt[:, :, None]
-    hs = tl.zeros_like(a)
-    for i in tl.static_range(CHUNK):
-        h = _row(a, i, CHUNK) * h + _row(b, i, CHUNK)
-        hs = _set_row(hs, i, h, CHUNK)
-    return a, b, hs, h
-
-
-@triton.jit
-def _store_channel_sum(ptr, x, t, part_base, mask_t, N: tl.constexpr, N_PAD: tl.constexpr, CHUNK: tl.constexpr,
-                       BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    """Stores sum over channels of x (CHUNK, N_PAD, BLOCK_D) at rows t of a (.., l, N) partial.
-
-    Channels are spread over the lanes, where tl.sum would cost 5 butterfly shuffles per value; a matrix
-    product with a ones matrix does the sum on the tensor cores instead (column 0 of the product is kept)."""
-    ones = tl.full((BLOCK_D, 16), 1.0, tl.float32)
-    sums = tl.dot(tl.reshape(x, (CHUNK * N_PAD, BLOCK_D)), ones, input_precision=PRECISION)
-    rows = tl.arange(0, CHUNK * N_PAD)
-    cols = tl.arange(0, 16)
-    t_rows = tl.reshape(tl.broadcast_to(t[:, None], (CHUNK, N_PAD)), (CHUNK * N_PAD,))
-    mask_rows = tl.reshape(tl.broadcast_to(mask_t[:, None], (CHUNK, N_PAD)), (CHUNK * N_PAD,)) & (rows % N_PAD < N)
-    offs = (part_base + t_rows) * N + rows % N_PAD
-    tl.store(ptr + offs[:, None] + cols[None, :], sums, mask=mask_rows[:, None] & (cols == 0)[None, :])
-
-
-@triton.jit
-def _channel_block(pid_d, D, N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A program's channels and state rows, and their masks: offs_d, offs_n, mask_d, mask_n, mask_nd."""
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, N_PAD)
-    mask_d = offs_d < D
-    mask_n = offs_n < N
-    return offs_d, offs_n, mask_d, mask_n, mask_n[:, None] & mask_d[None, :]
-
-
-@triton.jit
-def _load_params(A_ptr, D_ptr, bias_ptr, group, offs_d, offs_n, mask_d, mask_nd, D, N: tl.constexpr,
-                 BLOCK_D: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """A * log2(e) (N_PAD, BLOCK_D), dt bias and D (zeros when absent) of this program's channels, from the
-    parameter set of `group` (grouped A is (groups, D, N), D and bias (groups, D); one group when ungrouped)."""
-    A2 = tl.load(A_ptr + group * D * N + offs_d[None, :] * N + offs_n[:, None], mask=mask_nd,
-                 other=0.0).to(tl.float32) * LOG2E
-    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + group * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    Dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + group * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    return A2, bias, Dv
-
-
-@triton.jit
-def _gate(z, dy):
-    """dy through the output gate y * silu(z): (dy * silu(z), dy * silu'(z), which times y is dz)."""
-    sig_z = tl.sigmoid(z)
-    return dy * z * sig_z, dy * sig_z * (1.0 + z * (1.0 - sig_z))
-
-
-@triton.jit
-def _chunk_index(chunk, pid_b, L, D, offs_d, mask_d, CHUNK: tl.constexpr, REVERSE: tl.constexpr):
-    """One chunk's time rows t and their mask, its (CHUNK, BLOCK_D) mask and (b, l, d) offsets."""
-    t, mask_t = _chunk_rows(chunk, L, CHUNK, REVERSE)
-    mask = mask_t[:, None] & mask_d[None, :]
-    offs = (pid_b * L + t)[:, None] * D + offs_d[None, :]
-    return t, mask_t, mask, offs
-
-
-@triton.jit
-def _chunk_loads(u_ptr, delta_ptr, z_ptr, chunk, pid_b, L, offs_d, mask_d, stride_ub, stride_ul, stride_deltab,
-                 stride_deltal, stride_zb, stride_zl, CHUNK: tl.constexpr, REVERSE: tl.constexpr, HAS_Z: tl.constexpr):
-    """One chunk's per-channel tiles, as stored: u, delta and z (zeros without a gate)."""
-    t, mask_t = _chunk_rows(chunk, L, CHUNK, REVERSE)
-    mask = mask_t[:, None] & mask_d[None, :]
-    u = _load_rows(u_ptr, stride_ub, stride_ul, pid_b, t, offs_d, mask)
-    delta = _load_rows(delta_ptr, stride_deltab, stride_deltal, pid_b, t, offs_d, mask)
-    z = tl.zeros_like(u)
-    if HAS_Z:
-        z = _load_rows(z_ptr, stride_zb, stride_zl, pid_b, t, offs_d, mask)
-    return u, delta, z
-
-
-@triton.jit
-def _chunk_bc(B_ptr, C_ptr, chunk, pid_b, L, offs_n, mask_n, N: tl.constexpr, CHUNK: tl.constexpr,
-              REVERSE: tl.constexpr):
-    """One chunk's (CHUNK, N_PAD) rows of B and C, as stored (every channel of the program reads them all)."""
-    t, mask_t = _chunk_rows(chunk, L, CHUNK, REVERSE)
-    mask_bc = mask_t[:, None] & mask_n[None, :]
-    offs_bc = (pid_b * L + t)[:, None] * N + offs_n[None, :]
-    return tl.load(B_ptr + offs_bc, mask=mask_bc, other=0.0), tl.load(C_ptr + offs_bc, mask=mask_bc, other=0.0)
-
-
-@triton.jit
-def _chunk_dy(dy_ptr, chunk, pid_b, L, D, offs_d, mask_d, CHUNK: tl.constexpr, REVERSE: tl.constexpr):
-    """The output gradient of one chunk, as stored (dy is contiguous)."""
-    _, _, mask, offs = _chunk_index(chunk, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE)
-    return tl.load(dy_ptr + offs, mask=mask, other=0.0)
-
-
-@triton.jit
-def _chunk_values(u, delta, Bt, Ct, z, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """The loaded tiles in fp32, delta after bias/softplus, and d softplus."""
-    delta, dsoftplus = _delta_values(delta, mask, bias, HAS_BIAS, SOFTPLUS)
-    return u.to(tl.float32), delta, dsoftplus, Bt.to(tl.float32), Ct.to(tl.float32), z.to(tl.float32)
-
-
-@triton.jit
-def _part_state(ptr, pid_b, pid_p, n_parts, offs_n, offs_d, D, N: tl.constexpr):
-    """Offsets of one part's (N_PAD, BLOCK_D) state in a (b, parts, N, D) fp32 buffer."""
-    return ptr + ((pid_b * n_parts + pid_p) * N + offs_n[:, None]) * D + offs_d[None, :]
-
-
-@triton.jit
-def _part_chunks(pid_p, part_segments, L, CHUNK: tl.constexpr, SEG_CHUNKS: tl.constexpr):
-    """First chunk and end chunk (exclusive) of part pid_p, which spans `part_segments` whole segments."""
-    first = pid_p * part_segments * SEG_CHUNKS
-    return first, tl.minimum(first + part_segments * SEG_CHUNKS, tl.cdiv(L, CHUNK))
+# CUDA_CONFIG is the scan's tile setting: the benchmarks read and tune it here (scan_variants.py in every tree)
+__all__ = ["CUDA_CONFIG", "selective_scan_triton", "selective_scan_triton_unchecked"]
 
 
 @triton.jit
@@ -405,197 +208,6 @@ def _scan_bwd_kernel(
         tl.store(dbias_part_ptr + pid_bp * D + offs_d, dbias_acc, mask=mask_d)
 
 
-@triton.jit
-def _part_program(A_ptr, bias_ptr, first_part, L, D, part_segments, seq_per_group, N: tl.constexpr,
-                  N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, SEG_CHUNKS: tl.constexpr,
-                  HAS_BIAS: tl.constexpr):
-    """What a local-pass program works on: its sequence, part (grid axis 2 counts from `first_part`), channels,
-    state rows, masks, A * log2(e), dt bias, and its chunk range."""
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_p = tl.program_id(2) + first_part
-    offs_d, offs_n, mask_d, mask_n, mask_nd = _channel_block(tl.program_id(1), D, N, N_PAD, BLOCK_D)
-    A2, bias, _ = _load_params(A_ptr, A_ptr, bias_ptr, pid_b // seq_per_group, offs_d, offs_n, mask_d, mask_nd, D,
-                               N, BLOCK_D, False, HAS_BIAS)
-    first, end = _part_chunks(pid_p, part_segments, L, CHUNK, SEG_CHUNKS)
-    return pid_b, pid_p, offs_d, offs_n, mask_d, mask_n, mask_nd, A2, bias, first, end
-
-
-@triton.jit
-def _store_part(state_ptr, delta_sum_ptr, state, delta_sum, pid_b, pid_p, n_parts, offs_n, offs_d, mask_d, mask_nd, D,
-                N: tl.constexpr):
-    """A local pass's result: the part's state (or carry) and its sum of delta."""
-    tl.store(_part_state(state_ptr, pid_b, pid_p, n_parts, offs_n, offs_d, D, N), state, mask=mask_nd)
-    tl.store(delta_sum_ptr + (pid_b * n_parts + pid_p) * D + offs_d, delta_sum, mask=mask_d)
-
-
-@triton.jit
-def _part_end_state_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, end_ptr, delta_sum_ptr,
-    L, D, n_parts, part_segments, seq_per_group, stride_ub, stride_ul, stride_deltab, stride_deltal,
-    stride_zb, stride_zl,
-    N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, SEG_CHUNKS: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    REVERSE: tl.constexpr,
-):
-    """Time-parallel forward, step 1: the state at the end of each part but the last from a zero start, and the
-    part's sum of delta. Launched over parts 0 .. n_parts - 2 (the last part's end feeds nothing)."""
-    pid_b, pid_p, offs_d, offs_n, mask_d, mask_n, mask_nd, A2, bias, first, end = _part_program(
-        A_ptr, bias_ptr, 0, L, D, part_segments, seq_per_group, N, N_PAD, BLOCK_D, CHUNK, SEG_CHUNKS, HAS_BIAS)
-    h = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
-    delta_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    u_next, delta_next, _ = _chunk_loads(u_ptr, delta_ptr, u_ptr, first, pid_b, L, offs_d, mask_d, stride_ub,
-                                         stride_ul, stride_deltab, stride_deltal, 0, 0, CHUNK, REVERSE, False)
-    B_next, _ = _chunk_bc(B_ptr, B_ptr, first, pid_b, L, offs_n, mask_n, N, CHUNK, REVERSE)
-    for chunk in range(first, end):
-        u, delta, Bt = u_next, delta_next, B_next
-        u_next, delta_next, _ = _chunk_loads(u_ptr, delta_ptr, u_ptr, chunk + 1, pid_b, L, offs_d, mask_d, stride_ub,
-                                             stride_ul, stride_deltab, stride_deltal, 0, 0, CHUNK, REVERSE, False)
-        B_next, _ = _chunk_bc(B_ptr, B_ptr, chunk + 1, pid_b, L, offs_n, mask_n, N, CHUNK, REVERSE)
-        _, _, mask, _ = _chunk_index(chunk, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE)
-        u, delta, _, Bt, _, _ = _chunk_values(u, delta, Bt, Bt, u, mask, bias, HAS_BIAS, SOFTPLUS)
-        _, _, _, h = _chunk_states(h, delta, u, Bt, A2, CHUNK)
-        delta_sum += tl.sum(delta, axis=0)
-    _store_part(end_ptr, delta_sum_ptr, h, delta_sum, pid_b, pid_p, n_parts, offs_n, offs_d, mask_d, mask_nd, D, N)
-
-
-@triton.jit
-def _part_adjoint_kernel(
-    delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dy_ptr, carry_ptr, delta_sum_ptr,
-    L, D, n_parts, part_segments, seq_per_group, stride_ub, stride_ul, stride_deltab, stride_deltal,
-    stride_zb, stride_zl,
-    N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, SEG_CHUNKS: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    REVERSE: tl.constexpr,
-):
-    """Time-parallel backward, step 1: the adjoint carry a_t g_t at the start of each part but the first, from a
-    zero carry at the part's end (g_t = C_t dy_t + a_{t+1} g_{t+1} needs no states), and the part's sum of delta.
-    Launched over parts 1 .. n_parts - 1 (the first part's carry feeds nothing)."""
-    pid_b, pid_p, offs_d, offs_n, mask_d, mask_n, mask_nd, A2, bias, first, end = _part_program(
-        A_ptr, bias_ptr, 1, L, D, part_segments, seq_per_group, N, N_PAD, BLOCK_D, CHUNK, SEG_CHUNKS, HAS_BIAS)
-    carry = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
-    delta_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    _, delta_next, z_next = _chunk_loads(delta_ptr, delta_ptr, z_ptr, end - 1, pid_b, L, offs_d, mask_d,
-                                         stride_deltab, stride_deltal, stride_deltab, stride_deltal, stride_zb,
-                                         stride_zl, CHUNK, REVERSE, HAS_Z)
-    dy_next = _chunk_dy(dy_ptr, end - 1, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE)
-    for j in range(end - first):
-        chunk = end - 1 - j
-        delta, z, dy = delta_next, z_next, dy_next
-        _, delta_next, z_next = _chunk_loads(delta_ptr, delta_ptr, z_ptr, chunk - 1, pid_b, L, offs_d, mask_d,
-                                             stride_deltab, stride_deltal, stride_deltab, stride_deltal, stride_zb,
-                                             stride_zl, CHUNK, REVERSE, HAS_Z)
-        dy_next = _chunk_dy(dy_ptr, chunk - 1, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE)
-        Ct, _ = _chunk_bc(C_ptr, C_ptr, chunk, pid_b, L, offs_n, mask_n, N, CHUNK, REVERSE)
-        _, _, mask, _ = _chunk_index(chunk, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE)
-        _, delta, _, Ct, _, z = _chunk_values(delta, delta, Ct, Ct, z, mask, bias, HAS_BIAS, SOFTPLUS)
-        dy = dy.to(tl.float32)
-        if HAS_Z:
-            dy, _ = _gate(z, dy)
-        a = tl.exp2(delta[:, None, :] * A2[None, :, :])
-        c = dy[:, None, :] * Ct[:, :, None]
-        for i in tl.static_range(CHUNK - 1, -1, -1):
-            carry = _row(a, i, CHUNK) * (_row(c, i, CHUNK) + carry)
-        delta_sum += tl.sum(delta, axis=0)
-    _store_part(carry_ptr, delta_sum_ptr, carry, delta_sum, pid_b, pid_p, n_parts, offs_n, offs_d, mask_d, mask_nd, D,
-                N)
-
-
-@triton.jit
-def _part_carry_kernel(A_ptr, local_ptr, delta_sum_ptr, entering_ptr, D, n_parts, seq_per_group,
-                       N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr):
-    """Time-parallel step 2: the true value entering every part, walking the parts in order (the forward's states)
-    or in reverse order (the backward's carries): entering(next) = exp(A * sum delta) * entering + local."""
-    pid_b = tl.program_id(0).to(tl.int64)
-    offs_d, offs_n, mask_d, mask_n, mask_nd = _channel_block(tl.program_id(1), D, N, N_PAD, BLOCK_D)
-    A2, _, _ = _load_params(A_ptr, A_ptr, A_ptr, pid_b // seq_per_group, offs_d, offs_n, mask_d, mask_nd, D, N,
-                            BLOCK_D, False, False)
-    h = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
-    for i in range(n_parts - 1):
-        if BACKWARD:
-            p = n_parts - 1 - i
-        else:
-            p = i
-        tl.store(_part_state(entering_ptr, pid_b, p, n_parts, offs_n, offs_d, D, N), h, mask=mask_nd)
-        delta_sum = tl.load(delta_sum_ptr + (pid_b * n_parts + p) * D + offs_d, mask=mask_d, other=0.0)
-        local = tl.load(_part_state(local_ptr, pid_b, p, n_parts, offs_n, offs_d, D, N), mask=mask_nd, other=0.0)
-        h = tl.exp2(A2 * delta_sum[None, :]) * h + local
-    if BACKWARD:
-        last = 0
-    else:
-        last = n_parts - 1
-    tl.store(_part_state(entering_ptr, pid_b, last, n_parts, offs_n, offs_d, D, N), h, mask=mask_nd)
-
-
-def _config(u: Tensor) -> dict:
-    return CUDA_CONFIG if u.is_cuda else INTERPRETER_CONFIG
-
-
-def _n_segments(length: int, u: Tensor) -> int:
-    return math.ceil(length / _config(u)["SEGMENT"])
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _parts(u: Tensor, d: int, direction: str) -> tuple[int, int]:
-    """(parts, segments per part) of a launch over u's (b, l) sequences: one part while the (sequence, channel
-    block) programs fill MIN_WAVES waves of the GPU, else enough parts for that many waves, none shorter than
-    MIN_PART_SEGMENTS segments (module docstring)."""
-    config = _config(u)
-    b, l = u.shape[:2]
-    n_segments = _n_segments(l, u)
-    programs = b * triton.cdiv(d, config[direction]["BLOCK_D"])
-    sms = _sm_count(u.device.index if u.device.index is not None else torch.cuda.current_device()) \
-        if u.is_cuda else 1
-    target = config["MIN_WAVES"] * config["RESIDENT_PER_SM"] * sms
-    parts = min(triton.cdiv(target, programs), n_segments // config["MIN_PART_SEGMENTS"]) if programs < target else 1
-    if parts <= 1:
-        return 1, n_segments
-    part_segments = triton.cdiv(n_segments, parts)
-    return triton.cdiv(n_segments, part_segments), part_segments
-
-
-def _entering(u, delta, A, B, C, z, delta_bias, dy, flags, parts, part_segments, direction):
-    """Time-parallel steps 1 and 2 (module docstring): the true state (forward) or adjoint carry (backward)
-    entering each part, (b, parts, N, D) fp32."""
-    b, l, d = u.shape
-    n = A.shape[-1]
-    args = _launch_args(u, A, delta, z, direction)
-    local = u.new_empty((b, parts, n, d), dtype=torch.float32)
-    delta_sum = u.new_empty((b, parts, d), dtype=torch.float32)
-    entering = torch.empty_like(local)
-    grid = (b, triton.cdiv(d, args["BLOCK_D"]))
-    common = (l, d, parts, part_segments, sequences_per_group(u, A))
-    if direction == "fwd":
-        _part_end_state_kernel[(*grid, parts - 1)](u, delta, A, B, _empty_if_none(delta_bias, u), local, delta_sum,
-                                                   *common, **args, **flags)
-    else:
-        _part_adjoint_kernel[(*grid, parts - 1)](delta, A, C, _empty_if_none(z, u), _empty_if_none(delta_bias, u), dy,
-                                                 local, delta_sum, *common, **args, **flags)
-    _part_carry_kernel[grid](A, local, delta_sum, entering, d, parts, sequences_per_group(u, A), N=n,
-                             N_PAD=args["N_PAD"], BLOCK_D=args["BLOCK_D"], BACKWARD=direction == "bwd", num_warps=1)
-    return entering
-
-
-def _launch_args(u: Tensor, A: Tensor, delta: Tensor, z: Optional[Tensor], direction: str) -> dict:
-    n = A.shape[-1]
-    config = _config(u)
-    tiles = config[direction]
-    if config["SEGMENT"] % tiles["CHUNK"]:
-        raise ValueError(f"selective_scan_triton: SEGMENT={config['SEGMENT']} is not a multiple of the "
-                         f"{direction} CHUNK={tiles['CHUNK']}")
-    z_strides = z.stride()[:2] if z is not None else (0, 0)
-    return dict(stride_ub=u.stride(0), stride_ul=u.stride(1), stride_deltab=delta.stride(0),
-                stride_deltal=delta.stride(1), stride_zb=z_strides[0], stride_zl=z_strides[1],
-                N=n, N_PAD=triton.next_power_of_2(n), SEG_CHUNKS=config["SEGMENT"] // tiles["CHUNK"], **tiles)
-
-
-def _empty_if_none(x: Optional[Tensor], like: Tensor) -> Tensor:
-    return like.new_empty(0) if x is None else x
-
-
 def _flags(D, z, delta_bias, delta_softplus, reverse) -> dict:
     return dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
                 SOFTPLUS=delta_softplus, REVERSE=reverse)
@@ -718,8 +330,15 @@ def selective_scan_triton(
     delta_softplus: bool = True, reverse: bool = False,
 ) -> Tensor:
     """Fused selective scan; same contract as `star.ops.selective_scan` (layout (b, l, d), grouped parameters
-    allowed), output in u's dtype."""
+    allowed), output in u's dtype. Checks its inputs as `star.ops.selective_scan` does."""
     check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
+    return selective_scan_triton_unchecked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+
+
+def selective_scan_triton_unchecked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
+                                    reverse=False) -> Tensor:
+    """`selective_scan_triton` without the input checks: the op table's Triton entry, which
+    `star.ops.selective_scan` calls once it has checked the inputs itself."""
     tensors = [u, delta, A, B, C, D, z, delta_bias]
     u, delta, z = (_channels_contiguous(x) for x in (u, delta, z))
     A, B, C, D, delta_bias = (x.contiguous() if x is not None else None for x in (A, B, C, D, delta_bias))
