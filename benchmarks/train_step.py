@@ -35,7 +35,7 @@ import triton
 from timm.models.vision_transformer import VisionTransformer
 
 import star
-from star.models.registry import SIZES
+from star.model_names import SIZES
 from star.training.provenance import git_commit
 from breakdown import KERNEL_RULES, star_parts, step_breakdown, vit_parts
 from outputs import write_outputs
