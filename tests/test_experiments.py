@@ -5,19 +5,13 @@ build the models they name, and the report is built from what was recorded."""
 import argparse
 import json
 import math
-import sys
 import tarfile
-from pathlib import Path
 
 import pytest
 import torch
 
+from experiments.fashion_mnist import context, report, study
 from star.models import StarPretrain
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments" / "fashion_mnist"))
-import context  # noqa: E402
-import report  # noqa: E402
-import study  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -306,7 +300,7 @@ def test_items_run_a_part_of_a_unit_and_keep_its_weights(tmp_path, one_thread):
 
 
 def test_tune_runs_the_grid_then_the_best_twice_as_long(tmp_path, one_thread, monkeypatch):
-    import tune
+    from experiments.fashion_mnist import tune
     one_epoch = dict(epochs=1, batch_size=16, warmup_epochs=0)
     monkeypatch.setattr(tune, "VARIANTS", {"lr_low": dict(one_epoch, blr=1e-4, layer_decay=0.75),
                                            "lr_high": dict(one_epoch, blr=1e-2, layer_decay=1.0)})

@@ -2,12 +2,14 @@
 
 The whole study, on one GPU (or one shard per GPU of a machine, below), in resumable stages:
 
-    python experiments/fashion_mnist/study.py run --stage 1            # seed 0 of scratch, ARM, STAR
-    python experiments/fashion_mnist/study.py run --next --budget-min 9  # whatever is left, until 9 min are used
-    python experiments/fashion_mnist/study.py run --stage 2 --items linprobe ft1  # only these evaluations
-    python experiments/fashion_mnist/study.py status                   # done / to do
-    python experiments/fashion_mnist/study.py bench-loader             # data-loader images/s alone
-    python experiments/fashion_mnist/study.py merge --returned fm0.tgz fm1.tgz  # bring a GPU call's results home
+    python -m experiments.fashion_mnist.study run --stage 1            # seed 0 of scratch, ARM, STAR
+    python -m experiments.fashion_mnist.study run --next --budget-min 9  # whatever is left, until 9 min are used
+    python -m experiments.fashion_mnist.study run --stage 2 --items linprobe ft1  # only these evaluations
+    python -m experiments.fashion_mnist.study status                   # done / to do
+    python -m experiments.fashion_mnist.study bench-loader             # data-loader images/s alone
+    python -m experiments.fashion_mnist.study merge --returned fm0.tgz fm1.tgz  # bring a GPU call's results home
+
+(from the repo root, with star importable: installed, or PYTHONPATH=src).
 
 On a machine with N GPUs, N shards run at once, one per GPU, each with its own --out and --runs (a shard takes
 every N-th unfinished unit, so they never share one); gpu_call.sh starts them and packs one archive each:
