@@ -26,7 +26,8 @@ from star.training import create_loss_fn, create_optimizer
 from star.training.provenance import device_name, git_commit
 from star.training.schedule import CosineSchedule, resolve_lr
 from benchmarks.outputs import write_outputs
-from experiments.fashion_mnist.study import RECIPES, eval_config  # the study's own fine-tuning config
+from experiments.fashion_mnist.recipes import RECIPES
+from experiments.fashion_mnist.study import eval_config  # the study's own fine-tuning config
 
 MODES = ("eager", "compile", "reduce-overhead")
 

@@ -35,7 +35,8 @@ from star.models import load_pretrained
 from star.training import resolve_device
 from star.training.provenance import environment
 
-from .study import ARMS, HERE, RECIPES, do_pretrain, load_results, pretrain_config, recipe_id, save_result
+from .recipes import ARMS, RECIPES, recipe_id
+from .study import HERE, do_pretrain, load_results, pretrain_config, save_result
 
 DEFAULT_ARMS = ("arm_k1", "star_k4", "k4_nosep", "star_k16")
 

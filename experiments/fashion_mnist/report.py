@@ -22,8 +22,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .study import (ARMS, EVALS, HERE, RECIPES, SEEDS, STAGES, estimate, item_key, load_results,  # noqa: E402
-                    picture_file, recipe_id, unit_items)
+from .recipes import ARMS, EVALS, RECIPES, SEEDS, STAGES, recipe_id  # noqa: E402
+from .study import HERE, estimate, item_key, load_results, picture_file, unit_items  # noqa: E402
 
 REPO = HERE.parents[1]
 EVAL_NAMES = {"linprobe": "linear probe", "ft1": "1% labels", "ft10": "10% labels", "ft100": "full fine-tune"}

@@ -20,7 +20,8 @@ from pathlib import Path
 from star.cli.train import run
 from star.training.provenance import environment
 
-from .study import RECIPES, _throughput, do_pretrain, eval_config, load_results, recipe_id, save_result
+from .recipes import RECIPES, recipe_id
+from .study import _throughput, do_pretrain, eval_config, load_results, save_result
 
 # name -> optimizer overrides of a full (100% labels) fine-tune.
 VARIANTS = {
