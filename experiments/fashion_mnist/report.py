@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import shutil
 import statistics
 import sys
@@ -23,6 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .recipes import ARMS, EVALS, RECIPES, SEEDS, STAGES, recipe_id  # noqa: E402
+from .stats import beyond, log2_slope, margin, mean_std, past_zero, relative_size, trend  # noqa: E402
 from .study import HERE, estimate, item_key, load_results, picture_file, unit_items  # noqa: E402
 
 REPO = HERE.parents[1]
@@ -152,21 +152,12 @@ def reruns(study_dir: Path, results: dict) -> list[str]:
     return lines + [""]
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else float("nan")
-
-
 def fmt(values: list[float], digits: int = 2) -> str:
     if not values:
         return "-"
     mean, std = mean_std(values)
     spread = f" ± {std:.{digits}f}" if len(values) > 1 else ""
     return f"{mean:.{digits}f}{spread} (n={len(values)})"
-
-
-def margin(a: list[float], b: list[float]) -> tuple[float, float]:
-    """How far a's mean is above b's, and the larger of the two standard deviations to judge it by."""
-    return statistics.mean(a) - statistics.mean(b), max(statistics.stdev(a), statistics.stdev(b))
 
 
 def compare(table: dict, better: str, worse: str, item: str) -> str:
@@ -180,7 +171,7 @@ def compare(table: dict, better: str, worse: str, item: str) -> str:
     if min(len(a), len(b)) < 3:
         return line + f"; not enough seeds to judge ({len(a)} and {len(b)}, 3 needed)"
     spread = margin(a, b)[1]
-    verdict = "meets" if diff > 2 * spread else "does not meet"
+    verdict = "meets" if beyond(diff, spread) else "does not meet"
     if spread == 0:
         return line + f"; both stds are 0; {verdict} the > 2 std criterion"
     return line + f" = {diff / spread:+.1f} x the larger std ({spread:.2f}); {verdict} the > 2 std criterion"
@@ -199,11 +190,11 @@ def conclusion(table: dict, full: dict) -> str:
     def top1(arm, item):
         return [e["test_top1"] for e in table[arm, item]]
     wins = {item: margin(top1("star_k4", item), top1("arm_k1", item)) for item in claim_items}
-    if all(d > 2 * s for d, s in wins.values()):
+    if all(beyond(d, s) for d, s in wins.values()):
         claim = "STAR beats ARM by more than 2 std on both the linear probe and the 1%-label fine-tune"
     elif all(d <= 0 for d, _ in wins.values()):
         claim = "STAR does not beat ARM: it is not ahead on the linear probe or the 1%-label fine-tune"
-        behind = [EVAL_NAMES[i] for i, (d, s) in wins.items() if -d > 2 * s]
+        behind = [EVAL_NAMES[i] for i, (d, s) in wins.items() if beyond(-d, s)]
         if behind:
             claim += f"; ARM is ahead by more than 2 std on the {' and the '.join(behind)}"
     else:
@@ -218,7 +209,7 @@ def conclusion(table: dict, full: dict) -> str:
                  f"{target} the {TARGET_TOP1}% target.")
     fits = {item: k_slope(table, item) for item in claim_items}
     if all(fits.values()):
-        falls = all(slope < -2 * se for slope, se, _ in fits.values())
+        falls = all(trend(slope, se) < 0 for slope, se, _ in fits.values())
         text += (" In the K sweep, " + ("both fall" if falls else "they do not both fall by more than 2 standard "
                  "errors") + " as more images share a sequence (" + "; ".join(
                  f"{EVAL_NAMES[i]} {slope:+.2f} ± {se:.2f} points per doubling of K" for i, (slope, se, _) in
@@ -229,17 +220,6 @@ def conclusion(table: dict, full: dict) -> str:
     if pending:
         text += " Still to measure before the other evaluations can be judged: " + "; ".join(pending) + "."
     return text
-
-
-def log2_slope(points: list[tuple[int, float]]):
-    """Least-squares slope of y per doubling of K over (K, y) points, with its standard error and the number of
-    points; None before 3 values of K."""
-    if len({k for k, _ in points}) < 3:
-        return None
-    x, y = [math.log2(k) for k, _ in points], [v for _, v in points]
-    slope, intercept = statistics.linear_regression(x, y)
-    residual = sum((yi - intercept - slope * xi) ** 2 for xi, yi in zip(x, y)) / (len(x) - 2)
-    return slope, math.sqrt(residual / sum((xi - statistics.mean(x)) ** 2 for xi in x)), len(points)
 
 
 def k_slope(table: dict, item: str):
@@ -263,8 +243,8 @@ def k_trend(table: dict, item: str) -> str:
     measured = [arm for arm in K_SWEEP if table[arm, item]]
     means = ", ".join(f"K={ARMS[a]['num_images']} {statistics.mean(e['test_top1'] for e in table[a, item]):.2f}"
                       for a in measured)
-    called = f"{'falls' if slope < 0 else 'rises'} with K" if abs(slope) > 2 * se else \
-        "shows no trend in K beyond 2 standard errors"
+    called = {-1: "falls with K", 1: "rises with K",
+              0: "shows no trend in K beyond 2 standard errors"}[trend(slope, se)]
     fewest = min(len(table[a, item]) for a in measured)
     note = "" if complete_k_sweep(table, [item]) else \
         f" (preliminary: {len(measured)} of {len(K_SWEEP)} values of K, at least {fewest} seeds each)"
@@ -343,26 +323,23 @@ def context(study_dir: Path, rid: str, table: dict) -> list[str]:
     if few:  # a verdict of "no effect" needs a spread to be judged against
         lines.append(f"- Not judged: fewer than {len(SEEDS)} seeds of {', '.join(few)}.")
         return lines + [""]
-
-    def above(values, sign):  # the mean is past zero in this direction by more than 2 std over seeds
-        return sign * statistics.mean(values) > 2 * statistics.stdev(values)
     sweep = [arm for arm in K_SWEEP if arm in by_arm]
     fit = log2_slope([(ARMS[arm]["num_images"], v) for arm in sweep for v in first[arm]])
-    rises = fit is not None and fit[0] > 2 * fit[1]
+    rises = fit is not None and beyond(fit[0], fit[1])
     if fit is not None:
         lines.append("- First image, fresh state: loss " + ", ".join(
             f"K={ARMS[a]['num_images']} {statistics.mean(first[a]):.4f}" for a in sweep)
             + f"; {fit[0]:+.4f} ± {fit[1]:.4f} per doubling of K over {fit[2]} runs. "
             + ("An encoder pretrained with more images per sequence predicts worse even where nothing comes "
                "before." if rises else "No rise with K beyond 2 standard errors."))
-    hurt = [arm for arm, diffs in later.items() if above(diffs, +1)]
+    hurt = [arm for arm, diffs in later.items() if past_zero(diffs, +1)]
     if later:
         means = [statistics.mean(d) for d in later.values()]
         lines.append(f"- Later images against the first: {min(means):+.4f} to {max(means):+.4f} (arm means). "
                      + (f"Worse by more than 2 std for {', '.join(ARM_NAMES[a] for a in hurt)}: earlier images "
                         "get in the way." if hurt else "No arm predicts later images worse than its first by more "
                         "than 2 std: the unrelated images before an image do not get in the way of predicting it."))
-    helped = [arm for arm, diffs in own_context.items() if above(diffs, +1)]
+    helped = [arm for arm, diffs in own_context.items() if past_zero(diffs, +1)]
     if own_context:
         means = [statistics.mean(d) for d in own_context.values()]
         lines.append(f"- Reading an image after K-1 others (its pretraining context) instead of alone moves the "
@@ -374,17 +351,14 @@ def context(study_dir: Path, rid: str, table: dict) -> list[str]:
     causal = log2_slope([(ARMS[arm]["num_images"], v) for arm in sweep for v in alone[arm]])
     study = k_slope(table, "linprobe")
     if causal is not None and study is not None:
-        if causal[0] * study[0] <= 0:
-            size = "The two probes disagree on the direction of the K trend."
-        elif abs(causal[0]) < abs(study[0]) / 2:
-            size = ("The features are much closer across K than the study's probe makes them look. The two probes "
-                    "differ in what they read (causal features alone vs the 4-direction classifier) and in the fit "
-                    "(full-batch L-BFGS, 200 iterations, vs 3 SGD epochs); which of the two makes the gap is not "
-                    "separated here.")
-        elif abs(causal[0]) > 2 * abs(study[0]):
-            size = "The causal probe sees a K trend more than twice the study's probe's."
-        else:
-            size = "The two probes see a K trend of about the same size (within a factor of 2)."
+        size = {"opposite": "The two probes disagree on the direction of the K trend.",
+                "smaller": "The features are much closer across K than the study's probe makes them look. The two "
+                           "probes differ in what they read (causal features alone vs the 4-direction classifier) "
+                           "and in the fit (full-batch L-BFGS, 200 iterations, vs 3 SGD epochs); which of the two "
+                           "makes the gap is not separated here.",
+                "larger": "The causal probe sees a K trend more than twice the study's probe's.",
+                "similar": "The two probes see a K trend of about the same size (within a factor of 2)."
+                }[relative_size(causal[0], study[0])]
         lines.append(f"- The causal probe moves by {causal[0]:+.2f} ± {causal[1]:.2f} points per doubling of K, the "
                      f"study's linear probe by {study[0]:+.2f} ± {study[1]:.2f}. {size}")
     if {"star_k4", "arm_k1"} <= set(alone):
