@@ -20,6 +20,7 @@ ARMS = {
 EVALS = ("linprobe", "ft1", "ft10", "ft100")
 SEEDS = (0, 1, 2)
 ABLATIONS = ("k4_nosep", "k4_token", "star_k2", "star_k8", "star_k16")
+K_SWEEP = ("arm_k1", "star_k2", "star_k4", "star_k8", "star_k16")  # (b) and (f): K = 1, 2, 4, 8, 16
 # Units in the order they run: stage 1 checks the pipeline and budget on the three arms the claim is about,
 # stage 2 gives those three arms their other seeds (the claim's verdict needs 3), stages 3-4 the ablations.
 STAGES = {
