@@ -10,6 +10,7 @@ fewer than three. The words are report_template.md's, the statistics stats.py's;
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import sys
@@ -24,8 +25,9 @@ from .template import ARM_NAMES, EVAL_NAMES, block, say
 REPO = HERE.parents[1]
 TARGET_TOP1 = 95.0
 ISSUE_BUDGET_MIN = 60  # GPU minutes the issue sizes the whole study to
-# Calls at these commits ran on a 2-GPU machine, one job per GPU, before entries recorded their shard.
-TWO_AT_ONCE_COMMITS = {"c350d48", "eada05e", "67c1366", "6d8768d"}
+# The GPUs of the machine that the calls at these commits shared, one run per GPU, from before results.json
+# entries recorded their shard.
+GPUS_BY_COMMIT = json.loads((HERE / "gpus_by_commit.json").read_text())
 
 
 def collect(results: dict, rid: str) -> dict:
@@ -87,7 +89,7 @@ def shared_machines(entries: list) -> list[str]:
     """Caveat line for the items that ran on a machine with several GPUs next to other jobs on the other GPUs,
     with their pretraining speed next to that of the runs that had a machine to themselves on the same card."""
     def gpus(e):  # GPUs of the machine the entry ran on, when it shared one
-        return int(e["shard"].split("/")[1]) if "shard" in e else 2 if e.get("commit") in TWO_AT_ONCE_COMMITS else 1
+        return int(e["shard"].split("/")[1]) if "shard" in e else GPUS_BY_COMMIT.get(e.get("commit"), 1)
     ours = [e for e in entries if e.get("item") in ("pretrain", *EVALS)]
     shared = [e for e in ours if gpus(e) > 1]
     if not shared:
