@@ -1,6 +1,6 @@
 """Where the time of one Fashion-MNIST-study fine-tuning step goes: GPU work or fixed per-step cost.
 
-    python benchmarks/study_step.py [--batches 128 1024] [--modes eager compile reduce-overhead] [--out docs/benchmarks]
+    python -m benchmarks.study_step [--batches 128 1024] [--modes eager compile reduce-overhead] [--out docs/benchmarks]
 
 The study's records show ~100 ms of every fine-tuning step that does not grow with the batch (see
 docs/benchmarks/README.md). This runs the study's full fine-tune step as star's engine does (the fmnist-tiny
@@ -15,7 +15,6 @@ which removes per-kernel launch cost). Writes study_step.json (with the top ops 
 import argparse
 import datetime
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -26,10 +25,9 @@ from star.build import build_model
 from star.training import create_loss_fn, create_optimizer
 from star.training.provenance import device_name, git_commit
 from star.training.schedule import CosineSchedule, resolve_lr
-from outputs import write_outputs
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments" / "fashion_mnist"))
-from study import RECIPES, eval_config  # noqa: E402  (the study's own fine-tuning config)
+from benchmarks.outputs import write_outputs
+from experiments.fashion_mnist.recipes import RECIPES
+from experiments.fashion_mnist.study import eval_config  # the study's own fine-tuning config
 
 MODES = ("eager", "compile", "reduce-overhead")
 
@@ -97,7 +95,7 @@ def measure(step, device, warmup: int, steps: int) -> dict:
 
 def markdown(meta, rows) -> str:
     lines = [f"# One Fashion-MNIST-study fine-tuning step ({meta['device']}, {meta['date']})", "",
-             f"`python benchmarks/study_step.py`, commit {meta['commit']}, torch {meta['torch']}. The study's full "
+             f"`python -m benchmarks.study_step`, commit {meta['commit']}, torch {meta['torch']}. The study's full "
              "fine-tune step (fmnist-tiny classifier, 32 px, bf16 autocast, AdamW with layer decay, one "
              "loss.item() per step) on random images on the device; median of "
              f"{meta['steps']} steps after {meta['warmup']} warm-up steps. Device ms: summed kernel time per "

@@ -5,19 +5,13 @@ build the models they name, and the report is built from what was recorded."""
 import argparse
 import json
 import math
-import sys
 import tarfile
-from pathlib import Path
 
 import pytest
 import torch
 
+from experiments.fashion_mnist import context, recipes, report, study
 from star.models import StarPretrain
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments" / "fashion_mnist"))
-import context  # noqa: E402
-import report  # noqa: E402
-import study  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +209,7 @@ def test_estimates_use_this_cards_measurements():
 def test_k_sweep_slope_and_ablation_lines():
     rid = study.recipe_id("h100")
 
-    def table(per_doubling, arms=report.K_SWEEP, seeds=study.SEEDS):
+    def table(per_doubling, arms=report.K_SWEEP, seeds=recipes.SEEDS):
         results = {}
         for arm in arms:
             k = study.ARMS[arm]["num_images"]
@@ -270,7 +264,7 @@ def test_conclusion_applies_the_two_std_criterion():
 
     def table(star_top1):
         results = {}
-        for seed, jitter in zip(study.SEEDS, (-0.5, 0.0, 0.5)):
+        for seed, jitter in zip(recipes.SEEDS, (-0.5, 0.0, 0.5)):
             for arm, top1 in (("star_k4", star_top1), ("arm_k1", 80.0), ("scratch", 70.0)):
                 for item in study.EVALS:
                     results[study.item_key(rid, arm, seed, item)] = {"test_top1": top1 + jitter}
@@ -306,7 +300,7 @@ def test_items_run_a_part_of_a_unit_and_keep_its_weights(tmp_path, one_thread):
 
 
 def test_tune_runs_the_grid_then_the_best_twice_as_long(tmp_path, one_thread, monkeypatch):
-    import tune
+    from experiments.fashion_mnist import tune
     one_epoch = dict(epochs=1, batch_size=16, warmup_epochs=0)
     monkeypatch.setattr(tune, "VARIANTS", {"lr_low": dict(one_epoch, blr=1e-4, layer_decay=0.75),
                                            "lr_high": dict(one_epoch, blr=1e-2, layer_decay=1.0)})
@@ -401,7 +395,7 @@ def test_context_verdict_lines(tmp_path):
     (> 2 std over seeds); no verdict of "no effect" without 3 seeds."""
     rid = study.recipe_id("h100")
 
-    def write(first_step=0.02, later_step=0.0, prefix_gain=0.0, spread=0.001, seeds=study.SEEDS,
+    def write(first_step=0.02, later_step=0.0, prefix_gain=0.0, spread=0.001, seeds=recipes.SEEDS,
               study_step=None, other_prefix_gain=0.0):
         entries = {}
         for arm in report.K_SWEEP:
@@ -420,7 +414,7 @@ def test_context_verdict_lines(tmp_path):
         (tmp_path / "context.json").write_text(json.dumps(entries))
         linprobe = {} if study_step is None else {  # the study's linear probe, without seed spread
             study.item_key(rid, arm, seed, "linprobe"): {"test_top1": 80.0 + study_step * k.bit_length() + seed / 10}
-            for arm, k in ((a, study.ARMS[a]["num_images"]) for a in report.K_SWEEP) for seed in study.SEEDS}
+            for arm, k in ((a, study.ARMS[a]["num_images"]) for a in report.K_SWEEP) for seed in recipes.SEEDS}
         return "\n".join(report.context(tmp_path, rid, report.collect(linprobe, rid)))
 
     plain = write()

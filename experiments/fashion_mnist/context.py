@@ -11,7 +11,7 @@
    Better after a prefix than alone: fine-tuning reads the encoder outside the context it was trained in.
    It also probes the causal features alone, which the study's 4-direction linear probe does not.
 
-    python experiments/fashion_mnist/context.py [--out DIR] [--arms arm_k1 star_k4 k4_nosep star_k16] [--seeds 0]
+    python -m experiments.fashion_mnist.context [--out DIR] [--arms arm_k1 star_k4 k4_nosep star_k16] [--seeds 0]
 
 Each arm's encoder is pretrained with the study's recipe and each seed (a separate run from the study's, which
 keeps no weights) into --runs, and reused from there when present. Results go to DIR/context.json, one entry
@@ -29,15 +29,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study import (ARMS, HERE, RECIPES, do_pretrain, load_results, pretrain_config, recipe_id,  # noqa: E402
-                   save_result)
+from star.build import classification_transform
+from star.data import build_dataset, train_val_split
+from star.models import load_pretrained
+from star.training import resolve_device
+from star.training.provenance import environment
 
-from star.build import classification_transform  # noqa: E402
-from star.data import build_dataset, train_val_split  # noqa: E402
-from star.models import load_pretrained  # noqa: E402
-from star.training import resolve_device  # noqa: E402
-from star.training.provenance import environment  # noqa: E402
+from .recipes import ARMS, RECIPES, recipe_id
+from .study import HERE, do_pretrain, load_results, pretrain_config, save_result
 
 DEFAULT_ARMS = ("arm_k1", "star_k4", "k4_nosep", "star_k16")
 

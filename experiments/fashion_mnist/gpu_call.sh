@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU call of the Fashion-MNIST study: one shard per visible GPU, each running the unfinished units that
 # fit its budget, then one archive per shard in $OUT (fm0.tgz, fm1.tgz, ...) to bring home with
-# `study.py merge --returned fm*.tgz` before the next call.
+# `python -m experiments.fashion_mnist.study merge --returned fm*.tgz` before the next call.
 # Usage, in the repo root on the GPU machine:
 #     OUT=<folder> bash experiments/fashion_mnist/gpu_call.sh COMMIT [BUDGET_MIN]
 # Fashion-MNIST's four .gz files are read from $STAR_DATA, by default .fmnist in the repo root. Exits 0 when
@@ -24,7 +24,7 @@ for ((g = 0; g < gpus; g++)); do
     mkdir -p "$OUT/fm$g" && cp -r experiments/fashion_mnist/{results.json,curves,figures} "$OUT/fm$g/"
     cp experiments/fashion_mnist/results.json "$OUT/fm$g/start.json"  # what the shard started from, for merge
     CUDA_VISIBLE_DEVICES=${ids[g]} timeout -k 5 $((deadline - (SECONDS - start))) \
-        python3 experiments/fashion_mnist/study.py run --next --shard "$g/$gpus" --budget-min "$budget" \
+        python3 -m experiments.fashion_mnist.study run --next --shard "$g/$gpus" --budget-min "$budget" \
         --out "$OUT/fm$g" --runs "/tmp/fmruns$g" > "$OUT/log$g.txt" 2>&1 &
     pids+=($!)
 done

@@ -1,6 +1,6 @@
 """Choose the study's fine-tuning recipe on the 5k holdout (never the test split).
 
-    python experiments/fashion_mnist/tune.py --out DIR [--budget-min 9]
+    python -m experiments.fashion_mnist.tune --out DIR [--budget-min 9]
 
 Pretrains one STAR K=4 encoder with the study's pretraining recipe (seed 0), then fine-tunes it on all
 55k training labels with each variant of VARIANTS in turn and records the holdout top-1 (and images/s)
@@ -17,11 +17,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from star.cli.train import run
+from star.training.provenance import environment
 
-from study import RECIPES, _throughput, do_pretrain, eval_config, load_results, recipe_id, save_result  # noqa: E402
-from star.cli.train import run  # noqa: E402
-from star.training.provenance import environment  # noqa: E402
+from .recipes import RECIPES, recipe_id
+from .study import _throughput, do_pretrain, eval_config, load_results, save_result
 
 # name -> optimizer overrides of a full (100% labels) fine-tune.
 VARIANTS = {
