@@ -136,12 +136,13 @@ def test_config_choices_are_the_code_s_choices():
 
     from star.config import ModelConfig
     from star.models.classifier import GLOBAL_POOLS
+    from star.models.mamba import RECOMPUTE
     from star.models.star import DECODER_WINDOWS, SEPARATORS
     from star.ops.impls import IMPLS
 
     hints = typing.get_type_hints(ModelConfig)
     for field, choices in (("separator", tuple(SEPARATORS)), ("decoder_window", DECODER_WINDOWS),
-                           ("scan_impl", IMPLS), ("global_pool", GLOBAL_POOLS)):
+                           ("scan_impl", IMPLS), ("global_pool", GLOBAL_POOLS), ("recompute", RECOMPUTE)):
         literal, _none = typing.get_args(hints[field])
         assert typing.get_args(literal) == choices, field
 

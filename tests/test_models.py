@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import star
 from star.models import StarPretrain, VisionMambaClassifier, classifier_from_pretrain, create_model, load_pretrained
@@ -419,3 +420,47 @@ def test_predict_images_fills_predicted_clusters():
     assert out["images"].shape == x.shape
     # the first cluster (rows 0-7, cols 0-7) is never predicted without a separator
     assert not out["predicted"][..., :8, :8].any() and out["predicted"][..., 8:, :].all()
+
+
+def saved_bytes(run) -> int:
+    """Bytes of the tensors autograd keeps for backward while `run()` builds its graph."""
+    total = []
+
+    def pack(t):
+        total.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return sum(total)
+
+
+@pytest.mark.parametrize("recompute", ["mixer", "block"])
+def test_recompute_gives_the_same_gradients_and_keeps_less(recompute):
+    """Recomputing in backward changes what is kept, not what is computed: the same loss and gradients (float64,
+    the classifier's 4 directions with stochastic depth drawn again in the replay), less saved activation."""
+    torch.manual_seed(0)
+    images = torch.randn(2, 1, 16, 16, dtype=torch.float64)
+    labels = torch.tensor([0, 2])
+    results = {}
+    for mode in ("none", recompute):
+        torch.manual_seed(1)
+        model = VisionMambaClassifier(**TINY_CLF, num_classes=3, drop_path_rate=0.3, recompute=mode).double()
+        model.train()
+
+        def step():
+            return F.cross_entropy(model(images), labels)
+
+        torch.manual_seed(2)
+        kept = saved_bytes(step)
+        torch.manual_seed(2)
+        loss = step()
+        loss.backward()
+        results[mode] = loss.detach(), {n: p.grad for n, p in model.named_parameters()}, kept
+    (loss, grads, kept), (loss_r, grads_r, kept_r) = results["none"], results[recompute]
+    assert torch.equal(loss, loss_r)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_r[name], grad, rtol=1e-12, atol=1e-12, msg=name)
+    assert kept_r < 0.6 * kept, (kept_r, kept)
+    with pytest.raises(ValueError, match="recompute must be one of"):
+        VisionMambaClassifier(**TINY_CLF, recompute="all")

@@ -48,7 +48,7 @@ class VisionMambaClassifier(PretrainedMixin, DenseFeaturesMixin, nn.Module):
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: int = 768, depth: int = 12, d_state: int = 16, d_conv: int = 4, expand: int = 1,
                  drop_path_rate: float = 0.0, scan_impl: str = "auto", global_pool: str = "avg",
-                 fc_norm: bool = True):
+                 fc_norm: bool = True, recompute: str = "none"):
         super().__init__()
         self.init_args = constructor_args(VisionMambaClassifier, locals())
         if img_size % patch_size:
@@ -63,7 +63,8 @@ class VisionMambaClassifier(PretrainedMixin, DenseFeaturesMixin, nn.Module):
         self.register_buffer("pos_embed", sincos_pos_embed(embed_dim, grid))
         self.cls_token = nn.Parameter(trunc_normal_(torch.zeros(1, 1, embed_dim), std=0.02))
         self.blocks = build_blocks(embed_dim, depth, num_directions=4, d_state=d_state, d_conv=d_conv,
-                                   expand=expand, drop_path_rate=drop_path_rate, scan_impl=scan_impl)
+                                   expand=expand, drop_path_rate=drop_path_rate, scan_impl=scan_impl,
+                                   recompute=recompute)
         orders, _ = classifier_scan_orders((grid, grid))
         self.register_buffer("scan_index", orders.index, persistent=False)  # the 4 directions (see models.mamba)
         self.register_buffer("scan_inverse", orders.inverse, persistent=False)

@@ -18,9 +18,14 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 import torch.nn as nn
 from timm.layers import DropPath, SwiGLU
+from torch.utils.checkpoint import checkpoint
 
 from star.ops import causal_conv1d, selective_scan
 from star.ops.impls import IMPLS
+
+# what a block recomputes in backward instead of keeping for it: nothing; the mixer from in_proj's output
+# (conv, x_proj, dt and the scan, whose activations are most of a block's); or the whole block from its input
+RECOMPUTE = ("none", "mixer", "block")
 
 
 class ScanOrders(NamedTuple):
@@ -70,12 +75,12 @@ class MambaMixer(nn.Module):
     """Mamba-1 mixer (expand 1, no bias on in/out projections) over one or several scan directions."""
 
     def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 1,
-                 num_directions: int = 1, depth: int = 1, scan_impl: str = "auto"):
+                 num_directions: int = 1, depth: int = 1, scan_impl: str = "auto", recompute_scan: bool = False):
         super().__init__()
         d_inner = expand * dim
         if scan_impl not in IMPLS:
             raise ValueError(f"scan_impl must be one of {IMPLS}, got {scan_impl!r}")
-        self.scan_impl = scan_impl
+        self.scan_impl, self.recompute_scan = scan_impl, recompute_scan
         self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False)
         self.directions = nn.ModuleList(
             SelectiveSSM(d_inner, d_state, d_conv, dt_rank=math.ceil(dim / 16)) for _ in range(num_directions))
@@ -96,7 +101,10 @@ class MambaMixer(nn.Module):
                 raise ValueError(f"scan orders cover {orders.index.numel()} positions, expected {num} directions "
                                  f"x {l} tokens")
             xz = xz.index_select(1, orders.index).view(b, num, l, -1).transpose(0, 1).reshape(num * b, l, -1)
-        y = self._scan(*xz.chunk(2, dim=-1), num)
+        if self.recompute_scan and torch.is_grad_enabled():  # backward keeps only xz and reruns the rest
+            y = checkpoint(self._scan, *xz.chunk(2, dim=-1), num, use_reentrant=False)
+        else:
+            y = self._scan(*xz.chunk(2, dim=-1), num)
         if orders is not None:
             y = y.view(num, b, l, -1).transpose(0, 1).reshape(b, num * l, -1).index_select(1, orders.inverse)
             y = y.view(b, num, l, -1).sum(1)
@@ -123,27 +131,37 @@ class MambaMixer(nn.Module):
 
 
 class MambaMLPBlock(nn.Module):
-    """x + DropPath(Mamba(LN(x))), then x + DropPath(SwiGLU(LN(x)))."""
+    """x + DropPath(Mamba(LN(x))), then x + DropPath(SwiGLU(LN(x))); `recompute` (see RECOMPUTE) trades
+    backward compute for activation memory."""
 
     def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 1, num_directions: int = 1,
-                 depth: int = 1, drop_path: float = 0.0, scan_impl: str = "auto"):
+                 depth: int = 1, drop_path: float = 0.0, scan_impl: str = "auto", recompute: str = "none"):
         super().__init__()
+        if recompute not in RECOMPUTE:
+            raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute!r}")
+        self.recompute_block = recompute == "block"
         self.norm1 = nn.LayerNorm(dim, eps=1e-5)
-        self.mixer = MambaMixer(dim, d_state, d_conv, expand, num_directions, depth, scan_impl)
+        self.mixer = MambaMixer(dim, d_state, d_conv, expand, num_directions, depth, scan_impl,
+                                recompute_scan=recompute == "mixer")
         self.norm2 = nn.LayerNorm(dim, eps=1e-5)
         self.mlp = SwiGLU(dim, hidden_features=int(dim * 4 * 2 / 3))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, orders: Optional[ScanOrders] = None) -> torch.Tensor:
+        if self.recompute_block and torch.is_grad_enabled():  # DropPath's draw is replayed with the RNG state
+            return checkpoint(self._forward, x, orders, use_reentrant=False)
+        return self._forward(x, orders)
+
+    def _forward(self, x: torch.Tensor, orders: Optional[ScanOrders]) -> torch.Tensor:
         x = x + self.drop_path(self.mixer(self.norm1(x), orders))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 def build_blocks(dim: int, depth: int, num_directions: int, d_state: int = 16, d_conv: int = 4, expand: int = 1,
-                 drop_path_rate: float = 0.0, scan_impl: str = "auto") -> nn.ModuleList:
+                 drop_path_rate: float = 0.0, scan_impl: str = "auto", recompute: str = "none") -> nn.ModuleList:
     """`depth` blocks with stochastic depth rising linearly from 0 to `drop_path_rate`."""
     rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
-    return nn.ModuleList(MambaMLPBlock(dim, d_state, d_conv, expand, num_directions, depth, rate, scan_impl)
+    return nn.ModuleList(MambaMLPBlock(dim, d_state, d_conv, expand, num_directions, depth, rate, scan_impl, recompute)
                          for rate in rates)
 
 

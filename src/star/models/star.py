@@ -122,7 +122,7 @@ class StarPretrain(PretrainedMixin, DenseFeaturesMixin, nn.Module):
                  num_images: int = 4, separator: str = "cluster", separator_value: float = 1.0,
                  cls_token: bool = False, feature_layers: Optional[Sequence[int]] = None, decoder_dim: int = 512,
                  decoder_depth: int = 4, decoder_num_heads: int = 8, decoder_mlp_ratio: float = 4.0,
-                 decoder_window: str = "image", scan_impl: str = "auto"):
+                 decoder_window: str = "image", scan_impl: str = "auto", recompute: str = "none"):
         super().__init__()
         feature_layers = list(feature_layers or default_feature_layers(depth, decoder_depth))
         self.init_args = constructor_args(StarPretrain, locals())
@@ -156,7 +156,7 @@ class StarPretrain(PretrainedMixin, DenseFeaturesMixin, nn.Module):
             self.register_buffer("separator", vector)
         self.cls_token = nn.Parameter(trunc_normal_(torch.zeros(1, 1, embed_dim), std=0.02)) if cls_token else None
         self.blocks = build_blocks(embed_dim, depth, num_directions=1, d_state=d_state, d_conv=d_conv,
-                                   expand=expand, scan_impl=scan_impl)
+                                   expand=expand, scan_impl=scan_impl, recompute=recompute)
 
         # decoder
         self.feature_norms = nn.ModuleList(nn.LayerNorm(embed_dim) for _ in feature_layers)
