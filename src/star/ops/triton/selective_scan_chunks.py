@@ -21,15 +21,16 @@ from torch import Tensor
 # (6af86b7, docs/benchmarks/scan_h200/): it kept fwd and SEGMENT and moved bwd from 64 channels on 2 warps to
 # 32 on 1.
 # Time parallelism (star.ops.triton.selective_scan_parts): a launch is cut into parts when its programs fill
-# fewer than MIN_WAVES waves of RESIDENT_PER_SM programs per SM (234 registers per backward thread: 8 one-warp
-# programs fit an SM); the parts then aim at MIN_WAVES waves, each at least MIN_PART_SEGMENTS segments long.
+# fewer than PARTS_BELOW_WAVES waves of RESIDENT_PER_SM programs per SM (234 registers per backward thread: 8
+# one-warp programs fit an SM); the parts then aim at MIN_WAVES waves (0: never cut), each at least
+# MIN_PART_SEGMENTS segments long. PARTS_BELOW_WAVES = 1 is the measured break-even (docs/benchmarks/k_sweep).
 # The interpreter counts one "SM" and small numbers, so the tests' short sequences run in several parts.
 CUDA_CONFIG = dict(SEGMENT=32, fwd=dict(BLOCK_D=32, CHUNK=4, num_warps=1),
                    bwd=dict(BLOCK_D=32, CHUNK=2, num_warps=1),
-                   RESIDENT_PER_SM=8, MIN_WAVES=4, MIN_PART_SEGMENTS=4)
+                   RESIDENT_PER_SM=8, PARTS_BELOW_WAVES=1, MIN_WAVES=4, MIN_PART_SEGMENTS=4)
 INTERPRETER_CONFIG = dict(SEGMENT=8, fwd=dict(BLOCK_D=16, CHUNK=4, num_warps=1),
                           bwd=dict(BLOCK_D=16, CHUNK=2, num_warps=1),
-                          RESIDENT_PER_SM=4, MIN_WAVES=4, MIN_PART_SEGMENTS=1)
+                          RESIDENT_PER_SM=4, PARTS_BELOW_WAVES=4, MIN_WAVES=4, MIN_PART_SEGMENTS=1)
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E): exp2 is the hardware instruction
 
 

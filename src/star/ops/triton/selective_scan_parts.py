@@ -13,7 +13,7 @@ the recurrence is linear in its carried value:
      backward from its true carry), so outputs, checkpoints and gradients are those of one long walk up to
      fp32 rounding.
 The local passes cost about a third of a scan more; `_parts` uses them only where the programs are too few
-(fewer than CUDA_CONFIG["MIN_WAVES"] waves of resident programs) and sequences span several segments.
+(fewer than CUDA_CONFIG["PARTS_BELOW_WAVES"] waves of resident programs) and sequences span several segments.
 """
 import functools
 
@@ -172,16 +172,18 @@ def _sm_count(device_index: int) -> int:
 
 def _parts(u: Tensor, d: int, direction: str) -> tuple[int, int]:
     """(parts, segments per part) of a launch over u's (b, l) sequences: one part while the (sequence, channel
-    block) programs fill MIN_WAVES waves of the GPU, else enough parts for that many waves, none shorter than
-    MIN_PART_SEGMENTS segments (module docstring)."""
+    block) programs fill PARTS_BELOW_WAVES waves of the GPU, else enough parts for MIN_WAVES waves, none shorter
+    than MIN_PART_SEGMENTS segments (module docstring)."""
     config = _config(u)
     b, l = u.shape[:2]
     n_segments = _n_segments(l, u)
     programs = b * triton.cdiv(d, config[direction]["BLOCK_D"])
     sms = _sm_count(u.device.index if u.device.index is not None else torch.cuda.current_device()) \
         if u.is_cuda else 1
-    target = config["MIN_WAVES"] * config["RESIDENT_PER_SM"] * sms
-    parts = min(triton.cdiv(target, programs), n_segments // config["MIN_PART_SEGMENTS"]) if programs < target else 1
+    wave = config["RESIDENT_PER_SM"] * sms
+    target = config["MIN_WAVES"] * wave
+    parts = 1 if programs >= config["PARTS_BELOW_WAVES"] * wave else \
+        min(triton.cdiv(target, programs), n_segments // config["MIN_PART_SEGMENTS"])
     if parts <= 1:
         return 1, n_segments
     part_segments = triton.cdiv(n_segments, parts)
