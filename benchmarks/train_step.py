@@ -21,7 +21,8 @@ the warm-up steps, not timed. A configuration that fails is recorded as an error
 --profile (eager only) adds one more step per configuration under torch.profiler and splits its CUDA kernel
 time by part of the model (benchmarks/breakdown.py): scan kernels, the rest of the mixers, MLPs, norms,
 decoder, optimizer, ... for STAR; attention, MLPs, norms, ... for the ViT. The pretraining run also draws
-images/s against K for every model into train_step.png.
+images/s against K for every model into train_step.png. --recompute none mixer block times STAR at each
+`--model.recompute` setting ("+recompute <setting>" in the implementation's name).
 """
 import argparse
 import datetime
@@ -36,6 +37,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import star
 from star.model_names import SIZES
+from star.models.mamba import RECOMPUTE
 from star.training.provenance import git_commit
 from breakdown import KERNEL_RULES, star_parts, step_breakdown, vit_parts
 from outputs import write_outputs
@@ -93,18 +95,22 @@ def training_model(model, compile_model: bool):
     return model, torch.compile(model) if compile_model else model
 
 
-def bench_star(size, k, impl, images_per_step, warmup, steps, task="pretrain", compile_model=False, profile=False):
+def bench_star(size, k, impl, images_per_step, warmup, steps, task="pretrain", compile_model=False, profile=False,
+               recompute="none"):
     if task == "finetune":
-        model, run = training_model(star.create_model(f"star_{size}_patch16_224", scan_impl=impl).cuda(), compile_model)
+        model = star.create_model(f"star_{size}_patch16_224", scan_impl=impl, recompute=recompute).cuda()
+        model, run = training_model(model, compile_model)
         images = torch.randn(images_per_step, 3, 224, 224, device="cuda")
         labels = torch.randint(0, 1000, (images_per_step,), device="cuda")
         loss_fn, tokens = (lambda: F.cross_entropy(run(images), labels)), 197
     else:
-        model = star.create_model(f"star_pretrain_{size}_patch16_192", num_images=k, scan_impl=impl).cuda()
+        model = star.create_model(f"star_pretrain_{size}_patch16_192", num_images=k, scan_impl=impl,
+                                  recompute=recompute).cuda()
         model, run = training_model(model, compile_model)
         images = torch.randn(images_per_step // k, k, 3, 192, 192, device="cuda")
         loss_fn, tokens = (lambda: run(images)["loss"]), k * 160
-    return dict(model=f"star_{size}", impl=impl + ("+compile" if compile_model else ""), tokens_per_seq=tokens,
+    label = impl + ("+compile" if compile_model else "") + (f"+recompute {recompute}" if recompute != "none" else "")
+    return dict(model=f"star_{size}", impl=label, tokens_per_seq=tokens,
                 **measure(model, loss_fn, warmup, steps, star_parts(), profile))
 
 
@@ -131,8 +137,9 @@ def run(args):
             for impl in args.impls:
                 if impl == "chunked" and (size not in args.chunked_sizes or k > args.chunked_max_images):
                     continue
-                runs.append((f"star_{size}", impl, lambda impl=impl: bench_star(
-                    size, k, impl, args.images, args.warmup, args.steps, **extra)))
+                for mode in args.recompute:
+                    runs.append((f"star_{size}", impl, lambda impl=impl, mode=mode: bench_star(
+                        size, k, impl, args.images, args.warmup, args.steps, **extra, recompute=mode)))
             for model, impl, bench in runs:
                 try:
                     row = bench()
@@ -192,16 +199,18 @@ def markdown(meta, rows):
 
 
 def plot_images_per_s(rows, path: Path) -> None:
-    """images/s against K (log scale), one line per model."""
+    """images/s against K (log scale), one line per model and implementation."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for model in dict.fromkeys(r["model"] for r in rows):
-        points = sorted((r["num_images"], r["images_per_s"]) for r in rows if r["model"] == model and r.get("ms"))
+    for model, impl in dict.fromkeys((r["model"], r["impl"]) for r in rows):
+        points = sorted((r["num_images"], r["images_per_s"]) for r in rows
+                        if (r["model"], r["impl"]) == (model, impl) and r.get("ms"))
         if points:
-            ax.plot(*zip(*points), marker="o", linestyle="--" if model.startswith("vit") else "-", label=model)
+            ax.plot(*zip(*points), marker="o", linestyle="--" if model.startswith("vit") else "-",
+                    label=model if impl in ("triton", "sdpa") else f"{model} ({impl})")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("K, images per sequence (STAR: K * 160 tokens; ViT: K * 144)")
     ax.set_ylabel("images / s")
@@ -225,6 +234,8 @@ def main():
     parser.add_argument("--task", choices=("pretrain", "finetune"), default="pretrain")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model")
     parser.add_argument("--profile", action="store_true", help="add each step's time by part of the model")
+    parser.add_argument("--recompute", nargs="+", default=["none"], choices=RECOMPUTE,
+                        help="STAR's --model.recompute settings to time (each a row)")
     args = parser.parse_args()
     if args.profile and args.compile:
         raise SystemExit("--profile times eager steps; run it without --compile")
