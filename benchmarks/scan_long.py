@@ -1,13 +1,15 @@
 """The Triton scan on long sequences in small batches: time per token against short sequences in large ones.
 
-    python benchmarks/scan_long.py [--out docs/benchmarks/k_sweep] [--min-waves 0 2 4 8]
+    python benchmarks/scan_long.py [--out docs/benchmarks/k_sweep] [--min-waves 0 2 4 8] [--parts-below-waves 1]
 
 At the tiny (d=192) and base (d=768) widths, times forward and forward+backward of `selective_scan(impl=
 "triton")` (bf16, d_state 16) at the sequence lengths of STAR's K sweep (K * 160 tokens for K = 1, 4, 16, 64,
 128) with about 131k tokens per batch (batch = 819, 204, 51, 12 sequences) and with the 40,960 tokens of a
 256-image pretraining step (256, 64, 16, 4, 2 sequences). Each shape runs once per `CUDA_CONFIG["MIN_WAVES"]` value
-of --min-waves (0: never parallel over time, the scan before parts). Every time is also given per token
-relative to the (819, 160) shape of the same setting and width. Writes scan_long.json and scan_long.md.
+of --min-waves (how many waves the parts aim at; 0: never parallel over time, the scan before parts), with
+launches of fewer than --parts-below-waves waves of programs cut into parts (`CUDA_CONFIG["PARTS_BELOW_WAVES"]`;
+the committed k_sweep table used 4, the rule before 3f72642). Every time is also given per token relative to
+the (819, 160) shape of the same setting and width. Writes scan_long.json and scan_long.md.
 """
 import argparse
 import datetime
@@ -54,7 +56,8 @@ def run(min_waves):
 def markdown(meta, rows):
     lines = [f"# Triton scan on long sequences ({meta['device']}, {meta['date']})", "",
              f"`python benchmarks/scan_long.py`, commit {meta['commit']}, torch {meta['torch']}, triton "
-             f"{meta['triton']}; bf16, d_state {D_STATE}. MIN_WAVES 0 = never parallel over time. 'x short' = time "
+             f"{meta['triton']}; bf16, d_state {D_STATE}. Launches below {meta.get('parts_below_waves', 4):g} waves "
+             f"run in parts aiming at MIN_WAVES waves; MIN_WAVES 0 = never parallel over time. 'x short' = time "
              f"per token over that of (819, 160) at the same width and setting.", "",
              "| MIN_WAVES | d | batch | length | parts fwd / bwd | fwd ms | fwd+bwd ms | fwd+bwd ns / token | "
              "fwd x short | fwd+bwd x short |", "|" + "---|" * 10]
@@ -72,15 +75,20 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/k_sweep"))
     parser.add_argument("--min-waves", type=int, nargs="+", default=[0, 2, 4, 8])
+    parser.add_argument("--parts-below-waves", type=float, default=CUDA_CONFIG["PARTS_BELOW_WAVES"])
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/scan_long.py needs a CUDA GPU")
-    default = CUDA_CONFIG["MIN_WAVES"]
-    rows = run(args.min_waves)
-    CUDA_CONFIG["MIN_WAVES"] = default
+    defaults = dict(CUDA_CONFIG)
+    CUDA_CONFIG["PARTS_BELOW_WAVES"] = args.parts_below_waves
+    try:
+        rows = run(args.min_waves)
+    finally:
+        CUDA_CONFIG.update(defaults)
     meta = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), torch=torch.__version__,
-                triton=triton.__version__, commit=git_commit(), sms=torch.cuda.get_device_properties(0).multi_processor_count,
-                config=json.loads(json.dumps(CUDA_CONFIG)))
+                triton=triton.__version__, commit=git_commit(),
+                sms=torch.cuda.get_device_properties(0).multi_processor_count,
+                config=json.loads(json.dumps(CUDA_CONFIG)), parts_below_waves=args.parts_below_waves)
     write_outputs(args.out, "scan_long", dict(meta=meta, rows=rows), markdown(meta, rows))
 
 

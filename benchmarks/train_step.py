@@ -2,7 +2,7 @@
 
     python benchmarks/train_step.py [--out docs/benchmarks] [--sizes tiny small base] [--num-images 1 4 16 64 128]
     python benchmarks/train_step.py --task finetune [--compile]   # the 4-direction classifier at 224 px
-    python benchmarks/train_step.py --sizes tiny base --impls triton --profile --out docs/benchmarks/k_sweep
+    python benchmarks/train_step.py --sizes base --impls triton --profile --out docs/benchmarks/k_sweep/base
 
 One training step = bf16-autocast forward, backward, AdamW step, on random images already on the GPU (no
 data loading). STAR models are `star_pretrain_{size}_patch16_192` with K images per sequence (K * 160 encoder tokens:
@@ -95,6 +95,11 @@ def training_model(model, compile_model: bool):
     return model, torch.compile(model) if compile_model else model
 
 
+def impl_label(impl: str, compile_model: bool = False, recompute: str = "none") -> str:
+    """The implementation column: the scan or attention, "+compile", "+recompute <setting>"."""
+    return impl + ("+compile" if compile_model else "") + (f"+recompute {recompute}" if recompute != "none" else "")
+
+
 def bench_star(size, k, impl, images_per_step, warmup, steps, task="pretrain", compile_model=False, profile=False,
                recompute="none"):
     if task == "finetune":
@@ -109,8 +114,7 @@ def bench_star(size, k, impl, images_per_step, warmup, steps, task="pretrain", c
         model, run = training_model(model, compile_model)
         images = torch.randn(images_per_step // k, k, 3, 192, 192, device="cuda")
         loss_fn, tokens = (lambda: run(images)["loss"]), k * 160
-    label = impl + ("+compile" if compile_model else "") + (f"+recompute {recompute}" if recompute != "none" else "")
-    return dict(model=f"star_{size}", impl=label, tokens_per_seq=tokens,
+    return dict(model=f"star_{size}", impl=impl_label(impl, compile_model, recompute), tokens_per_seq=tokens,
                 **measure(model, loss_fn, warmup, steps, star_parts(), profile))
 
 
@@ -123,7 +127,7 @@ def bench_vit(size, k, images_per_step, warmup, steps, task="pretrain", compile_
     batch = images_per_step // k
     images = torch.randn(batch, 3, img_size, img_size, device="cuda")
     labels = torch.randint(0, 1000, (batch,), device="cuda")
-    return dict(model=f"vit_{size}", impl="sdpa" + ("+compile" if compile_model else ""),
+    return dict(model=f"vit_{size}", impl=impl_label("sdpa", compile_model),
                 tokens_per_seq=(img_size // 16) ** 2,
                 **measure(model, lambda: F.cross_entropy(run(images), labels), warmup, steps, vit_parts(), profile))
 
@@ -133,13 +137,15 @@ def run(args):
     extra = dict(task=args.task, compile_model=args.compile, profile=args.profile)
     for size in args.sizes:
         for k in args.num_images if args.task == "pretrain" else [1]:
-            runs = [(f"vit_{size}", "sdpa", lambda: bench_vit(size, k, args.images, args.warmup, args.steps, **extra))]
+            runs = [(f"vit_{size}", impl_label("sdpa", args.compile),
+                     lambda: bench_vit(size, k, args.images, args.warmup, args.steps, **extra))]
             for impl in args.impls:
                 if impl == "chunked" and (size not in args.chunked_sizes or k > args.chunked_max_images):
                     continue
                 for mode in args.recompute:
-                    runs.append((f"star_{size}", impl, lambda impl=impl, mode=mode: bench_star(
-                        size, k, impl, args.images, args.warmup, args.steps, **extra, recompute=mode)))
+                    runs.append((f"star_{size}", impl_label(impl, args.compile, mode),
+                                 lambda impl=impl, mode=mode: bench_star(size, k, impl, args.images, args.warmup,
+                                                                         args.steps, **extra, recompute=mode)))
             for model, impl, bench in runs:
                 try:
                     row = bench()
@@ -187,12 +193,12 @@ def markdown(meta, rows):
     profiled = [r for r in rows if r.get("breakdown_ms")]
     if profiled:
         parts = list(dict.fromkeys(p for r in profiled for p in r["breakdown_ms"] if p != "total")) + ["total"]
-        columns = ["size"] + ([] if finetune else ["K"]) + ["model"] + parts
+        columns = ["size"] + ([] if finetune else ["K"]) + ["model", "implementation"] + parts
         lines += ["", "CUDA kernel time of one profiled step by part of the model, ms (benchmarks/breakdown.py; "
                   "backward kernels count with the forward op that made them):", "",
                   "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         for r in profiled:
-            cells = [r["size"]] + ([] if finetune else [r["num_images"]]) + [r["model"]]
+            cells = [r["size"]] + ([] if finetune else [r["num_images"]]) + [r["model"], r["impl"]]
             cells += [f"{r['breakdown_ms'][p]:.1f}" if p in r["breakdown_ms"] else "" for p in parts]
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"

@@ -318,7 +318,8 @@ def test_convert_command_then_eval_and_finetune(tmp_path, capsys):
     # the folder says how ARM prepares images for evaluation: Finetuning/util/datasets.py build_transform
     from torchvision import transforms as T
 
-    from star.build import RUN_CONFIG_FILE, classification_transform
+    from star.build import classification_transform
+    from star.models.hub import RUN_CONFIG_FILE
     from star.config import load_config
 
     cfg = load_config(str(tmp_path / "arm-ft" / RUN_CONFIG_FILE))

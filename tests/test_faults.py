@@ -29,7 +29,7 @@ from star.build import build_trainer
 from star.training import checkpoint, engine
 from star.training.checkpoint import (FAULT_POINTS, CheckpointError, clean_interrupted_saves, latest_checkpoint,
                                       lock_run_dir, read_checkpoint, save_checkpoint, step_checkpoints)
-from star.training.engine import MetricsLogger
+from star.training.metrics import MetricsLogger
 from test_cli import SYNTHETIC, TINY, star
 from test_training import TinyClassifier, make_cfg, make_job, read_losses
 

@@ -464,3 +464,7 @@ def test_recompute_gives_the_same_gradients_and_keeps_less(recompute):
     assert kept_r < 0.6 * kept, (kept_r, kept)
     with pytest.raises(ValueError, match="recompute must be one of"):
         VisionMambaClassifier(**TINY_CLF, recompute="all")
+    # a run's memory choice, not the encoder's: a classifier does not inherit it from its pretraining model
+    pretrained = tiny_pretrain(recompute=recompute)
+    assert classifier_from_pretrain(pretrained)[0].init_args["recompute"] == "none"
+    assert classifier_from_pretrain(pretrained, recompute=recompute)[0].init_args["recompute"] == recompute

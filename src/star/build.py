@@ -21,16 +21,13 @@ from star.config import CUDA_GRAPH_MODES, TrainConfig, check_config, load_config
 from star.data import (PRESETS, DataPreset, LabeledSubset, build_dataset, build_sequence_loader,
                        finetune_transform, label_subset, pretrain_transform, train_val_split)
 from star.models import VisionMambaClassifier, classifier_from_pretrain, create_model, load_pretrained
-from star.models.hub import load_state_dict_checked, resolve_model_dir
+from star.models.hub import RUN_CONFIG_FILE, load_state_dict_checked, resolve_model_dir
 from star.models.registry import registered_defaults
 from star.training import CosineSchedule, Trainer, create_optimizer, freeze_for_linear_probe, resolve_lr
 from star.training.checkpoint import load_weights, resolve_checkpoint
 from star.training.distributed import EvalBatchSampler, wrap_model
 from star.training.engine import LossFn, steps_per_epoch
-from star.training.runtime import rank_and_world_size, resolve_amp, resolve_device, seed_everything
-
-CLASSES_FILE = "classes.json"  # class names beside a classifier's weights
-RUN_CONFIG_FILE = "run_config.yaml"  # the run's config beside its weights: how to prepare images for them
+from star.training.runtime import rank_and_world_size, resolve_device, seed_everything
 
 
 def build_model(cfg: TrainConfig) -> nn.Module:
@@ -240,4 +237,4 @@ def build_trainer(cfg: TrainConfig, model: nn.Module, loss_fn: LossFn, train_loa
     schedule = CosineSchedule(optimizer, lr, optim.min_lr, optim.warmup_epochs * steps, optim.epochs * steps)
     ema = ModelEmaV3(model, decay=optim.ema_decay) if optim.ema_decay is not None else None
     return Trainer(cfg, model, loss_fn, train_loader, val_loader, optimizer=optimizer, schedule=schedule,
-                   device=device, amp_dtype=resolve_amp(cfg.amp, device), train_model=train_model, ema=ema)
+                   device=device, train_model=train_model, ema=ema)

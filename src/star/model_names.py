@@ -8,6 +8,7 @@ entry builds its model through `star.models` only when called, so `star --help` 
 
 import importlib.util
 import sys
+import warnings
 from typing import Dict, Tuple
 
 SIZES: Dict[str, dict] = {  # the spec's table: patch 16, d_state 16, expand 1
@@ -31,8 +32,6 @@ for _size, _dims in SIZES.items():
 def resolve_model_name(name: str) -> str:
     """Today's name for `name`, warning when it is a renamed one."""
     if name in MODEL_ALIASES:
-        import warnings
-
         warnings.warn(f"model name {name!r} is renamed {MODEL_ALIASES[name]!r} (the pretraining model); the old "
                       f"name will be removed", FutureWarning, stacklevel=3)
         return MODEL_ALIASES[name]

@@ -11,8 +11,9 @@ from star.config import apply_overrides
 from star.data import build_dataset, convert_image
 from star.data.folder import open_image
 from star.models import StarPretrain, VisionMambaClassifier
-from star.build import (CLASSES_FILE, check_num_classes, classification_transform, data_preset, eval_loader,
-                        holdout_set, load_run, num_skipped)
+from star.build import (check_num_classes, classification_transform, data_preset, eval_loader, holdout_set,
+                        load_run, num_skipped)
+from star.models.hub import CLASSES_FILE
 from star.training import evaluate, resolve_device
 from star.training.distributed import all_gather_objects, destroy_distributed, init_distributed
 

@@ -4,10 +4,9 @@ engine in `star.training`) and save the final weights with the config beside the
 import json
 import traceback
 
-from star.build import (CLASSES_FILE, RUN_CONFIG_FILE, build_loaders, build_model, build_trainer, check_num_classes,
-                        num_skipped)
+from star.build import build_loaders, build_model, build_trainer, check_num_classes, num_skipped
 from star.config import TrainConfig, check_config, save_config
-from star.models.hub import MODEL_DIR
+from star.models.hub import CLASSES_FILE, MODEL_DIR, RUN_CONFIG_FILE
 from star.training import create_loss_fn, seed_everything
 from star.training.distributed import destroy_distributed, full_model_state_dict, init_distributed, is_sharded
 

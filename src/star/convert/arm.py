@@ -276,7 +276,7 @@ def _save(model: nn.Module, out_dir: Path) -> None:
     """The model folder plus a run config saying how ARM prepared images for evaluation (ImageNet mean/std,
     the image resized to 256 x 256, centre crop 224), so `star eval` / `star predict` need no flags for it."""
     from star.config import TrainConfig, save_config
-    from star.build import RUN_CONFIG_FILE
+    from star.models.hub import RUN_CONFIG_FILE
 
     model.save_pretrained(out_dir)
     cfg = TrainConfig(task="finetune" if isinstance(model, VisionMambaClassifier) else "pretrain")

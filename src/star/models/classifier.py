@@ -188,8 +188,8 @@ def classifier_from_pretrain(source: Union[str, Path, StarPretrain, VisionMambaC
     if isinstance(pretrain, VisionMambaClassifier):
         base, seed_directions = dict(pretrain.init_args), False
     elif isinstance(pretrain, StarPretrain):
-        encoder_args = [k for k in inspect.signature(VisionMambaClassifier).parameters  # the arguments both take
-                        if k in inspect.signature(StarPretrain).parameters]
+        encoder_args = [k for k in inspect.signature(VisionMambaClassifier).parameters  # the arguments both take,
+                        if k in inspect.signature(StarPretrain).parameters and k != "recompute"]  # but one run's
         base, seed_directions = {k: pretrain.init_args[k] for k in encoder_args}, True
     else:
         where = source if isinstance(source, (str, Path)) else "the model given"

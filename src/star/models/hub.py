@@ -11,6 +11,8 @@ from safetensors.torch import load_file, save_file
 
 CONFIG_NAME = "config.json"
 MODEL_DIR = "model"  # a finished `star` run keeps its final weights in <run>/model
+RUN_CONFIG_FILE = "run_config.yaml"  # the run's config beside its weights: how to prepare images for them
+CLASSES_FILE = "classes.json"  # class names beside a classifier's weights
 WEIGHTS_NAME = "model.safetensors"
 
 ARCHITECTURES: Dict[str, type] = {}  # class name -> class, filled by `register_architecture`

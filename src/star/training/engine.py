@@ -43,7 +43,8 @@ from star.training.distributed import (all_gather_objects, full_model_state_dict
                                        load_optimizer_state_by_name, optimizer_state_by_name)
 from star.training.metrics import MetricsLogger, evaluate
 from star.training.provenance import environment
-from star.training.runtime import get_rng_state, num_images, rank_and_world_size, seed_everything, set_rng_state, to_device
+from star.training.runtime import (get_rng_state, num_images, rank_and_world_size, resolve_amp, seed_everything,
+                                   set_rng_state, to_device)
 from star.training.schedule import CosineSchedule
 
 LossFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, dict]"]
@@ -78,20 +79,19 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, model: nn.Module, loss_fn: LossFn, train_loader, val_loader=None, *,
                  optimizer: torch.optim.Optimizer, schedule: CosineSchedule, device: torch.device,
-                 amp_dtype: Optional[torch.dtype] = None, train_model: Optional[nn.Module] = None,
-                 ema: Optional[ModelEmaV3] = None):
+                 train_model: Optional[nn.Module] = None, ema: Optional[ModelEmaV3] = None):
         self.cfg, self.loss_fn = cfg, loss_fn
         self.train_loader, self.val_loader = train_loader, val_loader
         self.rank, self.world_size = rank_and_world_size()
         self.is_main = self.rank == 0
-        self.device, self.amp_dtype = device, amp_dtype
+        self.device, self.amp_dtype = device, resolve_amp(cfg.amp, device)
         self.run_dir = Path(cfg.output_dir)
         self.model = model
         self.train_model = model if train_model is None else train_model  # what the loss sees: DDP / compiled
         self.cuda_graphs = cfg.compile and cfg.compile_mode in CUDA_GRAPH_MODES
         self.optimizer, self.schedule, self.ema = optimizer, schedule, ema
         self.steps_per_epoch = steps_per_epoch(train_loader, cfg.optim.accum_iter)
-        self.total_steps = cfg.optim.epochs * self.steps_per_epoch
+        self.total_steps = schedule.total_steps
 
         self.step = 0  # optimizer steps done
         self.epoch = 0  # current epoch

@@ -15,6 +15,7 @@ from torch import nn
 from star.training.checkpoint import atomic_write
 from star.training.runtime import to_device
 
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", amp_dtype: Optional[torch.dtype] = None) -> dict[str, float]:
     """Top-1 / top-5 accuracy (%) and mean cross-entropy of a classifier over (images, labels) batches; a None

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

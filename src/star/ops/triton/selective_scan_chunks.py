@@ -23,7 +23,8 @@ from torch import Tensor
 # Time parallelism (star.ops.triton.selective_scan_parts): a launch is cut into parts when its programs fill
 # fewer than PARTS_BELOW_WAVES waves of RESIDENT_PER_SM programs per SM (234 registers per backward thread: 8
 # one-warp programs fit an SM); the parts then aim at MIN_WAVES waves (0: never cut), each at least
-# MIN_PART_SEGMENTS segments long. PARTS_BELOW_WAVES = 1 is the measured break-even (docs/benchmarks/k_sweep).
+# MIN_PART_SEGMENTS segments long. PARTS_BELOW_WAVES = 1 lies in the measured break-even (docs/benchmarks/k_sweep:
+# launches of >= 1,224 programs ran slower in parts, <= 306 faster, 384 either way; star_tiny's K=4 is 384).
 # The interpreter counts one "SM" and small numbers, so the tests' short sequences run in several parts.
 CUDA_CONFIG = dict(SEGMENT=32, fwd=dict(BLOCK_D=32, CHUNK=4, num_warps=1),
                    bwd=dict(BLOCK_D=32, CHUNK=2, num_warps=1),
