@@ -113,15 +113,15 @@ class VisionMambaClassifier(PretrainedMixin, DenseFeaturesMixin, nn.Module):
 
     def _grid_scan_orders(self, grid: Tuple[int, int]) -> Tuple[ScanOrders, int]:
         """Scan orders and cls position of another patch grid (dense features), kept for the next call."""
-        own = self.img_size // self.patch_embed.proj.stride[0]
-        if tuple(grid) == (own, own):
+        if self._is_own_grid(grid):
             return ScanOrders(self.scan_index, self.scan_inverse), self.cls_pos
-        cached = self.__dict__.get("_grid_orders_cache")
-        if cached is None or cached[0] != (tuple(grid), self.scan_index.device):
-            orders, cls_pos = classifier_scan_orders(tuple(grid))
-            orders = ScanOrders(orders.index.to(self.scan_index.device), orders.inverse.to(self.scan_index.device))
-            cached = self.__dict__["_grid_orders_cache"] = ((tuple(grid), self.scan_index.device), (orders, cls_pos))
-        return cached[1]
+        device = self.scan_index.device
+
+        def build(g):
+            orders, cls_pos = classifier_scan_orders(g)
+            return ScanOrders(orders.index.to(device), orders.inverse.to(device)), cls_pos
+
+        return self._for_grid("_grid_orders_cache", grid, (device,), build)
 
     def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
                               return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,

@@ -5,7 +5,7 @@ by the patch. The fixed position embedding is interpolated to the input's grid o
 next call of the same size (one entry, dropped when the weights change or move).
 """
 
-from typing import List, Optional, Tuple, Union
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 import torch
 from timm.models._features import feature_take_indices
@@ -34,17 +34,26 @@ class DenseFeaturesMixin:
         x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)  # patch_embed itself insists on img_size
         return self.patch_embed.norm(x) + self.grid_pos_embed(grid), grid
 
+    def _is_own_grid(self, grid: Grid) -> bool:
+        own = self.img_size // self.patch_embed.proj.stride[0]
+        return tuple(grid) == (own, own)
+
+    def _for_grid(self, name: str, grid: Grid, depends_on: tuple, build: Callable[[Grid], Any]) -> Any:
+        """`build(grid)` for a grid other than the model's own, kept for the next call: one entry under `name`,
+        built again when the grid or anything in `depends_on` (a device, a tensor's version) changes."""
+        key = (tuple(grid), *depends_on)
+        cached = self.__dict__.get(name)
+        if cached is None or cached[0] != key:
+            cached = self.__dict__[name] = (key, build(tuple(grid)))
+        return cached[1]
+
     def grid_pos_embed(self, grid: Grid) -> torch.Tensor:
         """The position embedding of an h x w patch grid: the model's own, or it interpolated (cached)."""
-        own = self.img_size // self.patch_embed.proj.stride[0]
-        if tuple(grid) == (own, own):
-            return self.pos_embed
         pos = self.pos_embed
-        key = (tuple(grid), pos.device, pos.dtype, pos.data_ptr(), pos._version)
-        cached = self.__dict__.get("_grid_pos_embed_cache")
-        if cached is None or cached[0] != key:
-            cached = self.__dict__["_grid_pos_embed_cache"] = (key, resize_pos_embed(pos, tuple(grid)))
-        return cached[1]
+        if self._is_own_grid(grid):
+            return pos
+        return self._for_grid("_grid_pos_embed_cache", grid, (pos.device, pos.dtype, pos.data_ptr(), pos._version),
+                              lambda g: resize_pos_embed(pos, g))
 
     def _take_indices(self, indices: Optional[Union[int, List[int]]]) -> Tuple[List[int], int]:
         """timm's block selection: None all blocks, n the last n, a list those (negative from the end)."""

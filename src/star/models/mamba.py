@@ -28,6 +28,14 @@ from star.ops.impls import IMPLS
 RECOMPUTE = ("none", "mixer", "block")
 
 
+def recomputed(fn, recompute: bool, *args):
+    """`fn(*args)`; with `recompute` (while gradients are on) backward keeps only the inputs and reruns `fn`
+    (non-reentrant `torch.utils.checkpoint`, which replays the RNG state)."""
+    if recompute and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
 class ScanOrders(NamedTuple):
     """The scan orders of a multi-direction mixer as one gather: `index` (directions * l) lists the token
     positions each direction visits, direction after direction; `inverse` (directions * l) finds each
@@ -101,10 +109,7 @@ class MambaMixer(nn.Module):
                 raise ValueError(f"scan orders cover {orders.index.numel()} positions, expected {num} directions "
                                  f"x {l} tokens")
             xz = xz.index_select(1, orders.index).view(b, num, l, -1).transpose(0, 1).reshape(num * b, l, -1)
-        if self.recompute_scan and torch.is_grad_enabled():  # backward keeps only xz and reruns the rest
-            y = checkpoint(self._scan, *xz.chunk(2, dim=-1), num, use_reentrant=False)
-        else:
-            y = self._scan(*xz.chunk(2, dim=-1), num)
+        y = recomputed(self._scan, self.recompute_scan, *xz.chunk(2, dim=-1), num)  # recomputed: keeps only xz
         if orders is not None:
             y = y.view(num, b, l, -1).transpose(0, 1).reshape(b, num * l, -1).index_select(1, orders.inverse)
             y = y.view(b, num, l, -1).sum(1)
@@ -148,9 +153,7 @@ class MambaMLPBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, orders: Optional[ScanOrders] = None) -> torch.Tensor:
-        if self.recompute_block and torch.is_grad_enabled():  # DropPath's draw is replayed with the RNG state
-            return checkpoint(self._forward, x, orders, use_reentrant=False)
-        return self._forward(x, orders)
+        return recomputed(self._forward, self.recompute_block, x, orders)  # DropPath's draw replays with the RNG
 
     def _forward(self, x: torch.Tensor, orders: Optional[ScanOrders]) -> torch.Tensor:
         x = x + self.drop_path(self.mixer(self.norm1(x), orders))

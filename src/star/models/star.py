@@ -117,6 +117,7 @@ def default_feature_layers(depth: int, num_levels: int = 4) -> List[int]:
 @register_architecture
 class StarPretrain(PretrainedMixin, DenseFeaturesMixin, nn.Module):
     saved_before = {"decoder_window": "sequence"}  # the only window before it was an argument
+
     def __init__(self, img_size: int = 192, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
                  depth: int = 12, d_state: int = 16, d_conv: int = 4, expand: int = 1, cluster_size: int = 4,
                  num_images: int = 4, separator: str = "cluster", separator_value: float = 1.0,
@@ -265,14 +266,11 @@ class StarPretrain(PretrainedMixin, DenseFeaturesMixin, nn.Module):
 
     def _grid_cluster_order(self, grid: Tuple[int, int]) -> torch.Tensor:
         """The serialization of another patch grid (dense features), kept for the next call."""
-        if tuple(grid) == (self.grid, self.grid):
+        if self._is_own_grid(grid):
             return self.order
-        key = (tuple(grid), self.order.device)
-        cached = self.__dict__.get("_grid_order_cache")
-        if cached is None or cached[0] != key:
-            order = cluster_order(tuple(grid), self.init_args["cluster_size"]).to(self.order.device)
-            cached = self.__dict__["_grid_order_cache"] = (key, order)
-        return cached[1]
+        device = self.order.device
+        return self._for_grid("_grid_order_cache", grid, (device,),
+                              lambda g: cluster_order(g, self.init_args["cluster_size"]).to(device))
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
