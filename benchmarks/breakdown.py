@@ -5,6 +5,10 @@ module of that part. A kernel launched in the forward pass takes the innermost r
 kernel of the backward pass takes the range of the forward op that made its autograd node (matched by the
 profiler's sequence numbers); kernels whose names match a rule (the scan kernels) take the rule's part
 wherever they run. The optimizer step runs inside a range of its own; the rest is "other".
+
+The same step is also split by kind of kernel (matmuls, scan forward/backward, conv, norms, gathers, copies,
+elementwise, ...: `KERNEL_KINDS`, by name) with its largest kernels, and `saved_by_part` sums the activations
+one forward pass keeps for backward, by part: where the time and the memory go, side by side.
 """
 from collections import defaultdict
 from contextlib import contextmanager
@@ -91,9 +95,79 @@ def cpu_self_time(event):
     return [(event.name, event.self_cpu_time_total / 1e3)] if not event.name.startswith(PREFIX) else []
 
 
+# kind of kernel -> name fragments (lower case), first match wins; a kernel matching none is "other"
+KERNEL_KINDS = {
+    "scan forward": ("_scan_fwd_kernel",), "scan backward": ("_scan_bwd_kernel",), "scan parts": ("_part_",),
+    "conv": ("_conv_fwd_kernel", "_conv_bwd_kernel"),
+    "attention": ("flash", "fmha", "attention", "attn"),
+    "matmul": ("gemm", "cutlass", "xmma", "nvjet", "wgmma", "splitk", "cublas"),
+    "norm": ("layer_norm", "layernorm"),
+    "gather / scatter": ("index", "gather", "scatter"),
+    "copy / cast / cat": ("copy", "cat", "fill"),
+    "optimizer": ("multi_tensor", "adam"),
+    "reduction": ("reduce",),
+    "elementwise": ("elementwise", "vectorized"),
+}
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, fragments in KERNEL_KINDS.items() if any(f in low for f in fragments)), "other")
+
+
+def by_kernel(events, cost: Callable, top: int = 15) -> Tuple[Dict[str, float], Dict[str, float]]:
+    """(ms per kind of kernel with "total", the `top` largest kernels by name in ms, names cut to 90 chars)."""
+    kinds, names = defaultdict(float), defaultdict(float)
+    for ev in events:
+        for kernel_name, ms in cost(ev):
+            kinds[kernel_kind(kernel_name)] += ms
+            names[kernel_name[:90]] += ms
+    kinds = dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
+    kinds["total"] = sum(kinds.values())
+    return kinds, dict(sorted(names.items(), key=lambda kv: -kv[1])[:top])
+
+
+def saved_by_part(model: nn.Module, forward: Callable, parts) -> Dict[str, float]:
+    """MiB of the activations one `forward()` keeps for backward (autograd's saved tensors, each storage once,
+    parameters left out), by the innermost part (see `annotated`) whose module saved it; plus "total"."""
+    stack, seen, totals = [], set(), defaultdict(float)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    handles = []
+
+    def leave(_module, _args, _output):
+        stack.pop()
+
+    for module_name, module in model.named_modules():
+        part = next((name for name, claims in parts if claims(module_name, module)), None)
+        if part is not None:
+            handles += [module.register_forward_pre_hook(lambda _m, _a, part=part: stack.append(part) and None),
+                        module.register_forward_hook(leave)]
+
+    def pack(t):
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if key not in seen and key not in params:
+                seen.add(key)
+                totals[stack[-1] if stack else "other"] += storage.nbytes() / 2**20
+        return t
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = forward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    del out
+    totals = dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+    totals["total"] = sum(totals.values())
+    return totals
+
+
 def step_breakdown(model: nn.Module, forward_backward: Callable, optimizer, parts, kernel_rules,
-                   device: str = "cuda") -> Dict[str, float]:
-    """Profile one step (forward + backward, then the optimizer) and return ms per part, plus "total"."""
+                   device: str = "cuda", kernels: Optional[dict] = None) -> Dict[str, float]:
+    """Profile one step (forward + backward, then the optimizer) and return ms per part, plus "total". Given a
+    dict `kernels`, also fill it with "kinds" and "top" (`by_kernel`) of the same step."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -104,8 +178,11 @@ def step_breakdown(model: nn.Module, forward_backward: Callable, optimizer, part
             optimizer.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()
-    totals = categorize(prof.events(), cuda_kernels if device == "cuda" else cpu_self_time, kernel_rules)
+    cost = cuda_kernels if device == "cuda" else cpu_self_time
+    totals = categorize(prof.events(), cost, kernel_rules)
     totals["total"] = sum(totals.values())
+    if kernels is not None:
+        kernels["kinds"], kernels["top"] = by_kernel(prof.events(), cost)
     return totals
 
 
@@ -145,4 +222,7 @@ if __name__ == "__main__":  # the bookkeeping on the CPU: a tiny STAR step, part
                               depth=2, cluster_size=2, decoder_dim=64, decoder_num_heads=4, scan_impl="chunked")
     opt = torch.optim.AdamW(model.parameters())
     x = torch.randn(2, 4, 1, 32, 32)
-    print(step_breakdown(model, lambda: model(x)["loss"].backward(), opt, star_parts(), KERNEL_RULES, "cpu"))
+    kernels = {}
+    print(step_breakdown(model, lambda: model(x)["loss"].backward(), opt, star_parts(), KERNEL_RULES, "cpu", kernels))
+    print(kernels)
+    print(saved_by_part(model, lambda: model(x)["loss"], star_parts()))

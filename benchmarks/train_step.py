@@ -39,7 +39,7 @@ import star
 from star.model_names import SIZES
 from star.models.mamba import RECOMPUTE
 from star.training.provenance import git_commit
-from breakdown import KERNEL_RULES, star_parts, step_breakdown, vit_parts
+from breakdown import KERNEL_RULES, saved_by_part, star_parts, step_breakdown, vit_parts
 from outputs import write_outputs
 
 BENCH_SIZES = ("tiny", "small", "base")
@@ -81,12 +81,18 @@ def training_step(model, loss_fn):
 
 
 def measure(model, loss_fn, warmup, steps, parts, profile: bool) -> dict:
-    """ms per step and peak GiB; with `profile`, also ms per part of one more step."""
+    """ms per step and peak GiB; with `profile`, also ms per part and per kind of kernel of one more step, its
+    largest kernels, and the MiB of activations a forward keeps for backward, per part."""
     step = training_step(model, loss_fn)
     ms, mem = time_steps(step, warmup, steps)
     row = dict(ms=ms, peak_gib=mem)
     if profile:
-        row["breakdown_ms"] = step_breakdown(model, step.forward_backward, step.optimizer, parts, KERNEL_RULES)
+        kernels = {}
+        row["breakdown_ms"] = step_breakdown(model, step.forward_backward, step.optimizer, parts, KERNEL_RULES,
+                                             kernels=kernels)
+        row["kernel_kinds_ms"], row["top_kernels_ms"] = kernels["kinds"], kernels["top"]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            row["saved_mib"] = saved_by_part(model, loss_fn, parts)
     return row
 
 
@@ -192,16 +198,31 @@ def markdown(meta, rows):
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     profiled = [r for r in rows if r.get("breakdown_ms")]
     if profiled:
-        parts = list(dict.fromkeys(p for r in profiled for p in r["breakdown_ms"] if p != "total")) + ["total"]
-        columns = ["size"] + ([] if finetune else ["K"]) + ["model", "implementation"] + parts
         lines += ["", "CUDA kernel time of one profiled step by part of the model, ms (benchmarks/breakdown.py; "
-                  "backward kernels count with the forward op that made them):", "",
-                  "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+                  "backward kernels count with the forward op that made them):", ""]
+        lines += _part_table(profiled, "breakdown_ms", finetune)
+        for key, what in (("kernel_kinds_ms", "CUDA kernel time of the same step by kind of kernel, ms "
+                                              "(breakdown.KERNEL_KINDS, by kernel name):"),
+                          ("saved_mib", "Activations one forward keeps for backward, MiB, by part (each storage "
+                                        "once, parameters left out; breakdown.saved_by_part):")):
+            lines += ["", what, ""] + _part_table([r for r in profiled if key in r], key, finetune)
         for r in profiled:
-            cells = [r["size"]] + ([] if finetune else [r["num_images"]]) + [r["model"], r["impl"]]
-            cells += [f"{r['breakdown_ms'][p]:.1f}" if p in r["breakdown_ms"] else "" for p in parts]
-            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+            lines += ["", f"Largest kernels of {r['model']} ({r['impl']}"
+                      + ("" if finetune else f", K={r['num_images']}") + "), ms:", ""]
+            lines += [f"- {ms:.1f} `{name}`" for name, ms in r.get("top_kernels_ms", {}).items()]
     return "\n".join(lines) + "\n"
+
+
+def _part_table(rows, key, finetune) -> list:
+    """A Markdown table of rows[i][key] (a name -> value dict with "total"), one row per configuration."""
+    names = list(dict.fromkeys(p for r in rows for p in r[key] if p != "total")) + ["total"]
+    columns = ["size"] + ([] if finetune else ["K"]) + ["model", "implementation"] + names
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        cells = [r["size"]] + ([] if finetune else [r["num_images"]]) + [r["model"], r["impl"]]
+        cells += [f"{r[key][p]:.1f}" if p in r[key] else "" for p in names]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return lines
 
 
 def plot_images_per_s(rows, path: Path) -> None:
