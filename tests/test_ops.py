@@ -358,3 +358,47 @@ def test_grouped_parameters_bad_shapes_raise_value_error():
         causal_conv1d(torch.randn(5, 7, 3), torch.randn(2, 3, 4))
     with pytest.raises(ValueError, match=r"bias must be \(groups, d\) = \(2, 3\), got \(3,\)"):
         causal_conv1d(torch.randn(4, 7, 3), torch.randn(2, 3, 4), torch.randn(3))
+
+
+@pytest.mark.parametrize("impl", ["ref", "chunked"])
+def test_scan_orders_visit_rows_in_order_and_write_in_place(impl):
+    """order[g] lists the rows a sequence of group g visits: each sequence scanned on its own after indexing its
+    rows by the order gives the same outputs, put back at those rows; the conv likewise."""
+    from star.ops import causal_conv1d, selective_scan
+
+    torch.manual_seed(0)
+    groups, per_group, length, d, n = 2, 2, 9, 3, 4
+    batch = groups * per_group
+    order = torch.stack([torch.randperm(length) for _ in range(groups)])
+    u, delta, z = (torch.randn(batch, length, d, dtype=torch.float64) for _ in range(3))
+    B, C = (torch.randn(batch, length, n, dtype=torch.float64) for _ in range(2))
+    A = -torch.rand(groups, d, n, dtype=torch.float64) - 0.5
+    D, bias = torch.randn(groups, d, dtype=torch.float64), torch.randn(groups, d, dtype=torch.float64)
+    w, cb = torch.randn(groups, d, 4, dtype=torch.float64), torch.randn(groups, d, dtype=torch.float64)
+    y = selective_scan(u, delta, A, B, C, D, z, bias, impl=impl, order=order)
+    conv = causal_conv1d(u, w, cb, activation="silu", impl=impl, order=order)
+    for i in range(batch):
+        g, rows = i // per_group, order[i // per_group]
+        one = selective_scan(u[i:i + 1, rows], delta[i:i + 1, rows], A[g], B[i:i + 1, rows], C[i:i + 1, rows], D[g],
+                             z[i:i + 1, rows], bias[g], impl="ref")
+        torch.testing.assert_close(y[i:i + 1, rows], one)
+        torch.testing.assert_close(conv[i:i + 1, rows],
+                                   causal_conv1d(u[i:i + 1, rows], w[g], cb[g], activation="silu", impl="ref"))
+    # one (length,) order serves every sequence
+    torch.testing.assert_close(selective_scan(u, delta, A, B, C, order=order[0], impl=impl),
+                               selective_scan(u, delta, A, B, C, order=order[0].expand(groups, -1), impl=impl))
+
+
+def test_bad_scan_orders_raise_value_errors():
+    from star.ops import causal_conv1d, selective_scan
+
+    u = torch.randn(4, 6, 3)
+    args = (u, u.clone(), -torch.ones(3, 2), torch.randn(4, 6, 2), torch.randn(4, 6, 2))
+    for bad, match in ((torch.arange(5), r"\(length,\) or \(groups, length\)"),
+                       (torch.arange(6.0), "int32 or int64"),
+                       (torch.arange(6).repeat(3, 1), "multiple of the 3 scan orders"),
+                       (torch.tensor([0, 1, 2, 3, 4, 4]), "permutation")):
+        with pytest.raises(ValueError, match=match):
+            selective_scan(*args, order=bad)
+        with pytest.raises(ValueError, match=match):
+            causal_conv1d(u, torch.randn(3, 4), order=bad)

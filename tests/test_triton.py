@@ -56,10 +56,11 @@ def test_time_parallel_kernels_compile_for_the_gpu(activations):
         params = list(inspect.signature(kernel.fn).parameters)
         constexprs = {k: v for k, v in dict(N=16, N_PAD=16, BLOCK_D=tiles["BLOCK_D"], CHUNK=tiles["CHUNK"],
                                             SEG_CHUNKS=CUDA_CONFIG["SEGMENT"] // tiles["CHUNK"], HAS_D=True,
-                                            HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, REVERSE=False,
+                                            HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, REVERSE=False, ORDER=True,
                                             BACKWARD=False).items() if k in params}
         signature = {p: "constexpr" if p in constexprs else "i32" if not p.endswith("_ptr") else
-                     activations if p in ("u_ptr", "delta_ptr", "z_ptr", "dy_ptr", "B_ptr", "C_ptr") else "*fp32"
+                     activations if p in ("u_ptr", "delta_ptr", "z_ptr", "dy_ptr", "B_ptr", "C_ptr") else
+                     "*i32" if p == "order_ptr" else "*fp32"
                      for p in params}
         triton.compile(ASTSource(fn=kernel, signature=signature,
                                  constexprs={(params.index(k),): v for k, v in constexprs.items()}),
@@ -168,6 +169,32 @@ def test_grouped_parameters_match_reference(reverse):
 
 
 @needs_kernels
+@pytest.mark.parametrize("length,reverse", [(ODD, False), (ODD, True), (LONG, True)])
+def test_scan_orders_match_reference(length, reverse):
+    """A scan order per parameter group (star.ops.orders): the kernels visit each sequence's rows in its group's
+    order and write in place, as gather -> op -> scatter does; the long case also runs in parts."""
+    from star.ops import causal_conv1d, selective_scan
+    from star.ops.triton import causal_conv1d_triton, selective_scan_triton
+
+    groups, per_group = 3, 2 if CUDA else 1
+    inputs = _scan_inputs(groups * per_group, length, CHANNELS, 16, torch.float32, optional=True)
+    g = torch.Generator().manual_seed(11)
+    grouped = dict(A=-(0.1 + 3 * torch.rand(groups, CHANNELS, 16, generator=g)),
+                   D=torch.randn(groups, CHANNELS, generator=g), delta_bias=0.5 * torch.randn(groups, CHANNELS, generator=g))
+    inputs.update({k: v.to(DEVICE).requires_grad_() for k, v in grouped.items()})
+    order = torch.stack([torch.randperm(length, generator=g) for _ in range(groups)])
+    _check_against_reference(lambda **kw: selective_scan_triton(**kw, order=order.to(DEVICE)),
+                             lambda **kw: selective_scan(**kw, impl="ref", order=order), inputs, torch.float32,
+                             reverse=reverse)
+    conv_inputs = dict(x=inputs["u"].detach().clone().requires_grad_(),
+                       weight=torch.randn(groups, CHANNELS, 4, device=DEVICE).requires_grad_(),
+                       bias=torch.randn(groups, CHANNELS, device=DEVICE).requires_grad_())
+    _check_against_reference(lambda **kw: causal_conv1d_triton(**kw, order=order.to(DEVICE)),
+                             lambda **kw: causal_conv1d(**kw, impl="ref", order=order), conv_inputs, torch.float32,
+                             activation="silu", reverse=reverse)
+
+
+@needs_kernels
 def test_selective_scan_reads_strided_activations():
     """u, delta and z may be views with a channel stride of 1 (the mixer's (x, z) split): same result as copies."""
     from star.ops.triton import selective_scan_triton
@@ -231,12 +258,15 @@ def test_custom_ops_pass_opcheck():
 
     inputs = _scan_inputs(1, SHORT, 8, 4, torch.float32, optional=True)
     args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
-    torch.library.opcheck(selective_scan._selective_scan_fwd, (*args, True, False, True),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    order = torch.randperm(SHORT, dtype=torch.int32).to(DEVICE)[None]
+    for scan_order in (None, order):
+        torch.library.opcheck(selective_scan._selective_scan_fwd, (*args, scan_order, True, False, True),
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     x = torch.randn(1, 9, 8, device=DEVICE, requires_grad=True)
     w = torch.randn(8, 4, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(causal_conv1d._causal_conv1d_fwd, (x, w, None, "silu", False),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    for conv_order in (None, torch.randperm(9, dtype=torch.int32).to(DEVICE)[None]):
+        torch.library.opcheck(causal_conv1d._causal_conv1d_fwd, (x, w, None, "silu", False, conv_order),
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
 @needs_kernels

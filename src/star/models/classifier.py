@@ -18,7 +18,7 @@ from timm.layers import PatchEmbed, trunc_normal_
 from star.models.features import DenseFeaturesMixin, tokens_to_output
 from star.models.hub import (PretrainedMixin, constructor_args, load_pretrained, register_architecture,
                              state_dict_mismatches)
-from star.models.mamba import ScanOrders, build_blocks, no_weight_decay_names, scan_orders
+from star.models.mamba import build_blocks, no_weight_decay_names, scan_orders
 from star.models.patches import check_images, resize_pos_embed, sincos_pos_embed
 from star.models.star import StarPretrain
 
@@ -35,8 +35,9 @@ def column_order(grid: Union[int, Tuple[int, int]], cls_pos: int) -> torch.Tenso
     return torch.cat([seq[:cls_pos], torch.tensor([cls_pos]), seq[cls_pos:]])
 
 
-def classifier_scan_orders(grid: Tuple[int, int]) -> Tuple[ScanOrders, int]:
-    """The four scan orders of an h x w patch grid with the cls token in the middle, and its position."""
+def classifier_scan_orders(grid: Tuple[int, int]) -> Tuple[torch.Tensor, int]:
+    """The four scan orders (4, h * w + 1) of an h x w patch grid with the cls token in the middle, and its
+    position."""
     h, w = grid
     cls_pos = h * w // 2
     rows, columns = torch.arange(h * w + 1), column_order(grid, cls_pos)
@@ -66,8 +67,7 @@ class VisionMambaClassifier(PretrainedMixin, DenseFeaturesMixin, nn.Module):
                                    expand=expand, drop_path_rate=drop_path_rate, scan_impl=scan_impl,
                                    recompute=recompute)
         orders, _ = classifier_scan_orders((grid, grid))
-        self.register_buffer("scan_index", orders.index, persistent=False)  # the 4 directions (see models.mamba)
-        self.register_buffer("scan_inverse", orders.inverse, persistent=False)
+        self.register_buffer("scan_orders", orders, persistent=False)  # the 4 directions (see models.mamba)
         # timm's pair: `norm` LayerNorms every token (ARM's norm_f), `fc_norm` the pooled features
         self.norm = nn.Identity() if fc_norm else nn.LayerNorm(embed_dim)
         self.fc_norm = nn.LayerNorm(embed_dim) if fc_norm else nn.Identity()
@@ -102,24 +102,23 @@ class VisionMambaClassifier(PretrainedMixin, DenseFeaturesMixin, nn.Module):
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         check_images(images, self.in_chans, self.img_size, ("batch",), self.patch_embed.proj.weight.dtype)
         x = self._insert_cls(self.patch_embed(images) + self.pos_embed, self.cls_pos)
-        orders = ScanOrders(self.scan_index, self.scan_inverse)
         for block in self.blocks:
-            x = block(x, orders)
+            x = block(x, self.scan_orders)
         return x
 
     def _insert_cls(self, patches: torch.Tensor, cls_pos: int) -> torch.Tensor:
         return torch.cat([patches[:, :cls_pos], self.cls_token.expand(patches.shape[0], -1, -1),
                           patches[:, cls_pos:]], dim=1)
 
-    def _grid_scan_orders(self, grid: Tuple[int, int]) -> Tuple[ScanOrders, int]:
+    def _grid_scan_orders(self, grid: Tuple[int, int]) -> Tuple[torch.Tensor, int]:
         """Scan orders and cls position of another patch grid (dense features), kept for the next call."""
         if self._is_own_grid(grid):
-            return ScanOrders(self.scan_index, self.scan_inverse), self.cls_pos
-        device = self.scan_index.device
+            return self.scan_orders, self.cls_pos
+        device = self.scan_orders.device
 
         def build(g):
             orders, cls_pos = classifier_scan_orders(g)
-            return ScanOrders(orders.index.to(device), orders.inverse.to(device)), cls_pos
+            return orders.to(device), cls_pos
 
         return self._for_grid("_grid_orders_cache", grid, (device,), build)
 

@@ -6,14 +6,16 @@ forward and backward, for classification). Every direction owns its conv1d, x_pr
 (`mixer.directions.<i>.*`); in_proj and out_proj are shared. Direction 0 is always the plain forward scan,
 which is what lets a pretrained 1-direction mixer seed all four directions of a classifier.
 
-The directions run as one batch: the tokens are gathered into every direction's order one after another,
-(b, l) -> (directions * b, l), and the conv, projections and scan run once over that batch with grouped
-(per-direction) parameters. A reversed order is just a reversed gather. On a GPU this is a few large
-kernels instead of a dozen small ones per direction, which is what bounds small models.
+The directions run as one batch: in_proj's output is repeated once per direction, (b, l) -> (directions * b, l),
+and the conv, projections and scan run once over that batch with grouped (per-direction) parameters. The
+tokens stay in their own order: the conv and the scan take each direction's scan order as a table of rows
+(star.ops.orders) and visit the rows in it, so no permuted copy is made and the directions' outputs add up
+position by position. A reversed order is the reversed table. On a GPU this is a few large kernels instead of
+a dozen small ones per direction, which is what bounds small models.
 """
 
 import math
-from typing import NamedTuple, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -36,25 +38,17 @@ def recomputed(fn, recompute: bool, *args):
     return fn(*args)
 
 
-class ScanOrders(NamedTuple):
-    """The scan orders of a multi-direction mixer as one gather: `index` (directions * l) lists the token
-    positions each direction visits, direction after direction; `inverse` (directions * l) finds each
-    token's output in that concatenation, direction after direction."""
-    index: torch.Tensor
-    inverse: torch.Tensor
-
-
-def scan_orders(orders: Sequence[torch.Tensor]) -> ScanOrders:
-    """`ScanOrders` from one permutation of range(l) per direction (e.g. rows, reversed rows, columns)."""
+def scan_orders(orders: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The scan-order table (directions, l) of a multi-direction mixer from one permutation of range(l) per
+    direction (e.g. rows, reversed rows, columns): row g lists the token positions direction g visits. Checked
+    here, once, so that the ops need not check it on every call (star.ops.orders)."""
     index = torch.stack(list(orders))
     if index.dim() != 2:
         raise ValueError(f"scan orders must be 1-d permutations of range(length), got shape {tuple(index.shape)}")
     if index.device.type != "meta" and not torch.equal(  # meta: models built for counting parameters
             index.sort(dim=1).values, torch.arange(index.shape[1], device=index.device).expand_as(index)):
         raise ValueError("every scan order must be a permutation of range(length)")
-    num, length = index.shape
-    inverse = index.argsort(dim=1) + length * torch.arange(num, device=index.device)[:, None]
-    return ScanOrders(index.reshape(-1), inverse.reshape(-1))
+    return index
 
 
 class SelectiveSSM(nn.Module):
@@ -96,8 +90,9 @@ class MambaMixer(nn.Module):
         with torch.no_grad():  # residual branches start small in deep stacks (Mamba/GPT-2 rescaling)
             self.out_proj.weight /= math.sqrt(depth)
 
-    def forward(self, x: torch.Tensor, orders: Optional[ScanOrders] = None) -> torch.Tensor:
-        """x: (b, l, dim). `orders`: one order per direction; None scans a 1-direction mixer in token order."""
+    def forward(self, x: torch.Tensor, orders: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: (b, l, dim). `orders`: the (directions, l) scan-order table (`scan_orders`); None scans a 1-direction
+        mixer in token order."""
         xz = self.in_proj(x)
         b, l, _ = xz.shape
         num = len(self.directions)
@@ -105,18 +100,18 @@ class MambaMixer(nn.Module):
             if num != 1:
                 raise ValueError(f"a {num}-direction mixer needs its scan orders")
         else:
-            if orders.index.numel() != num * l:
-                raise ValueError(f"scan orders cover {orders.index.numel()} positions, expected {num} directions "
-                                 f"x {l} tokens")
-            xz = xz.index_select(1, orders.index).view(b, num, l, -1).transpose(0, 1).reshape(num * b, l, -1)
-        y = recomputed(self._scan, self.recompute_scan, *xz.chunk(2, dim=-1), num)  # recomputed: keeps only xz
-        if orders is not None:
-            y = y.view(num, b, l, -1).transpose(0, 1).reshape(b, num * l, -1).index_select(1, orders.inverse)
-            y = y.view(b, num, l, -1).sum(1)
+            if tuple(orders.shape) != (num, l):
+                raise ValueError(f"scan orders must be (directions, tokens) = ({num}, {l}), got {tuple(orders.shape)}")
+            if num > 1:
+                xz = xz.repeat(num, 1, 1)
+        y = recomputed(self._scan, self.recompute_scan, *xz.chunk(2, dim=-1), num, orders)  # recomputed: keeps xz
+        if num > 1:
+            y = y.view(num, b, l, -1).sum(0)
         return self.out_proj(y / num)
 
-    def _scan(self, x: torch.Tensor, z: torch.Tensor, num: int) -> torch.Tensor:
-        """Conv, projections and scan of (num * b, l, d) sequences, run g with direction g's parameters."""
+    def _scan(self, x: torch.Tensor, z: torch.Tensor, num: int, orders: Optional[torch.Tensor]) -> torch.Tensor:
+        """Conv, projections and scan of (num * b, l, d) sequences in token order, run g with direction g's
+        parameters along scan order g."""
         dirs = self.directions
         ssm = dirs[0]
 
@@ -125,14 +120,15 @@ class MambaMixer(nn.Module):
 
         impl = self.scan_impl
         x = causal_conv1d(x, stack(lambda s: s.conv1d.weight[:, 0]), stack(lambda s: s.conv1d.bias),
-                          activation="silu", impl=impl)
+                          activation="silu", impl=impl, order=orders)
         n, l, d = x.shape
         dt_bc = torch.bmm(x.reshape(num, -1, d), stack(lambda s: s.x_proj.weight).transpose(1, 2))
         dt, B, C = dt_bc.split([ssm.dt_rank, ssm.d_state, ssm.d_state], dim=-1)
         delta = torch.bmm(dt, stack(lambda s: s.dt_proj.weight).transpose(1, 2))  # bias added (fp32) in the scan
         return selective_scan(
             x, delta.reshape(n, l, d), -torch.exp(stack(lambda s: s.A_log)), B.reshape(n, l, -1), C.reshape(n, l, -1),
-            stack(lambda s: s.D), z=z, delta_bias=stack(lambda s: s.dt_proj.bias), delta_softplus=True, impl=impl)
+            stack(lambda s: s.D), z=z, delta_bias=stack(lambda s: s.dt_proj.bias), delta_softplus=True, impl=impl,
+            order=orders)
 
 
 class MambaMLPBlock(nn.Module):
@@ -152,10 +148,10 @@ class MambaMLPBlock(nn.Module):
         self.mlp = SwiGLU(dim, hidden_features=int(dim * 4 * 2 / 3))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, orders: Optional[ScanOrders] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, orders: Optional[torch.Tensor] = None) -> torch.Tensor:
         return recomputed(self._forward, self.recompute_block, x, orders)  # DropPath's draw replays with the RNG
 
-    def _forward(self, x: torch.Tensor, orders: Optional[ScanOrders]) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, orders: Optional[torch.Tensor]) -> torch.Tensor:
         x = x + self.drop_path(self.mixer(self.norm1(x), orders))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from .groups import param_groups
 from .impls import check_sequences, check_shape, implementation, register_op
+from .orders import check_order, in_scan_order
 
 ACTIVATIONS = (None, "silu")
 
@@ -21,6 +22,7 @@ def _check_activation(activation):
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
+@in_scan_order("x")
 def causal_conv1d_ref(x, weight, bias=None, activation=None, reverse=False):
     """F.conv1d with explicit one-sided padding. No shape checks here; use `causal_conv1d`.
 
@@ -42,22 +44,25 @@ def causal_conv1d_ref(x, weight, bias=None, activation=None, reverse=False):
     return y.view(batch // groups, groups, d, length).permute(1, 0, 3, 2).reshape(batch, length, d)
 
 
-def causal_conv1d(x, weight, bias=None, activation=None, reverse=False, impl="auto"):
+def causal_conv1d(x, weight, bias=None, activation=None, reverse=False, impl="auto", order=None):
     """Depthwise causal (or, with `reverse`, anti-causal) conv1d.
 
     Args:
         x: (batch, length, d). weight: (d, k), or (groups, d, k) (see the module docstring).
         bias: (d,), (groups, d) or None. activation: None or "silu".
+        order: None, or an integer (length,) or (groups, length) scan order (star.ops.orders): the conv runs
+            along each sequence's rows in that order (causal in scan order), inputs and output in stored order.
         impl: "ref" or "chunked" (both F.conv1d), "triton" (star.ops.triton), or "auto" (Triton for CUDA
             tensors when it imports, else F.conv1d).
     Returns:
         y: (batch, length, d) in x's dtype (for F.conv1d, a transposed view of a (batch, d, length) result).
     """
-    check_conv_inputs(x, weight, bias, activation)
-    return implementation("causal_conv1d", impl, x)(x, weight, bias=bias, activation=activation, reverse=reverse)
+    check_conv_inputs(x, weight, bias, activation, order)
+    return implementation("causal_conv1d", impl, x)(x, weight, bias=bias, activation=activation, reverse=reverse,
+                                                    order=order)
 
 
-def check_conv_inputs(x, weight, bias=None, activation=None) -> None:
+def check_conv_inputs(x, weight, bias=None, activation=None, order=None) -> None:
     """The shapes, dtypes and devices of `causal_conv1d`'s inputs (every implementation's contract)."""
     batch, length, d = check_sequences("x", x)
     if not isinstance(weight, torch.Tensor) or weight.dim() not in (2, 3) or weight.shape[-1] < 1:
@@ -69,6 +74,8 @@ def check_conv_inputs(x, weight, bias=None, activation=None) -> None:
     if bias is not None:
         check_shape("bias", bias, x.device, **groups, d=d)
     _check_activation(activation)
+    if order is not None:
+        check_order(order, batch, length, x.device)
 
 
 register_op("causal_conv1d", ref=causal_conv1d_ref, chunked=causal_conv1d_ref, triton="causal_conv1d_triton_unchecked")

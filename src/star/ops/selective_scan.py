@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .groups import param_groups
 from .impls import check_sequences, check_shape, implementation, register_op
+from .orders import check_order, in_scan_order
 
 # Steps per chunk of `selective_scan_chunked`, from forward+backward timings on 2 CPU cores (float32,
 # d=192, n=16, chunk sizes 4-32 tried): 16 ties the sequential reference at (b=64, l=272), where each
@@ -71,6 +72,7 @@ def _ssm_step(h, u_t, delta_t, A, B_t, C_t):
     return h, torch.einsum("bdn,bn->bd", h, C_t)
 
 
+@in_scan_order("u", "delta", "B", "C", "z")
 @_no_autocast
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
                        reverse=False):
@@ -95,6 +97,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     return _skip_and_gate(torch.stack(ys, dim=1), u, D, z)
 
 
+@in_scan_order("u", "delta", "B", "C", "z")
 @_no_autocast
 def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
                            reverse=False, chunk_size=CHUNK_SIZE):
@@ -141,7 +144,7 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
-                   reverse=False, impl="auto"):
+                   reverse=False, impl="auto", order=None):
     """Mamba-1 selective scan (mamba_ssm's `selective_scan_fn`) in (batch, length, d) layout.
 
     Args:
@@ -152,18 +155,20 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         z: (batch, length, d) or None, gates the output with SiLU(z).
         delta_softplus: apply softplus to delta + delta_bias.
         reverse: run the recurrence from the last step to the first (outputs stay in input order).
+        order: None, or an integer (length,) or (groups, length) scan order (star.ops.orders): scan position p
+            of a sequence in group g reads and writes time row order[g, p]; with `reverse`, the order backwards.
         impl: "ref" (sequential, ground truth), "chunked" (CPU default), "triton" (star.ops.triton, fp32
             math: not for float64 inputs), or "auto" (Triton for CUDA tensors when it imports, unless they
             are float64; else "chunked").
     Returns:
         y: (batch, length, d) in u's dtype.
     """
-    check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
+    check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, order)
     return implementation("selective_scan", impl, u)(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
-                                                     delta_softplus=delta_softplus, reverse=reverse)
+                                                     delta_softplus=delta_softplus, reverse=reverse, order=order)
 
 
-def check_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None) -> None:
+def check_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, order=None) -> None:
     """The shapes, dtypes and devices of `selective_scan`'s inputs (every implementation's contract)."""
     batch, length, d = check_sequences("u", u)
     check_shape("delta", delta, u.device, batch=batch, length=length, d=d)
@@ -181,6 +186,8 @@ def check_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None) -> Non
             check_shape(name, t, u.device, **groups, d=d)
     if z is not None:
         check_shape("z", z, u.device, batch=batch, length=length, d=d)
+    if order is not None:
+        check_order(order, batch, length, u.device)
 
 
 register_op("selective_scan", ref=selective_scan_ref, chunked=selective_scan_chunked,

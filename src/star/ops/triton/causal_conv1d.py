@@ -6,6 +6,7 @@ Causal:      y[t] = sum_j w[:, j] x[t - (k-1-j)]
 reverse:     y[t] = sum_j w[:, j] x[t + (k-1-j)]   (anti-causal mirror; no flipped copies)
 The backward recomputes the pre-activation instead of storing it, and writes weight/bias gradients as
 per-(batch, time segment) partials that torch sums in a fixed order (deterministic, no atomics).
+With a scan order (star.ops.orders) t counts scan positions and every load and store goes to row rows[t].
 """
 from typing import Optional
 
@@ -16,6 +17,7 @@ from torch import Tensor
 
 from star.ops.causal_conv1d import check_conv_inputs
 from star.ops.groups import sequences_per_group, sum_per_group
+from star.ops.orders import order_table
 
 BLOCK_L = 64
 BLOCK_D = 64
@@ -24,8 +26,17 @@ NUM_WARPS = 4
 
 
 @triton.jit
-def _conv_pre(x_ptr, w_ptr, bias_ptr, row0, offs_t, offs_d, L, D,
-              K: tl.constexpr, STEP: tl.constexpr, HAS_BIAS: tl.constexpr):
+def _rows(rows_ptr, pos, valid, ORDER: tl.constexpr):
+    """The time rows of scan positions `pos`: themselves, or their entries in the order table."""
+    t = pos
+    if ORDER:
+        t = tl.load(rows_ptr + pos, mask=valid, other=0)
+    return t
+
+
+@triton.jit
+def _conv_pre(x_ptr, w_ptr, bias_ptr, row0, offs_t, offs_d, L, D, rows_ptr,
+              K: tl.constexpr, STEP: tl.constexpr, HAS_BIAS: tl.constexpr, ORDER: tl.constexpr):
     """Pre-activation at times offs_t (fp32); zero outside [0, L) so the backward can use it as padding."""
     mask_d = offs_d < D
     acc = tl.zeros((offs_t.shape[0], offs_d.shape[0]), dtype=tl.float32)
@@ -33,38 +44,44 @@ def _conv_pre(x_ptr, w_ptr, bias_ptr, row0, offs_t, offs_d, L, D,
         acc += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
     for j in tl.static_range(K):
         src = offs_t + STEP * (K - 1 - j)
-        m = ((src >= 0) & (src < L))[:, None] & mask_d[None, :]
-        x = tl.load(x_ptr + (row0 + src)[:, None] * D + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+        valid = (src >= 0) & (src < L)
+        m = valid[:, None] & mask_d[None, :]
+        x = tl.load(x_ptr + (row0 + _rows(rows_ptr, src, valid, ORDER))[:, None] * D + offs_d[None, :], mask=m,
+                    other=0.0).to(tl.float32)
         w = tl.load(w_ptr + offs_d * K + j, mask=mask_d, other=0.0).to(tl.float32)
         acc += w[None, :] * x
     return acc
 
 
 @triton.jit
-def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, L, D, seq_per_group,
+def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, L, D, seq_per_group, order_ptr, seq_per_order,
                      K: tl.constexpr, STEP: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-                     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+                     ORDER: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_b = tl.program_id(0).to(tl.int64)
     row0 = pid_b * L
+    rows_ptr = order_ptr + (pid_b // seq_per_order) * L
     group = pid_b // seq_per_group  # grouped weights (groups, D, K): this sequence's set
     w_ptr, bias_ptr = w_ptr + group * D * K, bias_ptr + group * D
     offs_t = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    y = _conv_pre(x_ptr, w_ptr, bias_ptr, row0, offs_t, offs_d, L, D, K, STEP, HAS_BIAS)
+    y = _conv_pre(x_ptr, w_ptr, bias_ptr, row0, offs_t, offs_d, L, D, rows_ptr, K, STEP, HAS_BIAS, ORDER)
     if SILU:
         y = y * tl.sigmoid(y)
     mask = (offs_t < L)[:, None] & (offs_d < D)[None, :]
-    tl.store(y_ptr + (row0 + offs_t)[:, None] * D + offs_d[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    rows = _rows(rows_ptr, offs_t, offs_t < L, ORDER)
+    tl.store(y_ptr + (row0 + rows)[:, None] * D + offs_d[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _grad_pre(x_ptr, w_ptr, bias_ptr, dy_ptr, row0, offs_t, offs_d, L, D,
-              K: tl.constexpr, STEP: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
+def _grad_pre(x_ptr, w_ptr, bias_ptr, dy_ptr, row0, offs_t, offs_d, L, D, rows_ptr,
+              K: tl.constexpr, STEP: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, ORDER: tl.constexpr):
     """Gradient w.r.t. the pre-activation at times offs_t; zero outside [0, L)."""
-    m = ((offs_t >= 0) & (offs_t < L))[:, None] & (offs_d < D)[None, :]
-    dy = tl.load(dy_ptr + (row0 + offs_t)[:, None] * D + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+    valid = (offs_t >= 0) & (offs_t < L)
+    m = valid[:, None] & (offs_d < D)[None, :]
+    dy = tl.load(dy_ptr + (row0 + _rows(rows_ptr, offs_t, valid, ORDER))[:, None] * D + offs_d[None, :], mask=m,
+                 other=0.0).to(tl.float32)
     if SILU:
-        pre = _conv_pre(x_ptr, w_ptr, bias_ptr, row0, offs_t, offs_d, L, D, K, STEP, HAS_BIAS)
+        pre = _conv_pre(x_ptr, w_ptr, bias_ptr, row0, offs_t, offs_d, L, D, rows_ptr, K, STEP, HAS_BIAS, ORDER)
         sig = tl.sigmoid(pre)
         dy = dy * sig * (1.0 + pre * (1.0 - sig))
     return dy
@@ -72,10 +89,12 @@ def _grad_pre(x_ptr, w_ptr, bias_ptr, dy_ptr, row0, offs_t, offs_d, L, D,
 
 @triton.jit
 def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, dx_ptr, dw_part_ptr, dbias_part_ptr, L, D, seq_per_group,
+                     order_ptr, seq_per_order,
                      K: tl.constexpr, STEP: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-                     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, SEGMENT_TILES: tl.constexpr,
+                     ORDER: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, SEGMENT_TILES: tl.constexpr,
                      K_PAD: tl.constexpr):
     pid_b = tl.program_id(0).to(tl.int64)
+    rows_ptr = order_ptr + (pid_b // seq_per_order) * L
     group = pid_b // seq_per_group
     w_ptr, bias_ptr = w_ptr + group * D * K, bias_ptr + group * D
     pid_seg = tl.program_id(1)
@@ -89,7 +108,8 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, dx_ptr, dw_part_ptr, dbias_
     for tile in range(first_tile, tl.minimum(first_tile + SEGMENT_TILES, tl.cdiv(L, BLOCK_L))):
         offs_t = tile * BLOCK_L + tl.arange(0, BLOCK_L)
         mask = (offs_t < L)[:, None] & mask_d[None, :]
-        dpre = _grad_pre(x_ptr, w_ptr, bias_ptr, dy_ptr, row0, offs_t, offs_d, L, D, K, STEP, HAS_BIAS, SILU)
+        dpre = _grad_pre(x_ptr, w_ptr, bias_ptr, dy_ptr, row0, offs_t, offs_d, L, D, rows_ptr, K, STEP, HAS_BIAS,
+                         SILU, ORDER)
         dbias_acc += tl.sum(dpre, axis=0)
         dx = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
         for j in tl.static_range(K):
@@ -99,15 +119,18 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, dx_ptr, dw_part_ptr, dbias_
             if shift == 0:
                 dpre_j = dpre
             else:
-                dpre_j = _grad_pre(x_ptr, w_ptr, bias_ptr, dy_ptr, row0, offs_t - shift, offs_d, L, D,
-                                   K, STEP, HAS_BIAS, SILU)
+                dpre_j = _grad_pre(x_ptr, w_ptr, bias_ptr, dy_ptr, row0, offs_t - shift, offs_d, L, D, rows_ptr,
+                                   K, STEP, HAS_BIAS, SILU, ORDER)
             dx += w[None, :] * dpre_j
             src = offs_t + shift
-            m = ((src >= 0) & (src < L))[:, None] & mask_d[None, :]
-            x = tl.load(x_ptr + (row0 + src)[:, None] * D + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+            valid = (src >= 0) & (src < L)
+            m = valid[:, None] & mask_d[None, :]
+            x = tl.load(x_ptr + (row0 + _rows(rows_ptr, src, valid, ORDER))[:, None] * D + offs_d[None, :], mask=m,
+                        other=0.0).to(tl.float32)
             dw_j = tl.sum(dpre * x, axis=0)
             dw_acc += tl.where(taps[None, :] == j, dw_j[:, None], 0.0)
-        tl.store(dx_ptr + (row0 + offs_t)[:, None] * D + offs_d[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        rows = _rows(rows_ptr, offs_t, offs_t < L, ORDER)
+        tl.store(dx_ptr + (row0 + rows)[:, None] * D + offs_d[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
     part = pid_b * tl.num_programs(1) + pid_seg
     tl.store(dw_part_ptr + (part * D + offs_d[:, None]) * K + taps[None, :], dw_acc,
              mask=mask_d[:, None] & (taps < K)[None, :])
@@ -115,30 +138,32 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, dx_ptr, dw_part_ptr, dbias_
         tl.store(dbias_part_ptr + part * D + offs_d, dbias_acc, mask=mask_d)
 
 
-def _flags(weight: Tensor, bias: Optional[Tensor], activation: Optional[str], reverse: bool) -> dict:
+def _flags(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str], reverse: bool,
+           order: Optional[Tensor]) -> dict:
     return dict(K=weight.shape[-1], STEP=1 if reverse else -1, HAS_BIAS=bias is not None, SILU=activation == "silu",
-                BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D)
+                BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, ORDER=order is not None, order_ptr=x if order is None else order,
+                seq_per_order=1 if order is None else x.shape[0] // order.shape[0])
 
 
 @torch.library.custom_op("star::causal_conv1d_fwd", mutates_args=())
 def _causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str],
-                       reverse: bool) -> Tensor:
+                       reverse: bool, order: Optional[Tensor]) -> Tensor:
     b, l, d = x.shape
     y = torch.empty_like(x)
     grid = (b, triton.cdiv(l, BLOCK_L), triton.cdiv(d, BLOCK_D))
     _conv_fwd_kernel[grid](x, weight, bias if bias is not None else weight, y, l, d, sequences_per_group(x, weight),
-                           **_flags(weight, bias, activation, reverse), num_warps=NUM_WARPS)
+                           **_flags(x, weight, bias, activation, reverse, order), num_warps=NUM_WARPS)
     return y
 
 
 @_causal_conv1d_fwd.register_fake
-def _(x, weight, bias, activation, reverse):
+def _(x, weight, bias, activation, reverse, order):
     return torch.empty_like(x)
 
 
 @torch.library.custom_op("star::causal_conv1d_bwd", mutates_args=())
 def _causal_conv1d_bwd(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str],
-                       reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
+                       reverse: bool, order: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """Returns dx, dweight, dbias (dbias empty when there is no bias)."""
     b, l, d = x.shape
     k = weight.shape[-1]
@@ -148,7 +173,7 @@ def _causal_conv1d_bwd(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Ten
     dbias_part = x.new_empty((b * n_segments, d) if bias is not None else (0,), dtype=torch.float32)
     grid = (b, n_segments, triton.cdiv(d, BLOCK_D))
     _conv_bwd_kernel[grid](x, weight, bias if bias is not None else weight, dy, dx, dw_part, dbias_part, l, d,
-                           sequences_per_group(x, weight), **_flags(weight, bias, activation, reverse),
+                           sequences_per_group(x, weight), **_flags(x, weight, bias, activation, reverse, order),
                            SEGMENT_TILES=SEGMENT_TILES, K_PAD=triton.next_power_of_2(k), num_warps=NUM_WARPS)
     # parts are ordered (batch, segment), so each group's parts are one contiguous run
     groups = b // sequences_per_group(x, weight)
@@ -158,38 +183,41 @@ def _causal_conv1d_bwd(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Ten
 
 
 @_causal_conv1d_bwd.register_fake
-def _(dy, x, weight, bias, activation, reverse):
+def _(dy, x, weight, bias, activation, reverse, order):
     return torch.empty_like(x), torch.empty_like(weight), x.new_empty(0) if bias is None else torch.empty_like(bias)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, activation, reverse = inputs
-    ctx.save_for_backward(x, weight, bias)
+    x, weight, bias, activation, reverse, order = inputs
+    ctx.save_for_backward(x, weight, bias, order)
     ctx.activation, ctx.reverse = activation, reverse
 
 
 def _backward(ctx, dy):
-    x, weight, bias = ctx.saved_tensors
-    dx, dweight, dbias = _causal_conv1d_bwd(dy.contiguous(), x, weight, bias, ctx.activation, ctx.reverse)
-    return dx, dweight, dbias if bias is not None else None, None, None
+    x, weight, bias, order = ctx.saved_tensors
+    dx, dweight, dbias = _causal_conv1d_bwd(dy.contiguous(), x, weight, bias, ctx.activation, ctx.reverse, order)
+    return dx, dweight, dbias if bias is not None else None, None, None, None
 
 
 _causal_conv1d_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def causal_conv1d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
-                         activation: Optional[str] = None, reverse: bool = False) -> Tensor:
+                         activation: Optional[str] = None, reverse: bool = False,
+                         order: Optional[Tensor] = None) -> Tensor:
     """Depthwise causal conv1d on (b, l, d) with fused bias and optional SiLU; output in x's dtype. Grouped
-    weights (groups, d, k) and bias (groups, d) as in `star.ops.causal_conv1d`, whose input checks it runs."""
-    check_conv_inputs(x, weight, bias, activation)
-    return causal_conv1d_triton_unchecked(x, weight, bias, activation, reverse)
+    weights (groups, d, k), bias (groups, d) and scan orders as in `star.ops.causal_conv1d`, whose input checks
+    it runs."""
+    check_conv_inputs(x, weight, bias, activation, order)
+    return causal_conv1d_triton_unchecked(x, weight, bias, activation, reverse, order)
 
 
-def causal_conv1d_triton_unchecked(x, weight, bias=None, activation=None, reverse=False) -> Tensor:
+def causal_conv1d_triton_unchecked(x, weight, bias=None, activation=None, reverse=False, order=None) -> Tensor:
     """`causal_conv1d_triton` without the op's input checks: the op table's Triton entry, which
     `star.ops.causal_conv1d` calls once it has checked the inputs itself. The kernel's own limit on the
     kernel size is checked here, on every path."""
     if not 1 <= weight.shape[-1] <= 16:
         raise ValueError(f"kernel_size must be in [1, 16] for the Triton conv, got {weight.shape[-1]}")
     bias = bias.contiguous() if bias is not None else None
-    return _causal_conv1d_fwd(x.contiguous(), weight.contiguous(), bias, activation, reverse)
+    order = order_table(order) if order is not None else None
+    return _causal_conv1d_fwd(x.contiguous(), weight.contiguous(), bias, activation, reverse, order)

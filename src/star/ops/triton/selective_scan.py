@@ -20,7 +20,8 @@ five tiles; the backward, near the register limit, only the per-channel ones (u,
 Nothing is accumulated with atomics: dA, dD and d_delta_bias are per-batch partials and dB, dC are
 per-channel-block partials, summed afterwards by torch in a fixed order, so gradients are deterministic.
 u, delta and z may be strided views (only the channel stride must be 1), which saves the copies of the
-mixer's (x, z) split. reverse=True only changes which time index a scan position reads.
+mixer's (x, z) split. reverse=True, and a scan order (star.ops.orders, a table of rows), only change which
+time row a scan position reads and writes.
 
 Parallel over time: a long sequence in a small batch is cut into parts that run as programs of their own
 (star.ops.triton.selective_scan_parts); the kernels here then start each part from its true entering state
@@ -34,10 +35,11 @@ import triton.language as tl
 from torch import Tensor
 
 from star.ops.groups import sequences_per_group, sum_per_group
+from star.ops.orders import order_table
 from star.ops.selective_scan import check_scan_inputs
 from star.ops.triton.selective_scan_chunks import (CUDA_CONFIG, LOG2E, _channel_block, _chunk_bc, _chunk_dy,
                                                    _chunk_index, _chunk_loads, _chunk_states, _chunk_values, _config,
-                                                   _empty_if_none, _gate, _launch_args, _load_params, _n_segments,
+                                                   _empty_if_none, _gate, _launch_args, _load_params, _n_segments, _order_rows,
                                                    _row, _set_row, _store_channel_sum)
 from star.ops.triton.selective_scan_parts import _entering, _part_chunks, _part_state, _parts
 
@@ -49,13 +51,14 @@ __all__ = ["CUDA_CONFIG", "selective_scan_triton", "selective_scan_triton_unchec
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, ckpt_ptr, init_ptr,
     L, D, n_segments, part_segments, seq_per_group, stride_ub, stride_ul, stride_deltab, stride_deltal,
-    stride_zb, stride_zl,
+    stride_zb, stride_zl, order_ptr, seq_per_order,
     N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, SEG_CHUNKS: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    REVERSE: tl.constexpr, SAVE_STATES: tl.constexpr, HAS_INIT: tl.constexpr,
+    REVERSE: tl.constexpr, ORDER: tl.constexpr, SAVE_STATES: tl.constexpr, HAS_INIT: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     pid_p = tl.program_id(2)
+    rows = _order_rows(order_ptr, pid_b, seq_per_order, L, ORDER)
     offs_d, offs_n, mask_d, mask_n, mask_nd = _channel_block(tl.program_id(1), D, N, N_PAD, BLOCK_D)
     A2, bias, Dv = _load_params(A_ptr, D_ptr, bias_ptr, pid_b // seq_per_group, offs_d, offs_n, mask_d, mask_nd, D,
                                 N, BLOCK_D, HAS_D, HAS_BIAS)
@@ -71,8 +74,8 @@ def _scan_fwd_kernel(
     # overlaps it (the loop would otherwise wait on every chunk's loads). Past the end they are all masked.
     u_next, delta_next, z_next = _chunk_loads(u_ptr, delta_ptr, z_ptr, first, pid_b, L, offs_d, mask_d, stride_ub,
                                               stride_ul, stride_deltab, stride_deltal, stride_zb, stride_zl,
-                                              CHUNK, REVERSE, HAS_Z)
-    B_next, C_next = _chunk_bc(B_ptr, C_ptr, first, pid_b, L, offs_n, mask_n, N, CHUNK, REVERSE)
+                                              CHUNK, REVERSE, HAS_Z, rows, ORDER)
+    B_next, C_next = _chunk_bc(B_ptr, C_ptr, first, pid_b, L, offs_n, mask_n, N, CHUNK, REVERSE, rows, ORDER)
     for chunk in range(first, end):
         if SAVE_STATES:
             if chunk % SEG_CHUNKS == 0:
@@ -80,9 +83,9 @@ def _scan_fwd_kernel(
         u, delta, Bt, Ct, z = u_next, delta_next, B_next, C_next, z_next
         u_next, delta_next, z_next = _chunk_loads(u_ptr, delta_ptr, z_ptr, chunk + 1, pid_b, L, offs_d, mask_d,
                                                   stride_ub, stride_ul, stride_deltab, stride_deltal, stride_zb,
-                                                  stride_zl, CHUNK, REVERSE, HAS_Z)
-        B_next, C_next = _chunk_bc(B_ptr, C_ptr, chunk + 1, pid_b, L, offs_n, mask_n, N, CHUNK, REVERSE)
-        t, mask_t, mask, offs = _chunk_index(chunk, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE)
+                                                  stride_zl, CHUNK, REVERSE, HAS_Z, rows, ORDER)
+        B_next, C_next = _chunk_bc(B_ptr, C_ptr, chunk + 1, pid_b, L, offs_n, mask_n, N, CHUNK, REVERSE, rows, ORDER)
+        t, mask_t, mask, offs = _chunk_index(chunk, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE, rows, ORDER)
         u, delta, _, Bt, Ct, z = _chunk_values(u, delta, Bt, Ct, z, mask, bias, HAS_BIAS, SOFTPLUS)
         _, _, hs, h = _chunk_states(h, delta, u, Bt, A2, CHUNK)
         y = tl.sum(hs * Ct[:, :, None], axis=1) + Dv[None, :] * u
@@ -96,13 +99,14 @@ def _scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_ptr, ckpt_ptr, init_ptr, scratch_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dA_part_ptr, dB_part_ptr, dC_part_ptr, dD_part_ptr, dbias_part_ptr,
     L, D, n_segments, part_segments, seq_per_group, stride_ub, stride_ul, stride_deltab, stride_deltal,
-    stride_zb, stride_zl,
+    stride_zb, stride_zl, order_ptr, seq_per_order,
     N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, SEG_CHUNKS: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    REVERSE: tl.constexpr, PRECISION: tl.constexpr, HAS_INIT: tl.constexpr,
+    REVERSE: tl.constexpr, ORDER: tl.constexpr, PRECISION: tl.constexpr, HAS_INIT: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
+    rows = _order_rows(order_ptr, pid_b, seq_per_order, L, ORDER)
     pid_p = tl.program_id(2)
     n_dblocks = tl.num_programs(1)
     n_parts = tl.num_programs(2)
@@ -136,17 +140,17 @@ def _scan_bwd_kernel(
         h = tl.load(ckpt_base + seg * N * D, mask=mask_nd, other=0.0)
         u_next, delta_next, z_next = _chunk_loads(u_ptr, delta_ptr, z_ptr, first, pid_b, L, offs_d, mask_d,
                                                   stride_ub, stride_ul, stride_deltab, stride_deltal, stride_zb,
-                                                  stride_zl, CHUNK, REVERSE, HAS_Z)
-        dy_next = _chunk_dy(dy_ptr, first, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE)
+                                                  stride_zl, CHUNK, REVERSE, HAS_Z, rows, ORDER)
+        dy_next = _chunk_dy(dy_ptr, first, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE, rows, ORDER)
         for k in range(seg_chunks):
             tl.store(scratch_base + k * N_PAD * BLOCK_D, h)
             u, delta, z, dy = u_next, delta_next, z_next, dy_next
             u_next, delta_next, z_next = _chunk_loads(u_ptr, delta_ptr, z_ptr, first + k + 1, pid_b, L, offs_d,
                                                       mask_d, stride_ub, stride_ul, stride_deltab, stride_deltal,
-                                                      stride_zb, stride_zl, CHUNK, REVERSE, HAS_Z)
-            dy_next = _chunk_dy(dy_ptr, first + k + 1, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE)
-            Bt, Ct = _chunk_bc(B_ptr, C_ptr, first + k, pid_b, L, offs_n, mask_n, N, CHUNK, REVERSE)
-            t, mask_t, mask, offs = _chunk_index(first + k, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE)
+                                                      stride_zb, stride_zl, CHUNK, REVERSE, HAS_Z, rows, ORDER)
+            dy_next = _chunk_dy(dy_ptr, first + k + 1, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE, rows, ORDER)
+            Bt, Ct = _chunk_bc(B_ptr, C_ptr, first + k, pid_b, L, offs_n, mask_n, N, CHUNK, REVERSE, rows, ORDER)
+            t, mask_t, mask, offs = _chunk_index(first + k, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE, rows, ORDER)
             u, delta, _, Bt, Ct, z = _chunk_values(u, delta, Bt, Ct, z, mask, bias, HAS_BIAS, SOFTPLUS)
             dy = dy.to(tl.float32)
             _, _, hs, h = _chunk_states(h, delta, u, Bt, A2, CHUNK)
@@ -162,8 +166,8 @@ def _scan_bwd_kernel(
         last = first + seg_chunks - 1
         u_next, delta_next, z_next = _chunk_loads(u_ptr, delta_ptr, z_ptr, last, pid_b, L, offs_d, mask_d,
                                                   stride_ub, stride_ul, stride_deltab, stride_deltal, stride_zb,
-                                                  stride_zl, CHUNK, REVERSE, HAS_Z)
-        dy_next = _chunk_dy(dy_ptr, last, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE)
+                                                  stride_zl, CHUNK, REVERSE, HAS_Z, rows, ORDER)
+        dy_next = _chunk_dy(dy_ptr, last, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE, rows, ORDER)
         for j in range(seg_chunks):
             k = seg_chunks - 1 - j
             h0 = tl.load(scratch_base + k * N_PAD * BLOCK_D)
@@ -171,10 +175,10 @@ def _scan_bwd_kernel(
             # chunk first - 1 is the next segment's (or, before the sequence start, masked): loaded, not used
             u_next, delta_next, z_next = _chunk_loads(u_ptr, delta_ptr, z_ptr, first + k - 1, pid_b, L, offs_d,
                                                       mask_d, stride_ub, stride_ul, stride_deltab, stride_deltal,
-                                                      stride_zb, stride_zl, CHUNK, REVERSE, HAS_Z)
-            Bt, Ct = _chunk_bc(B_ptr, C_ptr, first + k, pid_b, L, offs_n, mask_n, N, CHUNK, REVERSE)
-            dy_next = _chunk_dy(dy_ptr, first + k - 1, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE)
-            t, mask_t, mask, offs = _chunk_index(first + k, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE)
+                                                      stride_zb, stride_zl, CHUNK, REVERSE, HAS_Z, rows, ORDER)
+            Bt, Ct = _chunk_bc(B_ptr, C_ptr, first + k, pid_b, L, offs_n, mask_n, N, CHUNK, REVERSE, rows, ORDER)
+            dy_next = _chunk_dy(dy_ptr, first + k - 1, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE, rows, ORDER)
+            t, mask_t, mask, offs = _chunk_index(first + k, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE, rows, ORDER)
             u, delta, dsoftplus, Bt, Ct, z = _chunk_values(u, delta, Bt, Ct, z, mask, bias, HAS_BIAS, SOFTPLUS)
             dy = dy.to(tl.float32)
             if HAS_Z:
@@ -208,36 +212,37 @@ def _scan_bwd_kernel(
         tl.store(dbias_part_ptr + pid_bp * D + offs_d, dbias_acc, mask=mask_d)
 
 
-def _flags(D, z, delta_bias, delta_softplus, reverse) -> dict:
+def _flags(D, z, delta_bias, delta_softplus, reverse, order) -> dict:
     return dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-                SOFTPLUS=delta_softplus, REVERSE=reverse)
+                SOFTPLUS=delta_softplus, REVERSE=reverse, ORDER=order is not None)
 
 
 @torch.library.custom_op("star::selective_scan_fwd", mutates_args=())
 def _selective_scan_fwd(
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
-    D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor],
+    D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor], order: Optional[Tensor],
     delta_softplus: bool, reverse: bool, save_states: bool,
 ) -> tuple[Tensor, Tensor]:
     b, l, d = u.shape
     n = A.shape[-1]
     n_segments = _n_segments(l, u)
-    flags = _flags(D, z, delta_bias, delta_softplus, reverse)
+    flags = _flags(D, z, delta_bias, delta_softplus, reverse, order)
     parts, part_segments = _parts(u, d, "fwd")
-    entering = _entering(u, delta, A, B, C, z, delta_bias, None, flags, parts, part_segments, "fwd") \
+    entering = _entering(u, delta, A, B, C, z, delta_bias, order, None, flags, parts, part_segments, "fwd") \
         if parts > 1 else u.new_empty(0)
     y = u.new_empty((b, l, d))
     ckpt = u.new_empty((b, n_segments, n, d) if save_states else (0,), dtype=torch.float32)
     _scan_fwd_kernel[(b, triton.cdiv(d, _config(u)["fwd"]["BLOCK_D"]), parts)](
         u, delta, A, B, C, _empty_if_none(D, u), _empty_if_none(z, u), _empty_if_none(delta_bias, u), y, ckpt,
-        entering, l, d, n_segments, part_segments, sequences_per_group(u, A), **_launch_args(u, A, delta, z, "fwd"),
+        entering, l, d, n_segments, part_segments, sequences_per_group(u, A),
+        **_launch_args(u, A, delta, z, "fwd", order),
         **flags, SAVE_STATES=save_states, HAS_INIT=parts > 1,
     )
     return y, ckpt
 
 
 @_selective_scan_fwd.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, save_states):
+def _(u, delta, A, B, C, D, z, delta_bias, order, delta_softplus, reverse, save_states):
     b, l, d = u.shape
     ckpt_shape = (b, _n_segments(l, u), A.shape[-1], d) if save_states else (0,)
     return u.new_empty((b, l, d)), u.new_empty(ckpt_shape, dtype=torch.float32)
@@ -246,7 +251,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, save_states)
 @torch.library.custom_op("star::selective_scan_bwd", mutates_args=())
 def _selective_scan_bwd(
     dy: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
-    D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor], ckpt: Tensor,
+    D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor], order: Optional[Tensor], ckpt: Tensor,
     delta_softplus: bool, reverse: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns du, ddelta, dA, dB, dC, dD, dz, d_delta_bias; the last three are empty when unused."""
@@ -255,9 +260,9 @@ def _selective_scan_bwd(
     tiles = _config(u)["bwd"]
     n_dblocks = triton.cdiv(d, tiles["BLOCK_D"])
     f32 = dict(dtype=torch.float32)
-    flags = _flags(D, z, delta_bias, delta_softplus, reverse)
+    flags = _flags(D, z, delta_bias, delta_softplus, reverse, order)
     parts, part_segments = _parts(u, d, "bwd")
-    entering = _entering(u, delta, A, B, C, z, delta_bias, dy, flags, parts, part_segments, "bwd") \
+    entering = _entering(u, delta, A, B, C, z, delta_bias, order, dy, flags, parts, part_segments, "bwd") \
         if parts > 1 else u.new_empty(0)
     du, ddelta = u.new_empty((b, l, d)), delta.new_empty((b, l, d))
     dz = z.new_empty((b, l, d)) if z is not None else u.new_empty(0)
@@ -271,7 +276,8 @@ def _selective_scan_bwd(
     _scan_bwd_kernel[(b, n_dblocks, parts)](
         u, delta, A, B, C, _empty_if_none(D, u), _empty_if_none(z, u), _empty_if_none(delta_bias, u),
         dy, ckpt, entering, scratch, du, ddelta, dz, dA_part, dB_part, dC_part, dD_part, dbias_part,
-        l, d, _n_segments(l, u), part_segments, sequences_per_group(u, A), **_launch_args(u, A, delta, z, "bwd"),
+        l, d, _n_segments(l, u), part_segments, sequences_per_group(u, A),
+        **_launch_args(u, A, delta, z, "bwd", order),
         **flags, PRECISION="tf32x3" if u.dtype == torch.float32 else "tf32", HAS_INIT=parts > 1,
     )
     groups = b // sequences_per_group(u, A)
@@ -286,7 +292,7 @@ def _selective_scan_bwd(
 
 
 @_selective_scan_bwd.register_fake
-def _(dy, u, delta, A, B, C, D, z, delta_bias, ckpt, delta_softplus, reverse):
+def _(dy, u, delta, A, B, C, D, z, delta_bias, order, ckpt, delta_softplus, reverse):
     empty = u.new_empty(0)
     b, l, d = u.shape
     return (
@@ -298,21 +304,21 @@ def _(dy, u, delta, A, B, C, D, z, delta_bias, ckpt, delta_softplus, reverse):
 
 
 def _setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, save_states = inputs
+    u, delta, A, B, C, D, z, delta_bias, order, delta_softplus, reverse, save_states = inputs
     if not save_states:
         raise RuntimeError("selective_scan_triton: backward needs the forward to run with save_states=True")
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[1])
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, order, output[1])
     ctx.delta_softplus, ctx.reverse = delta_softplus, reverse
 
 
 def _backward(ctx, dy, _dckpt):
-    u, delta, A, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
+    u, delta, A, B, C, D, z, delta_bias, order, ckpt = ctx.saved_tensors
     du, ddelta, dA, dB, dC, dD, dz, dbias = _selective_scan_bwd(
-        dy.contiguous(), u, delta, A, B, C, D, z, delta_bias, ckpt, ctx.delta_softplus, ctx.reverse
+        dy.contiguous(), u, delta, A, B, C, D, z, delta_bias, order, ckpt, ctx.delta_softplus, ctx.reverse
     )
     return (
         du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
-        dbias if delta_bias is not None else None, None, None, None,
+        dbias if delta_bias is not None else None, None, None, None, None,
     )
 
 
@@ -327,21 +333,22 @@ def _channels_contiguous(x: Optional[Tensor]) -> Optional[Tensor]:
 def selective_scan_triton(
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     D: Optional[Tensor] = None, z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
-    delta_softplus: bool = True, reverse: bool = False,
+    delta_softplus: bool = True, reverse: bool = False, order: Optional[Tensor] = None,
 ) -> Tensor:
     """Fused selective scan; same contract as `star.ops.selective_scan` (layout (b, l, d), grouped parameters
-    allowed), output in u's dtype. Checks its inputs as `star.ops.selective_scan` does."""
-    check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
-    return selective_scan_triton_unchecked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+    and scan orders allowed), output in u's dtype. Checks its inputs as `star.ops.selective_scan` does."""
+    check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, order)
+    return selective_scan_triton_unchecked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, order)
 
 
 def selective_scan_triton_unchecked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
-                                    reverse=False) -> Tensor:
+                                    reverse=False, order=None) -> Tensor:
     """`selective_scan_triton` without the input checks: the op table's Triton entry, which
     `star.ops.selective_scan` calls once it has checked the inputs itself."""
     tensors = [u, delta, A, B, C, D, z, delta_bias]
     u, delta, z = (_channels_contiguous(x) for x in (u, delta, z))
     A, B, C, D, delta_bias = (x.contiguous() if x is not None else None for x in (A, B, C, D, delta_bias))
     save_states = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
-    y, _ = _selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, save_states)
+    order = order_table(order) if order is not None else None
+    y, _ = _selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, order, delta_softplus, reverse, save_states)
     return y

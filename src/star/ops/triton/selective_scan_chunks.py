@@ -75,14 +75,27 @@ def _delta_values(raw, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexp
 
 
 @triton.jit
-def _chunk_rows(chunk, L, CHUNK: tl.constexpr, REVERSE: tl.constexpr):
-    """Time index each scan position of one chunk reads, and which positions exist."""
+def _order_rows(order_ptr, pid_b, seq_per_order, L, ORDER: tl.constexpr):
+    """This sequence's row of the scan-order table (groups, L), or the unused pointer without one."""
+    if ORDER:
+        order_ptr += (pid_b // seq_per_order) * L
+    return order_ptr
+
+
+@triton.jit
+def _chunk_rows(chunk, L, CHUNK: tl.constexpr, REVERSE: tl.constexpr, rows_ptr, ORDER: tl.constexpr):
+    """Time row each scan position of one chunk reads and writes, and which positions exist. With an order
+    table (`_order_rows`) scan position p is row rows[p] (rows[L - 1 - p] in reverse): the tensors stay in
+    their stored order and the kernel visits them in the scan's."""
     pos = chunk * CHUNK + tl.arange(0, CHUNK)
+    valid = (pos >= 0) & (pos < L)  # chunk -1 or n_chunks: loads issued ahead that are not used
     if REVERSE:
         t = L - 1 - pos
     else:
         t = pos
-    return t, (pos >= 0) & (pos < L)  # chunk -1 or n_chunks: loads issued ahead that are not used
+    if ORDER:
+        t = tl.load(rows_ptr + t, mask=valid, other=0)
+    return t, valid
 
 
 @triton.jit
@@ -149,9 +162,10 @@ def _gate(z, dy):
 
 
 @triton.jit
-def _chunk_index(chunk, pid_b, L, D, offs_d, mask_d, CHUNK: tl.constexpr, REVERSE: tl.constexpr):
+def _chunk_index(chunk, pid_b, L, D, offs_d, mask_d, CHUNK: tl.constexpr, REVERSE: tl.constexpr, rows_ptr,
+                 ORDER: tl.constexpr):
     """One chunk's time rows t and their mask, its (CHUNK, BLOCK_D) mask and (b, l, d) offsets."""
-    t, mask_t = _chunk_rows(chunk, L, CHUNK, REVERSE)
+    t, mask_t = _chunk_rows(chunk, L, CHUNK, REVERSE, rows_ptr, ORDER)
     mask = mask_t[:, None] & mask_d[None, :]
     offs = (pid_b * L + t)[:, None] * D + offs_d[None, :]
     return t, mask_t, mask, offs
@@ -159,9 +173,10 @@ def _chunk_index(chunk, pid_b, L, D, offs_d, mask_d, CHUNK: tl.constexpr, REVERS
 
 @triton.jit
 def _chunk_loads(u_ptr, delta_ptr, z_ptr, chunk, pid_b, L, offs_d, mask_d, stride_ub, stride_ul, stride_deltab,
-                 stride_deltal, stride_zb, stride_zl, CHUNK: tl.constexpr, REVERSE: tl.constexpr, HAS_Z: tl.constexpr):
+                 stride_deltal, stride_zb, stride_zl, CHUNK: tl.constexpr, REVERSE: tl.constexpr, HAS_Z: tl.constexpr,
+                 rows_ptr, ORDER: tl.constexpr):
     """One chunk's per-channel tiles, as stored: u, delta and z (zeros without a gate)."""
-    t, mask_t = _chunk_rows(chunk, L, CHUNK, REVERSE)
+    t, mask_t = _chunk_rows(chunk, L, CHUNK, REVERSE, rows_ptr, ORDER)
     mask = mask_t[:, None] & mask_d[None, :]
     u = _load_rows(u_ptr, stride_ub, stride_ul, pid_b, t, offs_d, mask)
     delta = _load_rows(delta_ptr, stride_deltab, stride_deltal, pid_b, t, offs_d, mask)
@@ -173,18 +188,19 @@ def _chunk_loads(u_ptr, delta_ptr, z_ptr, chunk, pid_b, L, offs_d, mask_d, strid
 
 @triton.jit
 def _chunk_bc(B_ptr, C_ptr, chunk, pid_b, L, offs_n, mask_n, N: tl.constexpr, CHUNK: tl.constexpr,
-              REVERSE: tl.constexpr):
+              REVERSE: tl.constexpr, rows_ptr, ORDER: tl.constexpr):
     """One chunk's (CHUNK, N_PAD) rows of B and C, as stored (every channel of the program reads them all)."""
-    t, mask_t = _chunk_rows(chunk, L, CHUNK, REVERSE)
+    t, mask_t = _chunk_rows(chunk, L, CHUNK, REVERSE, rows_ptr, ORDER)
     mask_bc = mask_t[:, None] & mask_n[None, :]
     offs_bc = (pid_b * L + t)[:, None] * N + offs_n[None, :]
     return tl.load(B_ptr + offs_bc, mask=mask_bc, other=0.0), tl.load(C_ptr + offs_bc, mask=mask_bc, other=0.0)
 
 
 @triton.jit
-def _chunk_dy(dy_ptr, chunk, pid_b, L, D, offs_d, mask_d, CHUNK: tl.constexpr, REVERSE: tl.constexpr):
+def _chunk_dy(dy_ptr, chunk, pid_b, L, D, offs_d, mask_d, CHUNK: tl.constexpr, REVERSE: tl.constexpr, rows_ptr,
+              ORDER: tl.constexpr):
     """The output gradient of one chunk, as stored (dy is contiguous)."""
-    _, _, mask, offs = _chunk_index(chunk, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE)
+    _, _, mask, offs = _chunk_index(chunk, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE, rows_ptr, ORDER)
     return tl.load(dy_ptr + offs, mask=mask, other=0.0)
 
 
@@ -203,7 +219,9 @@ def _n_segments(length: int, u: Tensor) -> int:
     return math.ceil(length / _config(u)["SEGMENT"])
 
 
-def _launch_args(u: Tensor, A: Tensor, delta: Tensor, z: Optional[Tensor], direction: str) -> dict:
+def _launch_args(u: Tensor, A: Tensor, delta: Tensor, z: Optional[Tensor], direction: str,
+                 order: Optional[Tensor] = None) -> dict:
+    """Every scan kernel's shape, stride, order-table and tile arguments (`order`: int32 (groups, l) or None)."""
     n = A.shape[-1]
     config = _config(u)
     tiles = config[direction]
@@ -213,6 +231,7 @@ def _launch_args(u: Tensor, A: Tensor, delta: Tensor, z: Optional[Tensor], direc
     z_strides = z.stride()[:2] if z is not None else (0, 0)
     return dict(stride_ub=u.stride(0), stride_ul=u.stride(1), stride_deltab=delta.stride(0),
                 stride_deltal=delta.stride(1), stride_zb=z_strides[0], stride_zl=z_strides[1],
+                order_ptr=u if order is None else order, seq_per_order=1 if order is None else u.shape[0] // order.shape[0],
                 N=n, N_PAD=triton.next_power_of_2(n), SEG_CHUNKS=config["SEGMENT"] // tiles["CHUNK"], **tiles)
 
 

@@ -25,7 +25,7 @@ from torch import Tensor
 from star.ops.groups import sequences_per_group
 from star.ops.triton.selective_scan_chunks import (_channel_block, _chunk_bc, _chunk_dy, _chunk_index, _chunk_loads,
                                                    _chunk_states, _chunk_values, _config, _empty_if_none, _gate,
-                                                   _launch_args, _load_params, _n_segments, _row)
+                                                   _launch_args, _load_params, _n_segments, _order_rows, _row)
 
 
 @triton.jit
@@ -68,29 +68,30 @@ def _store_part(state_ptr, delta_sum_ptr, state, delta_sum, pid_b, pid_p, n_part
 def _part_end_state_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, end_ptr, delta_sum_ptr,
     L, D, n_parts, part_segments, seq_per_group, stride_ub, stride_ul, stride_deltab, stride_deltal,
-    stride_zb, stride_zl,
+    stride_zb, stride_zl, order_ptr, seq_per_order,
     N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, SEG_CHUNKS: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    REVERSE: tl.constexpr,
+    REVERSE: tl.constexpr, ORDER: tl.constexpr,
 ):
     """Time-parallel forward, step 1: the state at the end of each part but the last from a zero start, and the
     part's sum of delta. Launched over parts 0 .. n_parts - 2 (the last part's end feeds nothing)."""
     pid_b, pid_p, offs_d, offs_n, mask_d, mask_n, mask_nd, A2, bias, first, end = _part_program(
         A_ptr, bias_ptr, 0, L, D, part_segments, seq_per_group, N, N_PAD, BLOCK_D, CHUNK, SEG_CHUNKS, HAS_BIAS)
+    rows = _order_rows(order_ptr, pid_b, seq_per_order, L, ORDER)
     h = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
     delta_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
     # What a load before a loop leaves unused is not named `_`: the loop reassigns `_` with other types, and a
     # name both bound before a loop and reassigned in it is loop-carried, so its type must stay (Triton fails
     # to compile it; the interpreter does not check).
     u_next, delta_next, _z = _chunk_loads(u_ptr, delta_ptr, u_ptr, first, pid_b, L, offs_d, mask_d, stride_ub,
-                                          stride_ul, stride_deltab, stride_deltal, 0, 0, CHUNK, REVERSE, False)
-    B_next, _B = _chunk_bc(B_ptr, B_ptr, first, pid_b, L, offs_n, mask_n, N, CHUNK, REVERSE)
+                                          stride_ul, stride_deltab, stride_deltal, 0, 0, CHUNK, REVERSE, False, rows, ORDER)
+    B_next, _B = _chunk_bc(B_ptr, B_ptr, first, pid_b, L, offs_n, mask_n, N, CHUNK, REVERSE, rows, ORDER)
     for chunk in range(first, end):
         u, delta, Bt = u_next, delta_next, B_next
         u_next, delta_next, _ = _chunk_loads(u_ptr, delta_ptr, u_ptr, chunk + 1, pid_b, L, offs_d, mask_d, stride_ub,
-                                             stride_ul, stride_deltab, stride_deltal, 0, 0, CHUNK, REVERSE, False)
-        B_next, _ = _chunk_bc(B_ptr, B_ptr, chunk + 1, pid_b, L, offs_n, mask_n, N, CHUNK, REVERSE)
-        _, _, mask, _ = _chunk_index(chunk, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE)
+                                             stride_ul, stride_deltab, stride_deltal, 0, 0, CHUNK, REVERSE, False, rows, ORDER)
+        B_next, _ = _chunk_bc(B_ptr, B_ptr, chunk + 1, pid_b, L, offs_n, mask_n, N, CHUNK, REVERSE, rows, ORDER)
+        _, _, mask, _ = _chunk_index(chunk, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE, rows, ORDER)
         u, delta, _, Bt, _, _ = _chunk_values(u, delta, Bt, Bt, u, mask, bias, HAS_BIAS, SOFTPLUS)
         _, _, _, h = _chunk_states(h, delta, u, Bt, A2, CHUNK)
         delta_sum += tl.sum(delta, axis=0)
@@ -101,31 +102,32 @@ def _part_end_state_kernel(
 def _part_adjoint_kernel(
     delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dy_ptr, carry_ptr, delta_sum_ptr,
     L, D, n_parts, part_segments, seq_per_group, stride_ub, stride_ul, stride_deltab, stride_deltal,
-    stride_zb, stride_zl,
+    stride_zb, stride_zl, order_ptr, seq_per_order,
     N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, SEG_CHUNKS: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    REVERSE: tl.constexpr,
+    REVERSE: tl.constexpr, ORDER: tl.constexpr,
 ):
     """Time-parallel backward, step 1: the adjoint carry a_t g_t at the start of each part but the first, from a
     zero carry at the part's end (g_t = C_t dy_t + a_{t+1} g_{t+1} needs no states), and the part's sum of delta.
     Launched over parts 1 .. n_parts - 1 (the first part's carry feeds nothing)."""
     pid_b, pid_p, offs_d, offs_n, mask_d, mask_n, mask_nd, A2, bias, first, end = _part_program(
         A_ptr, bias_ptr, 1, L, D, part_segments, seq_per_group, N, N_PAD, BLOCK_D, CHUNK, SEG_CHUNKS, HAS_BIAS)
+    rows = _order_rows(order_ptr, pid_b, seq_per_order, L, ORDER)
     carry = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
     delta_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
     _u, delta_next, z_next = _chunk_loads(delta_ptr, delta_ptr, z_ptr, end - 1, pid_b, L, offs_d, mask_d,
                                           stride_deltab, stride_deltal, stride_deltab, stride_deltal, stride_zb,
-                                          stride_zl, CHUNK, REVERSE, HAS_Z)  # not `_`: see _part_end_state_kernel
-    dy_next = _chunk_dy(dy_ptr, end - 1, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE)
+                                          stride_zl, CHUNK, REVERSE, HAS_Z, rows, ORDER)  # not `_`: see _part_end_state_kernel
+    dy_next = _chunk_dy(dy_ptr, end - 1, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE, rows, ORDER)
     for j in range(end - first):
         chunk = end - 1 - j
         delta, z, dy = delta_next, z_next, dy_next
         _, delta_next, z_next = _chunk_loads(delta_ptr, delta_ptr, z_ptr, chunk - 1, pid_b, L, offs_d, mask_d,
                                              stride_deltab, stride_deltal, stride_deltab, stride_deltal, stride_zb,
-                                             stride_zl, CHUNK, REVERSE, HAS_Z)
-        dy_next = _chunk_dy(dy_ptr, chunk - 1, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE)
-        Ct, _ = _chunk_bc(C_ptr, C_ptr, chunk, pid_b, L, offs_n, mask_n, N, CHUNK, REVERSE)
-        _, _, mask, _ = _chunk_index(chunk, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE)
+                                             stride_zl, CHUNK, REVERSE, HAS_Z, rows, ORDER)
+        dy_next = _chunk_dy(dy_ptr, chunk - 1, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE, rows, ORDER)
+        Ct, _ = _chunk_bc(C_ptr, C_ptr, chunk, pid_b, L, offs_n, mask_n, N, CHUNK, REVERSE, rows, ORDER)
+        _, _, mask, _ = _chunk_index(chunk, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE, rows, ORDER)
         _, delta, _, Ct, _, z = _chunk_values(delta, delta, Ct, Ct, z, mask, bias, HAS_BIAS, SOFTPLUS)
         dy = dy.to(tl.float32)
         if HAS_Z:
@@ -190,12 +192,12 @@ def _parts(u: Tensor, d: int, direction: str) -> tuple[int, int]:
     return triton.cdiv(n_segments, part_segments), part_segments
 
 
-def _entering(u, delta, A, B, C, z, delta_bias, dy, flags, parts, part_segments, direction):
+def _entering(u, delta, A, B, C, z, delta_bias, order, dy, flags, parts, part_segments, direction):
     """Time-parallel steps 1 and 2 (module docstring): the true state (forward) or adjoint carry (backward)
     entering each part, (b, parts, N, D) fp32."""
     b, l, d = u.shape
     n = A.shape[-1]
-    args = _launch_args(u, A, delta, z, direction)
+    args = _launch_args(u, A, delta, z, direction, order)
     local = u.new_empty((b, parts, n, d), dtype=torch.float32)
     delta_sum = u.new_empty((b, parts, d), dtype=torch.float32)
     entering = torch.empty_like(local)

@@ -1,0 +1,73 @@
+"""Scan orders: the time rows each sequence visits, so that an op scans tokens in another order in place.
+
+Given `order`, an integer (groups, length) tensor (or (length,), one order for every sequence), the scan and
+the conv run sequence i of the batch, in group g = i // (batch // groups), through its time rows in the order
+order[g]: scan position p reads row order[g, p] of every per-time input and writes its output at that row. The
+result equals gathering every input into scan order, running the op and scattering the output back, without
+those copies: the 4-direction mixer scans rows and columns, forwards and backwards, of one token layout (the
+Triton kernels read the table; the PyTorch forms do the gather and scatter, `in_scan_order`).
+Each row must be a permutation of range(length). That is checked here for CPU tensors outside torch.compile
+only (on a GPU it would cost a synchronisation per call, in a compiled graph a graph break);
+`star.models.mamba.scan_orders` checks it once where the model builds them.
+"""
+import functools
+import inspect
+
+import torch
+
+
+def check_order(order, batch: int, length: int, device: torch.device) -> None:
+    """A ValueError unless `order` is an integer (length,) or (groups, length) table on `device`, its groups
+    splitting the batch into equal runs, and (CPU tensors, eager) each row a permutation of range(length)."""
+    if not isinstance(order, torch.Tensor) or order.dim() not in (1, 2) or order.shape[-1] != length:
+        raise ValueError(f"order must be a (length,) or (groups, length) tensor with length = {length}, got "
+                         f"{tuple(order.shape) if isinstance(order, torch.Tensor) else type(order).__name__}")
+    if order.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"order must be an int32 or int64 tensor, got {order.dtype}")
+    if order.device != device:
+        raise ValueError(f"order is on {order.device} but the sequences are on {device}")
+    groups = order.shape[0] if order.dim() == 2 else 1
+    if groups < 1 or batch % groups:
+        raise ValueError(f"batch={batch} must be a multiple of the {groups} scan orders (one run of sequences each)")
+    if order.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.equal(
+            order.sort(dim=-1).values, torch.arange(length).expand_as(order).to(order.dtype)):
+        raise ValueError("every scan order must be a permutation of range(length)")
+
+
+def order_table(order: torch.Tensor) -> torch.Tensor:
+    """`order` as the kernels read it: contiguous int32 (groups, length)."""
+    return order.reshape(-1, order.shape[-1]).to(torch.int32).contiguous()
+
+
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (batch, length, ...) with the rows of group g's sequences taken in the order index[g]."""
+    groups, length = index.shape
+    runs = x.reshape(groups, x.shape[0] // groups, length, -1)
+    return runs.gather(2, index.long()[:, None, :, None].expand_as(runs)).view_as(x)
+
+
+def to_scan_order(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    return _gather_rows(x, order.reshape(-1, order.shape[-1]))
+
+
+def from_scan_order(y: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    return _gather_rows(y, order.reshape(-1, order.shape[-1]).argsort(dim=-1))
+
+
+def in_scan_order(*time_args: str):
+    """Decorator giving a PyTorch op an `order=None` argument: the named per-time arguments are gathered into
+    scan order, the op runs, and its output goes back to the stored order."""
+    def wrap(fn):
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args, order=None, **kwargs):
+            if order is None:
+                return fn(*args, **kwargs)
+            bound = signature.bind(*args, **kwargs)
+            for name in time_args:
+                if bound.arguments.get(name) is not None:
+                    bound.arguments[name] = to_scan_order(bound.arguments[name], order)
+            return from_scan_order(fn(*bound.args, **bound.kwargs), order)
+        return wrapper
+    return wrap
