@@ -14,8 +14,9 @@ img_size = 192 * sqrt(K), i.e. the same K * 144 patch tokens per sequence. Every
 
 --task finetune times the classification step instead: `star_{size}_patch16_224` (4 scan directions run as
 one batch, 197 tokens) against the same ViT at 224 px, cross-entropy on random labels, K = 1; it writes
-train_step_finetune.{json,md}. --compile wraps every model (STAR and ViT) in torch.compile (default mode),
-adds "+compile" to the implementation names and "_compile" to the file names; compile time is spent in
+train_step_finetune.{json,md}. --compile wraps every model (STAR and ViT) in torch.compile (--compile-mode, default
+"default"; "reduce-overhead" replays CUDA graphs), adds "+compile" (and the mode) to the implementation names
+and "_compile" (and the mode) to the file names; compile time is spent in
 the warm-up steps, not timed. A configuration that fails is recorded as an error row.
 
 --profile (eager only) adds one more step per configuration under torch.profiler and splits its CUDA kernel
@@ -29,6 +30,7 @@ import datetime
 import json
 import math
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +70,7 @@ def training_step(model, loss_fn):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
 
     def forward_backward():
+        torch.compiler.cudagraph_mark_step_begin()  # a new step for CUDA graphs (compile's reduce-overhead mode)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = loss_fn()
         loss.backward()
@@ -96,17 +99,22 @@ def measure(model, loss_fn, warmup, steps, parts, profile: bool) -> dict:
     return row
 
 
-def training_model(model, compile_model: bool):
-    """(module whose parameters the optimizer owns, callable the loss runs through)."""
-    return model, torch.compile(model) if compile_model else model
+def training_model(model, compile_model: Optional[str]):
+    """(module whose parameters the optimizer owns, callable the loss runs through); `compile_model` is None
+    (eager) or a torch.compile mode."""
+    if compile_model is None:
+        return model, model
+    return model, torch.compile(model, mode=None if compile_model == "default" else compile_model)
 
 
-def impl_label(impl: str, compile_model: bool = False, recompute: str = "none") -> str:
-    """The implementation column: the scan or attention, "+compile", "+recompute <setting>"."""
-    return impl + ("+compile" if compile_model else "") + (f"+recompute {recompute}" if recompute != "none" else "")
+def impl_label(impl: str, compile_model: Optional[str] = None, recompute: str = "none") -> str:
+    """The implementation column: the scan or attention, "+compile" (with its mode unless default),
+    "+recompute <setting>"."""
+    compiled = "" if compile_model is None else "+compile" + ("" if compile_model == "default" else f" {compile_model}")
+    return impl + compiled + (f"+recompute {recompute}" if recompute != "none" else "")
 
 
-def bench_star(size, k, impl, images_per_step, warmup, steps, task="pretrain", compile_model=False, profile=False,
+def bench_star(size, k, impl, images_per_step, warmup, steps, task="pretrain", compile_model=None, profile=False,
                recompute="none"):
     if task == "finetune":
         model = star.create_model(f"star_{size}_patch16_224", scan_impl=impl, recompute=recompute).cuda()
@@ -124,7 +132,7 @@ def bench_star(size, k, impl, images_per_step, warmup, steps, task="pretrain", c
                 **measure(model, loss_fn, warmup, steps, star_parts(), profile))
 
 
-def bench_vit(size, k, images_per_step, warmup, steps, task="pretrain", compile_model=False, profile=False):
+def bench_vit(size, k, images_per_step, warmup, steps, task="pretrain", compile_model=None, profile=False):
     dim, depth = SIZES[size]["embed_dim"], SIZES[size]["depth"]
     img_size = 224 if task == "finetune" else round(192 * math.sqrt(k))
     model, run = training_model(VisionTransformer(
@@ -140,16 +148,17 @@ def bench_vit(size, k, images_per_step, warmup, steps, task="pretrain", compile_
 
 def run(args):
     rows = []
-    extra = dict(task=args.task, compile_model=args.compile, profile=args.profile)
+    compile_model = args.compile_mode if args.compile else None
+    extra = dict(task=args.task, compile_model=compile_model, profile=args.profile)
     for size in args.sizes:
         for k in args.num_images if args.task == "pretrain" else [1]:
-            runs = [(f"vit_{size}", impl_label("sdpa", args.compile),
+            runs = [(f"vit_{size}", impl_label("sdpa", compile_model),
                      lambda: bench_vit(size, k, args.images, args.warmup, args.steps, **extra))]
             for impl in args.impls:
                 if impl == "chunked" and (size not in args.chunked_sizes or k > args.chunked_max_images):
                     continue
                 for mode in args.recompute:
-                    runs.append((f"star_{size}", impl_label(impl, args.compile, mode),
+                    runs.append((f"star_{size}", impl_label(impl, compile_model, mode),
                                  lambda impl=impl, mode=mode: bench_star(size, k, impl, args.images, args.warmup,
                                                                          args.steps, **extra, recompute=mode)))
             for model, impl, bench in runs:
@@ -185,7 +194,7 @@ def markdown(meta, rows):
                 f"encoder tokens per sequence (+ the 4-block decoder); ViT: same width/depth, img_size 192 * sqrt(K) "
                 f"= K * 144 patch tokens, SDPA attention."]
     if meta.get("compile"):
-        head[-1] += " Every model compiled with torch.compile."
+        head[-1] += f" Every model compiled with torch.compile (mode {meta.get('compile_mode') or 'default'})."
     columns = ["size"] + ([] if finetune else ["K"]) + ["model", "scan / attention", "batch", "ms / step",
                                                          "images / s", "tokens / s", "peak GiB"]
     lines = head + ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -260,6 +269,9 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--task", choices=("pretrain", "finetune"), default="pretrain")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model")
+    parser.add_argument("--compile-mode", default="default",
+                        choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
+                        help="torch.compile's mode with --compile (reduce-overhead: CUDA graphs)")
     parser.add_argument("--profile", action="store_true", help="add each step's time by part of the model")
     parser.add_argument("--recompute", nargs="+", default=["none"], choices=RECOMPUTE,
                         help="STAR's --model.recompute settings to time (each a row)")
@@ -275,8 +287,10 @@ def main():
     rows = run(args)
     meta = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), torch=torch.__version__,
                 triton=triton.__version__, commit=git_commit(), images=args.images, steps=args.steps,
-                warmup=args.warmup, task=args.task, compile=args.compile)
-    name = "train_step" + ("_finetune" if args.task == "finetune" else "") + ("_compile" if args.compile else "")
+                warmup=args.warmup, task=args.task, compile=args.compile,
+                compile_mode=args.compile_mode if args.compile else None)
+    name = "train_step" + ("_finetune" if args.task == "finetune" else "") + ("_compile" if args.compile else "") \
+        + ("_" + args.compile_mode.replace("-", "_") if args.compile and args.compile_mode != "default" else "")
     write_outputs(args.out, name, dict(meta=meta, rows=rows), markdown(meta, rows))
     if args.task == "pretrain" and len(args.num_images) > 1:
         plot_images_per_s(rows, args.out / f"{name}.png")
