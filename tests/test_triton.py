@@ -180,7 +180,8 @@ def test_scan_orders_match_reference(length, reverse):
     inputs = _scan_inputs(groups * per_group, length, CHANNELS, 16, torch.float32, optional=True)
     g = torch.Generator().manual_seed(11)
     grouped = dict(A=-(0.1 + 3 * torch.rand(groups, CHANNELS, 16, generator=g)),
-                   D=torch.randn(groups, CHANNELS, generator=g), delta_bias=0.5 * torch.randn(groups, CHANNELS, generator=g))
+                   D=torch.randn(groups, CHANNELS, generator=g),
+                   delta_bias=0.5 * torch.randn(groups, CHANNELS, generator=g))
     inputs.update({k: v.to(DEVICE).requires_grad_() for k, v in grouped.items()})
     order = torch.stack([torch.randperm(length, generator=g) for _ in range(groups)])
     _check_against_reference(lambda **kw: selective_scan_triton(**kw, order=order.to(DEVICE)),

@@ -39,7 +39,8 @@ from star.ops.orders import order_table
 from star.ops.selective_scan import check_scan_inputs
 from star.ops.triton.selective_scan_chunks import (CUDA_CONFIG, LOG2E, _channel_block, _chunk_bc, _chunk_dy,
                                                    _chunk_index, _chunk_loads, _chunk_states, _chunk_values, _config,
-                                                   _empty_if_none, _gate, _launch_args, _load_params, _n_segments, _order_rows,
+                                                   _empty_if_none, _gate, _launch_args, _load_params, _n_segments,
+                                                   _order_rows,
                                                    _row, _set_row, _store_channel_sum)
 from star.ops.triton.selective_scan_parts import _entering, _part_chunks, _part_state, _parts
 

@@ -173,8 +173,8 @@ def _chunk_index(chunk, pid_b, L, D, offs_d, mask_d, CHUNK: tl.constexpr, REVERS
 
 @triton.jit
 def _chunk_loads(u_ptr, delta_ptr, z_ptr, chunk, pid_b, L, offs_d, mask_d, stride_ub, stride_ul, stride_deltab,
-                 stride_deltal, stride_zb, stride_zl, CHUNK: tl.constexpr, REVERSE: tl.constexpr, HAS_Z: tl.constexpr,
-                 rows_ptr, ORDER: tl.constexpr):
+                 stride_deltal, stride_zb, stride_zl, CHUNK: tl.constexpr, REVERSE: tl.constexpr,
+                 HAS_Z: tl.constexpr, rows_ptr, ORDER: tl.constexpr):
     """One chunk's per-channel tiles, as stored: u, delta and z (zeros without a gate)."""
     t, mask_t = _chunk_rows(chunk, L, CHUNK, REVERSE, rows_ptr, ORDER)
     mask = mask_t[:, None] & mask_d[None, :]
@@ -231,7 +231,8 @@ def _launch_args(u: Tensor, A: Tensor, delta: Tensor, z: Optional[Tensor], direc
     z_strides = z.stride()[:2] if z is not None else (0, 0)
     return dict(stride_ub=u.stride(0), stride_ul=u.stride(1), stride_deltab=delta.stride(0),
                 stride_deltal=delta.stride(1), stride_zb=z_strides[0], stride_zl=z_strides[1],
-                order_ptr=u if order is None else order, seq_per_order=1 if order is None else u.shape[0] // order.shape[0],
+                order_ptr=u if order is None else order,
+                seq_per_order=1 if order is None else u.shape[0] // order.shape[0],
                 N=n, N_PAD=triton.next_power_of_2(n), SEG_CHUNKS=config["SEGMENT"] // tiles["CHUNK"], **tiles)
 
 

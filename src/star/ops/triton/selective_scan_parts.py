@@ -84,12 +84,14 @@ def _part_end_state_kernel(
     # name both bound before a loop and reassigned in it is loop-carried, so its type must stay (Triton fails
     # to compile it; the interpreter does not check).
     u_next, delta_next, _z = _chunk_loads(u_ptr, delta_ptr, u_ptr, first, pid_b, L, offs_d, mask_d, stride_ub,
-                                          stride_ul, stride_deltab, stride_deltal, 0, 0, CHUNK, REVERSE, False, rows, ORDER)
+                                          stride_ul, stride_deltab, stride_deltal, 0, 0, CHUNK, REVERSE, False, rows,
+                                          ORDER)
     B_next, _B = _chunk_bc(B_ptr, B_ptr, first, pid_b, L, offs_n, mask_n, N, CHUNK, REVERSE, rows, ORDER)
     for chunk in range(first, end):
         u, delta, Bt = u_next, delta_next, B_next
         u_next, delta_next, _ = _chunk_loads(u_ptr, delta_ptr, u_ptr, chunk + 1, pid_b, L, offs_d, mask_d, stride_ub,
-                                             stride_ul, stride_deltab, stride_deltal, 0, 0, CHUNK, REVERSE, False, rows, ORDER)
+                                             stride_ul, stride_deltab, stride_deltal, 0, 0, CHUNK, REVERSE, False, rows,
+                                          ORDER)
         B_next, _ = _chunk_bc(B_ptr, B_ptr, chunk + 1, pid_b, L, offs_n, mask_n, N, CHUNK, REVERSE, rows, ORDER)
         _, _, mask, _ = _chunk_index(chunk, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE, rows, ORDER)
         u, delta, _, Bt, _, _ = _chunk_values(u, delta, Bt, Bt, u, mask, bias, HAS_BIAS, SOFTPLUS)
@@ -117,7 +119,8 @@ def _part_adjoint_kernel(
     delta_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
     _u, delta_next, z_next = _chunk_loads(delta_ptr, delta_ptr, z_ptr, end - 1, pid_b, L, offs_d, mask_d,
                                           stride_deltab, stride_deltal, stride_deltab, stride_deltal, stride_zb,
-                                          stride_zl, CHUNK, REVERSE, HAS_Z, rows, ORDER)  # not `_`: see _part_end_state_kernel
+                                          stride_zl, CHUNK, REVERSE, HAS_Z, rows,
+                                          ORDER)  # not `_`: see _part_end_state_kernel
     dy_next = _chunk_dy(dy_ptr, end - 1, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE, rows, ORDER)
     for j in range(end - first):
         chunk = end - 1 - j
