@@ -253,6 +253,25 @@ def test_causal_conv1d_matches_reference(kernel_size, reverse, activation, use_b
 
 
 @needs_kernels
+def test_causal_conv1d_reads_strided_rows():
+    """x may be a view whose rows are strided (the mixer's x half of in_proj's output): same values and gradients
+    as a contiguous copy."""
+    from star.ops.triton import causal_conv1d_triton
+
+    xz = torch.randn(3, ODD, 2 * CHANNELS, device=DEVICE, requires_grad=True)
+    weight = torch.randn(CHANNELS, 4, device=DEVICE)
+    x = xz[..., :CHANNELS]
+    copy = x.detach().contiguous().requires_grad_()
+    y, y_copy = (causal_conv1d_triton(v, weight, activation="silu") for v in (x, copy))
+    torch.testing.assert_close(y, y_copy, rtol=0, atol=0)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_copy.backward(grad)
+    torch.testing.assert_close(xz.grad[..., :CHANNELS], copy.grad, rtol=0, atol=0)
+    assert xz.grad[..., CHANNELS:].abs().sum() == 0
+
+
+@needs_kernels
 def test_custom_ops_pass_opcheck():
     """Schema, fake (meta) functions and autograd registration are consistent, so torch.compile can trace."""
     from star.ops.triton import causal_conv1d, selective_scan

@@ -7,6 +7,8 @@ reverse:     y[t] = sum_j w[:, j] x[t + (k-1-j)]   (anti-causal mirror; no flipp
 The backward recomputes the pre-activation instead of storing it, and writes weight/bias gradients as
 per-(batch, time segment) partials that torch sums in a fixed order (deterministic, no atomics).
 With a scan order (star.ops.orders) t counts scan positions and every load and store goes to row rows[t].
+x is read through its batch and time strides (only the channel stride must be 1), so the mixer's x half of
+in_proj's output is not copied; y and dx are contiguous.
 """
 from typing import Optional
 
@@ -35,9 +37,10 @@ def _rows(rows_ptr, pos, valid, ORDER: tl.constexpr):
 
 
 @triton.jit
-def _conv_pre(x_ptr, w_ptr, bias_ptr, row0, offs_t, offs_d, L, D, rows_ptr,
+def _conv_pre(x_ptr, w_ptr, bias_ptr, stride_xl, offs_t, offs_d, L, D, rows_ptr,
               K: tl.constexpr, STEP: tl.constexpr, HAS_BIAS: tl.constexpr, ORDER: tl.constexpr):
-    """Pre-activation at times offs_t (fp32); zero outside [0, L) so the backward can use it as padding."""
+    """Pre-activation at times offs_t (fp32); zero outside [0, L) so the backward can use it as padding. x_ptr
+    points at this program's sequence, whose rows are stride_xl apart."""
     mask_d = offs_d < D
     acc = tl.zeros((offs_t.shape[0], offs_d.shape[0]), dtype=tl.float32)
     if HAS_BIAS:
@@ -46,7 +49,7 @@ def _conv_pre(x_ptr, w_ptr, bias_ptr, row0, offs_t, offs_d, L, D, rows_ptr,
         src = offs_t + STEP * (K - 1 - j)
         valid = (src >= 0) & (src < L)
         m = valid[:, None] & mask_d[None, :]
-        x = tl.load(x_ptr + (row0 + _rows(rows_ptr, src, valid, ORDER))[:, None] * D + offs_d[None, :], mask=m,
+        x = tl.load(x_ptr + _rows(rows_ptr, src, valid, ORDER)[:, None] * stride_xl + offs_d[None, :], mask=m,
                     other=0.0).to(tl.float32)
         w = tl.load(w_ptr + offs_d * K + j, mask=mask_d, other=0.0).to(tl.float32)
         acc += w[None, :] * x
@@ -54,17 +57,19 @@ def _conv_pre(x_ptr, w_ptr, bias_ptr, row0, offs_t, offs_d, L, D, rows_ptr,
 
 
 @triton.jit
-def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, L, D, seq_per_group, order_ptr, seq_per_order,
+def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, L, D, seq_per_group, order_ptr, seq_per_order, stride_xb,
+                     stride_xl,
                      K: tl.constexpr, STEP: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
                      ORDER: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_b = tl.program_id(0).to(tl.int64)
     row0 = pid_b * L
     rows_ptr = order_ptr + (pid_b // seq_per_order) * L
+    x_ptr += pid_b * stride_xb
     group = pid_b // seq_per_group  # grouped weights (groups, D, K): this sequence's set
     w_ptr, bias_ptr = w_ptr + group * D * K, bias_ptr + group * D
     offs_t = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    y = _conv_pre(x_ptr, w_ptr, bias_ptr, row0, offs_t, offs_d, L, D, rows_ptr, K, STEP, HAS_BIAS, ORDER)
+    y = _conv_pre(x_ptr, w_ptr, bias_ptr, stride_xl, offs_t, offs_d, L, D, rows_ptr, K, STEP, HAS_BIAS, ORDER)
     if SILU:
         y = y * tl.sigmoid(y)
     mask = (offs_t < L)[:, None] & (offs_d < D)[None, :]
@@ -73,7 +78,7 @@ def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, L, D, seq_per_group, order_p
 
 
 @triton.jit
-def _grad_pre(x_ptr, w_ptr, bias_ptr, dy_ptr, row0, offs_t, offs_d, L, D, rows_ptr,
+def _grad_pre(x_ptr, w_ptr, bias_ptr, dy_ptr, row0, stride_xl, offs_t, offs_d, L, D, rows_ptr,
               K: tl.constexpr, STEP: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, ORDER: tl.constexpr):
     """Gradient w.r.t. the pre-activation at times offs_t; zero outside [0, L)."""
     valid = (offs_t >= 0) & (offs_t < L)
@@ -81,7 +86,7 @@ def _grad_pre(x_ptr, w_ptr, bias_ptr, dy_ptr, row0, offs_t, offs_d, L, D, rows_p
     dy = tl.load(dy_ptr + (row0 + _rows(rows_ptr, offs_t, valid, ORDER))[:, None] * D + offs_d[None, :], mask=m,
                  other=0.0).to(tl.float32)
     if SILU:
-        pre = _conv_pre(x_ptr, w_ptr, bias_ptr, row0, offs_t, offs_d, L, D, rows_ptr, K, STEP, HAS_BIAS, ORDER)
+        pre = _conv_pre(x_ptr, w_ptr, bias_ptr, stride_xl, offs_t, offs_d, L, D, rows_ptr, K, STEP, HAS_BIAS, ORDER)
         sig = tl.sigmoid(pre)
         dy = dy * sig * (1.0 + pre * (1.0 - sig))
     return dy
@@ -89,7 +94,7 @@ def _grad_pre(x_ptr, w_ptr, bias_ptr, dy_ptr, row0, offs_t, offs_d, L, D, rows_p
 
 @triton.jit
 def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, dx_ptr, dw_part_ptr, dbias_part_ptr, L, D, seq_per_group,
-                     order_ptr, seq_per_order,
+                     order_ptr, seq_per_order, stride_xb, stride_xl,
                      K: tl.constexpr, STEP: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
                      ORDER: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, SEGMENT_TILES: tl.constexpr,
                      K_PAD: tl.constexpr):
@@ -99,6 +104,7 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, dx_ptr, dw_part_ptr, dbias_
     w_ptr, bias_ptr = w_ptr + group * D * K, bias_ptr + group * D
     pid_seg = tl.program_id(1)
     row0 = pid_b * L
+    x_ptr += pid_b * stride_xb
     offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     taps = tl.arange(0, K_PAD)
@@ -108,7 +114,8 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, dx_ptr, dw_part_ptr, dbias_
     for tile in range(first_tile, tl.minimum(first_tile + SEGMENT_TILES, tl.cdiv(L, BLOCK_L))):
         offs_t = tile * BLOCK_L + tl.arange(0, BLOCK_L)
         mask = (offs_t < L)[:, None] & mask_d[None, :]
-        dpre = _grad_pre(x_ptr, w_ptr, bias_ptr, dy_ptr, row0, offs_t, offs_d, L, D, rows_ptr, K, STEP, HAS_BIAS,
+        dpre = _grad_pre(x_ptr, w_ptr, bias_ptr, dy_ptr, row0, stride_xl, offs_t, offs_d, L, D, rows_ptr, K, STEP,
+                         HAS_BIAS,
                          SILU, ORDER)
         dbias_acc += tl.sum(dpre, axis=0)
         dx = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
@@ -119,13 +126,14 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, dx_ptr, dw_part_ptr, dbias_
             if shift == 0:
                 dpre_j = dpre
             else:
-                dpre_j = _grad_pre(x_ptr, w_ptr, bias_ptr, dy_ptr, row0, offs_t - shift, offs_d, L, D, rows_ptr,
+                dpre_j = _grad_pre(x_ptr, w_ptr, bias_ptr, dy_ptr, row0, stride_xl, offs_t - shift, offs_d, L, D,
+                                   rows_ptr,
                                    K, STEP, HAS_BIAS, SILU, ORDER)
             dx += w[None, :] * dpre_j
             src = offs_t + shift
             valid = (src >= 0) & (src < L)
             m = valid[:, None] & mask_d[None, :]
-            x = tl.load(x_ptr + (row0 + _rows(rows_ptr, src, valid, ORDER))[:, None] * D + offs_d[None, :], mask=m,
+            x = tl.load(x_ptr + _rows(rows_ptr, src, valid, ORDER)[:, None] * stride_xl + offs_d[None, :], mask=m,
                         other=0.0).to(tl.float32)
             dw_j = tl.sum(dpre * x, axis=0)
             dw_acc += tl.where(taps[None, :] == j, dw_j[:, None], 0.0)
@@ -142,14 +150,15 @@ def _flags(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Option
            order: Optional[Tensor]) -> dict:
     return dict(K=weight.shape[-1], STEP=1 if reverse else -1, HAS_BIAS=bias is not None, SILU=activation == "silu",
                 BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, ORDER=order is not None, order_ptr=x if order is None else order,
-                seq_per_order=1 if order is None else x.shape[0] // order.shape[0])
+                seq_per_order=1 if order is None else x.shape[0] // order.shape[0], stride_xb=x.stride(0),
+                stride_xl=x.stride(1))
 
 
 @torch.library.custom_op("star::causal_conv1d_fwd", mutates_args=())
 def _causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str],
                        reverse: bool, order: Optional[Tensor]) -> Tensor:
     b, l, d = x.shape
-    y = torch.empty_like(x)
+    y = x.new_empty((b, l, d))
     grid = (b, triton.cdiv(l, BLOCK_L), triton.cdiv(d, BLOCK_D))
     _conv_fwd_kernel[grid](x, weight, bias if bias is not None else weight, y, l, d, sequences_per_group(x, weight),
                            **_flags(x, weight, bias, activation, reverse, order), num_warps=NUM_WARPS)
@@ -158,7 +167,7 @@ def _causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], activa
 
 @_causal_conv1d_fwd.register_fake
 def _(x, weight, bias, activation, reverse, order):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("star::causal_conv1d_bwd", mutates_args=())
@@ -168,7 +177,7 @@ def _causal_conv1d_bwd(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Ten
     b, l, d = x.shape
     k = weight.shape[-1]
     n_segments = triton.cdiv(l, BLOCK_L * SEGMENT_TILES)
-    dx = torch.empty_like(x)
+    dx = x.new_empty((b, l, d))
     dw_part = x.new_empty((b * n_segments, d, k), dtype=torch.float32)
     dbias_part = x.new_empty((b * n_segments, d) if bias is not None else (0,), dtype=torch.float32)
     grid = (b, n_segments, triton.cdiv(d, BLOCK_D))
@@ -184,7 +193,7 @@ def _causal_conv1d_bwd(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Ten
 
 @_causal_conv1d_bwd.register_fake
 def _(dy, x, weight, bias, activation, reverse, order):
-    return torch.empty_like(x), torch.empty_like(weight), x.new_empty(0) if bias is None else torch.empty_like(bias)
+    return x.new_empty(x.shape), torch.empty_like(weight), x.new_empty(0) if bias is None else torch.empty_like(bias)
 
 
 def _setup_context(ctx, inputs, output):
@@ -220,4 +229,5 @@ def causal_conv1d_triton_unchecked(x, weight, bias=None, activation=None, revers
         raise ValueError(f"kernel_size must be in [1, 16] for the Triton conv, got {weight.shape[-1]}")
     bias = bias.contiguous() if bias is not None else None
     order = order_table(order) if order is not None else None
-    return _causal_conv1d_fwd(x.contiguous(), weight.contiguous(), bias, activation, reverse, order)
+    x = x if x.stride(-1) == 1 else x.contiguous()  # rows may be strided (the mixer's (x, z) split): not copied
+    return _causal_conv1d_fwd(x, weight.contiguous(), bias, activation, reverse, order)
