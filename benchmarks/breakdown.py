@@ -10,6 +10,7 @@ The same step is also split by kind of kernel (matmuls, scan forward/backward, c
 elementwise, ...: `KERNEL_KINDS`, by name) with its largest kernels, and `saved_by_part` sums the activations
 one forward pass keeps for backward, by part: where the time and the memory go, side by side.
 """
+import gc
 from collections import defaultdict
 from contextlib import contextmanager
 from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
@@ -159,6 +160,7 @@ def saved_by_part(model: nn.Module, forward: Callable, parts) -> Dict[str, float
         for handle in handles:
             handle.remove()
     del out
+    gc.collect()  # a saved output that the hook hands back is a reference cycle: without this, its graph stays
     totals = dict(sorted(totals.items(), key=lambda kv: -kv[1]))
     totals["total"] = sum(totals.values())
     return totals
