@@ -194,9 +194,7 @@ def _is(*types):
 
 def star_parts():
     """Parts of a StarPretrain step: the scan kernels, the rest of the mixers, MLPs, norms, the decoder."""
-    from timm.layers import SwiGLU
-
-    from star.models.mamba import MambaMixer
+    from star.models.mamba import MambaMixer, SwiGLU
 
     decoder = ("feature_norms", "feature_proj", "decoder_blocks", "decoder_norm", "decoder_pred")
     return [("mixer", _is(MambaMixer)), ("mlp", _is(SwiGLU)),

@@ -319,6 +319,9 @@ def test_bad_inputs_raise_value_errors():
         causal_conv1d_triton(inputs["u"], torch.randn(8, 4, device=DEVICE), activation="relu")
     with pytest.raises(ValueError, match="kernel_size"):
         causal_conv1d_triton(inputs["u"], torch.randn(8, 40, device=DEVICE))
+    from star.ops.triton import swiglu_triton
+    with pytest.raises(ValueError, match=r"\(\.\.\., 2 \* hidden\)"):
+        swiglu_triton(torch.randn(2, 5, device=DEVICE))
 
 
 @needs_kernels
@@ -384,3 +387,16 @@ def test_models_compile_fullgraph_and_match_eager(name):
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-3, atol=1e-5, msg=k)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_matches_reference(dtype):
+    """The packed SwiGLU gate silu(g) * v: value and gradient against float64, rows and channels with ragged
+    last tiles."""
+    from star.ops import swiglu
+    from star.ops.triton import swiglu_triton
+
+    gx = torch.randn(3, 7, 2 * (CHANNELS + 300), generator=torch.Generator().manual_seed(5))
+    _check_against_reference(swiglu_triton, lambda **kw: swiglu(**kw, impl="ref"),
+                             dict(gx=gx.to(DEVICE, dtype).requires_grad_()), dtype)

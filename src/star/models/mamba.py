@@ -19,10 +19,11 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, SwiGLU
+import torch.nn.functional as F
+from timm.layers import DropPath
 from torch.utils.checkpoint import checkpoint
 
-from star.ops import causal_conv1d, selective_scan
+from star.ops import causal_conv1d, selective_scan, swiglu
 from star.ops.impls import IMPLS
 
 # what a block recomputes in backward instead of keeping for it: nothing; the mixer from in_proj's output
@@ -131,6 +132,23 @@ class MambaMixer(nn.Module):
             order=orders)
 
 
+class SwiGLU(nn.Module):
+    """fc2(silu(fc1_g(x)) * fc1_x(x)) with timm's SwiGLU parameter names (checkpoints load either way), run as
+    one packed fc1 matmul and one gate op (`star.ops.swiglu`) that keeps only the matmul's output for backward."""
+
+    def __init__(self, dim: int, hidden: int, impl: str = "auto"):
+        super().__init__()
+        self.impl = impl
+        self.fc1_g = nn.Linear(dim, hidden)
+        self.fc1_x = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gx = F.linear(x, torch.cat([self.fc1_g.weight, self.fc1_x.weight]),
+                      torch.cat([self.fc1_g.bias, self.fc1_x.bias]))
+        return self.fc2(swiglu(gx, impl=self.impl))
+
+
 class MambaMLPBlock(nn.Module):
     """x + DropPath(Mamba(LN(x))), then x + DropPath(SwiGLU(LN(x))); `recompute` (see RECOMPUTE) trades
     backward compute for activation memory."""
@@ -145,7 +163,7 @@ class MambaMLPBlock(nn.Module):
         self.mixer = MambaMixer(dim, d_state, d_conv, expand, num_directions, depth, scan_impl,
                                 recompute_scan=recompute == "mixer")
         self.norm2 = nn.LayerNorm(dim, eps=1e-5)
-        self.mlp = SwiGLU(dim, hidden_features=int(dim * 4 * 2 / 3))
+        self.mlp = SwiGLU(dim, int(dim * 4 * 2 / 3), scan_impl)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, orders: Optional[torch.Tensor] = None) -> torch.Tensor:
