@@ -287,6 +287,9 @@ def test_custom_ops_pass_opcheck():
     for conv_order in (None, torch.randperm(9, dtype=torch.int32).to(DEVICE)[None]):
         torch.library.opcheck(causal_conv1d._causal_conv1d_fwd, (x, w, None, "silu", False, conv_order),
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    from star.ops.triton import swiglu
+    torch.library.opcheck(swiglu._swiglu_fwd, (torch.randn(2, 3, 16, device=DEVICE, requires_grad=True),),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
 @needs_kernels
