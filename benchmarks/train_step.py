@@ -275,7 +275,13 @@ def main():
     parser.add_argument("--profile", action="store_true", help="add each step's time by part of the model")
     parser.add_argument("--recompute", nargs="+", default=["none"], choices=RECOMPUTE,
                         help="STAR's --model.recompute settings to time (each a row)")
+    parser.add_argument("--render", type=Path, metavar="JSON",
+                        help="only rebuild the Markdown table beside a train_step JSON (a run that came back without it)")
     args = parser.parse_args()
+    if args.render:
+        data = json.loads(args.render.read_text())
+        args.render.with_suffix(".md").write_text(markdown(data["meta"], data["rows"]))
+        return
     if args.profile and args.compile:
         raise SystemExit("--profile times eager steps; run it without --compile")
     if not torch.cuda.is_available():
