@@ -35,36 +35,49 @@ def test_kernels_in_interpreter_subprocess():
     assert " passed" in result.stdout
 
 
+ACTIVATION_PTRS = {"u_ptr", "delta_ptr", "z_ptr", "dy_ptr", "B_ptr", "C_ptr", "y_ptr", "du_ptr", "ddelta_ptr",
+                   "dz_ptr", "x_ptr", "dx_ptr", "gx_ptr", "dgx_ptr"}
+
+
 @pytest.mark.skipif(INTERPRETED, reason="compiles the jit functions, which the interpreter replaces")
 @pytest.mark.parametrize("activations", ["*bf16", "*fp32"])
-def test_time_parallel_kernels_compile_for_the_gpu(activations):
+def test_kernels_compile_for_the_gpu(activations):
     """The interpreter runs code that Triton's compiler refuses (a name carried through a loop with two types):
-    the local passes and the carry pass compile for sm_90 on any machine (a GPU runs them only for long
-    sequences in small batches)."""
+    every kernel compiles for sm_90 on any machine, scan and conv with and without a scan order (a GPU run
+    that tries them all needs long sequences in small batches for the local passes and the carry pass)."""
     import inspect
 
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from star.ops.triton import causal_conv1d as conv
+    from star.ops.triton import selective_scan as scan
     from star.ops.triton import selective_scan_parts as parts
+    from star.ops.triton import swiglu
     from star.ops.triton.selective_scan_chunks import CUDA_CONFIG
 
-    kernels = (parts._part_end_state_kernel, CUDA_CONFIG["fwd"]), (parts._part_adjoint_kernel, CUDA_CONFIG["bwd"]), \
-        (parts._part_carry_kernel, CUDA_CONFIG["fwd"])
-    for kernel, tiles in kernels:
+    fwd, bwd = CUDA_CONFIG["fwd"], CUDA_CONFIG["bwd"]
+    conv_tiles = dict(K=4, STEP=-1, HAS_BIAS=True, SILU=True, BLOCK_L=conv.BLOCK_L, BLOCK_D=conv.BLOCK_D,
+                      SEGMENT_TILES=conv.SEGMENT_TILES, K_PAD=4)
+    kernels = [(parts._part_end_state_kernel, fwd), (parts._part_adjoint_kernel, bwd), (parts._part_carry_kernel, fwd),
+               (scan._scan_fwd_kernel, fwd), (scan._scan_bwd_kernel, bwd), (conv._conv_fwd_kernel, conv_tiles),
+               (conv._conv_bwd_kernel, conv_tiles), (swiglu._swiglu_fwd_kernel, {}), (swiglu._swiglu_bwd_kernel, {})]
+    for (kernel, tiles), order in ((k, o) for k in kernels for o in (False, True)):
         params = list(inspect.signature(kernel.fn).parameters)
-        constexprs = {k: v for k, v in dict(N=16, N_PAD=16, BLOCK_D=tiles["BLOCK_D"], CHUNK=tiles["CHUNK"],
-                                            SEG_CHUNKS=CUDA_CONFIG["SEGMENT"] // tiles["CHUNK"], HAS_D=True,
-                                            HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, REVERSE=False, ORDER=True,
-                                            BACKWARD=False).items() if k in params}
+        if order and "ORDER" not in params:
+            continue
+        scan_tiles = {} if "CHUNK" not in tiles else dict(
+            N=16, N_PAD=16, SEG_CHUNKS=CUDA_CONFIG["SEGMENT"] // tiles["CHUNK"], HAS_D=True, HAS_Z=True, HAS_BIAS=True,
+            SOFTPLUS=True, REVERSE=False, BACKWARD=False, SAVE_STATES=True, HAS_INIT=True, PRECISION="tf32")
+        constexprs = {k: v for k, v in dict(**tiles, **scan_tiles, ORDER=order, BLOCK_M=swiglu.BLOCK_M,
+                                            BLOCK_H=swiglu.BLOCK_H).items() if k in params and k != "num_warps"}
         signature = {p: "constexpr" if p in constexprs else "i32" if not p.endswith("_ptr") else
-                     activations if p in ("u_ptr", "delta_ptr", "z_ptr", "dy_ptr", "B_ptr", "C_ptr") else
-                     "*i32" if p == "order_ptr" else "*fp32"
+                     activations if p in ACTIVATION_PTRS else "*i32" if p == "order_ptr" else "*fp32"
                      for p in params}
         triton.compile(ASTSource(fn=kernel, signature=signature,
                                  constexprs={(params.index(k),): v for k, v in constexprs.items()}),
-                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1))
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=tiles.get("num_warps", 4)))
 
 
 def _rel_err(x, ref):
