@@ -24,6 +24,8 @@ time by part of the model (benchmarks/breakdown.py): scan kernels, the rest of t
 decoder, optimizer, ... for STAR; attention, MLPs, norms, ... for the ViT. The pretraining run also draws
 images/s against K for every model into train_step.png. --recompute none mixer block times STAR at each
 `--model.recompute` setting ("+recompute <setting>" in the implementation's name).
+--profile also splits the step by kind of kernel, lists its largest kernels and counts the activations a
+forward keeps for backward, by part. --render JSON rebuilds the Markdown table of an earlier run's JSON.
 """
 import argparse
 import datetime
