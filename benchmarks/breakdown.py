@@ -22,14 +22,19 @@ PREFIX = "part::"
 BACKWARD = "autograd::engine::evaluate_function"
 
 
-@contextmanager
-def annotated(model: nn.Module, parts: Sequence[Tuple[str, Callable[[str, nn.Module], bool]]]):
-    """Open a `PREFIX + part` range around every module that `parts` (name, test(module name, module)) claims."""
-    handles = []
+def claimed_modules(model: nn.Module, parts: Sequence[Tuple[str, Callable[[str, nn.Module], bool]]]):
+    """(module, part) for every module that `parts` (name, test(module name, module)) claims, the first claim."""
     for module_name, module in model.named_modules():
         part = next((name for name, claims in parts if claims(module_name, module)), None)
-        if part is None:
-            continue
+        if part is not None:
+            yield module, part
+
+
+@contextmanager
+def annotated(model: nn.Module, parts: Sequence[Tuple[str, Callable[[str, nn.Module], bool]]]):
+    """Open a `PREFIX + part` range around every module that `parts` claims (`claimed_modules`)."""
+    handles = []
+    for module, part in claimed_modules(model, parts):
         ranges = []
 
         def enter(_module, _args, part=part, ranges=ranges):
@@ -138,11 +143,11 @@ def saved_by_part(model: nn.Module, forward: Callable, parts) -> Dict[str, float
     def leave(_module, _args, _output):
         stack.pop()
 
-    for module_name, module in model.named_modules():
-        part = next((name for name, claims in parts if claims(module_name, module)), None)
-        if part is not None:
-            handles += [module.register_forward_pre_hook(lambda _m, _a, part=part: stack.append(part) and None),
-                        module.register_forward_hook(leave)]
+    for module, part in claimed_modules(model, parts):
+        def enter(_module, _args, part=part):
+            stack.append(part)
+
+        handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
 
     def pack(t):
         if isinstance(t, torch.Tensor) and t.device.type != "meta":

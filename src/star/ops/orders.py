@@ -15,6 +15,15 @@ import inspect
 
 import torch
 
+from .groups import param_groups
+
+
+def check_permutations(order: torch.Tensor) -> None:
+    """A ValueError unless every row of `order` is a permutation of range(length) (a sort: not on a hot path)."""
+    if not torch.equal(order.sort(dim=-1).values,
+                       torch.arange(order.shape[-1], device=order.device).expand_as(order).to(order.dtype)):
+        raise ValueError("every scan order must be a permutation of range(length)")
+
 
 def check_order(order, batch: int, length: int, device: torch.device) -> None:
     """A ValueError unless `order` is an integer (length,) or (groups, length) table on `device`, its groups
@@ -26,17 +35,21 @@ def check_order(order, batch: int, length: int, device: torch.device) -> None:
         raise ValueError(f"order must be an int32 or int64 tensor, got {order.dtype}")
     if order.device != device:
         raise ValueError(f"order is on {order.device} but the sequences are on {device}")
-    groups = order.shape[0] if order.dim() == 2 else 1
-    if groups < 1 or batch % groups:
-        raise ValueError(f"batch={batch} must be a multiple of the {groups} scan orders (one run of sequences each)")
-    if order.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.equal(
-            order.sort(dim=-1).values, torch.arange(length).expand_as(order).to(order.dtype)):
-        raise ValueError("every scan order must be a permutation of range(length)")
+    param_groups(order, 1, batch, "scan orders")
+    if order.device.type == "cpu" and not torch.compiler.is_compiling():
+        check_permutations(order)
 
 
 def order_table(order: torch.Tensor) -> torch.Tensor:
     """`order` as the kernels read it: contiguous int32 (groups, length)."""
     return order.reshape(-1, order.shape[-1]).to(torch.int32).contiguous()
+
+
+def order_launch_args(x: torch.Tensor, order) -> dict:
+    """The kernels' order arguments for sequences x: the `order_table` (x itself, unread, without one) and how
+    many sequences share each of its rows."""
+    return dict(order_ptr=x if order is None else order,
+                seq_per_order=1 if order is None else x.shape[0] // order.shape[0])
 
 
 def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from star.ops.causal_conv1d import check_conv_inputs
 from star.ops.groups import sequences_per_group, sum_per_group
-from star.ops.orders import order_table
+from star.ops.orders import order_launch_args, order_table
 
 BLOCK_L = 64
 BLOCK_D = 64
@@ -149,9 +149,8 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, dx_ptr, dw_part_ptr, dbias_
 def _flags(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str], reverse: bool,
            order: Optional[Tensor]) -> dict:
     return dict(K=weight.shape[-1], STEP=1 if reverse else -1, HAS_BIAS=bias is not None, SILU=activation == "silu",
-                BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, ORDER=order is not None, order_ptr=x if order is None else order,
-                seq_per_order=1 if order is None else x.shape[0] // order.shape[0], stride_xb=x.stride(0),
-                stride_xl=x.stride(1))
+                BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, ORDER=order is not None, **order_launch_args(x, order),
+                stride_xb=x.stride(0), stride_xl=x.stride(1))
 
 
 @torch.library.custom_op("star::causal_conv1d_fwd", mutates_args=())

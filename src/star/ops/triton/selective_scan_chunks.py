@@ -12,6 +12,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from star.ops.orders import order_launch_args
+
 # Tile sizes per device type and direction. SEGMENT (steps between saved states) is shared by both
 # directions; each direction's CHUNK must divide it. The backward holds more tiles per element, so it runs
 # with shorter chunks (fewer registers). The interpreter (CPU, TRITON_INTERPRET=1) runs element by element in
@@ -231,8 +233,7 @@ def _launch_args(u: Tensor, A: Tensor, delta: Tensor, z: Optional[Tensor], direc
     z_strides = z.stride()[:2] if z is not None else (0, 0)
     return dict(stride_ub=u.stride(0), stride_ul=u.stride(1), stride_deltab=delta.stride(0),
                 stride_deltal=delta.stride(1), stride_zb=z_strides[0], stride_zl=z_strides[1],
-                order_ptr=u if order is None else order,
-                seq_per_order=1 if order is None else u.shape[0] // order.shape[0],
+                **order_launch_args(u, order),
                 N=n, N_PAD=triton.next_power_of_2(n), SEG_CHUNKS=config["SEGMENT"] // tiles["CHUNK"], **tiles)
 
 

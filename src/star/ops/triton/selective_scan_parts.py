@@ -91,7 +91,7 @@ def _part_end_state_kernel(
         u, delta, Bt = u_next, delta_next, B_next
         u_next, delta_next, _ = _chunk_loads(u_ptr, delta_ptr, u_ptr, chunk + 1, pid_b, L, offs_d, mask_d, stride_ub,
                                              stride_ul, stride_deltab, stride_deltal, 0, 0, CHUNK, REVERSE, False, rows,
-                                          ORDER)
+                                             ORDER)
         B_next, _ = _chunk_bc(B_ptr, B_ptr, chunk + 1, pid_b, L, offs_n, mask_n, N, CHUNK, REVERSE, rows, ORDER)
         _, _, mask, _ = _chunk_index(chunk, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE, rows, ORDER)
         u, delta, _, Bt, _, _ = _chunk_values(u, delta, Bt, Bt, u, mask, bias, HAS_BIAS, SOFTPLUS)
