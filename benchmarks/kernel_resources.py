@@ -32,11 +32,11 @@ def compile_kernel(direction: str, arch: int):
     tiles = kernels.CUDA_CONFIG[direction]
     constexprs = dict(N=16, N_PAD=16, BLOCK_D=tiles["BLOCK_D"], CHUNK=tiles["CHUNK"],
                       SEG_CHUNKS=kernels.CUDA_CONFIG["SEGMENT"] // tiles["CHUNK"], HAS_D=True, HAS_Z=True,
-                      HAS_BIAS=True, SOFTPLUS=True, REVERSE=False)
+                      HAS_BIAS=True, SOFTPLUS=True, REVERSE=False, ORDER=False, HAS_INIT=False)
     constexprs.update(PRECISION="tf32") if direction == "bwd" else constexprs.update(SAVE_STATES=True)
     params = list(inspect.signature(kernel.fn).parameters)
-    signature = {p: "constexpr" if p in constexprs else ("*bf16" if p in BF16 else "*fp32") if p.endswith("_ptr")
-                 else "i32" for p in params}
+    pointer = {p: "*bf16" if p in BF16 else "*i32" if p == "order_ptr" else "*fp32" for p in params}
+    signature = {p: "constexpr" if p in constexprs else pointer[p] if p.endswith("_ptr") else "i32" for p in params}
     source = ASTSource(fn=kernel, signature=signature,
                        constexprs={(params.index(k),): v for k, v in constexprs.items()})
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=tiles["num_warps"]))
