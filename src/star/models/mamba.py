@@ -9,8 +9,9 @@ which is what lets a pretrained 1-direction mixer seed all four directions of a 
 The directions run as one batch: in_proj's output is repeated once per direction, (b, l) -> (directions * b, l),
 and the conv, projections and scan run once over that batch with grouped (per-direction) parameters. The
 tokens stay in their own order: the conv and the scan take each direction's scan order as a table of rows
-(star.ops.orders) and visit the rows in it, so no permuted copy is made and the directions' outputs add up
-position by position. A reversed order is the reversed table. On a GPU this is a few large kernels instead of
+(star.ops.orders) and the Triton kernels visit the rows in it, so no permuted copy is made and the directions'
+outputs are averaged position by position (the PyTorch forms, which would gather and scatter in every op, get
+the mixer's two inputs gathered into scan order once instead). A reversed order is the reversed table. On a GPU this is a few large kernels instead of
 a dozen small ones per direction, which is what bounds small models.
 """
 
@@ -24,8 +25,8 @@ from timm.layers import DropPath
 from torch.utils.checkpoint import checkpoint
 
 from star.ops import causal_conv1d, selective_scan, swiglu
-from star.ops.impls import IMPLS
-from star.ops.orders import check_permutations
+from star.ops.impls import IMPLS, is_triton
+from star.ops.orders import check_permutations, from_scan_order, to_scan_order
 
 # what a block recomputes in backward instead of keeping for it: nothing; the mixer from in_proj's output
 # (conv, x_proj, dt and the scan, whose activations are most of a block's); or the whole block from its input
@@ -107,8 +108,8 @@ class MambaMixer(nn.Module):
                 xz = xz.repeat(num, 1, 1)
         y = recomputed(self._scan, self.recompute_scan, *xz.chunk(2, dim=-1), num, orders)  # recomputed: keeps xz
         if num > 1:
-            y = y.view(num, b, l, -1).sum(0)
-        return self.out_proj(y / num)
+            y = y.view(num, b, l, -1).mean(0)
+        return self.out_proj(y)
 
     def _scan(self, x: torch.Tensor, z: torch.Tensor, num: int, orders: Optional[torch.Tensor]) -> torch.Tensor:
         """Conv, projections and scan of (num * b, l, d) sequences in token order, run g with direction g's
@@ -120,16 +121,23 @@ class MambaMixer(nn.Module):
             return get(ssm).unsqueeze(0) if num == 1 else torch.stack([get(s) for s in dirs])
 
         impl = self.scan_impl
+        # The kernels visit the rows of a scan order in place; the PyTorch forms would gather and scatter in each
+        # op (conv and scan), so for them the mixer puts its two inputs in scan order once and its output back.
+        gather = orders is not None and not is_triton("selective_scan", impl, x)
+        if gather:
+            x, z = to_scan_order(x, orders), to_scan_order(z, orders)
+        op_orders = None if gather else orders
         x = causal_conv1d(x, stack(lambda s: s.conv1d.weight[:, 0]), stack(lambda s: s.conv1d.bias),
-                          activation="silu", impl=impl, order=orders)
+                          activation="silu", impl=impl, order=op_orders)
         n, l, d = x.shape
         dt_bc = torch.bmm(x.reshape(num, -1, d), stack(lambda s: s.x_proj.weight).transpose(1, 2))
         dt, B, C = dt_bc.split([ssm.dt_rank, ssm.d_state, ssm.d_state], dim=-1)
         delta = torch.bmm(dt, stack(lambda s: s.dt_proj.weight).transpose(1, 2))  # bias added (fp32) in the scan
-        return selective_scan(
+        y = selective_scan(
             x, delta.reshape(n, l, d), -torch.exp(stack(lambda s: s.A_log)), B.reshape(n, l, -1), C.reshape(n, l, -1),
             stack(lambda s: s.D), z=z, delta_bias=stack(lambda s: s.dt_proj.bias), delta_softplus=True, impl=impl,
-            order=orders)
+            order=op_orders)
+        return from_scan_order(y, orders) if gather else y
 
 
 class SwiGLU(nn.Module):

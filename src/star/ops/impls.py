@@ -63,6 +63,11 @@ def implementation(op: str, impl: str, x: torch.Tensor) -> Callable:
     return row[impl]
 
 
+def is_triton(op: str, impl: str, x: torch.Tensor) -> bool:
+    """Whether `implementation(op, impl, x)` is the op's Triton kernel (not one of its PyTorch forms)."""
+    return implementation(op, impl, x) not in (OPS[op]["ref"], OPS[op]["chunked"])
+
+
 def check_sequences(name: str, x) -> tuple[int, int, int]:
     """(batch, length, d) of `x`, a real floating-point (batch, length, d) tensor of at least one time step."""
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
