@@ -468,3 +468,26 @@ def test_recompute_gives_the_same_gradients_and_keeps_less(recompute):
     pretrained = tiny_pretrain(recompute=recompute)
     assert classifier_from_pretrain(pretrained)[0].init_args["recompute"] == "none"
     assert classifier_from_pretrain(pretrained, recompute=recompute)[0].init_args["recompute"] == recompute
+
+
+def test_block_layer_norm_writes_the_autocast_dtype():
+    """The blocks' LayerNorm keeps nn.LayerNorm's parameters and values; under autocast its output is already
+    in the autocast dtype (what the next matmul would cast it to), and its gradients match nn.LayerNorm's."""
+    from star.models.mamba import LayerNorm
+
+    torch.manual_seed(0)
+    norm, plain = LayerNorm(12), torch.nn.LayerNorm(12)
+    with torch.no_grad():
+        norm.weight.normal_(), norm.bias.normal_()
+    plain.load_state_dict(norm.state_dict())
+    x = torch.randn(5, 12) * 3 + 1
+    torch.testing.assert_close(norm(x), plain(x), rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = norm(x)
+        expected = plain(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected.to(torch.bfloat16), rtol=0, atol=0)
+    grad = torch.randn(5, 12)
+    out.float().backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(norm.weight.grad, plain.weight.grad, rtol=1e-2, atol=1e-2)

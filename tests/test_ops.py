@@ -214,7 +214,7 @@ def test_float64_never_goes_to_the_float32_kernels():
 def test_op_table_has_every_implementation_of_every_op():
     """One row per op, one column per impl name: the mixer passes its one scan_impl to every op."""
     cpu = SimpleNamespace(dtype=torch.float32, is_cuda=False)
-    assert set(OPS) == {"selective_scan", "causal_conv1d", "swiglu"}
+    assert set(OPS) == {"selective_scan", "causal_conv1d", "swiglu", "layer_norm"}
     for op, row in OPS.items():
         assert set(row) == {"ref", "chunked", "triton"}, op
         assert implementation(op, "ref", cpu) is row["ref"] and implementation(op, "auto", cpu) is row["chunked"]

@@ -52,6 +52,7 @@ def test_kernels_compile_for_the_gpu(activations):
     from triton.compiler import ASTSource
 
     from star.ops.triton import causal_conv1d as conv
+    from star.ops.triton import layer_norm as ln
     from star.ops.triton import selective_scan as scan
     from star.ops.triton import selective_scan_parts as parts
     from star.ops.triton import swiglu
@@ -60,9 +61,11 @@ def test_kernels_compile_for_the_gpu(activations):
     fwd, bwd = CUDA_CONFIG["fwd"], CUDA_CONFIG["bwd"]
     conv_tiles = dict(K=4, STEP=-1, HAS_BIAS=True, SILU=True, BLOCK_L=conv.BLOCK_L, BLOCK_D=conv.BLOCK_D,
                       SEGMENT_TILES=conv.SEGMENT_TILES, K_PAD=4)
+    ln_tiles = dict(BLOCK_N=1024, ROWS=ln.ROWS, HAS_BIAS=True)
     kernels = [(parts._part_end_state_kernel, fwd), (parts._part_adjoint_kernel, bwd), (parts._part_carry_kernel, fwd),
                (scan._scan_fwd_kernel, fwd), (scan._scan_bwd_kernel, bwd), (conv._conv_fwd_kernel, conv_tiles),
-               (conv._conv_bwd_kernel, conv_tiles), (swiglu._swiglu_fwd_kernel, {}), (swiglu._swiglu_bwd_kernel, {})]
+               (conv._conv_bwd_kernel, conv_tiles), (swiglu._swiglu_fwd_kernel, {}), (swiglu._swiglu_bwd_kernel, {}),
+               (ln._ln_fwd_kernel, ln_tiles), (ln._ln_bwd_kernel, ln_tiles)]
     for (kernel, tiles), order in ((k, o) for k in kernels for o in (False, True)):
         params = list(inspect.signature(kernel.fn).parameters)
         if order and "ORDER" not in params:
@@ -303,6 +306,11 @@ def test_custom_ops_pass_opcheck():
     from star.ops.triton import swiglu
     torch.library.opcheck(swiglu._swiglu_fwd, (torch.randn(2, 3, 16, device=DEVICE, requires_grad=True),),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    from star.ops.triton import layer_norm
+    norm_args = [torch.randn(*shape, device=DEVICE, requires_grad=True) for shape in ((2, 3, 24), (24,), (24,))]
+    for bias, out_dtype in ((norm_args[2], torch.bfloat16), (None, torch.float32)):
+        torch.library.opcheck(layer_norm._layer_norm_fwd, (norm_args[0], norm_args[1], bias, 1e-5, out_dtype),
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
 @needs_kernels
@@ -338,6 +346,9 @@ def test_bad_inputs_raise_value_errors():
     from star.ops.triton import swiglu_triton
     with pytest.raises(ValueError, match=r"\(\.\.\., 2 \* hidden\)"):
         swiglu_triton(torch.randn(2, 5, device=DEVICE))
+    from star.ops.triton import layer_norm_triton
+    with pytest.raises(ValueError, match=r"weight must be a \(8,\) tensor"):
+        layer_norm_triton(torch.randn(2, 8, device=DEVICE), torch.ones(7, device=DEVICE))
 
 
 @needs_kernels
@@ -444,3 +455,33 @@ def test_swiglu_matches_reference(dtype):
     gx = torch.randn(3, 7, 2 * (CHANNELS + 300), generator=torch.Generator().manual_seed(5))
     _check_against_reference(swiglu_triton, lambda **kw: swiglu(**kw, impl="ref"),
                              dict(gx=gx.to(DEVICE, dtype).requires_grad_()), dtype)
+
+
+@needs_kernels
+@pytest.mark.parametrize("x_dtype,out_dtype,bias", [(torch.float32, torch.float32, True),
+                                                    (torch.float32, torch.bfloat16, True),
+                                                    (torch.bfloat16, torch.bfloat16, False)])
+def test_layer_norm_matches_reference(x_dtype, out_dtype, bias):
+    """The norm with its output in another dtype (a block's fp32 residual in, bf16 out): value and the x,
+    weight and bias gradients against float64, rows spanning two backward programs, a row not a power of two."""
+    from star.ops import layer_norm
+    from star.ops.triton import layer_norm_triton
+    from star.ops.triton.layer_norm import ROWS
+
+    g = torch.Generator().manual_seed(11)
+    d = CHANNELS + 300
+    inputs = dict(x=(3 * torch.randn(3, ROWS // 3 + 5, d, generator=g) + 1).to(x_dtype),  # off-centre
+                  weight=torch.randn(d, generator=g), bias=torch.randn(d, generator=g) if bias else None)
+    inputs = {k: v.to(DEVICE).requires_grad_() for k, v in inputs.items() if v is not None}
+    reference = {k: v.detach().double().cpu().requires_grad_() for k, v in inputs.items()}
+    out = layer_norm_triton(**inputs, out_dtype=out_dtype)
+    ref = layer_norm(**reference, impl="ref")
+    assert out.dtype == out_dtype and out.shape == ref.shape
+    tol = TOLERANCE[torch.bfloat16 if torch.bfloat16 in (x_dtype, out_dtype) else torch.float32]
+    assert _rel_err(out, ref) < tol
+    grad_out = torch.randn(ref.shape, dtype=torch.float64, generator=g)
+    out.backward(grad_out.to(DEVICE, out_dtype))
+    ref.backward(grad_out)
+    for name, x in inputs.items():
+        assert x.grad is not None and x.grad.dtype == x.dtype, name
+        assert _rel_err(x.grad, reference[name].grad) < tol, name

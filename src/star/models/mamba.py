@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch.utils.checkpoint import checkpoint
 
-from star.ops import causal_conv1d, selective_scan, swiglu
+from star.ops import causal_conv1d, layer_norm, selective_scan, swiglu
 from star.ops.impls import IMPLS, is_triton
 from star.ops.orders import check_permutations, from_scan_order, to_scan_order
 
@@ -157,6 +157,20 @@ class SwiGLU(nn.Module):
         return self.fc2(swiglu(gx, impl=self.impl))
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same parameters) whose output is in the autocast dtype while autocast is on, written by the
+    norm itself (`star.ops.layer_norm`) instead of an fp32 output that the next matmul casts."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, impl: str = "auto"):
+        super().__init__(dim, eps=eps)
+        self.impl = impl
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device = x.device.type
+        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        return layer_norm(x, self.weight, self.bias, self.eps, out_dtype, impl=self.impl)
+
+
 class MambaMLPBlock(nn.Module):
     """x + DropPath(Mamba(LN(x))), then x + DropPath(SwiGLU(LN(x))); `recompute` (see RECOMPUTE) trades
     backward compute for activation memory."""
@@ -167,10 +181,10 @@ class MambaMLPBlock(nn.Module):
         if recompute not in RECOMPUTE:
             raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute!r}")
         self.recompute_block = recompute == "block"
-        self.norm1 = nn.LayerNorm(dim, eps=1e-5)
+        self.norm1 = LayerNorm(dim, impl=scan_impl)
         self.mixer = MambaMixer(dim, d_state, d_conv, expand, num_directions, depth, scan_impl,
                                 recompute_scan=recompute == "mixer")
-        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        self.norm2 = LayerNorm(dim, impl=scan_impl)
         self.mlp = SwiGLU(dim, int(dim * 4 * 2 / 3), scan_impl)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
