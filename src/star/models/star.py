@@ -25,7 +25,7 @@ from timm.layers import Mlp, PatchEmbed, trunc_normal_
 
 from star.models.features import DenseFeaturesMixin, tokens_to_output
 from star.models.hub import PretrainedMixin, constructor_args, register_architecture
-from star.models.mamba import build_blocks, no_weight_decay_names
+from star.models.mamba import LayerNorm, build_blocks, no_weight_decay_names
 from star.models.patches import (check_images, cluster_order, normalize_patches, patchify, sincos_pos_embed,
                                  unpatchify)
 
@@ -87,14 +87,14 @@ class SequenceLayout(NamedTuple):
 class CrossAttentionBlock(nn.Module):
     """Pre-norm cross-attention (queries read one level of encoder features) + MLP."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, norm_impl: str = "auto"):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"decoder_dim={dim} must be divisible by decoder_num_heads={num_heads}")
         self.num_heads = num_heads
-        self.norm_q, self.norm_kv = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.norm_q, self.norm_kv = LayerNorm(dim, impl=norm_impl), LayerNorm(dim, impl=norm_impl)
         self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = LayerNorm(dim, impl=norm_impl)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -160,14 +160,15 @@ class StarPretrain(PretrainedMixin, DenseFeaturesMixin, nn.Module):
                                    expand=expand, scan_impl=scan_impl, recompute=recompute)
 
         # decoder
-        self.feature_norms = nn.ModuleList(nn.LayerNorm(embed_dim) for _ in feature_layers)
+        self.feature_norms = nn.ModuleList(LayerNorm(embed_dim, impl=scan_impl) for _ in feature_layers)
         self.feature_proj = nn.Linear(len(feature_layers) * embed_dim, decoder_depth * decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         self.register_buffer("decoder_pos_embed", sincos_pos_embed(decoder_dim, grid)[:, self.order],
                              persistent=False)
-        self.decoder_blocks = nn.ModuleList(CrossAttentionBlock(decoder_dim, decoder_num_heads, decoder_mlp_ratio)
-                                            for _ in range(decoder_depth))
-        self.decoder_norm = nn.LayerNorm(decoder_dim)
+        self.decoder_blocks = nn.ModuleList(
+            CrossAttentionBlock(decoder_dim, decoder_num_heads, decoder_mlp_ratio, norm_impl=scan_impl)
+            for _ in range(decoder_depth))
+        self.decoder_norm = LayerNorm(decoder_dim, impl=scan_impl)
         self.decoder_pred = nn.Linear(decoder_dim, patch_size ** 2 * in_chans)
         self._init_decoder()
         # the layout of the model's own K, as buffers: they follow .to(device), and torch.compile traces no
