@@ -8,12 +8,13 @@ h_t = a_t * h_{t-1} + b_t is CHUNK unrolled FMAs per element, and sums over the 
 Memory traffic is kept near the floor by saving the state only every SEGMENT = CHUNK * SEG_CHUNKS steps
 (fp32, (b, n_segments, n, d): 64 / SEGMENT bytes per token-channel). The backward walks the segments
 from last to first, each in two passes:
-  1. forward over the segment from its checkpoint, reading only u, delta and B: stores the state entering
-     each chunk into a small per-program scratch (L2-resident);
+  1. forward over the segment from its checkpoint: stores the state entering each chunk into a small
+     per-program scratch (L2-resident), and uses the states it has in hand for dC;
   2. backward over the segment's chunks: reloads the chunk's entering state, recomputes the chunk
-     (one exp per element), takes dz, dC and dD from the recomputed states, runs the adjoint
-     g_t = a_{t+1} g_{t+1} + C_t dy_t as a reverse scan, and reads du, d_delta, dB and dA off (h_t, g_t). a_{t+1} comes from the chunk's own decay tile,
-     carried inside the reverse scan, and from the following chunk, so no second exp is needed.
+     (one exp per element), takes dz and dD from the recomputed states, runs the adjoint
+     g_t = a_{t+1} g_{t+1} + C_t dy_t as a reverse scan, and reads du, d_delta, dB and dA off (h_t, g_t).
+     a_{t+1} comes from the chunk's own decay tile, carried inside the reverse scan, and from the
+     following chunk, so no second exp is needed.
 Every loop over chunks issues the next chunk's loads before the current chunk's math (software pipelining
 by hand; the kernels were latency bound, each chunk waiting for its own loads). The forward prefetches all
 five tiles; the backward, near the register limit, only the per-channel ones (u, delta, z, dy).
@@ -136,24 +137,30 @@ def _scan_bwd_kernel(
         first = seg * SEG_CHUNKS
         seg_chunks = tl.minimum(SEG_CHUNKS, n_chunks - first)
 
-        # Pass 1, forward: the state entering each chunk goes to scratch (only u, delta and B are read).
+        # Pass 1, forward: the state entering each chunk goes to scratch; dC uses the states. (dC is taken here,
+        # not in pass 2: with no matrix product in this pass, Triton 3.6's layout pass fails on the kernel.)
         # Each pass issues the next chunk's loads before this chunk's math, as the forward kernel does.
         h = tl.load(ckpt_base + seg * N * D, mask=mask_nd, other=0.0)
-        u_next, delta_next, _z = _chunk_loads(u_ptr, delta_ptr, z_ptr, first, pid_b, L, offs_d, mask_d,
-                                              stride_ub, stride_ul, stride_deltab, stride_deltal, stride_zb,
-                                              stride_zl, CHUNK, REVERSE, False, rows, ORDER)  # `_z`: see parts
-        B_next, _C = _chunk_bc(B_ptr, B_ptr, first, pid_b, L, offs_n, mask_n, N, CHUNK, REVERSE, rows, ORDER)
+        u_next, delta_next, z_next = _chunk_loads(u_ptr, delta_ptr, z_ptr, first, pid_b, L, offs_d, mask_d,
+                                                  stride_ub, stride_ul, stride_deltab, stride_deltal, stride_zb,
+                                                  stride_zl, CHUNK, REVERSE, HAS_Z, rows, ORDER)
+        dy_next = _chunk_dy(dy_ptr, first, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE, rows, ORDER)
         for k in range(seg_chunks):
             tl.store(scratch_base + k * N_PAD * BLOCK_D, h)
-            u, delta, Bt = u_next, delta_next, B_next
-            u_next, delta_next, _ = _chunk_loads(u_ptr, delta_ptr, z_ptr, first + k + 1, pid_b, L, offs_d, mask_d,
-                                                 stride_ub, stride_ul, stride_deltab, stride_deltal, stride_zb,
-                                                 stride_zl, CHUNK, REVERSE, False, rows, ORDER)
-            B_next, _ = _chunk_bc(B_ptr, B_ptr, first + k + 1, pid_b, L, offs_n, mask_n, N, CHUNK, REVERSE, rows,
-                                  ORDER)
-            _, _, mask, _ = _chunk_index(first + k, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE, rows, ORDER)
-            u, delta, _, Bt, _, _ = _chunk_values(u, delta, Bt, Bt, u, mask, bias, HAS_BIAS, SOFTPLUS)
-            _, _, _, h = _chunk_states(h, delta, u, Bt, A2, CHUNK)
+            u, delta, z, dy = u_next, delta_next, z_next, dy_next
+            u_next, delta_next, z_next = _chunk_loads(u_ptr, delta_ptr, z_ptr, first + k + 1, pid_b, L, offs_d,
+                                                      mask_d, stride_ub, stride_ul, stride_deltab, stride_deltal,
+                                                      stride_zb, stride_zl, CHUNK, REVERSE, HAS_Z, rows, ORDER)
+            dy_next = _chunk_dy(dy_ptr, first + k + 1, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE, rows, ORDER)
+            Bt, Ct = _chunk_bc(B_ptr, C_ptr, first + k, pid_b, L, offs_n, mask_n, N, CHUNK, REVERSE, rows, ORDER)
+            t, mask_t, mask, offs = _chunk_index(first + k, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE, rows, ORDER)
+            u, delta, _, Bt, Ct, z = _chunk_values(u, delta, Bt, Ct, z, mask, bias, HAS_BIAS, SOFTPLUS)
+            dy = dy.to(tl.float32)
+            _, _, hs, h = _chunk_states(h, delta, u, Bt, A2, CHUNK)
+            if HAS_Z:
+                dy, _ = _gate(z, dy)
+            _store_channel_sum(dC_part_ptr, hs * dy[:, None, :], t, part_bc_base, mask_t, N, N_PAD, CHUNK, BLOCK_D,
+                               PRECISION)
 
         # Pass 2, backward over the same chunks: recompute each from its entering state, then the adjoint.
         last = first + seg_chunks - 1
@@ -179,8 +186,6 @@ def _scan_bwd_kernel(
                 y = tl.sum(hs * Ct[:, :, None], axis=1) + Dv[None, :] * u
                 dy, dy_dsilu = _gate(z, dy)
                 tl.store(dz_ptr + offs, (dy_dsilu * y).to(dz_ptr.dtype.element_ty), mask=mask)
-            _store_channel_sum(dC_part_ptr, hs * dy[:, None, :], t, part_bc_base, mask_t, N, N_PAD, CHUNK, BLOCK_D,
-                               PRECISION)
             dD_acc += tl.sum(dy * u, axis=0)
 
             # Adjoint, last step first: g_t = C_t dy_t + a_{t+1} g_{t+1}; `carry` is a_{t+1} g_{t+1}.
