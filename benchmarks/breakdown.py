@@ -107,12 +107,12 @@ KERNEL_KINDS = {
     "conv": ("_conv_fwd_kernel", "_conv_bwd_kernel"),
     "attention": ("flash", "fmha", "attention", "attn"),
     "matmul": ("gemm", "cutlass", "xmma", "nvjet", "wgmma", "splitk", "cublas"),
-    "norm": ("layer_norm", "layernorm"),
+    "norm": ("layer_norm", "layernorm", "gammabeta", "_ln_fwd_kernel", "_ln_bwd_kernel"),
     "gather / scatter": ("index", "gather", "scatter"),
     "copy / cast / cat": ("copy", "cat", "fill"),
     "optimizer": ("multi_tensor", "adam"),
     "reduction": ("reduce",),
-    "elementwise": ("elementwise", "vectorized"),
+    "elementwise": ("elementwise", "vectorized", "_swiglu_"),
 }
 
 
