@@ -11,8 +11,8 @@ and the conv, projections and scan run once over that batch with grouped (per-di
 tokens stay in their own order: the conv and the scan take each direction's scan order as a table of rows
 (star.ops.orders) and the Triton kernels visit the rows in it, so no permuted copy is made and the directions'
 outputs are averaged position by position (the PyTorch forms, which would gather and scatter in every op, get
-the mixer's two inputs gathered into scan order once instead). A reversed order is the reversed table. On a GPU this is a few large kernels instead of
-a dozen small ones per direction, which is what bounds small models.
+the mixer's two inputs gathered into scan order once instead). A reversed order is the reversed table. On a GPU
+this is a few large kernels instead of a dozen small ones per direction, which is what bounds small models.
 """
 
 import math

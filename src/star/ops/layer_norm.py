@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .impls import implementation, register_op
+from .impls import check_shape, implementation, register_op
 
 
 def layer_norm_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float,
@@ -34,15 +34,9 @@ def check_layer_norm_inputs(x, weight, bias) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or not x.is_floating_point() or x.shape[-1] == 0:
         raise ValueError(f"x must be a floating-point (..., d) tensor with d > 0, got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    d = x.shape[-1]
-    for name, p in (("weight", weight), ("bias", bias)):
-        if p is None and name == "bias":
-            continue
-        if not isinstance(p, torch.Tensor) or tuple(p.shape) != (d,):
-            raise ValueError(f"{name} must be a ({d},) tensor, got "
-                             f"{tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__}")
-        if p.device != x.device:
-            raise ValueError(f"{name} is on {p.device} but x is on {x.device}")
+    check_shape("weight", weight, x.device, d=x.shape[-1])
+    if bias is not None:
+        check_shape("bias", bias, x.device, d=x.shape[-1])
 
 
 register_op("layer_norm", ref=layer_norm_ref, chunked=layer_norm_ref, triton="layer_norm_triton_unchecked")
