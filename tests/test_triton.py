@@ -322,8 +322,10 @@ def test_custom_ops_pass_opcheck():
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     x = torch.randn(1, 9, 8, device=DEVICE, requires_grad=True)
     w = torch.randn(8, 4, device=DEVICE, requires_grad=True)
-    for conv_order in (None, torch.randperm(9, dtype=torch.int32).to(DEVICE)[None]):
-        torch.library.opcheck(causal_conv1d._causal_conv1d_fwd, (x, w, None, "silu", False, conv_order),
+    w_groups = torch.randn(2, 8, 4, device=DEVICE, requires_grad=True)
+    rows = torch.randperm(9, dtype=torch.int32).to(DEVICE)[None]
+    for weight, conv_order, shared in ((w, None, False), (w, rows, False), (w_groups, None, True)):
+        torch.library.opcheck(causal_conv1d._causal_conv1d_fwd, (x, weight, None, "silu", False, conv_order, shared),
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     from star.ops.triton import swiglu
     torch.library.opcheck(swiglu._swiglu_fwd, (torch.randn(2, 3, 16, device=DEVICE, requires_grad=True),),
@@ -497,3 +499,38 @@ def test_layer_norm_matches_reference(x_dtype, out_dtype, bias):
     inputs = {k: v.to(DEVICE).requires_grad_() for k, v in inputs.items() if v is not None}
     _check_against_reference(layer_norm_triton, lambda out_dtype, **kw: layer_norm(**kw, impl="ref"), inputs,
                              out_dtype, out_dtype=out_dtype)
+
+
+@needs_kernels
+def test_shared_inputs_match_repeated_copies():
+    """A conv input and a scan gate shared by every group's run (read in place) give the outputs and gradients
+    of the repeated copies, with scan orders (the 4-direction mixer's form)."""
+    from star.ops import causal_conv1d, selective_scan
+    from star.ops.triton import causal_conv1d_triton, selective_scan_triton
+
+    groups, b = 2, 2
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(b, ODD, CHANNELS, generator=g).to(DEVICE).requires_grad_()
+    weight = torch.randn(groups, CHANNELS, 4, generator=g).to(DEVICE).requires_grad_()
+    order = torch.stack([torch.randperm(ODD, generator=g) for _ in range(groups)]).to(DEVICE)
+    out = causal_conv1d_triton(x, weight, activation="silu", order=order, shared=True)
+    ref = causal_conv1d(x.repeat(groups, 1, 1), weight, activation="silu", order=order, impl="ref")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(out.square().sum(), (x, weight))
+    ref_grads = torch.autograd.grad(ref.square().sum(), (x, weight))
+    for got, expected in zip(grads, ref_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+    inputs = _scan_inputs(groups * b, ODD, CHANNELS, 16, torch.float32, optional=True)
+    inputs["A"] = (-(0.1 + 3 * torch.rand(groups, CHANNELS, 16, generator=g))).to(DEVICE).requires_grad_()
+    for name in ("D", "delta_bias"):
+        inputs[name] = torch.randn(groups, CHANNELS, generator=g).to(DEVICE).requires_grad_()
+    z = torch.randn(b, ODD, CHANNELS, generator=g).to(DEVICE).requires_grad_()
+    out = selective_scan_triton(**{**inputs, "z": z}, order=order)
+    ref = selective_scan(**{**inputs, "z": z.repeat(groups, 1, 1)}, order=order, impl="ref")
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    dz = torch.autograd.grad(out.square().sum(), z)[0]
+    ref_dz = torch.autograd.grad(ref.square().sum(), z)[0]
+    torch.testing.assert_close(dz, ref_dz, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="shared=True needs grouped weights"):
+        causal_conv1d(x, weight[0], shared=True)

@@ -6,13 +6,14 @@ forward and backward, for classification). Every direction owns its conv1d, x_pr
 (`mixer.directions.<i>.*`); in_proj and out_proj are shared. Direction 0 is always the plain forward scan,
 which is what lets a pretrained 1-direction mixer seed all four directions of a classifier.
 
-The directions run as one batch: in_proj's output is repeated once per direction, (b, l) -> (directions * b, l),
-and the conv, projections and scan run once over that batch with grouped (per-direction) parameters. The
-tokens stay in their own order: the conv and the scan take each direction's scan order as a table of rows
-(star.ops.orders) and the Triton kernels visit the rows in it, so no permuted copy is made and the directions'
-outputs are averaged position by position (the PyTorch forms, which would gather and scatter in every op, get
-the mixer's two inputs gathered into scan order once instead). A reversed order is the reversed table. On a GPU
-this is a few large kernels instead of a dozen small ones per direction, which is what bounds small models.
+The directions run as one batch: every direction reads in_proj's (b, l) output (the conv's shared input and the
+scan's shared gate, star.ops.groups, never repeated into a copy), and the conv, projections and scan run once
+over the (directions * b, l) sequences with grouped (per-direction) parameters. The tokens stay in their own
+order: the conv and the scan take each direction's scan order as a table of rows (star.ops.orders) and the
+Triton kernels visit the rows in it, so no permuted copy is made and the directions' outputs are averaged
+position by position (the PyTorch forms, which would gather and scatter in every op, get the mixer's two inputs
+repeated and gathered into scan order once instead). A reversed order is the reversed table. On a GPU this is a
+few large kernels instead of a dozen small ones per direction, which is what bounds small models.
 """
 
 import math
@@ -25,6 +26,7 @@ from timm.layers import DropPath
 from torch.utils.checkpoint import checkpoint
 
 from star.ops import causal_conv1d, layer_norm, selective_scan, swiglu
+from star.ops.groups import repeat_runs
 from star.ops.impls import IMPLS, is_triton
 from star.ops.orders import check_permutations, from_scan_order, to_scan_order
 
@@ -104,16 +106,14 @@ class MambaMixer(nn.Module):
         else:
             if tuple(orders.shape) != (num, l):
                 raise ValueError(f"scan orders must be (directions, tokens) = ({num}, {l}), got {tuple(orders.shape)}")
-            if num > 1:
-                xz = xz.repeat(num, 1, 1)
         y = recomputed(self._scan, self.recompute_scan, *xz.chunk(2, dim=-1), num, orders)  # recomputed: keeps xz
         if num > 1:
             y = y.view(num, b, l, -1).mean(0)
         return self.out_proj(y)
 
     def _scan(self, x: torch.Tensor, z: torch.Tensor, num: int, orders: Optional[torch.Tensor]) -> torch.Tensor:
-        """Conv, projections and scan of (num * b, l, d) sequences in token order, run g with direction g's
-        parameters along scan order g."""
+        """Conv, projections and scan of the (b, l, d) halves of in_proj's output, once per direction: run g of
+        the (num * b, l, d) result with direction g's parameters along scan order g."""
         dirs = self.directions
         ssm = dirs[0]
 
@@ -123,12 +123,13 @@ class MambaMixer(nn.Module):
         impl = self.scan_impl
         # The kernels visit the rows of a scan order in place; the PyTorch forms would gather and scatter in each
         # op (conv and scan), so for them the mixer puts its two inputs in scan order once and its output back.
+        # The kernels also read x and z once for all directions (a shared input: no repeated copy is kept).
         gather = orders is not None and not is_triton("selective_scan", impl, x)
         if gather:
-            x, z = to_scan_order(x, orders), to_scan_order(z, orders)
+            x, z = (to_scan_order(repeat_runs(t, num * t.shape[0]), orders) for t in (x, z))
         op_orders = None if gather else orders
         x = causal_conv1d(x, stack(lambda s: s.conv1d.weight[:, 0]), stack(lambda s: s.conv1d.bias),
-                          activation="silu", impl=impl, order=op_orders)
+                          activation="silu", impl=impl, order=op_orders, shared=num > 1 and not gather)
         n, l, d = x.shape
         dt_bc = torch.bmm(x.reshape(num, -1, d), stack(lambda s: s.x_proj.weight).transpose(1, 2))
         dt, B, C = dt_bc.split([ssm.dt_rank, ssm.d_state, ssm.d_state], dim=-1)

@@ -10,7 +10,7 @@ Grouped weights, (groups, d, k) with bias (groups, d), work as in `selective_sca
 import torch
 import torch.nn.functional as F
 
-from .groups import param_groups
+from .groups import param_groups, repeat_runs
 from .impls import check_sequences, check_shape, implementation, register_op
 from .orders import check_order, in_scan_order
 
@@ -22,9 +22,17 @@ def _check_activation(activation):
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
+def causal_conv1d_ref(x, weight, bias=None, activation=None, reverse=False, order=None, shared=False):
+    """F.conv1d with explicit one-sided padding (a shared input repeated into one run per weight group first).
+    No shape checks here; use `causal_conv1d`."""
+    if shared:
+        x = repeat_runs(x, x.shape[0] * weight.shape[0])
+    return _conv1d_in_scan_order(x, weight, bias, activation, reverse, order=order)
+
+
 @in_scan_order("x")
-def causal_conv1d_ref(x, weight, bias=None, activation=None, reverse=False):
-    """F.conv1d with explicit one-sided padding. No shape checks here; use `causal_conv1d`.
+def _conv1d_in_scan_order(x, weight, bias, activation, reverse):
+    """`causal_conv1d_ref` without a shared input.
 
     Grouped weights run as one conv over groups * d channels: (batch, l, d) is viewed as
     (batch // groups, groups * d, l), so group g's sequences meet group g's filters."""
@@ -44,7 +52,7 @@ def causal_conv1d_ref(x, weight, bias=None, activation=None, reverse=False):
     return y.view(batch // groups, groups, d, length).permute(1, 0, 3, 2).reshape(batch, length, d)
 
 
-def causal_conv1d(x, weight, bias=None, activation=None, reverse=False, impl="auto", order=None):
+def causal_conv1d(x, weight, bias=None, activation=None, reverse=False, impl="auto", order=None, shared=False):
     """Depthwise causal (or, with `reverse`, anti-causal) conv1d.
 
     Args:
@@ -52,17 +60,21 @@ def causal_conv1d(x, weight, bias=None, activation=None, reverse=False, impl="au
         bias: (d,), (groups, d) or None. activation: None or "silu".
         order: None, or an integer (length,) or (groups, length) scan order (star.ops.orders): the conv runs
             along each sequence's rows in that order (causal in scan order), inputs and output in stored order.
+        shared: with grouped weights, x is one run of sequences that every group filters: the output holds
+            groups * batch sequences, run g filtered with set g, as if x had been repeated (the kernel reads it
+            in place; the 4-direction mixer's x, which every direction scans).
         impl: "ref" or "chunked" (both F.conv1d), "triton" (star.ops.triton), or "auto" (Triton for CUDA
             tensors when it imports, else F.conv1d).
     Returns:
-        y: (batch, length, d) in x's dtype (for F.conv1d, a transposed view of a (batch, d, length) result).
+        y: (batch, length, d) ((groups * batch, length, d) when shared) in x's dtype (for F.conv1d, a transposed
+        view of a (batch, d, length) result).
     """
-    check_conv_inputs(x, weight, bias, activation, order)
+    check_conv_inputs(x, weight, bias, activation, order, shared)
     return implementation("causal_conv1d", impl, x)(x, weight, bias=bias, activation=activation, reverse=reverse,
-                                                    order=order)
+                                                    order=order, shared=shared)
 
 
-def check_conv_inputs(x, weight, bias=None, activation=None, order=None) -> None:
+def check_conv_inputs(x, weight, bias=None, activation=None, order=None, shared=False) -> None:
     """The shapes, dtypes and devices of `causal_conv1d`'s inputs (every implementation's contract)."""
     batch, length, d = check_sequences("x", x)
     if not isinstance(weight, torch.Tensor) or weight.dim() not in (2, 3) or weight.shape[-1] < 1:
@@ -70,6 +82,10 @@ def check_conv_inputs(x, weight, bias=None, activation=None, order=None) -> None
                          f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
     groups = {} if weight.dim() == 2 else {"groups": weight.shape[0]}
     check_shape("weight", weight, x.device, **groups, d=d, k=weight.shape[-1])
+    if shared:
+        if weight.dim() != 3:
+            raise ValueError("shared=True needs grouped weights (groups, d, k): every group filters the shared x")
+        batch *= weight.shape[0]  # the output's sequences, one run per group
     param_groups(weight, 2, batch, "weight groups")
     if bias is not None:
         check_shape("bias", bias, x.device, **groups, d=d)

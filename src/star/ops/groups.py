@@ -2,7 +2,9 @@
 
 A scan or conv parameter may carry a leading groups dim (A: (groups, d, d_state); D, dt bias: (groups, d);
 conv weight: (groups, d, k)). The batch then holds `groups` equal runs of sequences, and run g uses set g:
-how the 4-direction mixer runs all its directions in one call. Shared by the PyTorch ops and the kernels.
+how the 4-direction mixer runs all its directions in one call. An input may also be shared by the runs (one
+run of sequences that every group reads, e.g. the gate z of all four directions): the kernels read it in place,
+the PyTorch forms repeat it (`repeat_runs`). Shared by the PyTorch ops and the kernels.
 """
 import torch
 
@@ -28,3 +30,8 @@ def sequences_per_group(x: torch.Tensor, param: torch.Tensor) -> int:
 def sum_per_group(part: torch.Tensor, groups: int) -> torch.Tensor:
     """Sum per-sequence gradient partials (ordered by batch index first) over each group's run."""
     return part.view(groups, -1, *part.shape[1:]).sum(1)
+
+
+def repeat_runs(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """A shared input repeated into one run per group, `batch` sequences in all (x itself if it has them)."""
+    return x if x.shape[0] == batch else x.repeat(batch // x.shape[0], *([1] * (x.dim() - 1)))

@@ -15,7 +15,7 @@ import inspect
 
 import torch
 
-from .groups import param_groups
+from .groups import param_groups, repeat_runs
 
 
 def check_permutations(order: torch.Tensor) -> None:
@@ -45,11 +45,10 @@ def order_table(order: torch.Tensor) -> torch.Tensor:
     return order.reshape(-1, order.shape[-1]).to(torch.int32).contiguous()
 
 
-def order_launch_args(x: torch.Tensor, order) -> dict:
-    """The kernels' order arguments for sequences x: the `order_table` (x itself, unread, without one) and how
+def order_launch_args(x: torch.Tensor, order, batch: int) -> dict:
+    """The kernels' order arguments for `batch` sequences: the `order_table` (x, unread, without one) and how
     many sequences share each of its rows."""
-    return dict(order_ptr=x if order is None else order,
-                seq_per_order=1 if order is None else x.shape[0] // order.shape[0])
+    return dict(order_ptr=x if order is None else order, seq_per_order=1 if order is None else batch // order.shape[0])
 
 
 def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -69,18 +68,20 @@ def from_scan_order(y: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
 
 def in_scan_order(*time_args: str):
     """Decorator giving a PyTorch op an `order=None` argument: the named per-time arguments are gathered into
-    scan order, the op runs, and its output goes back to the stored order."""
+    scan order, the op runs, and its output goes back to the stored order. A named argument with fewer
+    sequences than the first one (an input shared by the groups' runs, star.ops.groups) is repeated first."""
     def wrap(fn):
         signature = inspect.signature(fn)
 
         @functools.wraps(fn)
         def wrapper(*args, order=None, **kwargs):
-            if order is None:
-                return fn(*args, **kwargs)
             bound = signature.bind(*args, **kwargs)
+            batch = bound.arguments[time_args[0]].shape[0]
             for name in time_args:
                 if bound.arguments.get(name) is not None:
-                    bound.arguments[name] = to_scan_order(bound.arguments[name], order)
-            return from_scan_order(fn(*bound.args, **bound.kwargs), order)
+                    x = repeat_runs(bound.arguments[name], batch)
+                    bound.arguments[name] = x if order is None else to_scan_order(x, order)
+            y = fn(*bound.args, **bound.kwargs)
+            return y if order is None else from_scan_order(y, order)
         return wrapper
     return wrap

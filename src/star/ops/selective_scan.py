@@ -152,7 +152,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         D, delta_bias: (d,) or None.
         Grouped: A (groups, d, d_state), D and delta_bias (groups, d); sequence i of the batch uses group
             i // (batch // groups) (see the module docstring).
-        z: (batch, length, d) or None, gates the output with SiLU(z).
+        z: (batch, length, d) or None, gates the output with SiLU(z); with grouped parameters also
+            (batch // groups, length, d), one run of gates that every group's run shares (as if repeated).
         delta_softplus: apply softplus to delta + delta_bias.
         reverse: run the recurrence from the last step to the first (outputs stay in input order).
         order: None, or an integer (length,) or (groups, length) scan order (star.ops.orders): scan position p
@@ -184,8 +185,9 @@ def check_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, order=
     for name, t in (("D", D), ("delta_bias", delta_bias)):
         if t is not None:
             check_shape(name, t, u.device, **groups, d=d)
-    if z is not None:
-        check_shape("z", z, u.device, batch=batch, length=length, d=d)
+    if z is not None:  # one gate per sequence, or (grouped) one run of them shared by every group's run
+        shared = A.dim() == 3 and A.shape[0] > 1 and z.shape[0] * A.shape[0] == batch
+        check_shape("z", z, u.device, batch=batch // A.shape[0] if shared else batch, length=length, d=d)
     if order is not None:
         check_order(order, batch, length, u.device)
 

@@ -8,7 +8,8 @@ The backward recomputes the pre-activation instead of storing it, and writes wei
 per-(batch, time segment) partials that torch sums in a fixed order (deterministic, no atomics).
 With a scan order (star.ops.orders) t counts scan positions and every load and store goes to row rows[t].
 x is read through its batch and time strides (only the channel stride must be 1), so the mixer's x half of
-in_proj's output is not copied; y and dx are contiguous.
+in_proj's output is not copied; y and dx are contiguous. A shared input (one run of sequences that every weight
+group filters, `shared=True`) is read once per group's run, never repeated; its dx sums the runs'.
 """
 from typing import Optional
 
@@ -57,14 +58,14 @@ def _conv_pre(x_ptr, w_ptr, bias_ptr, stride_xl, offs_t, offs_d, L, D, rows_ptr,
 
 
 @triton.jit
-def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, L, D, seq_per_group, order_ptr, seq_per_order, stride_xb,
+def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, L, D, seq_per_group, order_ptr, seq_per_order, x_batch, stride_xb,
                      stride_xl,
                      K: tl.constexpr, STEP: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
                      ORDER: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_b = tl.program_id(0).to(tl.int64)
     row0 = pid_b * L
     rows_ptr = order_ptr + (pid_b // seq_per_order) * L
-    x_ptr += pid_b * stride_xb
+    x_ptr += (pid_b % x_batch) * stride_xb  # a shared input: every group's run reads the same x_batch sequences
     group = pid_b // seq_per_group  # grouped weights (groups, D, K): this sequence's set
     w_ptr, bias_ptr = w_ptr + group * D * K, bias_ptr + group * D
     offs_t = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -94,7 +95,7 @@ def _grad_pre(x_ptr, w_ptr, bias_ptr, dy_ptr, row0, stride_xl, offs_t, offs_d, L
 
 @triton.jit
 def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, dx_ptr, dw_part_ptr, dbias_part_ptr, L, D, seq_per_group,
-                     order_ptr, seq_per_order, stride_xb, stride_xl,
+                     order_ptr, seq_per_order, x_batch, stride_xb, stride_xl,
                      K: tl.constexpr, STEP: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
                      ORDER: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, SEGMENT_TILES: tl.constexpr,
                      K_PAD: tl.constexpr):
@@ -104,7 +105,7 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, dx_ptr, dw_part_ptr, dbias_
     w_ptr, bias_ptr = w_ptr + group * D * K, bias_ptr + group * D
     pid_seg = tl.program_id(1)
     row0 = pid_b * L
-    x_ptr += pid_b * stride_xb
+    x_ptr += (pid_b % x_batch) * stride_xb
     offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     taps = tl.arange(0, K_PAD)
@@ -147,33 +148,42 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, dx_ptr, dw_part_ptr, dbias_
 
 
 def _flags(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str], reverse: bool,
-           order: Optional[Tensor]) -> dict:
+           order: Optional[Tensor], batch: int) -> dict:
+    """The kernels' arguments besides the tensors and sizes, for `batch` output sequences of input x."""
     return dict(K=weight.shape[-1], STEP=1 if reverse else -1, HAS_BIAS=bias is not None, SILU=activation == "silu",
-                BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, ORDER=order is not None, **order_launch_args(x, order),
-                stride_xb=x.stride(0), stride_xl=x.stride(1))
+                BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, ORDER=order is not None,
+                seq_per_group=batch // weight.shape[0] if weight.dim() == 3 else batch,
+                **order_launch_args(x, order, batch),
+                x_batch=x.shape[0], stride_xb=x.stride(0), stride_xl=x.stride(1))
+
+
+def _out_batch(x: Tensor, weight: Tensor, shared: bool) -> int:
+    """Output sequences: x's, or with a shared input one run of them per weight group."""
+    return x.shape[0] * weight.shape[0] if shared else x.shape[0]
 
 
 @torch.library.custom_op("star::causal_conv1d_fwd", mutates_args=())
 def _causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str],
-                       reverse: bool, order: Optional[Tensor]) -> Tensor:
-    b, l, d = x.shape
+                       reverse: bool, order: Optional[Tensor], shared: bool) -> Tensor:
+    _, l, d = x.shape
+    b = _out_batch(x, weight, shared)
     y = x.new_empty((b, l, d))
     grid = (b, triton.cdiv(l, BLOCK_L), triton.cdiv(d, BLOCK_D))
-    _conv_fwd_kernel[grid](x, weight, bias if bias is not None else weight, y, l, d, sequences_per_group(x, weight),
-                           **_flags(x, weight, bias, activation, reverse, order), num_warps=NUM_WARPS)
+    _conv_fwd_kernel[grid](x, weight, bias if bias is not None else weight, y, l, d,
+                           **_flags(x, weight, bias, activation, reverse, order, b), num_warps=NUM_WARPS)
     return y
 
 
 @_causal_conv1d_fwd.register_fake
-def _(x, weight, bias, activation, reverse, order):
-    return x.new_empty(x.shape)
+def _(x, weight, bias, activation, reverse, order, shared):
+    return x.new_empty((_out_batch(x, weight, shared), *x.shape[1:]))
 
 
 @torch.library.custom_op("star::causal_conv1d_bwd", mutates_args=())
 def _causal_conv1d_bwd(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str],
-                       reverse: bool, order: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns dx, dweight, dbias (dbias empty when there is no bias)."""
-    b, l, d = x.shape
+                       reverse: bool, order: Optional[Tensor], shared: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns dx, dweight, dbias (dbias empty when there is no bias). A shared input's dx sums its runs'."""
+    b, l, d = dy.shape
     k = weight.shape[-1]
     n_segments = triton.cdiv(l, BLOCK_L * SEGMENT_TILES)
     dx = x.new_empty((b, l, d))
@@ -181,30 +191,33 @@ def _causal_conv1d_bwd(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Ten
     dbias_part = x.new_empty((b * n_segments, d) if bias is not None else (0,), dtype=torch.float32)
     grid = (b, n_segments, triton.cdiv(d, BLOCK_D))
     _conv_bwd_kernel[grid](x, weight, bias if bias is not None else weight, dy, dx, dw_part, dbias_part, l, d,
-                           sequences_per_group(x, weight), **_flags(x, weight, bias, activation, reverse, order),
+                           **_flags(x, weight, bias, activation, reverse, order, b),
                            SEGMENT_TILES=SEGMENT_TILES, K_PAD=triton.next_power_of_2(k), num_warps=NUM_WARPS)
     # parts are ordered (batch, segment), so each group's parts are one contiguous run
-    groups = b // sequences_per_group(x, weight)
+    groups = b // sequences_per_group(dy, weight)
     dbias = sum_per_group(dbias_part, groups).reshape(bias.shape).to(bias.dtype) if bias is not None \
         else x.new_empty(0)
+    if shared:
+        dx = dx.view(groups, *x.shape).sum(0)
     return dx, sum_per_group(dw_part, groups).reshape(weight.shape).to(weight.dtype), dbias
 
 
 @_causal_conv1d_bwd.register_fake
-def _(dy, x, weight, bias, activation, reverse, order):
+def _(dy, x, weight, bias, activation, reverse, order, shared):
     return x.new_empty(x.shape), torch.empty_like(weight), x.new_empty(0) if bias is None else torch.empty_like(bias)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, activation, reverse, order = inputs
+    x, weight, bias, activation, reverse, order, shared = inputs
     ctx.save_for_backward(x, weight, bias, order)
-    ctx.activation, ctx.reverse = activation, reverse
+    ctx.activation, ctx.reverse, ctx.shared = activation, reverse, shared
 
 
 def _backward(ctx, dy):
     x, weight, bias, order = ctx.saved_tensors
-    dx, dweight, dbias = _causal_conv1d_bwd(dy.contiguous(), x, weight, bias, ctx.activation, ctx.reverse, order)
-    return dx, dweight, dbias if bias is not None else None, None, None, None
+    dx, dweight, dbias = _causal_conv1d_bwd(dy.contiguous(), x, weight, bias, ctx.activation, ctx.reverse, order,
+                                            ctx.shared)
+    return dx, dweight, dbias if bias is not None else None, None, None, None, None
 
 
 _causal_conv1d_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -212,15 +225,16 @@ _causal_conv1d_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def causal_conv1d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                          activation: Optional[str] = None, reverse: bool = False,
-                         order: Optional[Tensor] = None) -> Tensor:
+                         order: Optional[Tensor] = None, shared: bool = False) -> Tensor:
     """Depthwise causal conv1d on (b, l, d) with fused bias and optional SiLU; output in x's dtype. Grouped
-    weights (groups, d, k), bias (groups, d) and scan orders as in `star.ops.causal_conv1d`, whose input checks
-    it runs."""
-    check_conv_inputs(x, weight, bias, activation, order)
-    return causal_conv1d_triton_unchecked(x, weight, bias, activation, reverse, order)
+    weights (groups, d, k), bias (groups, d), scan orders and a shared input as in `star.ops.causal_conv1d`,
+    whose input checks it runs."""
+    check_conv_inputs(x, weight, bias, activation, order, shared)
+    return causal_conv1d_triton_unchecked(x, weight, bias, activation, reverse, order, shared)
 
 
-def causal_conv1d_triton_unchecked(x, weight, bias=None, activation=None, reverse=False, order=None) -> Tensor:
+def causal_conv1d_triton_unchecked(x, weight, bias=None, activation=None, reverse=False, order=None,
+                                   shared=False) -> Tensor:
     """`causal_conv1d_triton` without the op's input checks: the op table's Triton entry, which
     `star.ops.causal_conv1d` calls once it has checked the inputs itself. The kernel's own limit on the
     kernel size is checked here, on every path."""
@@ -229,4 +243,4 @@ def causal_conv1d_triton_unchecked(x, weight, bias=None, activation=None, revers
     bias = bias.contiguous() if bias is not None else None
     order = order_table(order) if order is not None else None
     x = x if x.stride(-1) == 1 else x.contiguous()  # rows may be strided (the mixer's (x, z) split): not copied
-    return _causal_conv1d_fwd(x, weight.contiguous(), bias, activation, reverse, order)
+    return _causal_conv1d_fwd(x, weight.contiguous(), bias, activation, reverse, order, shared)

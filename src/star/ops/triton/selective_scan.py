@@ -21,7 +21,8 @@ five tiles; the backward, near the register limit, only the per-channel ones (u,
 Nothing is accumulated with atomics: dA, dD and d_delta_bias are per-batch partials and dB, dC are
 per-channel-block partials, summed afterwards by torch in a fixed order, so gradients are deterministic.
 u, delta and z may be strided views (only the channel stride must be 1), which saves the copies of the
-mixer's (x, z) split. reverse=True, and a scan order (star.ops.orders, a table of rows), only change which
+mixer's (x, z) split; z may also be one run of gates shared by every parameter group's run (read in place,
+its dz the sum of the runs'). reverse=True, and a scan order (star.ops.orders, a table of rows), only change which
 time row a scan position reads and writes.
 
 Parallel over time: a long sequence in a small batch is cut into parts that run as programs of their own
@@ -41,8 +42,7 @@ from star.ops.selective_scan import check_scan_inputs
 from star.ops.triton.selective_scan_chunks import (CUDA_CONFIG, LOG2E, _channel_block, _chunk_bc, _chunk_dy,
                                                    _chunk_index, _chunk_loads, _chunk_states, _chunk_values, _config,
                                                    _empty_if_none, _gate, _launch_args, _load_params, _n_segments,
-                                                   _order_rows,
-                                                   _row, _set_row, _store_channel_sum)
+                                                   _order_rows, _row, _set_row, _shared_z, _store_channel_sum)
 from star.ops.triton.selective_scan_parts import _entering, _part_chunks, _part_state, _parts
 
 # CUDA_CONFIG is the scan's tile setting: the benchmarks read and tune it here (scan_variants.py in every tree)
@@ -53,7 +53,7 @@ __all__ = ["CUDA_CONFIG", "selective_scan_triton", "selective_scan_triton_unchec
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, ckpt_ptr, init_ptr,
     L, D, n_segments, part_segments, seq_per_group, stride_ub, stride_ul, stride_deltab, stride_deltal,
-    stride_zb, stride_zl, order_ptr, seq_per_order,
+    stride_zb, stride_zl, z_batch, order_ptr, seq_per_order,
     N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, SEG_CHUNKS: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, ORDER: tl.constexpr, SAVE_STATES: tl.constexpr, HAS_INIT: tl.constexpr,
@@ -61,6 +61,7 @@ def _scan_fwd_kernel(
     pid_b = tl.program_id(0).to(tl.int64)
     pid_p = tl.program_id(2)
     rows = _order_rows(order_ptr, pid_b, seq_per_order, L, ORDER)
+    z_ptr = _shared_z(z_ptr, pid_b, z_batch, stride_zb)
     offs_d, offs_n, mask_d, mask_n, mask_nd = _channel_block(tl.program_id(1), D, N, N_PAD, BLOCK_D)
     A2, bias, Dv = _load_params(A_ptr, D_ptr, bias_ptr, pid_b // seq_per_group, offs_d, offs_n, mask_d, mask_nd, D,
                                 N, BLOCK_D, HAS_D, HAS_BIAS)
@@ -101,7 +102,7 @@ def _scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_ptr, ckpt_ptr, init_ptr, scratch_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dA_part_ptr, dB_part_ptr, dC_part_ptr, dD_part_ptr, dbias_part_ptr,
     L, D, n_segments, part_segments, seq_per_group, stride_ub, stride_ul, stride_deltab, stride_deltal,
-    stride_zb, stride_zl, order_ptr, seq_per_order,
+    stride_zb, stride_zl, z_batch, order_ptr, seq_per_order,
     N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, SEG_CHUNKS: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, ORDER: tl.constexpr, PRECISION: tl.constexpr, HAS_INIT: tl.constexpr,
@@ -109,6 +110,7 @@ def _scan_bwd_kernel(
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     rows = _order_rows(order_ptr, pid_b, seq_per_order, L, ORDER)
+    z_ptr = _shared_z(z_ptr, pid_b, z_batch, stride_zb)
     pid_p = tl.program_id(2)
     n_dblocks = tl.num_programs(1)
     n_parts = tl.num_programs(2)
@@ -284,6 +286,8 @@ def _selective_scan_bwd(
         **flags, PRECISION="tf32x3" if u.dtype == torch.float32 else "tf32", HAS_INIT=parts > 1,
     )
     groups = b // sequences_per_group(u, A)
+    if z is not None and z.shape[0] != b:  # a gate shared by every group's run gets the sum of the runs' dz
+        dz = dz.view(b // z.shape[0], *z.shape).sum(0)
     dA_part, dD_part, dbias_part = (x.sum(1) if x.numel() else x for x in (dA_part, dD_part, dbias_part))
     dA = sum_per_group(dA_part, groups).transpose(-1, -2).reshape(A.shape).contiguous().to(A.dtype)  # A's layout
     dB = dB_part.sum(1).to(B.dtype)
@@ -301,7 +305,7 @@ def _(dy, u, delta, A, B, C, D, z, delta_bias, order, ckpt, delta_softplus, reve
     return (
         u.new_empty((b, l, d)), delta.new_empty((b, l, d)), torch.empty_like(A, memory_format=torch.contiguous_format),
         torch.empty_like(B), torch.empty_like(C),
-        empty if D is None else torch.empty_like(D), empty if z is None else z.new_empty((b, l, d)),
+        empty if D is None else torch.empty_like(D), empty if z is None else z.new_empty(z.shape),
         empty if delta_bias is None else torch.empty_like(delta_bias),
     )
 

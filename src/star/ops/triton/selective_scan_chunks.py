@@ -164,6 +164,13 @@ def _gate(z, dy):
 
 
 @triton.jit
+def _shared_z(z_ptr, pid_b, z_batch, stride_zb):
+    """z_ptr moved so that the loads at sequence pid_b's offset (pid_b * stride_zb) read z's sequence
+    pid_b % z_batch: one run of gates that every group's run shares (z_batch = b / groups), or z itself."""
+    return z_ptr + (pid_b % z_batch - pid_b) * stride_zb
+
+
+@triton.jit
 def _chunk_index(chunk, pid_b, L, D, offs_d, mask_d, CHUNK: tl.constexpr, REVERSE: tl.constexpr, rows_ptr,
                  ORDER: tl.constexpr):
     """One chunk's time rows t and their mask, its (CHUNK, BLOCK_D) mask and (b, l, d) offsets."""
@@ -233,7 +240,8 @@ def _launch_args(u: Tensor, A: Tensor, delta: Tensor, z: Optional[Tensor], direc
     z_strides = z.stride()[:2] if z is not None else (0, 0)
     return dict(stride_ub=u.stride(0), stride_ul=u.stride(1), stride_deltab=delta.stride(0),
                 stride_deltal=delta.stride(1), stride_zb=z_strides[0], stride_zl=z_strides[1],
-                **order_launch_args(u, order),
+                z_batch=z.shape[0] if z is not None else u.shape[0],
+                **order_launch_args(u, order, u.shape[0]),
                 N=n, N_PAD=triton.next_power_of_2(n), SEG_CHUNKS=config["SEGMENT"] // tiles["CHUNK"], **tiles)
 
 

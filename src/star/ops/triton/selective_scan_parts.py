@@ -25,7 +25,8 @@ from torch import Tensor
 from star.ops.groups import sequences_per_group
 from star.ops.triton.selective_scan_chunks import (_channel_block, _chunk_bc, _chunk_dy, _chunk_index, _chunk_loads,
                                                    _chunk_states, _chunk_values, _config, _empty_if_none, _gate,
-                                                   _launch_args, _load_params, _n_segments, _order_rows, _row)
+                                                   _launch_args, _load_params, _n_segments, _order_rows, _row,
+                                                   _shared_z)
 
 
 @triton.jit
@@ -68,7 +69,7 @@ def _store_part(state_ptr, delta_sum_ptr, state, delta_sum, pid_b, pid_p, n_part
 def _part_end_state_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, end_ptr, delta_sum_ptr,
     L, D, n_parts, part_segments, seq_per_group, stride_ub, stride_ul, stride_deltab, stride_deltal,
-    stride_zb, stride_zl, order_ptr, seq_per_order,
+    stride_zb, stride_zl, z_batch, order_ptr, seq_per_order,
     N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, SEG_CHUNKS: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, ORDER: tl.constexpr,
@@ -104,7 +105,7 @@ def _part_end_state_kernel(
 def _part_adjoint_kernel(
     delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dy_ptr, carry_ptr, delta_sum_ptr,
     L, D, n_parts, part_segments, seq_per_group, stride_ub, stride_ul, stride_deltab, stride_deltal,
-    stride_zb, stride_zl, order_ptr, seq_per_order,
+    stride_zb, stride_zl, z_batch, order_ptr, seq_per_order,
     N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, SEG_CHUNKS: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, ORDER: tl.constexpr,
@@ -115,6 +116,7 @@ def _part_adjoint_kernel(
     pid_b, pid_p, offs_d, offs_n, mask_d, mask_n, mask_nd, A2, bias, first, end = _part_program(
         A_ptr, bias_ptr, 1, L, D, part_segments, seq_per_group, N, N_PAD, BLOCK_D, CHUNK, SEG_CHUNKS, HAS_BIAS)
     rows = _order_rows(order_ptr, pid_b, seq_per_order, L, ORDER)
+    z_ptr = _shared_z(z_ptr, pid_b, z_batch, stride_zb)
     carry = tl.zeros((N_PAD, BLOCK_D), dtype=tl.float32)
     delta_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
     _u, delta_next, z_next = _chunk_loads(delta_ptr, delta_ptr, z_ptr, end - 1, pid_b, L, offs_d, mask_d,
