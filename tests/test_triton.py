@@ -59,12 +59,12 @@ def test_kernels_compile_for_the_gpu(activations):
     from star.ops.triton.selective_scan_chunks import CUDA_CONFIG
 
     fwd, bwd = CUDA_CONFIG["fwd"], CUDA_CONFIG["bwd"]
-    conv_tiles = dict(K=4, STEP=-1, HAS_BIAS=True, SILU=True, BLOCK_L=conv.BLOCK_L, BLOCK_D=conv.BLOCK_D,
-                      SEGMENT_TILES=conv.SEGMENT_TILES, K_PAD=4)
+    conv_flags = dict(K=4, STEP=-1, HAS_BIAS=True, SILU=True, SEGMENT_TILES=conv.SEGMENT_TILES, K_PAD=4)
     ln_tiles = dict(BLOCK_N=1024, ROWS=ln.ROWS, HAS_BIAS=True)
     kernels = [(parts._part_end_state_kernel, fwd), (parts._part_adjoint_kernel, bwd), (parts._part_carry_kernel, fwd),
-               (scan._scan_fwd_kernel, fwd), (scan._scan_bwd_kernel, bwd), (conv._conv_fwd_kernel, conv_tiles),
-               (conv._conv_bwd_kernel, conv_tiles), (swiglu._swiglu_fwd_kernel, {}), (swiglu._swiglu_bwd_kernel, {}),
+               (scan._scan_fwd_kernel, fwd), (scan._scan_bwd_kernel, bwd),
+               (conv._conv_fwd_kernel, {**conv_flags, **conv.FWD_TILES}),
+               (conv._conv_bwd_kernel, {**conv_flags, **conv.BWD_TILES}), (swiglu._swiglu_fwd_kernel, {}), (swiglu._swiglu_bwd_kernel, {}),
                (ln._ln_fwd_kernel, ln_tiles), (ln._ln_bwd_kernel, ln_tiles)]
     for (kernel, tiles), order in ((k, o) for k in kernels for o in (False, True)):
         params = list(inspect.signature(kernel.fn).parameters)

@@ -4,8 +4,10 @@ Working in (b, l, d) directly saves the two transposes that torch's conv1d needs
 fuses bias and SiLU. Each tap is a shifted (BLOCK_L, BLOCK_D) tile load that hits L1/L2 after the first.
 Causal:      y[t] = sum_j w[:, j] x[t - (k-1-j)]
 reverse:     y[t] = sum_j w[:, j] x[t + (k-1-j)]   (anti-causal mirror; no flipped copies)
-The backward recomputes the pre-activation instead of storing it, and writes weight/bias gradients as
-per-(batch, time segment) partials that torch sums in a fixed order (deterministic, no atomics).
+The backward recomputes the pre-activation instead of storing it, takes its gradient once per time tile
+(written to a scratch that the tile's K shifted dx reads come from, not recomputed per tap), and writes
+weight/bias gradients as per-(batch, time segment) partials that torch sums in a fixed order (deterministic,
+no atomics).
 With a scan order (star.ops.orders) t counts scan positions and every load and store goes to row rows[t].
 x is read through its batch and time strides (only the channel stride must be 1), so the mixer's x half of
 in_proj's output is not copied; y and dx are contiguous. A shared input (one run of sequences that every weight
@@ -22,10 +24,10 @@ from star.ops.causal_conv1d import check_conv_inputs
 from star.ops.groups import sequences_per_group, sum_per_group
 from star.ops.orders import order_launch_args, order_table
 
-BLOCK_L = 64
-BLOCK_D = 64
+FWD_TILES = dict(BLOCK_L=64, BLOCK_D=64, num_warps=4)
+# The backward holds more tiles per program (the pre-activation gradient, dx, shifted reads): its own setting.
+BWD_TILES = dict(BLOCK_L=64, BLOCK_D=64, num_warps=4)
 SEGMENT_TILES = 8  # backward: time tiles per program, so weight-gradient partials stay small
-NUM_WARPS = 4
 
 
 @triton.jit
@@ -94,11 +96,14 @@ def _grad_pre(x_ptr, w_ptr, bias_ptr, dy_ptr, row0, stride_xl, offs_t, offs_d, L
 
 
 @triton.jit
-def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, dx_ptr, dw_part_ptr, dbias_part_ptr, L, D, seq_per_group,
-                     order_ptr, seq_per_order, x_batch, stride_xb, stride_xl,
+def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, dx_ptr, dw_part_ptr, dbias_part_ptr, dpre_ptr, halo_ptr, L, D,
+                     seq_per_group, order_ptr, seq_per_order, x_batch, stride_xb, stride_xl,
                      K: tl.constexpr, STEP: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
                      ORDER: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, SEGMENT_TILES: tl.constexpr,
                      K_PAD: tl.constexpr):
+    """Per time tile: the pre-activation gradient once, to scratch (dpre, by scan position) with the K_PAD
+    positions past the tile on dx's side (halo, recomputed here rather than read from the neighbouring tile's
+    program), then dx as K shifted reads of that scratch after a barrier (the shifts cross threads)."""
     pid_b = tl.program_id(0).to(tl.int64)
     rows_ptr = order_ptr + (pid_b // seq_per_order) * L
     group = pid_b // seq_per_group
@@ -112,25 +117,37 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, dx_ptr, dw_part_ptr, dbias_
     dw_acc = tl.zeros((BLOCK_D, K_PAD), dtype=tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     first_tile = pid_seg * SEGMENT_TILES
-    for tile in range(first_tile, tl.minimum(first_tile + SEGMENT_TILES, tl.cdiv(L, BLOCK_L))):
-        offs_t = tile * BLOCK_L + tl.arange(0, BLOCK_L)
+    n_tiles = tl.cdiv(L, BLOCK_L)
+    for tile in range(first_tile, tl.minimum(first_tile + SEGMENT_TILES, n_tiles)):
+        start = tile * BLOCK_L
+        offs_t = start + tl.arange(0, BLOCK_L)
         mask = (offs_t < L)[:, None] & mask_d[None, :]
         dpre = _grad_pre(x_ptr, w_ptr, bias_ptr, dy_ptr, row0, stride_xl, offs_t, offs_d, L, D, rows_ptr, K, STEP,
-                         HAS_BIAS,
-                         SILU, ORDER)
+                         HAS_BIAS, SILU, ORDER)
+        # dx[s] = sum_j w_j dpre[s - shift_j], shift_j = STEP (K-1-j): past the tile's end (causal, STEP = -1) or
+        # before its start (reverse). halo_t are those K_PAD positions, outside [0, L) zero.
+        halo0 = start + BLOCK_L if STEP < 0 else start - K_PAD
+        halo_t = halo0 + taps
+        dhalo = _grad_pre(x_ptr, w_ptr, bias_ptr, dy_ptr, row0, stride_xl, halo_t, offs_d, L, D, rows_ptr, K, STEP,
+                          HAS_BIAS, SILU, ORDER)
+        dpre_base = dpre_ptr + row0 * D
+        halo_base = halo_ptr + (pid_b * n_tiles + tile) * K_PAD * D
+        tl.store(dpre_base + offs_t[:, None] * D + offs_d[None, :], dpre.to(dpre_ptr.dtype.element_ty), mask=mask)
+        tl.store(halo_base + taps[:, None] * D + offs_d[None, :], dhalo.to(halo_ptr.dtype.element_ty),
+                 mask=mask_d[None, :])
+        tl.debug_barrier()  # every thread's dpre and halo are written before any thread reads them shifted
         dbias_acc += tl.sum(dpre, axis=0)
         dx = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
         for j in tl.static_range(K):
             shift = STEP * (K - 1 - j)
-            # dx[s] gets w_j * dpre[s - shift]; dw_j gets dpre[t] * x[t + shift].
             w = tl.load(w_ptr + offs_d * K + j, mask=mask_d, other=0.0).to(tl.float32)
-            if shift == 0:
-                dpre_j = dpre
-            else:
-                dpre_j = _grad_pre(x_ptr, w_ptr, bias_ptr, dy_ptr, row0, stride_xl, offs_t - shift, offs_d, L, D,
-                                   rows_ptr,
-                                   K, STEP, HAS_BIAS, SILU, ORDER)
+            src = offs_t - shift
+            in_tile = (src >= start) & (src < start + BLOCK_L)
+            ptrs = tl.where(in_tile[:, None], dpre_base + src[:, None] * D, halo_base + (src - halo0)[:, None] * D)
+            dpre_j = tl.load(ptrs + offs_d[None, :], mask=mask & (~in_tile | (src < L))[:, None],
+                             other=0.0).to(tl.float32)
             dx += w[None, :] * dpre_j
+            # dw_j gets dpre[t] * x[t + shift]
             src = offs_t + shift
             valid = (src >= 0) & (src < L)
             m = valid[:, None] & mask_d[None, :]
@@ -151,7 +168,7 @@ def _flags(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Option
            order: Optional[Tensor], batch: int) -> dict:
     """The kernels' arguments besides the tensors and sizes, for `batch` output sequences of input x."""
     return dict(K=weight.shape[-1], STEP=1 if reverse else -1, HAS_BIAS=bias is not None, SILU=activation == "silu",
-                BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, ORDER=order is not None,
+                ORDER=order is not None,
                 seq_per_group=batch // weight.shape[0] if weight.dim() == 3 else batch,
                 **order_launch_args(x, order, batch),
                 x_batch=x.shape[0], stride_xb=x.stride(0), stride_xl=x.stride(1))
@@ -168,9 +185,9 @@ def _causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], activa
     _, l, d = x.shape
     b = _out_batch(x, weight, shared)
     y = x.new_empty((b, l, d))
-    grid = (b, triton.cdiv(l, BLOCK_L), triton.cdiv(d, BLOCK_D))
+    grid = (b, triton.cdiv(l, FWD_TILES["BLOCK_L"]), triton.cdiv(d, FWD_TILES["BLOCK_D"]))
     _conv_fwd_kernel[grid](x, weight, bias if bias is not None else weight, y, l, d,
-                           **_flags(x, weight, bias, activation, reverse, order, b), num_warps=NUM_WARPS)
+                           **_flags(x, weight, bias, activation, reverse, order, b), **FWD_TILES)
     return y
 
 
@@ -185,14 +202,19 @@ def _causal_conv1d_bwd(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Ten
     """Returns dx, dweight, dbias (dbias empty when there is no bias). A shared input's dx sums its runs'."""
     b, l, d = dy.shape
     k = weight.shape[-1]
-    n_segments = triton.cdiv(l, BLOCK_L * SEGMENT_TILES)
+    block_l, block_d = BWD_TILES["BLOCK_L"], BWD_TILES["BLOCK_D"]
+    n_segments = triton.cdiv(l, block_l * SEGMENT_TILES)
     dx = x.new_empty((b, l, d))
     dw_part = x.new_empty((b * n_segments, d, k), dtype=torch.float32)
     dbias_part = x.new_empty((b * n_segments, d) if bias is not None else (0,), dtype=torch.float32)
-    grid = (b, n_segments, triton.cdiv(d, BLOCK_D))
-    _conv_bwd_kernel[grid](x, weight, bias if bias is not None else weight, dy, dx, dw_part, dbias_part, l, d,
+    k_pad = triton.next_power_of_2(k)
+    dpre = x.new_empty((b, l, d))  # the pre-activation gradient in dx's dtype, and each tile's halo of it
+    halo = x.new_empty((b, triton.cdiv(l, block_l), k_pad, d))
+    grid = (b, n_segments, triton.cdiv(d, block_d))
+    _conv_bwd_kernel[grid](x, weight, bias if bias is not None else weight, dy, dx, dw_part, dbias_part, dpre, halo,
+                           l, d,
                            **_flags(x, weight, bias, activation, reverse, order, b),
-                           SEGMENT_TILES=SEGMENT_TILES, K_PAD=triton.next_power_of_2(k), num_warps=NUM_WARPS)
+                           SEGMENT_TILES=SEGMENT_TILES, K_PAD=k_pad, **BWD_TILES)
     # parts are ordered (batch, segment), so each group's parts are one contiguous run
     groups = b // sequences_per_group(dy, weight)
     dbias = sum_per_group(dbias_part, groups).reshape(bias.shape).to(bias.dtype) if bias is not None \
