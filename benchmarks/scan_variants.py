@@ -8,7 +8,8 @@ forward+backward at the shapes of `benchmarks/scan.py` (tiny and base widths, le
 tokens per batch) with the tree's own CUDA_CONFIG. A tree whose CUDA_CONFIG has PART_PROGRAMS (splitting long
 sequences into parts) is also timed at each --part-programs value. The first tree is timed again at the end,
 so drift of the card shows. Writes scan_variants.json (the run's commit; every row with its tree and config)
-and scan_variants.md into --out.
+and scan_variants.md into --out. `--ops conv` (or `--ops scan conv`) times each tree's Triton conv1d (k=4, bias,
+SiLU) at the same shapes instead (as well).
 """
 import argparse
 import datetime
@@ -22,19 +23,19 @@ import torch
 
 from star.training.provenance import git_commit
 from outputs import write_outputs
-from scan import (D_STATE, LENGTHS, MODELS, TOKENS, copy_bandwidth, scan_bytes, scan_fn, scan_inputs, timing_cells,
-                  try_time)
+from scan import (D_STATE, LENGTHS, MODELS, TOKENS, conv_bytes, conv_fn, copy_bandwidth, scan_bytes, scan_fn,
+                  scan_inputs, timing_cells, try_time)
 
 
-def time_tree(name: str, part_programs: list) -> list:
-    """Child process: time the star that is first on PYTHONPATH."""
+def time_tree(name: str, part_programs: list, ops: list) -> list:
+    """Child process: time the star that is first on PYTHONPATH: its scan, and its conv if `ops` has it."""
     from star.ops.triton import selective_scan as triton_scan_module
 
     config = triton_scan_module.CUDA_CONFIG
     parts = [config["PART_PROGRAMS"], *part_programs] if "PART_PROGRAMS" in config else [None]
     bandwidth = copy_bandwidth()
     rows = []
-    for part in dict.fromkeys(parts):  # the tree's own value first, no repeats
+    for part in dict.fromkeys(parts) if "scan" in ops else ():  # the tree's own value first, no repeats
         if part is not None:
             config["PART_PROGRAMS"] = part
         for model, d in MODELS.items():
@@ -50,6 +51,18 @@ def time_tree(name: str, part_programs: list) -> list:
                 row["bandwidth_tb_s"] = bandwidth / 1e12
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
+    if "conv" in ops:  # the tree's Triton conv (k=4, bias, SiLU) at the scan's shapes
+        for model, d in MODELS.items():
+            for l in LENGTHS:
+                b = TOKENS // l
+                row = dict(tree=name, op="conv", config={}, model=model, d=d, length=l, batch=b,
+                           bandwidth_tb_s=bandwidth / 1e12)
+                for backward, key in ((False, "fwd"), (True, "fwd_bwd")):
+                    ms = try_time(conv_fn("triton", d), scan_inputs(b, l, d, D_STATE), backward)
+                    row[f"{key}_ms"] = ms
+                    row[f"{key}_x_floor"] = ms / (conv_bytes(b, l, d, 2, backward) / bandwidth * 1e3) if ms else None
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
     return rows
 
 
@@ -58,13 +71,14 @@ def markdown(meta, rows):
     lines = [f"# Triton scan: source trees compared ({meta['device']}, {meta['date']})", "",
              f"`python benchmarks/scan_variants.py`, commit {meta['commit']}, torch {meta['torch']}; bf16, d_state "
              f"{D_STATE}, {TOKENS} tokens per batch; each tree with its own CUDA_CONFIG.", "",
-             "| tree | PART_PROGRAMS | d | length | fwd ms | fwd x floor | fwd+bwd ms | fwd+bwd x floor |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| tree | op | PART_PROGRAMS | d | length | fwd ms | fwd x floor | fwd+bwd ms | fwd+bwd x floor |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['tree']} | failed: {r['error']} | | | | | | |")
+            lines.append(f"| {r['tree']} | failed: {r['error']} | | | | | | | |")
             continue
-        lines.append(f"| {r['tree']} | {r['config'].get('PART_PROGRAMS', '-')} | {r['d']} | {r['length']} | "
+        lines.append(f"| {r['tree']} | {r.get('op', 'scan')} | {r['config'].get('PART_PROGRAMS', '-')} | {r['d']} | "
+                     f"{r['length']} | "
                      f"{timing_cells(r)} |")
     return "\n".join(lines) + "\n"
 
@@ -74,13 +88,15 @@ def main():
     parser.add_argument("--trees", nargs="+", required=True, metavar="NAME=PATH", help="checkouts of star to time")
     parser.add_argument("--part-programs", type=int, nargs="*", default=[0, 1024, 2048, 4096],
                         help="PART_PROGRAMS values to time, for trees that have the setting")
+    parser.add_argument("--ops", nargs="+", choices=("scan", "conv"), default=["scan"],
+                        help="what to time in every tree: the Triton scan, the Triton conv1d or both")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/scan_variants.py needs a CUDA GPU")
     if args.child:
-        print(json.dumps(time_tree(args.child, args.part_programs)))
+        print(json.dumps(time_tree(args.child, args.part_programs, args.ops)))
         return
     trees = []
     for spec in args.trees:
@@ -93,7 +109,7 @@ def main():
         pythonpath = filter(None, [str(path / "src"), os.environ.get("PYTHONPATH")])
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(pythonpath))
         out = subprocess.run([sys.executable, __file__, "--child", name, "--trees", *args.trees, "--part-programs",
-                              *map(str, args.part_programs)], env=env, stdout=subprocess.PIPE, text=True)
+                              *map(str, args.part_programs), "--ops", *args.ops], env=env, stdout=subprocess.PIPE, text=True)
         if out.returncode:  # e.g. a kernel this Triton cannot compile: say so, time the other trees
             rows.append(dict(tree=name, error=f"exit status {out.returncode}, see the child's stderr above"))
         else:
