@@ -1,4 +1,4 @@
-"""Compile the Triton selective-scan kernels for a GPU architecture without a GPU, and report what ptxas made
+"""Compile the Triton selective-scan and conv1d kernels for a GPU architecture without a GPU, and report what ptxas made
 of them: registers per thread, spills (stack/local bytes), SASS instruction count, exp2 and global memory
 instructions. A check for kernel edits on a machine with no GPU (it says nothing about time).
 
@@ -7,6 +7,9 @@ instructions. A check for kernel edits on a machine with no GPU (it says nothing
 The kernels are compiled with the CUDA tile configuration (`CUDA_CONFIG`), bf16 activations, d_state 16,
 D, z, dt bias and softplus on, forward direction. --sass-dir writes each kernel's SASS (addresses stripped)
 so that two versions can be diffed. --out appends the JSON lines (with the commit) to a file.
+The conv kernels (k=4, bias, SiLU, with a scan order) are compiled with the divisibility by 16 that a launch
+gives the mixer's arguments (pointers, channels, strides): without it every load is scalar and the report
+overstates registers and spills.
 """
 import argparse
 import inspect
@@ -20,6 +23,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from star.ops.triton import causal_conv1d as conv
 from star.ops.triton import selective_scan as kernels
 from star.training.provenance import git_commit
 
@@ -38,6 +42,24 @@ def compile_kernel(direction: str, arch: int):
     pointer = {p: "*bf16" if p in BF16 else "*i32" if p == "order_ptr" else "*fp32" for p in params}
     signature = {p: "constexpr" if p in constexprs else pointer[p] if p.endswith("_ptr") else "i32" for p in params}
     source = ASTSource(fn=kernel, signature=signature,
+                       constexprs={(params.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=tiles["num_warps"]))
+
+
+def compile_conv(direction: str, arch: int):
+    kernel = getattr(conv, f"_conv_{direction}_kernel")
+    tiles = getattr(conv, f"{direction.upper()}_TILES", None)
+    if tiles is None:  # trees before 9477a74: one setting for both kernels
+        tiles = dict(BLOCK_L=conv.BLOCK_L, BLOCK_D=conv.BLOCK_D, num_warps=conv.NUM_WARPS)
+    params = list(inspect.signature(kernel.fn).parameters)
+    constexprs = {k: v for k, v in dict(K=4, STEP=-1, HAS_BIAS=True, SILU=True, ORDER=True,
+                                        SEGMENT_TILES=conv.SEGMENT_TILES, K_PAD=4, **tiles).items() if k in params}
+    pointer = {p: "*i32" if p == "order_ptr" else "*fp32" if p in ("w_ptr", "bias_ptr") or "part" in p else "*bf16"
+               for p in params}
+    signature = {p: "constexpr" if p in constexprs else pointer[p] if p.endswith("_ptr") else "i32" for p in params}
+    divisible = {(params.index(p),): [["tt.divisibility", 16]] for p in params
+                 if p.endswith("_ptr") or p in ("D", "stride_xb", "stride_xl")}
+    source = ASTSource(fn=kernel, signature=signature, attrs=divisible,
                        constexprs={(params.index(k),): v for k, v in constexprs.items()})
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=tiles["num_warps"]))
 
@@ -62,13 +84,14 @@ def report(compiled) -> tuple[dict, str]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90 = H100)")
-    parser.add_argument("--sass-dir", type=Path, help="write <dir>/scan_{fwd,bwd}.sass")
+    parser.add_argument("--sass-dir", type=Path, help="write <dir>/{scan,conv}_{fwd,bwd}.sass")
     parser.add_argument("--out", type=Path, help="append the results here as JSON lines")
     args = parser.parse_args()
     commit = git_commit()  # before the first line is appended: --out may be a tracked file
-    for direction in ("fwd", "bwd"):
-        numbers, sass = report(compile_kernel(direction, args.arch))
-        line = json.dumps(dict(kernel=f"scan_{direction}", arch=f"sm_{args.arch}", commit=commit,
+    for op, direction in (("scan", "fwd"), ("scan", "bwd"), ("conv", "fwd"), ("conv", "bwd")):
+        compile_fn = compile_kernel if op == "scan" else compile_conv
+        numbers, sass = report(compile_fn(direction, args.arch))
+        line = json.dumps(dict(kernel=f"{op}_{direction}", arch=f"sm_{args.arch}", commit=commit,
                                triton=triton.__version__, **numbers))
         print(line)
         if args.out:
@@ -76,7 +99,7 @@ def main():
                 f.write(line + "\n")
         if args.sass_dir:
             args.sass_dir.mkdir(parents=True, exist_ok=True)
-            (args.sass_dir / f"scan_{direction}.sass").write_text(sass + "\n")
+            (args.sass_dir / f"{op}_{direction}.sass").write_text(sass + "\n")
 
 
 if __name__ == "__main__":
