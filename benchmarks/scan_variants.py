@@ -68,7 +68,8 @@ def time_tree(name: str, part_programs: list, ops: list) -> list:
 
 def markdown(meta, rows):
     """One row per tree, setting and shape; ms and multiple of the memory floor, forward and forward+backward."""
-    lines = [f"# Triton scan: source trees compared ({meta['device']}, {meta['date']})", "",
+    ops = " and ".join(dict.fromkeys(r.get("op", "scan") for r in rows if "error" not in r)) or "scan"
+    lines = [f"# Triton {ops}: source trees compared ({meta['device']}, {meta['date']})", "",
              f"`python benchmarks/scan_variants.py`, commit {meta['commit']}, torch {meta['torch']}; bf16, d_state "
              f"{D_STATE}, {TOKENS} tokens per batch; each tree with its own CUDA_CONFIG.", "",
              "| tree | op | PART_PROGRAMS | d | length | fwd ms | fwd x floor | fwd+bwd ms | fwd+bwd x floor |",
@@ -109,7 +110,8 @@ def main():
         pythonpath = filter(None, [str(path / "src"), os.environ.get("PYTHONPATH")])
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(pythonpath))
         out = subprocess.run([sys.executable, __file__, "--child", name, "--trees", *args.trees, "--part-programs",
-                              *map(str, args.part_programs), "--ops", *args.ops], env=env, stdout=subprocess.PIPE, text=True)
+                              *map(str, args.part_programs), "--ops", *args.ops], env=env, stdout=subprocess.PIPE,
+                             text=True)
         if out.returncode:  # e.g. a kernel this Triton cannot compile: say so, time the other trees
             rows.append(dict(tree=name, error=f"exit status {out.returncode}, see the child's stderr above"))
         else:

@@ -64,7 +64,8 @@ def test_kernels_compile_for_the_gpu(activations):
     kernels = [(parts._part_end_state_kernel, fwd), (parts._part_adjoint_kernel, bwd), (parts._part_carry_kernel, fwd),
                (scan._scan_fwd_kernel, fwd), (scan._scan_bwd_kernel, bwd),
                (conv._conv_fwd_kernel, {**conv_flags, **conv.FWD_TILES}),
-               (conv._conv_bwd_kernel, {**conv_flags, **conv.BWD_TILES}), (swiglu._swiglu_fwd_kernel, {}), (swiglu._swiglu_bwd_kernel, {}),
+               (conv._conv_bwd_kernel, {**conv_flags, **conv.BWD_TILES}),
+               (swiglu._swiglu_fwd_kernel, {}), (swiglu._swiglu_bwd_kernel, {}),
                (ln._ln_fwd_kernel, ln_tiles), (ln._ln_bwd_kernel, ln_tiles)]
     for (kernel, tiles), order in ((k, o) for k in kernels for o in (False, True)):
         params = list(inspect.signature(kernel.fn).parameters)
@@ -502,7 +503,8 @@ def test_layer_norm_matches_reference(x_dtype, out_dtype, bias):
 
 
 @needs_kernels
-def test_shared_inputs_match_repeated_copies():
+@pytest.mark.parametrize("reverse,use_bias", [(False, False), (True, True)])
+def test_shared_inputs_match_repeated_copies(reverse, use_bias):
     """A conv input and a scan gate shared by every group's run (read in place) give the outputs and gradients
     of the repeated copies, with scan orders (the 4-direction mixer's form)."""
     from star.ops import causal_conv1d, selective_scan
@@ -512,12 +514,15 @@ def test_shared_inputs_match_repeated_copies():
     g = torch.Generator().manual_seed(13)
     x = torch.randn(b, ODD, CHANNELS, generator=g).to(DEVICE).requires_grad_()
     weight = torch.randn(groups, CHANNELS, 4, generator=g).to(DEVICE).requires_grad_()
+    bias = torch.randn(groups, CHANNELS, generator=g).to(DEVICE).requires_grad_() if use_bias else None
     order = torch.stack([torch.randperm(ODD, generator=g) for _ in range(groups)]).to(DEVICE)
-    out = causal_conv1d_triton(x, weight, activation="silu", order=order, shared=True)
-    ref = causal_conv1d(x.repeat(groups, 1, 1), weight, activation="silu", order=order, impl="ref")
+    conv = dict(activation="silu", order=order, reverse=reverse, bias=bias)
+    out = causal_conv1d_triton(x, weight, shared=True, **conv)
+    ref = causal_conv1d(x.repeat(groups, 1, 1), weight, impl="ref", **conv)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    grads = torch.autograd.grad(out.square().sum(), (x, weight))
-    ref_grads = torch.autograd.grad(ref.square().sum(), (x, weight))
+    leaves = (x, weight) if bias is None else (x, weight, bias)
+    grads = torch.autograd.grad(out.square().sum(), leaves)
+    ref_grads = torch.autograd.grad(ref.square().sum(), leaves)
     for got, expected in zip(grads, ref_grads):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
@@ -526,8 +531,8 @@ def test_shared_inputs_match_repeated_copies():
     for name in ("D", "delta_bias"):
         inputs[name] = torch.randn(groups, CHANNELS, generator=g).to(DEVICE).requires_grad_()
     z = torch.randn(b, ODD, CHANNELS, generator=g).to(DEVICE).requires_grad_()
-    out = selective_scan_triton(**{**inputs, "z": z}, order=order)
-    ref = selective_scan(**{**inputs, "z": z.repeat(groups, 1, 1)}, order=order, impl="ref")
+    out = selective_scan_triton(**{**inputs, "z": z}, order=order, reverse=reverse)
+    ref = selective_scan(**{**inputs, "z": z.repeat(groups, 1, 1)}, order=order, reverse=reverse, impl="ref")
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     dz = torch.autograd.grad(out.square().sum(), z)[0]
     ref_dz = torch.autograd.grad(ref.square().sum(), z)[0]

@@ -42,8 +42,8 @@ def _rows(rows_ptr, pos, valid, ORDER: tl.constexpr):
 @triton.jit
 def _conv_pre(x_ptr, w_ptr, bias_ptr, stride_xl, offs_t, offs_d, L, D, rows_ptr,
               K: tl.constexpr, STEP: tl.constexpr, HAS_BIAS: tl.constexpr, ORDER: tl.constexpr):
-    """Pre-activation at times offs_t (fp32); zero outside [0, L) so the backward can use it as padding. x_ptr
-    points at this program's sequence, whose rows are stride_xl apart."""
+    """Pre-activation at times offs_t (fp32), taps outside [0, L) read as zero. x_ptr points at this program's
+    sequence, whose rows are stride_xl apart."""
     mask_d = offs_d < D
     acc = tl.zeros((offs_t.shape[0], offs_d.shape[0]), dtype=tl.float32)
     if HAS_BIAS:
