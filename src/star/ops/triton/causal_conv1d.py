@@ -165,12 +165,12 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, dx_ptr, dw_part_ptr, dbias_
 
 
 def _flags(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str], reverse: bool,
-           order: Optional[Tensor], batch: int) -> dict:
-    """The kernels' arguments besides the tensors and sizes, for `batch` output sequences of input x."""
+           order: Optional[Tensor], out: Tensor) -> dict:
+    """The kernels' arguments besides the tensors and sizes, for input x and the output (y or dy) `out`: a
+    shared x holds fewer sequences than out, one run of them per weight group."""
     return dict(K=weight.shape[-1], STEP=1 if reverse else -1, HAS_BIAS=bias is not None, SILU=activation == "silu",
-                ORDER=order is not None,
-                seq_per_group=batch // weight.shape[0] if weight.dim() == 3 else batch,
-                **order_launch_args(x, order, batch),
+                ORDER=order is not None, seq_per_group=sequences_per_group(out, weight),
+                **order_launch_args(x, order, out.shape[0]),
                 x_batch=x.shape[0], stride_xb=x.stride(0), stride_xl=x.stride(1))
 
 
@@ -187,7 +187,7 @@ def _causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], activa
     y = x.new_empty((b, l, d))
     grid = (b, triton.cdiv(l, FWD_TILES["BLOCK_L"]), triton.cdiv(d, FWD_TILES["BLOCK_D"]))
     _conv_fwd_kernel[grid](x, weight, bias if bias is not None else weight, y, l, d,
-                           **_flags(x, weight, bias, activation, reverse, order, b), **FWD_TILES)
+                           **_flags(x, weight, bias, activation, reverse, order, y), **FWD_TILES)
     return y
 
 
@@ -213,7 +213,7 @@ def _causal_conv1d_bwd(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Ten
     grid = (b, n_segments, triton.cdiv(d, block_d))
     _conv_bwd_kernel[grid](x, weight, bias if bias is not None else weight, dy, dx, dw_part, dbias_part, dpre, halo,
                            l, d,
-                           **_flags(x, weight, bias, activation, reverse, order, b),
+                           **_flags(x, weight, bias, activation, reverse, order, dy),
                            SEGMENT_TILES=SEGMENT_TILES, K_PAD=k_pad, **BWD_TILES)
     # parts are ordered (batch, segment), so each group's parts are one contiguous run
     groups = b // sequences_per_group(dy, weight)
