@@ -28,39 +28,32 @@ from scan import (D_STATE, LENGTHS, MODELS, TOKENS, conv_bytes, conv_fn, copy_ba
 
 
 def time_tree(name: str, part_programs: list, ops: list) -> list:
-    """Child process: time the star that is first on PYTHONPATH: its scan, and its conv if `ops` has it."""
+    """Child process: time what `ops` names (scan, conv) of the star that is first on PYTHONPATH."""
     from star.ops.triton import selective_scan as triton_scan_module
 
     config = triton_scan_module.CUDA_CONFIG
     parts = [config["PART_PROGRAMS"], *part_programs] if "PART_PROGRAMS" in config else [None]
     bandwidth = copy_bandwidth()
     rows = []
-    for part in dict.fromkeys(parts) if "scan" in ops else ():  # the tree's own value first, no repeats
+    settings = [("scan", part) for part in dict.fromkeys(parts)] if "scan" in ops else []  # the tree's own first
+    settings += [("conv", None)] if "conv" in ops else []  # the tree's Triton conv (k=4, bias, SiLU)
+    for op, part in settings:
         if part is not None:
             config["PART_PROGRAMS"] = part
         for model, d in MODELS.items():
             for l in LENGTHS:
                 b = TOKENS // l
-                row = dict(tree=name, star_file=triton_scan_module.__file__,
-                           config=json.loads(json.dumps(config)), model=model, d=d, length=l, batch=b)
+                if op == "scan":
+                    fn, floor_bytes = scan_fn("triton"), lambda backward: scan_bytes(b, l, d, D_STATE, 2, backward)
+                    row = dict(tree=name, star_file=triton_scan_module.__file__, config=json.loads(json.dumps(config)))
+                else:
+                    fn, floor_bytes = conv_fn("triton", d), lambda backward: conv_bytes(b, l, d, 2, backward)
+                    row = dict(tree=name, op="conv", config={})
+                row.update(model=model, d=d, length=l, batch=b, bandwidth_tb_s=bandwidth / 1e12)
                 for backward, key in ((False, "fwd"), (True, "fwd_bwd")):
-                    ms = try_time(scan_fn("triton"), scan_inputs(b, l, d, D_STATE), backward)
+                    ms = try_time(fn, scan_inputs(b, l, d, D_STATE), backward)
                     row[f"{key}_ms"] = ms
-                    floor_ms = scan_bytes(b, l, d, D_STATE, 2, backward) / bandwidth * 1e3
-                    row[f"{key}_x_floor"] = ms / floor_ms if ms else None
-                row["bandwidth_tb_s"] = bandwidth / 1e12
-                rows.append(row)
-                print(json.dumps(row), file=sys.stderr, flush=True)
-    if "conv" in ops:  # the tree's Triton conv (k=4, bias, SiLU) at the scan's shapes
-        for model, d in MODELS.items():
-            for l in LENGTHS:
-                b = TOKENS // l
-                row = dict(tree=name, op="conv", config={}, model=model, d=d, length=l, batch=b,
-                           bandwidth_tb_s=bandwidth / 1e12)
-                for backward, key in ((False, "fwd"), (True, "fwd_bwd")):
-                    ms = try_time(conv_fn("triton", d), scan_inputs(b, l, d, D_STATE), backward)
-                    row[f"{key}_ms"] = ms
-                    row[f"{key}_x_floor"] = ms / (conv_bytes(b, l, d, 2, backward) / bandwidth * 1e3) if ms else None
+                    row[f"{key}_x_floor"] = ms / (floor_bytes(backward) / bandwidth * 1e3) if ms else None
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
     return rows
@@ -79,8 +72,7 @@ def markdown(meta, rows):
             lines.append(f"| {r['tree']} | failed: {r['error']} | | | | | | | |")
             continue
         lines.append(f"| {r['tree']} | {r.get('op', 'scan')} | {r['config'].get('PART_PROGRAMS', '-')} | {r['d']} | "
-                     f"{r['length']} | "
-                     f"{timing_cells(r)} |")
+                     f"{r['length']} | {timing_cells(r)} |")
     return "\n".join(lines) + "\n"
 
 
