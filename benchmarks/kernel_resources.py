@@ -31,6 +31,19 @@ BF16 = {"u_ptr", "delta_ptr", "z_ptr", "dy_ptr", "y_ptr", "du_ptr", "ddelta_ptr"
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
+def _compile(kernel, constexprs: dict, pointer_type, num_warps: int, arch: int, divisible=()):
+    """Compile `kernel` with these constexprs; pointer_type(name) gives each pointer's element type, and the
+    arguments named in `divisible` are declared multiples of 16 (as a launch finds them)."""
+    params = list(inspect.signature(kernel.fn).parameters)
+    constexprs = {k: v for k, v in constexprs.items() if k in params}
+    signature = {p: "constexpr" if p in constexprs else pointer_type(p) if p.endswith("_ptr") else "i32"
+                 for p in params}
+    source = ASTSource(fn=kernel, signature=signature, attrs={(params.index(p),): [["tt.divisibility", 16]]
+                                                              for p in params if p in divisible},
+                       constexprs={(params.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))
+
+
 def compile_kernel(direction: str, arch: int):
     kernel = getattr(kernels, f"_scan_{direction}_kernel")
     tiles = kernels.CUDA_CONFIG[direction]
@@ -38,12 +51,8 @@ def compile_kernel(direction: str, arch: int):
                       SEG_CHUNKS=kernels.CUDA_CONFIG["SEGMENT"] // tiles["CHUNK"], HAS_D=True, HAS_Z=True,
                       HAS_BIAS=True, SOFTPLUS=True, REVERSE=False, ORDER=False, HAS_INIT=False)
     constexprs.update(PRECISION="tf32") if direction == "bwd" else constexprs.update(SAVE_STATES=True)
-    params = list(inspect.signature(kernel.fn).parameters)
-    pointer = {p: "*bf16" if p in BF16 else "*i32" if p == "order_ptr" else "*fp32" for p in params}
-    signature = {p: "constexpr" if p in constexprs else pointer[p] if p.endswith("_ptr") else "i32" for p in params}
-    source = ASTSource(fn=kernel, signature=signature,
-                       constexprs={(params.index(k),): v for k, v in constexprs.items()})
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=tiles["num_warps"]))
+    return _compile(kernel, constexprs, lambda p: "*bf16" if p in BF16 else "*i32" if p == "order_ptr" else "*fp32",
+                    tiles["num_warps"], arch)
 
 
 def compile_conv(direction: str, arch: int):
@@ -51,17 +60,12 @@ def compile_conv(direction: str, arch: int):
     tiles = getattr(conv, f"{direction.upper()}_TILES", None)
     if tiles is None:  # trees before 9477a74: one setting for both kernels
         tiles = dict(BLOCK_L=conv.BLOCK_L, BLOCK_D=conv.BLOCK_D, num_warps=conv.NUM_WARPS)
-    params = list(inspect.signature(kernel.fn).parameters)
-    constexprs = {k: v for k, v in dict(K=4, STEP=-1, HAS_BIAS=True, SILU=True, ORDER=True,
-                                        SEGMENT_TILES=conv.SEGMENT_TILES, K_PAD=4, **tiles).items() if k in params}
-    pointer = {p: "*i32" if p == "order_ptr" else "*fp32" if p in ("w_ptr", "bias_ptr") or "part" in p else "*bf16"
-               for p in params}
-    signature = {p: "constexpr" if p in constexprs else pointer[p] if p.endswith("_ptr") else "i32" for p in params}
-    divisible = {(params.index(p),): [["tt.divisibility", 16]] for p in params
-                 if p.endswith("_ptr") or p in ("D", "stride_xb", "stride_xl")}
-    source = ASTSource(fn=kernel, signature=signature, attrs=divisible,
-                       constexprs={(params.index(k),): v for k, v in constexprs.items()})
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=tiles["num_warps"]))
+    constexprs = dict(K=4, STEP=-1, HAS_BIAS=True, SILU=True, ORDER=True, SEGMENT_TILES=conv.SEGMENT_TILES, K_PAD=4,
+                      **{k: v for k, v in tiles.items() if k != "num_warps"})
+    pointers = [p for p in inspect.signature(kernel.fn).parameters if p.endswith("_ptr")]
+    return _compile(kernel, constexprs,
+                    lambda p: "*i32" if p == "order_ptr" else "*fp32" if p in ("w_ptr", "bias_ptr") or "part" in p
+                    else "*bf16", tiles["num_warps"], arch, divisible=(*pointers, "D", "stride_xb", "stride_xl"))
 
 
 def report(compiled) -> tuple[dict, str]:
