@@ -449,3 +449,15 @@ def test_context_verdict_lines(tmp_path):
     one_seed = write(seeds=(0,))
     assert "Not judged: fewer than 3 seeds" in one_seed
     assert "do not get in the way" not in one_seed and "neither explanation" not in one_seed
+
+
+def test_bench_train_times_each_setting_and_records_failures(tmp_path, one_thread):
+    rows = study.bench_train("smoke", tmp_path, ["star_k4:16:eager", "linprobe:8:eager"], steps=3)
+    ok, failed = rows
+    assert ok["item"] == "star_k4" and ok["batch_size"] == 16 and ok["img_s"] > 0
+    assert "--pretrained" in failed["error"]  # a linear probe of no encoder fails clearly and the rest goes on
+    assert json.loads((tmp_path / "bench_train.json").read_text())["rows"] == rows
+    assert study.parse_setting("ft100:1024:reduce-overhead") == "ft100:1024:reduce-overhead"
+    for bad in ("scratch:16:eager", "star_k4:x:eager", "star_k4:16:fast", "star_k4:16"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            study.parse_setting(bad)

@@ -7,6 +7,7 @@ The whole study, on one GPU (or one shard per GPU of a machine, below), in resum
     python -m experiments.fashion_mnist.study run --stage 2 --items linprobe ft1  # only these evaluations
     python -m experiments.fashion_mnist.study status                   # done / to do
     python -m experiments.fashion_mnist.study bench-loader             # data-loader images/s alone
+    python -m experiments.fashion_mnist.study bench-train --settings star_k4:2048:reduce-overhead  # trainer img/s
     python -m experiments.fashion_mnist.study merge --returned fm0.tgz fm1.tgz  # bring a GPU call's results home
 
 (from the repo root, with star importable: installed, or PYTHONPATH=src).
@@ -310,6 +311,77 @@ def bench_loader(recipe_name: str, out: Path, num_batches: int = 60) -> dict:
     return entry
 
 
+BENCH_MODES = ("eager", "compile", "reduce-overhead")
+
+
+def parse_setting(text: str) -> str:
+    """A bench-train setting "ITEM:BATCH:MODE", checked."""
+    parts = text.split(":")
+    items = [a for a in ARMS if ARMS[a] is not None] + list(EVALS)  # scratch has no pretraining to time
+    if len(parts) != 3 or parts[0] not in items or not parts[1].isdigit() or parts[2] not in BENCH_MODES:
+        raise argparse.ArgumentTypeError(
+            f"--settings wants ITEM:BATCH:MODE with ITEM one of {', '.join(items)}, BATCH a number and "
+            f"MODE one of {', '.join(BENCH_MODES)}; got {text!r}")
+    return text
+
+
+def _kernel_times(prof, steps: int) -> tuple[float, dict]:
+    """CUDA kernel ms per step of everything a torch.profiler run saw, and its ten largest kernels'."""
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)
+    total = sum(e.self_device_time_total for e in events) / 1e3 / steps
+    return total, {e.key[:90]: e.self_device_time_total / 1e3 / steps for e in events[:10]}
+
+
+def bench_train(recipe_name: str, out: Path, settings: list[str], steps: int = 60, profile: bool = False) -> list:
+    """Training images/s of the study's runs through the library's trainer on the real data (loader, logging,
+    clipping and all), for each setting "ITEM:BATCH:MODE": ITEM an arm (its pretraining) or an evaluation,
+    MODE eager, compile or reduce-overhead (compile with CUDA graphs). Each runs `steps` optimizer steps; the
+    rate is the median of the logged rows after the first two (compilation and warm-up). With `profile`, the
+    run's CUDA kernel time over its steps (warm-up and a fine-tune's final evaluation included) is recorded
+    beside the wall time per step: a step whose kernels fill much less than its wall time is bound by the host
+    (launches, syncs, data), not by the GPU. Writes out/bench_train.json."""
+    if profile and not torch.cuda.is_available():
+        raise SystemExit("bench-train --profile counts CUDA kernel time and needs a CUDA GPU")
+    recipe, rows = RECIPES[recipe_name], []
+    meta = dict(recipe=recipe_id(recipe_name), **environment())
+    out.mkdir(parents=True, exist_ok=True)
+    for setting in settings:
+        item, batch, mode = setting.split(":")
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = (eval_config(recipe, item, 0, Path(tmp), None) if item in EVALS
+                   else pretrain_config(recipe, item, 0, Path(tmp)))
+            flags = ["--optim.batch_size", batch, "--max_steps", str(steps), "--log_every", "5"]
+            if mode != "eager":
+                flags += ["--compile"] + (["--compile_mode", mode] if mode != "compile" else [])
+            cfg = apply_overrides(cfg, flags)
+            cuda = torch.cuda.is_available()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            try:
+                if profile:
+                    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                        run(cfg)
+                else:
+                    run(cfg)
+            except Exception as err:  # record it, keep the other settings
+                rows.append(dict(setting=setting, error=f"{type(err).__name__}: {str(err)[:200]}"))
+                print(f"[study] bench-train {setting}: {rows[-1]['error']}", flush=True)
+                _write_results(out / "bench_train.json", dict(meta=meta, rows=rows))
+                continue
+            rates = [float(r["train/img_s"]) for r in _train_rows(Path(tmp)) if r.get("train/img_s")]
+            row = dict(setting=setting, item=item, batch_size=int(batch), mode=mode, steps=steps,
+                       img_s=statistics.median(rates[2:] or rates), wall_s=time.perf_counter() - start,
+                       peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
+            if profile:
+                row["kernel_ms_per_step"], row["top_kernels_ms_per_step"] = _kernel_times(prof, steps)
+                row["wall_ms_per_step"] = 1e3 * int(batch) / row["img_s"]
+        rows.append(row)
+        print(f"[study] bench-train {json.dumps(row)}", flush=True)
+        _write_results(out / "bench_train.json", dict(meta=meta, rows=rows))  # after every row: a call cut off keeps them
+    return rows
+
+
 def carry_over(recipe_name: str, out: Path, source: str, items) -> int:
     """Copy `source`'s results of `items` to this recipe's keys, for items whose settings did not change
     between the two recipes (the caller vouches for that; recipe comments say why). Each copy names its
@@ -417,7 +489,7 @@ def status(recipe_name: str, out: Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("command", choices=("run", "status", "bench-loader", "carry-over", "merge"))
+    parser.add_argument("command", choices=("run", "status", "bench-loader", "bench-train", "carry-over", "merge"))
     parser.add_argument("--stage", type=int, choices=sorted(STAGES), help="run this stage's units")
     parser.add_argument("--next", action="store_true", help="run the unfinished units of every stage, in order")
     parser.add_argument("--budget-min", type=float, default=None, help="start no work that would end past this")
@@ -430,6 +502,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=HERE, help="where results.json, curves/ and figures/ go")
     parser.add_argument("--runs", type=Path, default=HERE / "runs",
                         help="scratch space for the runs' weights (in a subfolder per recipe id)")
+    parser.add_argument("--settings", nargs="+", type=parse_setting, default=["star_k4:512:eager"],
+                        metavar="ITEM:BATCH:MODE",
+                        help="bench-train: what to time, e.g. star_k4:2048:reduce-overhead ft100:1024:eager")
+    parser.add_argument("--steps", type=int, default=60, help="bench-train: optimizer steps per setting")
+    parser.add_argument("--profile", action="store_true", help="bench-train: also CUDA kernel time per step")
     parser.add_argument("--source", help="carry-over: the recipe id whose results of --items are copied")
     parser.add_argument("--returned", type=Path, nargs="+",
                         help="merge: a GPU call's fm.tgz files, one per shard (or their unpacked folders)")
@@ -450,6 +527,9 @@ def main(argv=None) -> int:
         return 0
     if args.command == "bench-loader":
         bench_loader(args.recipe, args.out)
+        return 0
+    if args.command == "bench-train":
+        bench_train(args.recipe, args.out, args.settings, args.steps, args.profile)
         return 0
     if (args.stage is None) == (not args.next):
         parser.error("run needs exactly one of --stage N or --next")
