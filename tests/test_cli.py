@@ -313,3 +313,23 @@ def test_unfinished_runs_are_used_from_their_latest_checkpoint(pretrained, tmp_p
     assert out.splitlines()[-1] == finished and "checkpoints/step-" in err
     assert star("eval", tmp_path / "nothing-here", "--device", "cpu") == 2
     assert "holds no saved model" in capsys.readouterr().err
+
+
+def test_snapshots_keep_the_model_at_every_nth_epoch(tmp_path, capsys):
+    """--snapshot_every 1 over 2 epochs: model_epoch0001 and model_epoch0002 beside model/; the last equals the
+    final model, the first differs from it, and a fine-tune starts from a snapshot as from a run."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "pre"
+    assert star("pretrain", *PRETRAIN, *SYNTHETIC, "--optim.epochs", "2", "--snapshot_every", "1",
+                "--output_dir", out) == 0
+    assert sorted(p.name for p in out.glob("model*")) == ["model", "model_epoch0001", "model_epoch0002"]
+    final, first, last = (load_file(out / name / "model.safetensors")
+                          for name in ("model", "model_epoch0001", "model_epoch0002"))
+    assert all(torch.equal(final[k], last[k]) for k in final)
+    assert not all(torch.equal(final[k], first[k]) for k in final)
+    ft = tmp_path / "ft"
+    assert star("finetune", *FINETUNE, *SYNTHETIC, "--pretrained", out / "model_epoch0001", "--output_dir", ft) == 0
+    assert f"initialised from {out / 'model_epoch0001'}" in capsys.readouterr().out
+    assert star("pretrain", *PRETRAIN, *SYNTHETIC, "--snapshot_every", "-1", "--output_dir", tmp_path / "bad") == 2
+    assert "--snapshot_every must be >= 0" in capsys.readouterr().err

@@ -121,6 +121,7 @@ class TrainConfig:
     log_every: int = 20  # optimizer steps between metric rows
     save_every: int = 0  # optimizer steps between checkpoints; 0 = at epoch ends, -1 = only the last
     eval_every: int = 1  # epochs between evaluations (0 = only at the end)
+    snapshot_every: int = 0  # epochs between saved models <run>/model_epochNNNN, kept beside model/ (0 = none)
     max_steps: Optional[int] = None  # stop after this many optimizer steps (smoke runs)
     resume: Optional[str] = None  # checkpoint dir, run dir, or "auto" (latest in output_dir)
     pretrained: Optional[str] = None  # pretraining weights to fine-tune from: a run dir or a saved model folder
@@ -350,7 +351,7 @@ def check_config(cfg: TrainConfig) -> None:
                 ("model.num_images", m.num_images, 1), ("model.decoder_dim", m.decoder_dim, 1),
                 ("model.decoder_num_heads", m.decoder_num_heads, 1), ("data.img_size", d.img_size, 1),
                 ("log_every", cfg.log_every, 1), ("save_every", cfg.save_every, -1),
-                ("eval_every", cfg.eval_every, 0), ("keep_last", cfg.keep_last, 0), ("max_steps", cfg.max_steps, 1),
+                ("eval_every", cfg.eval_every, 0), ("snapshot_every", cfg.snapshot_every, 0), ("keep_last", cfg.keep_last, 0), ("max_steps", cfg.max_steps, 1),
                 ("optim.epochs", o.epochs, 1), ("optim.accum_iter", o.accum_iter, 1),
                 ("optim.batch_size", o.batch_size, 1), ("optim.warmup_epochs", o.warmup_epochs, 0),
                 ("optim.min_lr", o.min_lr, 0), ("optim.weight_decay", o.weight_decay, 0),

@@ -35,7 +35,7 @@ from torch import nn
 from tqdm import tqdm
 
 from star.config import CUDA_GRAPH_MODES, TrainConfig, config_to_dict, save_config
-from star.models.hub import load_state_dict_checked
+from star.models.hub import MODEL_DIR, RUN_CONFIG_FILE, load_state_dict_checked
 from star.training.checkpoint import (atomic_write, clean_interrupted_saves, find_resumable, latest_checkpoint,
                                       lock_run_dir, read_checkpoint, resolve_checkpoint, save_checkpoint,
                                       step_checkpoints)
@@ -164,6 +164,18 @@ class Trainer:
             self.last_checkpoint = save_checkpoint(self.run_dir, self.step, weights, state, self.cfg.keep_last)
         self._saved_step = self.step
 
+    def save_snapshot(self) -> Path:
+        """The model at this epoch's end as a model folder, <run>/model_epochNNNN, that `--pretrained`,
+        `star eval` and `star predict` read like the final model/ (`snapshot_every`: encoders kept at several
+        points of one long pretraining). Every rank must call this, as it gathers sharded weights."""
+        self._check_weights()
+        weights = full_model_state_dict(self.model) if is_sharded(self.model) else None
+        folder = self.run_dir / f"{MODEL_DIR}_epoch{self.epoch:04d}"
+        if self.is_main:
+            self.model.save_pretrained(folder, state_dict=weights)
+            save_config(self.cfg, folder / RUN_CONFIG_FILE)
+        return folder
+
     def _check_weights(self) -> None:
         """The loss is checked before each update, so the last update's result is checked here, before it is
         saved: every parameter finite and below `MAX_WEIGHT` (on every rank, so all stop together)."""
@@ -266,6 +278,8 @@ class Trainer:
                     results = self.evaluate_all()
                 if final or (epoch_end and self.cfg.save_every >= 0):
                     self.save()
+                if epoch_end and self.cfg.snapshot_every and self.epoch % self.cfg.snapshot_every == 0:
+                    self.save_snapshot()
         except BaseException:
             self.close()
             raise
