@@ -461,3 +461,39 @@ def test_bench_train_times_each_setting_and_records_failures(tmp_path, one_threa
     for bad in ("scratch:16:eager", "star_k4:x:eager", "star_k4:16:fast", "star_k4:16"):
         with pytest.raises(argparse.ArgumentTypeError):
             study.parse_setting(bad)
+
+
+def test_long_unit_evaluates_every_snapshot_and_brings_its_encoder_home(tmp_path, one_thread, monkeypatch):
+    from experiments.fashion_mnist import long
+    from star.models import classifier_from_pretrain
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr(long, "LONG_UNITS", [("star_k4", 0)])
+    device = tmp_path / "device"
+    assert not long.run_units("long-smoke", device, device / "runs", budget_s=1.0)  # too little: nothing starts
+    assert not (device / "results.json").exists()
+    assert long.run_units("long-smoke", device, device / "runs", budget_s=None)
+    rid = recipes.recipe_id("long-smoke", recipes.LONG_RECIPES)
+    results = json.loads((device / "results.json").read_text())
+    assert results[f"{rid}/star_k4/s0/pretrain"]["decoder_window"] == "image"
+    assert results[f"{rid}/star_k4/s0/pretrain"]["snapshots_evaluated_beside"] == [1]
+    assert results[f"{rid}/star_k4/s0/linprobe_e1"]["beside_pretraining"]  # in a process of its own
+    for epoch in (1, 2):
+        for item in ("linprobe", "ft1"):
+            entry = results[f"{rid}/star_k4/s0/{item}_e{epoch}"]
+            assert entry["snapshot_epoch"] == epoch and 0 <= entry["test_top1"] <= 100
+    assert not (device / "runs" / rid / "star_k4" / "s0").exists()  # the unit's weights are freed
+    # the call's files go home: results and curves through study.merge, the encoder parts beside them
+    returned, home = tmp_path / "returned", tmp_path / "home"
+    returned.mkdir()
+    long.pack_call(device, returned)
+    long.merge(returned, home)
+    assert json.loads((home / "results.json").read_text()) == results
+    assert (home / study.curve_file(rid, "star_k4", 0)).is_file()
+    model_dir = long.unpack_encoder(home / "encoders", "enc-star_k4-s0", tmp_path / "unpacked")
+    parts = {k: v for f in sorted((home / "encoders").glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    classifier, report = classifier_from_pretrain(model_dir, num_classes=10)
+    assert torch.equal(classifier.state_dict()["patch_embed.proj.weight"], parts["patch_embed.proj.weight"])
+    assert not any(k.startswith(("decoder", "feature_")) for k in parts)
+    with pytest.raises(FileNotFoundError, match="not brought home"):
+        long.unpack_encoder(home / "encoders", "enc-arm_k1-s0", tmp_path / "none")

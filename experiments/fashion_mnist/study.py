@@ -100,11 +100,14 @@ def _common(recipe: dict, seed: int, output_dir: Path) -> list[str]:
     return flags
 
 
-def pretrain_config(recipe: dict, arm: str, seed: int, output_dir: Path) -> TrainConfig:
+def pretrain_config(recipe: dict, arm: str, seed: int, output_dir: Path, arms: dict = ARMS) -> TrainConfig:
+    """An arm's pretraining run: the arm's model arguments (`arms`), the recipe's model and optim settings, and
+    its `pretrain_run` settings of the run itself (compile, snapshot_every), if any."""
     flags = _common(recipe, seed, output_dir) + _flags(recipe["model"], "model")
     flags += _flags(recipe["pretrain"], "optim") + ["--data.num_samples", str(recipe["train_images"])]
-    flags += ["--model.num_images", str(ARMS[arm]["num_images"]), "--model.separator", ARMS[arm]["separator"]]
-    flags += ["--model.decoder_window", "sequence"]  # the study ran before the per-image window was the default
+    # the study ran before the per-image decoder window was the default: an arm that names none keeps "sequence"
+    flags += _flags({"decoder_window": "sequence", **arms[arm]}, "model")
+    flags += [a for k, v in recipe.get("pretrain_run", {}).items() for a in (f"--{k}", str(v))]
     return apply_overrides(load_config(PRESET, "pretrain"), flags)
 
 
@@ -163,15 +166,15 @@ def picture_file(rid: str, arm: str) -> Path:
     return Path("figures", rid, f"predictions_{arm}.png")
 
 
-def do_pretrain(recipe: dict, arm: str, seed: int, runs: Path, out: Path, rid: str) -> dict:
+def do_pretrain(recipe: dict, arm: str, seed: int, runs: Path, out: Path, rid: str, arms: dict = ARMS) -> dict:
     """Pretrain under runs/; the loss curve goes to out/curves/<rid>/, seed 0's prediction picture to
     out/figures/<rid>/."""
     run_dir = _fresh(runs / arm / f"s{seed}" / "pretrain")
-    cfg = pretrain_config(recipe, arm, seed, run_dir)
+    cfg = pretrain_config(recipe, arm, seed, run_dir, arms)
     model = build_model(cfg)
-    built = {k: model.init_args[k] for k in ARMS[arm]}
-    if built != ARMS[arm]:
-        raise RuntimeError(f"arm {arm} asks for {ARMS[arm]} but the config built {built}")
+    built = {k: model.init_args[k] for k in arms[arm]}
+    if built != arms[arm]:
+        raise RuntimeError(f"arm {arm} asks for {arms[arm]} but the config built {built}")
     loader, _ = build_loaders(cfg, model)
     steps = min(cfg.optim.epochs * len(loader), cfg.max_steps or 10 ** 12)
     del model, loader
@@ -183,7 +186,7 @@ def do_pretrain(recipe: dict, arm: str, seed: int, runs: Path, out: Path, rid: s
     curve.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(run_dir / "metrics.csv", curve)
     entry = {"wall_s": wall, "images_seen": steps * cfg.optim.batch_size, "img_s": _throughput(run_dir),
-             "final_loss": float(_train_rows(run_dir)[-1]["train/loss"]), **ARMS[arm]}
+             "final_loss": float(_train_rows(run_dir)[-1]["train/loss"]), **arms[arm]}
     if seed == 0:  # one picture of what the model predicts, per arm
         draw_predictions(str(run_dir), str(out / picture_file(rid, arm)), num_sequences=3, device=cfg.device)
     return entry
@@ -198,7 +201,13 @@ def do_eval(recipe: dict, arm: str, seed: int, item: str, runs: Path) -> dict:
         pretrained, extra = random_encoder(recipe, seed, _fresh(unit / "random_init")).parent, 0
     else:
         pretrained, extra = None, recipe["pretrain"]["epochs"]
-    cfg = eval_config(recipe, item, seed, run_dir, pretrained, extra)
+    return evaluate_encoder(recipe, item, seed, run_dir, pretrained, extra)
+
+
+def evaluate_encoder(recipe: dict, item: str, seed: int, run_dir: Path, pretrained, extra_epochs: int = 0) -> dict:
+    """Train evaluation `item`'s classifier from `pretrained` (None: from scratch) in run_dir, then measure it
+    once on the test split; the entry to record."""
+    cfg = eval_config(recipe, item, seed, run_dir, pretrained, extra_epochs)
     start = time.perf_counter()
     val = run(cfg)
     wall = time.perf_counter() - start

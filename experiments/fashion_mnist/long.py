@@ -1,0 +1,282 @@
+"""Does STAR beat ARM once pretraining is long enough? Fashion-MNIST at 25 / 50 / 100 pretraining epochs.
+
+The long study (recipes.LONG_*), on the machinery of study.py, in resumable units:
+
+    python -m experiments.fashion_mnist.long run --budget-min 9.4   # the next units that fit in 9.4 minutes
+    python -m experiments.fashion_mnist.long status                # done / to do
+    python -m experiments.fashion_mnist.long merge --returned DIR  # bring a GPU call's results and encoders home
+
+(from the repo root, with star importable: installed, or PYTHONPATH=src). One GPU call:
+
+    OUT=<folder> bash experiments/fashion_mnist/long_call.sh <commit>
+
+A pretraining unit is one arm x seed: one 100-epoch pretraining that keeps its model at epochs 25, 50 and 100
+(`--snapshot_every`), then at each snapshot a linear probe and the 1%-label fine-tune (the 4-epoch study's
+evaluation recipes), each measured once on the test split. A unit runs whole inside one call, since its
+snapshots do not outlive the call; only the last one's encoder (pretraining weights without the decoder, fp32,
+in parts under 16 MiB for the device's file limit) comes home to encoders/, for the full fine-tunes of a later
+call. Results go to long/results.json under keys that name the recipe, as in study.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from star.models import StarPretrain
+from star.models.hub import CONFIG_NAME, MODEL_DIR, RUN_CONFIG_FILE
+from star.training.provenance import environment
+
+from . import study
+from .recipes import LONG_ARMS, LONG_RECIPES, LONG_SNAPSHOT_EVALS, LONG_UNITS, recipe_id
+
+HERE = Path(__file__).resolve().parent / "long"
+PART_BYTES = 15 * 2**20  # the device returns files of at most 16 MiB
+
+
+def snapshot_items(recipe: dict) -> list[str]:
+    """The evaluations of one unit, by snapshot: linprobe_e25, ft1_e25, ..."""
+    return [f"{item}_e{epoch}" for epoch in recipe["snapshots"] for item in LONG_SNAPSHOT_EVALS]
+
+
+def unit_done(results: dict, rid: str, recipe: dict, arm: str, seed: int) -> bool:
+    return all(study.item_key(rid, arm, seed, i) in results for i in ["pretrain", *snapshot_items(recipe)])
+
+
+def estimate_unit(results: dict, rid: str, recipe: dict, arm: str) -> float:
+    """Seconds a whole unit should take: the pretraining, then the last snapshot's evaluations (the earlier
+    ones run beside the pretraining), each at its slowest measured time in this recipe (pretraining: of the
+    same K), else the recipe's guess; a K not measured yet is guessed at 1.2x the slowest other."""
+    mine = [e for k, e in results.items() if k.startswith(rid + "/") and "wall_s" in e]
+
+    def slowest(item, same=lambda e: True):
+        return max((e["wall_s"] for e in mine if e.get("item") == item and same(e)), default=None)
+
+    k = LONG_ARMS[arm]["num_images"]
+    pretrain = slowest("pretrain", lambda e: e.get("num_images") == k)
+    if pretrain is None:
+        other = slowest("pretrain")
+        pretrain = recipe["estimate_s"]["pretrain"] if other is None else 1.2 * other
+    evals = sum(slowest(item) or recipe["estimate_s"][item] for item in LONG_SNAPSHOT_EVALS)
+    return 1.1 * (pretrain + evals) + 20
+
+
+def encoder_stem(arm: str, seed: int) -> str:
+    return f"enc-{arm}-s{seed}"
+
+
+def pack_encoder(model_dir: Path, dest: Path, stem: str) -> list[Path]:
+    """The pretraining model's encoder (every weight but the decoder's and its feature projection, fp32) as
+    dest/<stem>.partN.safetensors files under PART_BYTES each, plus <stem>.json (the model's config)."""
+    weights = load_file(str(Path(model_dir) / "model.safetensors"))
+    encoder = {k: v for k, v in weights.items() if not k.startswith(("decoder", "feature_"))}
+    dest.mkdir(parents=True, exist_ok=True)
+    parts, part, size = [], {}, 0
+    for key in sorted(encoder):
+        nbytes = encoder[key].numel() * encoder[key].element_size()
+        if part and size + nbytes > PART_BYTES:
+            parts.append(part)
+            part, size = {}, 0
+        part[key], size = encoder[key], size + nbytes
+    parts.append(part)
+    files = [dest / f"{stem}.part{i}.safetensors" for i in range(len(parts))]
+    for tensors, path in zip(parts, files):
+        save_file(tensors, str(path))
+    shutil.copy(Path(model_dir) / CONFIG_NAME, dest / f"{stem}.json")
+    return [*files, dest / f"{stem}.json"]
+
+
+def unpack_encoder(src: Path, stem: str, model_dir: Path) -> Path:
+    """A model folder that --pretrained reads, from pack_encoder's files: the encoder's weights, and a decoder
+    at its initial values (a classifier drops it). Refuses parts that miss an encoder weight."""
+    files = sorted(src.glob(f"{stem}.part*.safetensors"))
+    if not files or not (src / f"{stem}.json").is_file():
+        raise FileNotFoundError(f"no {stem}.json and .part*.safetensors in {src}: that encoder was not brought home")
+    config = json.loads((src / f"{stem}.json").read_text())
+    encoder = {k: v for f in files for k, v in load_file(str(f)).items()}
+    config.pop("architecture")
+    model = StarPretrain(**config)
+    missing, unexpected = model.load_state_dict(encoder, strict=False)
+    lost = [k for k in missing if not k.startswith(("decoder", "feature_"))]
+    if lost or unexpected:
+        raise ValueError(f"{src}/{stem}: encoder weights missing {lost[:5]}, unexpected {list(unexpected)[:5]}")
+    return model.save_pretrained(model_dir)
+
+
+def evaluate_snapshot(recipe_name: str, arm: str, seed: int, runs: Path, epoch: int) -> dict:
+    """The evaluations of one snapshot of a unit's pretraining (runs/<arm>/s<seed>/pretrain/model_epochNNNN):
+    item name -> entry."""
+    recipe, entries = LONG_RECIPES[recipe_name], {}
+    snapshot = runs / arm / f"s{seed}" / "pretrain" / f"{MODEL_DIR}_epoch{epoch:04d}"
+    for item in LONG_SNAPSHOT_EVALS:
+        print(f"[long] {arm} seed {seed}: {item} of the epoch-{epoch} encoder", flush=True)
+        run_dir = study._fresh(runs / arm / f"s{seed}" / f"{item}_e{epoch}")
+        entries[f"{item}_e{epoch}"] = {**study.evaluate_encoder(recipe, item, seed, run_dir, snapshot),
+                                       "snapshot_epoch": epoch}
+    return entries
+
+
+class SnapshotEvaluator(threading.Thread):
+    """Evaluates the earlier snapshots while the pretraining goes on: the evaluations are small and bound by
+    the host, so beside the pretraining they take little GPU, and a unit then fits one call. Each snapshot
+    runs in a process of its own (`long.py eval-snapshot`): in the pretraining's process it would reseed its
+    RNG and launch kernels into its CUDA graphs. `entries` collects item -> entry; `failed` what went wrong."""
+
+    def __init__(self, recipe_name: str, arm: str, seed: int, runs: Path, epochs, stop: threading.Event):
+        super().__init__(daemon=True)
+        self.args, self.epochs, self.stop, self.entries, self.failed = (recipe_name, arm, seed, runs), epochs, stop, {}, []
+
+    def run(self) -> None:
+        recipe_name, arm, seed, runs = self.args
+        for epoch in self.epochs:
+            ready = runs / arm / f"s{seed}" / "pretrain" / f"{MODEL_DIR}_epoch{epoch:04d}" / RUN_CONFIG_FILE
+            while not ready.is_file():  # written last, after the weights
+                if self.stop.wait(2.0) and not ready.is_file():
+                    return  # the pretraining ended (failed) without this snapshot
+            out = runs / arm / f"s{seed}" / f"entries_e{epoch}.json"
+            done = subprocess.run([sys.executable, "-m", "experiments.fashion_mnist.long", "eval-snapshot",
+                                   "--recipe", recipe_name, "--arm", arm, "--seed", str(seed), "--epoch", str(epoch),
+                                   "--runs", str(runs), "--entries", str(out)])
+            if done.returncode != 0 or not out.is_file():
+                self.failed.append(f"epoch {epoch}: eval-snapshot exited {done.returncode}")
+                return
+            self.entries.update(json.loads(out.read_text()))
+
+
+def run_unit(recipe_name: str, arm: str, seed: int, out: Path, runs: Path) -> None:
+    """Pretrain one unit, evaluate each snapshot (the earlier ones beside the pretraining), record every
+    item, pack the last encoder."""
+    recipe, rid = LONG_RECIPES[recipe_name], recipe_id(recipe_name, LONG_RECIPES)
+    env, results_path = environment(), out / "results.json"
+
+    def record(item, entry):
+        entry.update(arm=arm, seed=seed, item=item, recipe=rid, finished=time.strftime("%Y-%m-%dT%H:%M:%S"), **env)
+        study.save_result(results_path, study.item_key(rid, arm, seed, item), entry)
+        shown = {k: round(v, 3) for k, v in entry.items() if k in ("test_top1", "wall_s", "img_s", "final_loss")}
+        print(f"[long] done {arm} seed {seed} {item}: {shown}", flush=True)
+
+    *earlier, last = recipe["snapshots"]
+    study._fresh(runs / arm / f"s{seed}")  # no snapshot of a run cut off before is taken for this one's
+    stop = threading.Event()
+    beside = SnapshotEvaluator(recipe_name, arm, seed, runs, earlier, stop)
+    beside.start()
+    print(f"[long] {arm} seed {seed}: pretrain", flush=True)
+    try:
+        pretrain = study.do_pretrain(recipe, arm, seed, runs, out, rid, arms=LONG_ARMS)
+    finally:
+        stop.set()  # a failed pretraining leaves no snapshot to wait for
+    beside.join()
+    if beside.failed:
+        raise RuntimeError(f"{arm} s{seed}: evaluating a snapshot beside the pretraining failed: {beside.failed}")
+    record("pretrain", {**pretrain, "snapshots_evaluated_beside": earlier})
+    for item, entry in beside.entries.items():
+        record(item, {**entry, "beside_pretraining": True})
+    for item, entry in evaluate_snapshot(recipe_name, arm, seed, runs, last).items():
+        record(item, entry)
+    pack_encoder(runs / arm / f"s{seed}" / "pretrain" / f"{MODEL_DIR}_epoch{last:04d}", out / "encoders",
+                 encoder_stem(arm, seed))
+    shutil.rmtree(runs / arm / f"s{seed}", ignore_errors=True)
+
+
+def run_units(recipe_name: str, out: Path, runs: Path, budget_s: float | None) -> bool:
+    """The unfinished units in order, each started only if its estimate fits what is left of the budget
+    (a unit cut off is lost: its snapshots do not outlive the call). True when every unit is done."""
+    recipe, rid = LONG_RECIPES[recipe_name], recipe_id(recipe_name, LONG_RECIPES)
+    start, runs = time.perf_counter(), runs / rid
+    for arm, seed in LONG_UNITS:
+        results = study.load_results(out / "results.json")
+        if unit_done(results, rid, recipe, arm, seed):
+            continue
+        needed = estimate_unit(results, rid, recipe, arm)
+        left = None if budget_s is None else budget_s - (time.perf_counter() - start)
+        if left is not None and needed > left:
+            print(f"[long] stopping before {arm} s{seed}: needs ~{needed:.0f}s, {left:.0f}s left")
+            return False
+        run_unit(recipe_name, arm, seed, out, runs)
+    return True
+
+
+def status(recipe_name: str, out: Path) -> None:
+    recipe, rid = LONG_RECIPES[recipe_name], recipe_id(recipe_name, LONG_RECIPES)
+    results = study.load_results(out / "results.json")
+    for arm, seed in LONG_UNITS:
+        items = ["pretrain", *snapshot_items(recipe)]
+        done = sum(study.item_key(rid, arm, seed, i) in results for i in items)
+        encoder = (out / "encoders" / f"{encoder_stem(arm, seed)}.json").is_file()
+        print(f"{arm} s{seed}: {done}/{len(items)} items" + (", encoder home" if encoder else ""))
+
+
+def merge(returned: Path, out: Path) -> None:
+    """Bring one call's folder home: its long.tgz through study.merge, its encoder files into out/encoders/."""
+    archive = returned / "long.tgz"
+    if not archive.is_file():
+        raise SystemExit(f"merge: no long.tgz in {returned}")
+    study.merge(archive, out)
+    encoders = sorted(returned.glob("enc-*"))
+    (out / "encoders").mkdir(parents=True, exist_ok=True)
+    for path in encoders:
+        shutil.copy(path, out / "encoders" / path.name)
+    print(f"[long] {len(encoders)} encoder files brought home to {out / 'encoders'}")
+
+
+def pack_call(out: Path, dest: Path) -> None:
+    """A call's results for the trip home: long.tgz (results.json, start.json, curves, figures) and the
+    encoder files beside it (the device returns 8 files of at most 16 MiB)."""
+    with tarfile.open(dest / "long.tgz", "w:gz") as tar:
+        for name in ("results.json", "start.json", "curves", "figures"):
+            if (out / name).exists():
+                tar.add(out / name, arcname=f"long/{name}")
+    for path in sorted((out / "encoders").glob("enc-*")) if (out / "encoders").is_dir() else []:
+        shutil.copy(path, dest / path.name)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("command", choices=("run", "status", "merge", "pack", "eval-snapshot"))
+    parser.add_argument("--recipe", default="long-h100", choices=sorted(LONG_RECIPES))
+    parser.add_argument("--budget-min", type=float, default=None, help="start no unit that would end past this")
+    parser.add_argument("--out", type=Path, default=HERE, help="where results.json, curves/, figures/ go")
+    parser.add_argument("--runs", type=Path, default=HERE / "runs", help="scratch space for the runs' weights")
+    parser.add_argument("--returned", type=Path, help="merge: a GPU call's folder (long.tgz and enc-* files)")
+    parser.add_argument("--dest", type=Path, help="pack: the folder the call's files go to ($OUT)")
+    parser.add_argument("--arm", choices=sorted(LONG_ARMS), help="eval-snapshot: the unit's arm")
+    parser.add_argument("--seed", type=int, help="eval-snapshot: the unit's seed")
+    parser.add_argument("--epoch", type=int, help="eval-snapshot: the snapshot's epoch")
+    parser.add_argument("--entries", type=Path, help="eval-snapshot: the JSON file its entries go to")
+    args = parser.parse_args(argv)
+    if args.command == "eval-snapshot":  # run_unit's helper process (SnapshotEvaluator)
+        if None in (args.arm, args.seed, args.epoch, args.entries):
+            parser.error("eval-snapshot needs --arm, --seed, --epoch and --entries")
+        entries = evaluate_snapshot(args.recipe, args.arm, args.seed, args.runs, args.epoch)
+        study.atomic_write(args.entries, lambda tmp: tmp.write_text(json.dumps(entries)))
+        return 0
+    if args.command == "merge":
+        if args.returned is None:
+            parser.error("merge needs --returned DIR (a GPU call's folder)")
+        merge(args.returned, args.out)
+        return 0
+    if args.command == "pack":
+        if args.dest is None:
+            parser.error("pack needs --dest DIR")
+        pack_call(args.out, args.dest)
+        return 0
+    if args.command == "status":
+        status(args.recipe, args.out)
+        return 0
+    finished = run_units(args.recipe, args.out, args.runs, None if args.budget_min is None else 60 * args.budget_min)
+    status(args.recipe, args.out)
+    return 0 if finished else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

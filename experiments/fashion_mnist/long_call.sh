@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One GPU call of the long Fashion-MNIST study (long.py): the next pretraining units that fit the budget, then
+# long.tgz and the new encoders' files in $OUT, to bring home with
+# `python -m experiments.fashion_mnist.long merge --returned <the call's folder>` before the next call.
+# Usage, in the repo root on the GPU machine (Fashion-MNIST's .gz files in $STAR_DATA, by default .fmnist):
+#     OUT=<folder> bash experiments/fashion_mnist/long_call.sh COMMIT [BUDGET_MIN]
+set -uo pipefail
+commit=${1:?usage: OUT=<folder> long_call.sh COMMIT [BUDGET_MIN]}
+if [[ $commit =~ ^[0-9a-f]{40}$ ]]; then commit=${commit:0:7}; fi  # recorded short, as git_commit() does
+budget=${2:-9.2}
+: "${OUT:?set OUT to the folder the results go to}"
+export PYTHONPATH=$PWD/src STAR_DATA=${STAR_DATA:-$PWD/.fmnist} STAR_COMMIT=$commit TQDM_DISABLE=1 PYTHONUNBUFFERED=1
+work=/tmp/long && rm -rf $work && mkdir -p $work
+for name in results.json curves figures; do
+    [ -e experiments/fashion_mnist/long/$name ] && cp -r experiments/fashion_mnist/long/$name $work/
+done
+[ -f $work/results.json ] || echo '{}' > $work/results.json
+cp $work/results.json $work/start.json  # what the call started from, for merge
+# a unit that overruns its estimate is stopped 20 s past the budget, leaving time to pack what is done
+timeout -k 5 "$(python3 -c "print(int($budget * 60 + 20))")" python3 -m experiments.fashion_mnist.long run \
+    --budget-min "$budget" --out $work --runs /tmp/longruns > "$OUT/log.txt" 2>&1
+rc=$?
+python3 -m experiments.fashion_mnist.long pack --out $work --dest "$OUT" || exit 1
+echo "long_call.sh: run exited $rc (3: stopped by its budget with work left; 124: killed at the deadline)"
+exit $rc
