@@ -457,6 +457,7 @@ def test_bench_train_times_each_setting_and_records_failures(tmp_path, one_threa
     assert ok["item"] == "star_k4" and ok["batch_size"] == 16 and ok["img_s"] > 0
     assert "--pretrained" in failed["error"]  # a linear probe of no encoder fails clearly and the rest goes on
     assert json.loads((tmp_path / "bench_train.json").read_text())["rows"] == rows
+    assert "| star_k4 | 16 | eager |" in (tmp_path / "bench_train.md").read_text()
     assert study.parse_setting("ft100:1024:reduce-overhead") == "ft100:1024:reduce-overhead"
     for bad in ("scratch:16:eager", "star_k4:x:eager", "star_k4:16:fast", "star_k4:16"):
         with pytest.raises(argparse.ArgumentTypeError):

@@ -341,6 +341,31 @@ def _kernel_times(prof, steps: int) -> tuple[float, dict]:
     return total, {e.key[:90]: e.self_device_time_total / 1e3 / steps for e in events[:10]}
 
 
+def bench_train_markdown(data: dict) -> str:
+    """bench_train.json as a Markdown table (bench-train writes it beside the JSON)."""
+    meta = data["meta"]
+    lines = [f"Trainer images/s of the study's runs on the real data ({meta['device']}, commit {meta['commit']}, "
+             f"torch {meta['torch']}, recipe {meta['recipe']}; `python -m experiments.fashion_mnist.study "
+             f"bench-train`): median of the logged rates after the first two rows.", "",
+             "| run | batch | mode | images/s | peak GiB | kernel ms / step | wall ms / step |", "|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['setting']} | | | {r['error']} | | | |")
+            continue
+        peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else ""
+        kernel = f"{r['kernel_ms_per_step']:.1f}" if "kernel_ms_per_step" in r else ""
+        wall = f"{r['wall_ms_per_step']:.1f}" if "wall_ms_per_step" in r else ""
+        lines.append(f"| {r['item']} | {r['batch_size']} | {r['mode']} | {r['img_s']:.0f} | {peak} | {kernel} | {wall} |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_bench(out: Path, meta: dict, rows: list) -> None:
+    """bench_train.json and .md, after every row: a call cut off keeps the rows it timed."""
+    data = dict(meta=meta, rows=rows)
+    _write_results(out / "bench_train.json", data)
+    (out / "bench_train.md").write_text(bench_train_markdown(data))
+
+
 def bench_train(recipe_name: str, out: Path, settings: list[str], steps: int = 60, profile: bool = False) -> list:
     """Training images/s of the study's runs through the library's trainer on the real data (loader, logging,
     clipping and all), for each setting "ITEM:BATCH:MODE": ITEM an arm (its pretraining) or an evaluation,
@@ -348,7 +373,8 @@ def bench_train(recipe_name: str, out: Path, settings: list[str], steps: int = 6
     rate is the median of the logged rows after the first two (compilation and warm-up). With `profile`, the
     run's CUDA kernel time over its steps (warm-up and a fine-tune's final evaluation included) is recorded
     beside the wall time per step: a step whose kernels fill much less than its wall time is bound by the host
-    (launches, syncs, data), not by the GPU. Writes out/bench_train.json."""
+    (launches, syncs, data), not by the GPU. Writes out/bench_train.json and .md (`--render JSON` rebuilds the
+    .md of one that came back alone)."""
     if profile and not torch.cuda.is_available():
         raise SystemExit("bench-train --profile counts CUDA kernel time and needs a CUDA GPU")
     recipe, rows = RECIPES[recipe_name], []
@@ -376,7 +402,7 @@ def bench_train(recipe_name: str, out: Path, settings: list[str], steps: int = 6
             except Exception as err:  # record it, keep the other settings
                 rows.append(dict(setting=setting, error=f"{type(err).__name__}: {str(err)[:200]}"))
                 print(f"[study] bench-train {setting}: {rows[-1]['error']}", flush=True)
-                _write_results(out / "bench_train.json", dict(meta=meta, rows=rows))
+                _write_bench(out, meta, rows)
                 continue
             rates = [float(r["train/img_s"]) for r in _train_rows(Path(tmp)) if r.get("train/img_s")]
             row = dict(setting=setting, item=item, batch_size=int(batch), mode=mode, steps=steps,
@@ -387,7 +413,7 @@ def bench_train(recipe_name: str, out: Path, settings: list[str], steps: int = 6
                 row["wall_ms_per_step"] = 1e3 * int(batch) / row["img_s"]
         rows.append(row)
         print(f"[study] bench-train {json.dumps(row)}", flush=True)
-        _write_results(out / "bench_train.json", dict(meta=meta, rows=rows))  # after every row: a call cut off keeps them
+        _write_bench(out, meta, rows)
     return rows
 
 
@@ -516,6 +542,7 @@ def main(argv=None) -> int:
                         help="bench-train: what to time, e.g. star_k4:2048:reduce-overhead ft100:1024:eager")
     parser.add_argument("--steps", type=int, default=60, help="bench-train: optimizer steps per setting")
     parser.add_argument("--profile", action="store_true", help="bench-train: also CUDA kernel time per step")
+    parser.add_argument("--render", type=Path, metavar="JSON", help="bench-train: only rebuild the .md of this JSON")
     parser.add_argument("--source", help="carry-over: the recipe id whose results of --items are copied")
     parser.add_argument("--returned", type=Path, nargs="+",
                         help="merge: a GPU call's fm.tgz files, one per shard (or their unpacked folders)")
@@ -536,6 +563,9 @@ def main(argv=None) -> int:
         return 0
     if args.command == "bench-loader":
         bench_loader(args.recipe, args.out)
+        return 0
+    if args.command == "bench-train" and args.render:
+        args.render.with_suffix(".md").write_text(bench_train_markdown(json.loads(args.render.read_text())))
         return 0
     if args.command == "bench-train":
         bench_train(args.recipe, args.out, args.settings, args.steps, args.profile)
