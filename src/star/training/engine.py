@@ -276,10 +276,11 @@ class Trainer:
                 every = self.cfg.eval_every
                 if final or (epoch_end and every > 0 and self.epoch % every == 0):
                     results = self.evaluate_all()
-                if final or (epoch_end and self.cfg.save_every >= 0):
-                    self.save()
+                # the snapshot before the checkpoint: a run killed between them redoes the epoch and its snapshot
                 if epoch_end and self.cfg.snapshot_every and self.epoch % self.cfg.snapshot_every == 0:
                     self.save_snapshot()
+                if final or (epoch_end and self.cfg.save_every >= 0):
+                    self.save()
         except BaseException:
             self.close()
             raise
