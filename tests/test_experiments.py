@@ -498,3 +498,10 @@ def test_long_unit_evaluates_every_snapshot_and_brings_its_encoder_home(tmp_path
     assert not any(k.startswith(("decoder", "feature_")) for k in parts)
     with pytest.raises(FileNotFoundError, match="not brought home"):
         long.unpack_encoder(home / "encoders", "enc-arm_k1-s0", tmp_path / "none")
+    # a call cut off after the pretraining: the last snapshot's evaluations run later from the encoder brought home
+    cut = {k: v for k, v in results.items() if not k.endswith("_e2")}
+    study._write_results(home / "results.json", cut)
+    assert long.run_units("long-smoke", home, tmp_path / "runs2", budget_s=None, encoders=home / "encoders")
+    again = json.loads((home / "results.json").read_text())
+    assert again[f"{rid}/star_k4/s0/pretrain"] == results[f"{rid}/star_k4/s0/pretrain"]  # not pretrained again
+    assert {k for k in again if k.endswith("_e2")} == {k for k in results if k.endswith("_e2")}

@@ -12,10 +12,12 @@ The long study (recipes.LONG_*), on the machinery of study.py, in resumable unit
 
 A pretraining unit is one arm x seed: one 100-epoch pretraining that keeps its model at epochs 25, 50 and 100
 (`--snapshot_every`), then at each snapshot a linear probe and the 1%-label fine-tune (the 4-epoch study's
-evaluation recipes), each measured once on the test split. A unit runs whole inside one call, since its
-snapshots do not outlive the call; only the last one's encoder (pretraining weights without the decoder, fp32,
-in parts under 16 MiB for the device's file limit) comes home to encoders/, for the full fine-tunes of a later
-call. Results go to long/results.json under keys that name the recipe, as in study.py.
+evaluation recipes), each measured once on the test split and recorded as it ends. The earlier snapshots are
+evaluated beside the pretraining, which must fit one call with them, since those snapshots do not outlive
+it. The last one's encoder (pretraining weights without the decoder, fp32, in parts under 16 MiB for the
+device's file limit) comes home to encoders/: its evaluations run in the same call if they fit, else in a
+later one that carries encoders/ (and then the full fine-tunes). Results go to long/results.json under keys
+that name the recipe, as in study.py.
 """
 
 from __future__ import annotations
@@ -52,22 +54,21 @@ def unit_done(results: dict, rid: str, recipe: dict, arm: str, seed: int) -> boo
     return all(study.item_key(rid, arm, seed, i) in results for i in ["pretrain", *snapshot_items(recipe)])
 
 
-def estimate_unit(results: dict, rid: str, recipe: dict, arm: str) -> float:
-    """Seconds a whole unit should take: the pretraining, then the last snapshot's evaluations (the earlier
-    ones run beside the pretraining), each at its slowest measured time in this recipe (pretraining: of the
-    same K), else the recipe's guess; a K not measured yet is guessed at 1.2x the slowest other."""
+def estimate(results: dict, rid: str, recipe: dict, item: str, arm: str) -> float:
+    """Seconds an item should take: its slowest measured time in this recipe (pretraining: of the same K;
+    a K not measured yet is guessed at 1.2x the slowest other), else the recipe's guess; with a margin."""
     mine = [e for k, e in results.items() if k.startswith(rid + "/") and "wall_s" in e]
 
-    def slowest(item, same=lambda e: True):
-        return max((e["wall_s"] for e in mine if e.get("item") == item and same(e)), default=None)
+    def slowest(kind, same=lambda e: True):
+        return max((e["wall_s"] for e in mine if e.get("item", "").split("_e")[0] == kind and same(e)), default=None)
 
-    k = LONG_ARMS[arm]["num_images"]
-    pretrain = slowest("pretrain", lambda e: e.get("num_images") == k)
-    if pretrain is None:
-        other = slowest("pretrain")
-        pretrain = recipe["estimate_s"]["pretrain"] if other is None else 1.2 * other
-    evals = sum(slowest(item) or recipe["estimate_s"][item] for item in LONG_SNAPSHOT_EVALS)
-    return 1.1 * (pretrain + evals) + 20
+    if item == "pretrain":
+        seconds = slowest("pretrain", lambda e: e.get("num_images") == LONG_ARMS[arm]["num_images"])
+        if seconds is None and slowest("pretrain") is not None:
+            seconds = 1.2 * slowest("pretrain")
+    else:
+        seconds = slowest(item.split("_e")[0])
+    return 1.1 * (seconds or recipe["estimate_s"][item.split("_e")[0]]) + 20
 
 
 def encoder_stem(arm: str, seed: int) -> str:
@@ -112,17 +113,17 @@ def unpack_encoder(src: Path, stem: str, model_dir: Path) -> Path:
     return model.save_pretrained(model_dir)
 
 
-def evaluate_snapshot(recipe_name: str, arm: str, seed: int, runs: Path, epoch: int) -> dict:
-    """The evaluations of one snapshot of a unit's pretraining (runs/<arm>/s<seed>/pretrain/model_epochNNNN):
-    item name -> entry."""
-    recipe, entries = LONG_RECIPES[recipe_name], {}
+def evaluate_snapshot(recipe_name: str, arm: str, seed: int, runs: Path, epoch: int, record,
+                      evals=LONG_SNAPSHOT_EVALS) -> None:
+    """Evaluations `evals` of one snapshot of a unit's pretraining (runs/<arm>/s<seed>/pretrain/model_epochNNNN),
+    each handed to `record(item, entry)` as soon as it ends (a call cut off keeps the ones done)."""
+    recipe = LONG_RECIPES[recipe_name]
     snapshot = runs / arm / f"s{seed}" / "pretrain" / f"{MODEL_DIR}_epoch{epoch:04d}"
-    for item in LONG_SNAPSHOT_EVALS:
+    for item in evals:
         print(f"[long] {arm} seed {seed}: {item} of the epoch-{epoch} encoder", flush=True)
         run_dir = study._fresh(runs / arm / f"s{seed}" / f"{item}_e{epoch}")
-        entries[f"{item}_e{epoch}"] = {**study.evaluate_encoder(recipe, item, seed, run_dir, snapshot),
-                                       "snapshot_epoch": epoch}
-    return entries
+        record(f"{item}_e{epoch}", {**study.evaluate_encoder(recipe, item, seed, run_dir, snapshot),
+                                    "snapshot_epoch": epoch})
 
 
 class SnapshotEvaluator(threading.Thread):
@@ -152,18 +153,23 @@ class SnapshotEvaluator(threading.Thread):
             self.entries.update(json.loads(out.read_text()))
 
 
-def run_unit(recipe_name: str, arm: str, seed: int, out: Path, runs: Path) -> None:
-    """Pretrain one unit, evaluate each snapshot (the earlier ones beside the pretraining), record every
-    item, pack the last encoder."""
-    recipe, rid = LONG_RECIPES[recipe_name], recipe_id(recipe_name, LONG_RECIPES)
-    env, results_path = environment(), out / "results.json"
+def _recorder(out: Path, rid: str, arm: str, seed: int):
+    """record(item, entry): the entry, with its unit and machine, into out/results.json at once."""
+    env = environment()
 
     def record(item, entry):
         entry.update(arm=arm, seed=seed, item=item, recipe=rid, finished=time.strftime("%Y-%m-%dT%H:%M:%S"), **env)
-        study.save_result(results_path, study.item_key(rid, arm, seed, item), entry)
+        study.save_result(out / "results.json", study.item_key(rid, arm, seed, item), entry)
         shown = {k: round(v, 3) for k, v in entry.items() if k in ("test_top1", "wall_s", "img_s", "final_loss")}
         print(f"[long] done {arm} seed {seed} {item}: {shown}", flush=True)
+    return record
 
+
+def pretrain_unit(recipe_name: str, arm: str, seed: int, out: Path, runs: Path) -> None:
+    """Pretrain one unit, evaluating the earlier snapshots beside it; record them, pack the last encoder
+    (its evaluations are `evaluate_last`'s)."""
+    recipe, rid = LONG_RECIPES[recipe_name], recipe_id(recipe_name, LONG_RECIPES)
+    record = _recorder(out, rid, arm, seed)
     *earlier, last = recipe["snapshots"]
     study._fresh(runs / arm / f"s{seed}")  # no snapshot of a run cut off before is taken for this one's
     stop = threading.Event()
@@ -180,28 +186,54 @@ def run_unit(recipe_name: str, arm: str, seed: int, out: Path, runs: Path) -> No
     record("pretrain", {**pretrain, "snapshots_evaluated_beside": earlier})
     for item, entry in beside.entries.items():
         record(item, {**entry, "beside_pretraining": True})
-    for item, entry in evaluate_snapshot(recipe_name, arm, seed, runs, last).items():
-        record(item, entry)
     pack_encoder(runs / arm / f"s{seed}" / "pretrain" / f"{MODEL_DIR}_epoch{last:04d}", out / "encoders",
                  encoder_stem(arm, seed))
-    shutil.rmtree(runs / arm / f"s{seed}", ignore_errors=True)
 
 
-def run_units(recipe_name: str, out: Path, runs: Path, budget_s: float | None) -> bool:
-    """The unfinished units in order, each started only if its estimate fits what is left of the budget
-    (a unit cut off is lost: its snapshots do not outlive the call). True when every unit is done."""
+def evaluate_last(recipe_name: str, arm: str, seed: int, out: Path, runs: Path, encoders: Path, evals) -> None:
+    """The last snapshot's evaluations `evals`, from the encoder this call pretrained (still under runs/) or
+    one brought home by an earlier call (in `encoders`, unpacked)."""
+    recipe, rid = LONG_RECIPES[recipe_name], recipe_id(recipe_name, LONG_RECIPES)
+    last = recipe["snapshots"][-1]
+    snapshot = runs / arm / f"s{seed}" / "pretrain" / f"{MODEL_DIR}_epoch{last:04d}"
+    if not (snapshot / CONFIG_NAME).is_file():
+        unpack_encoder(encoders, encoder_stem(arm, seed), snapshot)
+    evaluate_snapshot(recipe_name, arm, seed, runs, last, _recorder(out, rid, arm, seed), evals)
+
+
+def run_units(recipe_name: str, out: Path, runs: Path, budget_s: float | None, encoders: Path | None = None) -> bool:
+    """The unfinished work of the units in order, each piece started only if its estimate fits what is left
+    of the budget: a unit's pretraining with its earlier snapshots' evaluations (which must fit whole: those
+    snapshots do not outlive the call), then its last snapshot's evaluations, in this call or, from the encoder
+    brought home (`encoders`, by default out/encoders), in a later one. True when every unit is done."""
+    encoders = out / "encoders" if encoders is None else encoders
     recipe, rid = LONG_RECIPES[recipe_name], recipe_id(recipe_name, LONG_RECIPES)
     start, runs = time.perf_counter(), runs / rid
-    for arm, seed in LONG_UNITS:
-        results = study.load_results(out / "results.json")
-        if unit_done(results, rid, recipe, arm, seed):
-            continue
-        needed = estimate_unit(results, rid, recipe, arm)
+    last_items = [i for i in snapshot_items(recipe) if i.endswith(f"_e{recipe['snapshots'][-1]}")]
+
+    def fits(what, item, arm):
+        needed = estimate(study.load_results(out / "results.json"), rid, recipe, item, arm)
         left = None if budget_s is None else budget_s - (time.perf_counter() - start)
         if left is not None and needed > left:
-            print(f"[long] stopping before {arm} s{seed}: needs ~{needed:.0f}s, {left:.0f}s left")
+            print(f"[long] stopping before {what}: needs ~{needed:.0f}s, {left:.0f}s left")
             return False
-        run_unit(recipe_name, arm, seed, out, runs)
+        return True
+
+    for arm, seed in LONG_UNITS:
+        results = study.load_results(out / "results.json")
+        missing = [i for i in ["pretrain", *snapshot_items(recipe)] if study.item_key(rid, arm, seed, i) not in results]
+        if not missing:
+            continue
+        if any(i not in last_items for i in missing):  # pretraining or an earlier snapshot's evaluation
+            if not fits(f"{arm} s{seed} pretrain", "pretrain", arm):
+                return False
+            pretrain_unit(recipe_name, arm, seed, out, runs)
+            missing = last_items
+        for item in missing:
+            if not fits(f"{arm} s{seed} {item}", item, arm):
+                return False
+            evaluate_last(recipe_name, arm, seed, out, runs, encoders, [item.split("_e")[0]])
+        shutil.rmtree(runs / arm / f"s{seed}", ignore_errors=True)
     return True
 
 
@@ -247,6 +279,8 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-min", type=float, default=None, help="start no unit that would end past this")
     parser.add_argument("--out", type=Path, default=HERE, help="where results.json, curves/, figures/ go")
     parser.add_argument("--runs", type=Path, default=HERE / "runs", help="scratch space for the runs' weights")
+    parser.add_argument("--encoders", type=Path, default=None,
+                        help="run: where encoders brought home by earlier calls are read (default OUT/encoders)")
     parser.add_argument("--returned", type=Path, help="merge: a GPU call's folder (long.tgz and enc-* files)")
     parser.add_argument("--dest", type=Path, help="pack: the folder the call's files go to ($OUT)")
     parser.add_argument("--arm", choices=sorted(LONG_ARMS), help="eval-snapshot: the unit's arm")
@@ -254,10 +288,11 @@ def main(argv=None) -> int:
     parser.add_argument("--epoch", type=int, help="eval-snapshot: the snapshot's epoch")
     parser.add_argument("--entries", type=Path, help="eval-snapshot: the JSON file its entries go to")
     args = parser.parse_args(argv)
-    if args.command == "eval-snapshot":  # run_unit's helper process (SnapshotEvaluator)
+    if args.command == "eval-snapshot":  # pretrain_unit's helper process (SnapshotEvaluator)
         if None in (args.arm, args.seed, args.epoch, args.entries):
             parser.error("eval-snapshot needs --arm, --seed, --epoch and --entries")
-        entries = evaluate_snapshot(args.recipe, args.arm, args.seed, args.runs, args.epoch)
+        entries = {}
+        evaluate_snapshot(args.recipe, args.arm, args.seed, args.runs, args.epoch, entries.__setitem__)
         study.atomic_write(args.entries, lambda tmp: tmp.write_text(json.dumps(entries)))
         return 0
     if args.command == "merge":
@@ -273,7 +308,8 @@ def main(argv=None) -> int:
     if args.command == "status":
         status(args.recipe, args.out)
         return 0
-    finished = run_units(args.recipe, args.out, args.runs, None if args.budget_min is None else 60 * args.budget_min)
+    finished = run_units(args.recipe, args.out, args.runs, None if args.budget_min is None else 60 * args.budget_min,
+                         args.encoders)
     status(args.recipe, args.out)
     return 0 if finished else 3
 

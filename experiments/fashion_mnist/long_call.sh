@@ -4,6 +4,9 @@
 # `python -m experiments.fashion_mnist.long merge --returned <the call's folder>` before the next call.
 # Usage, in the repo root on the GPU machine (Fashion-MNIST's .gz files in $STAR_DATA, by default .fmnist):
 #     OUT=<folder> bash experiments/fashion_mnist/long_call.sh COMMIT [BUDGET_MIN]
+# COMMIT is the commit the results are recorded with: give it literally (the device's copy has no true git
+# history). Encoders that the call's last-snapshot evaluations need travel in experiments/fashion_mnist/long/
+# encoders (name it in the call's carry; one encoder is 20 MB, beside 30 MB of Fashion-MNIST).
 set -uo pipefail
 commit=${1:?usage: OUT=<folder> long_call.sh COMMIT [BUDGET_MIN]}
 if [[ $commit =~ ^[0-9a-f]{40}$ ]]; then commit=${commit:0:7}; fi  # recorded short, as git_commit() does
@@ -18,7 +21,8 @@ done
 cp $work/results.json $work/start.json  # what the call started from, for merge
 # a unit that overruns its estimate is stopped 20 s past the budget, leaving time to pack what is done
 timeout -k 5 "$(python3 -c "print(int($budget * 60 + 20))")" python3 -m experiments.fashion_mnist.long run \
-    --budget-min "$budget" --out $work --runs /tmp/longruns > "$OUT/log.txt" 2>&1
+    --budget-min "$budget" --out $work --runs /tmp/longruns --encoders "$PWD/experiments/fashion_mnist/long/encoders" \
+    > "$OUT/log.txt" 2>&1
 rc=$?
 python3 -m experiments.fashion_mnist.long pack --out $work --dest "$OUT" || exit 1
 echo "long_call.sh: run exited $rc (3: stopped by its budget with work left; 124: killed at the deadline)"
