@@ -505,3 +505,15 @@ def test_long_unit_evaluates_every_snapshot_and_brings_its_encoder_home(tmp_path
     again = json.loads((home / "results.json").read_text())
     assert again[f"{rid}/star_k4/s0/pretrain"] == results[f"{rid}/star_k4/s0/pretrain"]  # not pretrained again
     assert {k for k in again if k.endswith("_e2")} == {k for k in results if k.endswith("_e2")}
+
+
+def test_long_estimates_take_an_unmeasured_k_at_the_slowest_measured():
+    from experiments.fashion_mnist import long
+
+    rid, recipe = recipes.recipe_id("long-h100", recipes.LONG_RECIPES), recipes.LONG_RECIPES["long-h100"]
+    results = {f"{rid}/star_k4/s0/pretrain": {"item": "pretrain", "num_images": 4, "wall_s": 476.0},
+               f"{rid}/star_k4/s0/ft1_e50": {"item": "ft1_e50", "wall_s": 30.0},
+               "other-recipe/arm_k1/s0/pretrain": {"item": "pretrain", "num_images": 1, "wall_s": 9999.0}}
+    assert long.estimate(results, rid, recipe, "pretrain", "arm_k1") == pytest.approx(1.1 * 476 + 20)
+    assert long.estimate(results, rid, recipe, "ft1_e100", "arm_k1") == pytest.approx(1.1 * 30 + 20)
+    assert long.estimate({}, rid, recipe, "linprobe_e100", "arm_k1") == pytest.approx(1.1 * 25 + 20)

@@ -16,8 +16,8 @@ evaluation recipes), each measured once on the test split and recorded as it end
 evaluated beside the pretraining, which must fit one call with them, since those snapshots do not outlive
 it. The last one's encoder (pretraining weights without the decoder, fp32, in parts under 16 MiB for the
 device's file limit) comes home to encoders/: its evaluations run in the same call if they fit, else in a
-later one that carries encoders/ (and then the full fine-tunes). Results go to long/results.json under keys
-that name the recipe, as in study.py.
+later one that carries encoders/; the full fine-tunes of the issue are to start from these encoders too (not
+built yet). Results go to long/results.json under keys that name the recipe, as in study.py.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from . import study
 from .recipes import LONG_ARMS, LONG_RECIPES, LONG_SNAPSHOT_EVALS, LONG_UNITS, recipe_id
 
 HERE = Path(__file__).resolve().parent / "long"
+REPO = Path(__file__).resolve().parents[2]
 PART_BYTES = 15 * 2**20  # the device returns files of at most 16 MiB
 
 
@@ -50,13 +51,10 @@ def snapshot_items(recipe: dict) -> list[str]:
     return [f"{item}_e{epoch}" for epoch in recipe["snapshots"] for item in LONG_SNAPSHOT_EVALS]
 
 
-def unit_done(results: dict, rid: str, recipe: dict, arm: str, seed: int) -> bool:
-    return all(study.item_key(rid, arm, seed, i) in results for i in ["pretrain", *snapshot_items(recipe)])
-
-
 def estimate(results: dict, rid: str, recipe: dict, item: str, arm: str) -> float:
     """Seconds an item should take: its slowest measured time in this recipe (pretraining: of the same K;
-    a K not measured yet is guessed at 1.2x the slowest other), else the recipe's guess; with a margin."""
+    a K not measured yet is taken at the slowest other: the 4-epoch study's K = 1, 4 and 16 ran at about the
+    same images/s), else the recipe's guess; with study.py's 1.1x margin and 20 s for start-up and packing."""
     mine = [e for k, e in results.items() if k.startswith(rid + "/") and "wall_s" in e]
 
     def slowest(kind, same=lambda e: True):
@@ -65,7 +63,7 @@ def estimate(results: dict, rid: str, recipe: dict, item: str, arm: str) -> floa
     if item == "pretrain":
         seconds = slowest("pretrain", lambda e: e.get("num_images") == LONG_ARMS[arm]["num_images"])
         if seconds is None and slowest("pretrain") is not None:
-            seconds = 1.2 * slowest("pretrain")
+            seconds = slowest("pretrain")
     else:
         seconds = slowest(item.split("_e")[0])
     return 1.1 * (seconds or recipe["estimate_s"][item.split("_e")[0]]) + 20
@@ -116,7 +114,8 @@ def unpack_encoder(src: Path, stem: str, model_dir: Path) -> Path:
 def evaluate_snapshot(recipe_name: str, arm: str, seed: int, runs: Path, epoch: int, record,
                       evals=LONG_SNAPSHOT_EVALS) -> None:
     """Evaluations `evals` of one snapshot of a unit's pretraining (runs/<arm>/s<seed>/pretrain/model_epochNNNN),
-    each handed to `record(item, entry)` as soon as it ends (a call cut off keeps the ones done)."""
+    each handed to `record(item, entry)` as soon as it ends (in the run's process it is recorded at once, so a
+    call cut off keeps the ones done; eval-snapshot writes its entries when all are done)."""
     recipe = LONG_RECIPES[recipe_name]
     snapshot = runs / arm / f"s{seed}" / "pretrain" / f"{MODEL_DIR}_epoch{epoch:04d}"
     for item in evals:
@@ -134,7 +133,8 @@ class SnapshotEvaluator(threading.Thread):
 
     def __init__(self, recipe_name: str, arm: str, seed: int, runs: Path, epochs, stop: threading.Event):
         super().__init__(daemon=True)
-        self.args, self.epochs, self.stop, self.entries, self.failed = (recipe_name, arm, seed, runs), epochs, stop, {}, []
+        self.args, self.epochs, self.stop = (recipe_name, arm, seed, runs), epochs, stop
+        self.entries, self.failed, self.child = {}, [], None
 
     def run(self) -> None:
         recipe_name, arm, seed, runs = self.args
@@ -142,15 +142,23 @@ class SnapshotEvaluator(threading.Thread):
             ready = runs / arm / f"s{seed}" / "pretrain" / f"{MODEL_DIR}_epoch{epoch:04d}" / RUN_CONFIG_FILE
             while not ready.is_file():  # written last, after the weights
                 if self.stop.wait(2.0) and not ready.is_file():
-                    return  # the pretraining ended (failed) without this snapshot
+                    self.failed.append(f"epoch {epoch}: the pretraining ended without this snapshot")
+                    return
             out = runs / arm / f"s{seed}" / f"entries_e{epoch}.json"
-            done = subprocess.run([sys.executable, "-m", "experiments.fashion_mnist.long", "eval-snapshot",
-                                   "--recipe", recipe_name, "--arm", arm, "--seed", str(seed), "--epoch", str(epoch),
-                                   "--runs", str(runs), "--entries", str(out)])
-            if done.returncode != 0 or not out.is_file():
-                self.failed.append(f"epoch {epoch}: eval-snapshot exited {done.returncode}")
+            self.child = subprocess.Popen(  # from the repo root, where `-m experiments...` is found
+                [sys.executable, "-m", "experiments.fashion_mnist.long", "eval-snapshot", "--recipe", recipe_name,
+                 "--arm", arm, "--seed", str(seed), "--epoch", str(epoch), "--runs", str(runs), "--entries", str(out)],
+                cwd=REPO)
+            if self.child.wait() != 0 or not out.is_file():
+                self.failed.append(f"epoch {epoch}: eval-snapshot exited {self.child.returncode}")
                 return
             self.entries.update(json.loads(out.read_text()))
+
+    def cancel(self) -> None:
+        """Stop waiting, and end the evaluation running now (the pretraining failed)."""
+        self.stop.set()
+        if self.child is not None and self.child.poll() is None:
+            self.child.terminate()
 
 
 def _recorder(out: Path, rid: str, arm: str, seed: int):
@@ -178,16 +186,19 @@ def pretrain_unit(recipe_name: str, arm: str, seed: int, out: Path, runs: Path) 
     print(f"[long] {arm} seed {seed}: pretrain", flush=True)
     try:
         pretrain = study.do_pretrain(recipe, arm, seed, runs, out, rid, arms=LONG_ARMS)
-    finally:
-        stop.set()  # a failed pretraining leaves no snapshot to wait for
+    except BaseException:
+        beside.cancel()
+        raise
+    stop.set()  # the last snapshot is written: wait for nothing more
     beside.join()
-    if beside.failed:
-        raise RuntimeError(f"{arm} s{seed}: evaluating a snapshot beside the pretraining failed: {beside.failed}")
+    # what finished is kept even if an evaluation beside failed (that one is redone with the unit)
     record("pretrain", {**pretrain, "snapshots_evaluated_beside": earlier})
     for item, entry in beside.entries.items():
         record(item, {**entry, "beside_pretraining": True})
     pack_encoder(runs / arm / f"s{seed}" / "pretrain" / f"{MODEL_DIR}_epoch{last:04d}", out / "encoders",
                  encoder_stem(arm, seed))
+    if beside.failed:
+        raise RuntimeError(f"{arm} s{seed}: evaluating a snapshot beside the pretraining failed: {beside.failed}")
 
 
 def evaluate_last(recipe_name: str, arm: str, seed: int, out: Path, runs: Path, encoders: Path, evals) -> None:
@@ -201,13 +212,18 @@ def evaluate_last(recipe_name: str, arm: str, seed: int, out: Path, runs: Path, 
     evaluate_snapshot(recipe_name, arm, seed, runs, last, _recorder(out, rid, arm, seed), evals)
 
 
-def run_units(recipe_name: str, out: Path, runs: Path, budget_s: float | None, encoders: Path | None = None) -> bool:
+def run_units(recipe_name: str, out: Path, runs: Path, budget_s: float | None,
+              encoders: Path | None = None) -> bool:
     """The unfinished work of the units in order, each piece started only if its estimate fits what is left
     of the budget: a unit's pretraining with its earlier snapshots' evaluations (which must fit whole: those
     snapshots do not outlive the call), then its last snapshot's evaluations, in this call or, from the encoder
     brought home (`encoders`, by default out/encoders), in a later one. True when every unit is done."""
-    encoders = out / "encoders" if encoders is None else encoders
     recipe, rid = LONG_RECIPES[recipe_name], recipe_id(recipe_name, LONG_RECIPES)
+    encoders = out / "encoders" if encoders is None else encoders
+    every, epochs = recipe["pretrain_run"].get("snapshot_every", 0), recipe["pretrain"]["epochs"]
+    if not every or any(e % every or e > epochs for e in recipe["snapshots"]) or recipe["snapshots"][-1] != epochs:
+        raise ValueError(f"{recipe_name}: snapshots {recipe['snapshots']} must be multiples of snapshot_every "
+                         f"{every} and end at the last epoch ({epochs})")
     start, runs = time.perf_counter(), runs / rid
     last_items = [i for i in snapshot_items(recipe) if i.endswith(f"_e{recipe['snapshots'][-1]}")]
 
@@ -252,12 +268,16 @@ def merge(returned: Path, out: Path) -> None:
     archive = returned / "long.tgz"
     if not archive.is_file():
         raise SystemExit(f"merge: no long.tgz in {returned}")
-    study.merge(archive, out)
-    encoders = sorted(returned.glob("enc-*"))
+    merged = study.merge(archive, out)
+    taken = {encoder_stem(key.split("/")[1], int(key.split("/")[2][1:]))
+             for key in merged["added"] + merged["replaced"] if key.endswith("/pretrain")}
+    encoders = [p for p in sorted(returned.glob("enc-*")) if p.name.split(".")[0] in taken]
+    skipped = len(list(returned.glob("enc-*"))) - len(encoders)
     (out / "encoders").mkdir(parents=True, exist_ok=True)
-    for path in encoders:
+    for path in encoders:  # only those of pretrainings recorded here: a repeat's encoder would not match them
         shutil.copy(path, out / "encoders" / path.name)
-    print(f"[long] {len(encoders)} encoder files brought home to {out / 'encoders'}")
+    print(f"[long] {len(encoders)} encoder files brought home to {out / 'encoders'}"
+          + (f"; {skipped} of repeated pretrainings left out" if skipped else ""))
 
 
 def pack_call(out: Path, dest: Path) -> None:

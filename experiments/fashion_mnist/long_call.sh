@@ -13,7 +13,7 @@ if [[ $commit =~ ^[0-9a-f]{40}$ ]]; then commit=${commit:0:7}; fi  # recorded sh
 budget=${2:-9.2}
 : "${OUT:?set OUT to the folder the results go to}"
 export PYTHONPATH=$PWD/src STAR_DATA=${STAR_DATA:-$PWD/.fmnist} STAR_COMMIT=$commit TQDM_DISABLE=1 PYTHONUNBUFFERED=1
-work=/tmp/long && rm -rf $work && mkdir -p $work
+work=/tmp/long && rm -rf $work /tmp/longruns && mkdir -p $work  # a warm machine keeps an earlier call's files
 for name in results.json curves figures; do
     [ -e experiments/fashion_mnist/long/$name ] && cp -r experiments/fashion_mnist/long/$name $work/
 done
