@@ -329,7 +329,10 @@ def test_snapshots_keep_the_model_at_every_nth_epoch(tmp_path, capsys):
     assert all(torch.equal(final[k], last[k]) for k in final)
     assert not all(torch.equal(final[k], first[k]) for k in final)
     ft = tmp_path / "ft"
-    assert star("finetune", *FINETUNE, *SYNTHETIC, "--pretrained", out / "model_epoch0001", "--output_dir", ft) == 0
+    assert star("finetune", *FINETUNE, *SYNTHETIC, "--pretrained", out / "model_epoch0001", "--output_dir", ft,
+                "--snapshot_every", "1") == 0
     assert f"initialised from {out / 'model_epoch0001'}" in capsys.readouterr().out
+    # a classifier's snapshot names its classes, as its model/ does, for `star predict`
+    assert (ft / "model_epoch0001" / "classes.json").read_text() == (ft / "model" / "classes.json").read_text()
     assert star("pretrain", *PRETRAIN, *SYNTHETIC, "--snapshot_every", "-1", "--output_dir", tmp_path / "bad") == 2
     assert "--snapshot_every must be >= 0" in capsys.readouterr().err

@@ -1,12 +1,11 @@
 """`star pretrain/finetune/linprobe`: build what a `TrainConfig` describes (`star.build`), train it (the
 engine in `star.training`) and save the final weights with the config beside them (MAE's entry point)."""
 
-import json
 import traceback
 
 from star.build import build_loaders, build_model, build_trainer, check_num_classes, num_skipped
-from star.config import TrainConfig, check_config, save_config
-from star.models.hub import CLASSES_FILE, MODEL_DIR, RUN_CONFIG_FILE
+from star.config import TrainConfig, check_config
+from star.models.hub import MODEL_DIR
 from star.training import create_loss_fn, seed_everything
 from star.training.distributed import destroy_distributed, full_model_state_dict, init_distributed, is_sharded
 
@@ -42,10 +41,7 @@ def _train(cfg: TrainConfig) -> dict:
             if trainer.ema is not None:
                 saved.append((trainer.ema.module, None, trainer.run_dir / f"{MODEL_DIR}_ema"))
             for module, state, folder in saved:
-                module.save_pretrained(folder, state_dict=state)
-                save_config(cfg, folder / RUN_CONFIG_FILE)
-                if cfg.task != "pretrain":  # `star predict` names classes with it
-                    (folder / CLASSES_FILE).write_text(json.dumps(list(train_loader.dataset.classes)) + "\n")
+                trainer.write_model_folder(module, folder, state)
             splits = {"training": train_loader, "validation": val_loader}
             skipped = {name: num_skipped(loader.dataset) for name, loader in splits.items() if loader is not None}
             if any(skipped.values()):

@@ -15,6 +15,11 @@ RUN_CONFIG_FILE = "run_config.yaml"  # the run's config beside its weights: how 
 CLASSES_FILE = "classes.json"  # class names beside a classifier's weights
 WEIGHTS_NAME = "model.safetensors"
 
+
+def snapshot_dir(run_dir: Union[str, Path], epoch: int) -> Path:
+    """Where a run keeps its model at the end of `epoch` (`--snapshot_every`): <run>/model_epochNNNN."""
+    return Path(run_dir) / f"{MODEL_DIR}_epoch{epoch:04d}"
+
 ARCHITECTURES: Dict[str, type] = {}  # class name -> class, filled by `register_architecture`
 
 

@@ -35,7 +35,7 @@ from torch import nn
 from tqdm import tqdm
 
 from star.config import CUDA_GRAPH_MODES, TrainConfig, config_to_dict, save_config
-from star.models.hub import MODEL_DIR, RUN_CONFIG_FILE, load_state_dict_checked
+from star.models.hub import CLASSES_FILE, RUN_CONFIG_FILE, load_state_dict_checked, snapshot_dir
 from star.training.checkpoint import (atomic_write, clean_interrupted_saves, find_resumable, latest_checkpoint,
                                       lock_run_dir, read_checkpoint, resolve_checkpoint, save_checkpoint,
                                       step_checkpoints)
@@ -164,16 +164,24 @@ class Trainer:
             self.last_checkpoint = save_checkpoint(self.run_dir, self.step, weights, state, self.cfg.keep_last)
         self._saved_step = self.step
 
+    def write_model_folder(self, module: nn.Module, folder: Path, state_dict: Optional[dict] = None) -> None:
+        """A model folder that `--pretrained`, `star eval` and `star predict` read: `module`'s weights (or
+        `state_dict`, e.g. gathered from a sharded model), the run's config beside them, and for a classifier
+        the names of its classes. Rank 0 only."""
+        module.save_pretrained(folder, state_dict=state_dict)
+        save_config(self.cfg, folder / RUN_CONFIG_FILE)
+        if self.cfg.task != "pretrain":  # `star predict` names classes with it
+            (folder / CLASSES_FILE).write_text(json.dumps(list(self.train_loader.dataset.classes)) + "\n")
+
     def save_snapshot(self) -> Path:
-        """The model at this epoch's end as a model folder, <run>/model_epochNNNN, that `--pretrained`,
-        `star eval` and `star predict` read like the final model/ (`snapshot_every`: encoders kept at several
-        points of one long pretraining). Every rank must call this, as it gathers sharded weights."""
+        """The model at this epoch's end as a model folder, <run>/model_epochNNNN (`snapshot_every`: encoders
+        kept at several points of one long pretraining). Every rank must call this, as it gathers sharded
+        weights."""
         self._check_weights()
         weights = full_model_state_dict(self.model) if is_sharded(self.model) else None
-        folder = self.run_dir / f"{MODEL_DIR}_epoch{self.epoch:04d}"
+        folder = snapshot_dir(self.run_dir, self.epoch)
         if self.is_main:
-            self.model.save_pretrained(folder, state_dict=weights)
-            save_config(self.cfg, folder / RUN_CONFIG_FILE)
+            self.write_model_folder(self.model, folder, weights)
         return folder
 
     def _check_weights(self) -> None:
