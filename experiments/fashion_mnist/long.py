@@ -35,7 +35,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from star.models import StarPretrain
-from star.models.hub import CONFIG_NAME, MODEL_DIR, RUN_CONFIG_FILE
+from star.models.hub import CONFIG_NAME, RUN_CONFIG_FILE, WEIGHTS_NAME, snapshot_dir
 from star.training.provenance import environment
 
 from . import study
@@ -44,6 +44,12 @@ from .recipes import LONG_ARMS, LONG_RECIPES, LONG_SNAPSHOT_EVALS, LONG_UNITS, r
 HERE = Path(__file__).resolve().parent / "long"
 REPO = Path(__file__).resolve().parents[2]
 PART_BYTES = 15 * 2**20  # the device returns files of at most 16 MiB
+DECODER = ("decoder", "feature_")  # names of the pretraining-only weights: the decoder and its feature projection
+
+
+def unit_snapshot(runs: Path, arm: str, seed: int, epoch: int) -> Path:
+    """A unit's pretraining snapshot of `epoch` under the runs folder."""
+    return snapshot_dir(runs / arm / f"s{seed}" / "pretrain", epoch)
 
 
 def snapshot_items(recipe: dict) -> list[str]:
@@ -62,7 +68,7 @@ def estimate(results: dict, rid: str, recipe: dict, item: str, arm: str) -> floa
 
     if item == "pretrain":
         seconds = slowest("pretrain", lambda e: e.get("num_images") == LONG_ARMS[arm]["num_images"])
-        if seconds is None and slowest("pretrain") is not None:
+        if seconds is None:
             seconds = slowest("pretrain")
     else:
         seconds = slowest(item.split("_e")[0])
@@ -76,8 +82,8 @@ def encoder_stem(arm: str, seed: int) -> str:
 def pack_encoder(model_dir: Path, dest: Path, stem: str) -> list[Path]:
     """The pretraining model's encoder (every weight but the decoder's and its feature projection, fp32) as
     dest/<stem>.partN.safetensors files under PART_BYTES each, plus <stem>.json (the model's config)."""
-    weights = load_file(str(Path(model_dir) / "model.safetensors"))
-    encoder = {k: v for k, v in weights.items() if not k.startswith(("decoder", "feature_"))}
+    weights = load_file(str(Path(model_dir) / WEIGHTS_NAME))
+    encoder = {k: v for k, v in weights.items() if not k.startswith(DECODER)}
     dest.mkdir(parents=True, exist_ok=True)
     parts, part, size = [], {}, 0
     for key in sorted(encoder):
@@ -105,7 +111,7 @@ def unpack_encoder(src: Path, stem: str, model_dir: Path) -> Path:
     config.pop("architecture")
     model = StarPretrain(**config)
     missing, unexpected = model.load_state_dict(encoder, strict=False)
-    lost = [k for k in missing if not k.startswith(("decoder", "feature_"))]
+    lost = [k for k in missing if not k.startswith(DECODER)]
     if lost or unexpected:
         raise ValueError(f"{src}/{stem}: encoder weights missing {lost[:5]}, unexpected {list(unexpected)[:5]}")
     return model.save_pretrained(model_dir)
@@ -117,7 +123,7 @@ def evaluate_snapshot(recipe_name: str, arm: str, seed: int, runs: Path, epoch: 
     each handed to `record(item, entry)` as soon as it ends (in the run's process it is recorded at once, so a
     call cut off keeps the ones done; eval-snapshot writes its entries when all are done)."""
     recipe = LONG_RECIPES[recipe_name]
-    snapshot = runs / arm / f"s{seed}" / "pretrain" / f"{MODEL_DIR}_epoch{epoch:04d}"
+    snapshot = unit_snapshot(runs, arm, seed, epoch)
     for item in evals:
         print(f"[long] {arm} seed {seed}: {item} of the epoch-{epoch} encoder", flush=True)
         run_dir = study._fresh(runs / arm / f"s{seed}" / f"{item}_e{epoch}")
@@ -131,15 +137,15 @@ class SnapshotEvaluator(threading.Thread):
     runs in a process of its own (`long.py eval-snapshot`): in the pretraining's process it would reseed its
     RNG and launch kernels into its CUDA graphs. `entries` collects item -> entry; `failed` what went wrong."""
 
-    def __init__(self, recipe_name: str, arm: str, seed: int, runs: Path, epochs, stop: threading.Event):
+    def __init__(self, recipe_name: str, arm: str, seed: int, runs: Path, epochs):
         super().__init__(daemon=True)
-        self.args, self.epochs, self.stop = (recipe_name, arm, seed, runs), epochs, stop
+        self.args, self.epochs, self.stop = (recipe_name, arm, seed, runs), epochs, threading.Event()
         self.entries, self.failed, self.child = {}, [], None
 
     def run(self) -> None:
         recipe_name, arm, seed, runs = self.args
         for epoch in self.epochs:
-            ready = runs / arm / f"s{seed}" / "pretrain" / f"{MODEL_DIR}_epoch{epoch:04d}" / RUN_CONFIG_FILE
+            ready = unit_snapshot(runs, arm, seed, epoch) / RUN_CONFIG_FILE
             while not ready.is_file():  # written last, after the weights
                 if self.stop.wait(2.0) and not ready.is_file():
                     self.failed.append(f"epoch {epoch}: the pretraining ended without this snapshot")
@@ -180,8 +186,7 @@ def pretrain_unit(recipe_name: str, arm: str, seed: int, out: Path, runs: Path) 
     record = _recorder(out, rid, arm, seed)
     *earlier, last = recipe["snapshots"]
     study._fresh(runs / arm / f"s{seed}")  # no snapshot of a run cut off before is taken for this one's
-    stop = threading.Event()
-    beside = SnapshotEvaluator(recipe_name, arm, seed, runs, earlier, stop)
+    beside = SnapshotEvaluator(recipe_name, arm, seed, runs, earlier)
     beside.start()
     print(f"[long] {arm} seed {seed}: pretrain", flush=True)
     try:
@@ -189,14 +194,13 @@ def pretrain_unit(recipe_name: str, arm: str, seed: int, out: Path, runs: Path) 
     except BaseException:
         beside.cancel()
         raise
-    stop.set()  # the last snapshot is written: wait for nothing more
+    beside.stop.set()  # the last snapshot is written: wait for nothing more
     beside.join()
     # what finished is kept even if an evaluation beside failed (that one is redone with the unit)
     record("pretrain", {**pretrain, "snapshots_evaluated_beside": earlier})
     for item, entry in beside.entries.items():
         record(item, {**entry, "beside_pretraining": True})
-    pack_encoder(runs / arm / f"s{seed}" / "pretrain" / f"{MODEL_DIR}_epoch{last:04d}", out / "encoders",
-                 encoder_stem(arm, seed))
+    pack_encoder(unit_snapshot(runs, arm, seed, last), out / "encoders", encoder_stem(arm, seed))
     if beside.failed:
         raise RuntimeError(f"{arm} s{seed}: evaluating a snapshot beside the pretraining failed: {beside.failed}")
 
@@ -206,7 +210,7 @@ def evaluate_last(recipe_name: str, arm: str, seed: int, out: Path, runs: Path, 
     one brought home by an earlier call (in `encoders`, unpacked)."""
     recipe, rid = LONG_RECIPES[recipe_name], recipe_id(recipe_name, LONG_RECIPES)
     last = recipe["snapshots"][-1]
-    snapshot = runs / arm / f"s{seed}" / "pretrain" / f"{MODEL_DIR}_epoch{last:04d}"
+    snapshot = unit_snapshot(runs, arm, seed, last)
     if not (snapshot / CONFIG_NAME).is_file():
         unpack_encoder(encoders, encoder_stem(arm, seed), snapshot)
     evaluate_snapshot(recipe_name, arm, seed, runs, last, _recorder(out, rid, arm, seed), evals)

@@ -85,8 +85,10 @@ def item_key(recipe: str, arm: str, seed: int, item: str) -> str:
 # ---------------------------------------------------------------------------- configs
 
 
-def _flags(values: dict, section: str) -> list[str]:
-    return [a for k, v in values.items() for a in (f"--{section}.{k}", str(v))]
+def _flags(values: dict, section: str = "") -> list[str]:
+    """Command-line overrides of `values`, in a config section ("model", "optim") or at the top level."""
+    prefix = f"--{section}." if section else "--"
+    return [a for k, v in values.items() for a in (prefix + k, str(v))]
 
 
 def _common(recipe: dict, seed: int, output_dir: Path) -> list[str]:
@@ -107,7 +109,7 @@ def pretrain_config(recipe: dict, arm: str, seed: int, output_dir: Path, arms: d
     flags += _flags(recipe["pretrain"], "optim") + ["--data.num_samples", str(recipe["train_images"])]
     # the study ran before the per-image decoder window was the default: an arm that names none keeps "sequence"
     flags += _flags({"decoder_window": "sequence", **arms[arm]}, "model")
-    flags += [a for k, v in recipe.get("pretrain_run", {}).items() for a in (f"--{k}", str(v))]
+    flags += _flags(recipe.get("pretrain_run", {}))
     return apply_overrides(load_config(PRESET, "pretrain"), flags)
 
 
