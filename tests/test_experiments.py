@@ -517,3 +517,19 @@ def test_long_estimates_take_an_unmeasured_k_at_the_slowest_measured():
     assert long.estimate(results, rid, recipe, "pretrain", "arm_k1") == pytest.approx(1.1 * 476 + 20)
     assert long.estimate(results, rid, recipe, "ft1_e100", "arm_k1") == pytest.approx(1.1 * 30 + 20)
     assert long.estimate({}, rid, recipe, "linprobe_e100", "arm_k1") == pytest.approx(1.1 * 25 + 20)
+
+
+def test_epoch_starts_splits_a_curve_into_compilation_steady_rate_and_epoch_start_waits(tmp_path):
+    from experiments.fashion_mnist import long
+
+    # 10 steps per epoch, a row every 4 steps, batch 100: steady 1000 img/s. The windows that start an epoch
+    # (steps 11-12 and 21-24) log 500 img/s: 0.2 s and 0.4 s more than at the steady rate
+    lines = ["step,epoch,train/loss,train/img_s", "1,0.1,1.0,10"]
+    for step in range(4, 31, 4):
+        starts = (step - 1) // 10 != (step - 5) // 10 and step > 10
+        lines.append(f"{step},{step / 10},1.0,{500 if starts else 1000}")
+    (tmp_path / "curve.csv").write_text("\n".join(lines) + "\n")
+    got = long.epoch_starts(tmp_path / "curve.csv", 100)
+    assert got["steps_per_epoch"] == 10 and got["first_step_s"] == pytest.approx(10.0)
+    assert got["steady_img_s"] == 1000 and got["epoch_start_windows"] == 2
+    assert got["extra_s_per_epoch_start"] == pytest.approx(0.3) and got["extra_s_total"] == pytest.approx(0.6)

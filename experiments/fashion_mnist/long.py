@@ -5,6 +5,7 @@ The long study (recipes.LONG_*), on the machinery of study.py, in resumable unit
     python -m experiments.fashion_mnist.long run --budget-min 9.4   # the next units that fit in 9.4 minutes
     python -m experiments.fashion_mnist.long status                # done / to do
     python -m experiments.fashion_mnist.long merge --returned DIR  # bring a GPU call's results and encoders home
+    python -m experiments.fashion_mnist.long epoch-starts --curve CSV --batch-size 2048  # where a run's time went
 
 (from the repo root, with star importable: installed, or PYTHONPATH=src). One GPU call:
 
@@ -23,8 +24,10 @@ built yet). Results go to long/results.json under keys that name the recipe, as 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -257,6 +260,27 @@ def run_units(recipe_name: str, out: Path, runs: Path, budget_s: float | None,
     return True
 
 
+def epoch_starts(curve: Path, batch_size: int) -> dict:
+    """Where a pretraining's time goes, from its loss curve (metrics.csv): the trainer logs images/s over the
+    steps since its last row, restarting the count at every epoch's start. Returns the first step's seconds
+    (compilation), the steady images/s (median of the windows inside an epoch), and the extra seconds of the
+    windows that start an epoch over that rate (the wait for the loader's first batch), per window and in all."""
+    rows = [r for r in csv.DictReader(open(curve, newline="")) if r.get("train/img_s")]
+    per_epoch = round(int(rows[-1]["step"]) / float(rows[-1]["epoch"]))
+    windows, prev = [], int(rows[0]["step"])
+    for r in rows[1:]:
+        step = int(r["step"])
+        epoch_start = per_epoch * ((step - 1) // per_epoch)
+        start = max(prev, epoch_start)
+        windows.append((start == epoch_start, step - start, float(r["train/img_s"])))
+        prev = step
+    steady = statistics.median(rate for at_start, _, rate in windows if not at_start)
+    extra = [n * batch_size / rate - n * batch_size / steady for at_start, n, rate in windows if at_start]
+    return dict(steps_per_epoch=per_epoch, first_step_s=batch_size / float(rows[0]["train/img_s"]),
+                steady_img_s=steady, epoch_start_windows=len(extra), extra_s_per_epoch_start=statistics.mean(extra),
+                extra_s_total=sum(extra))
+
+
 def status(recipe_name: str, out: Path) -> None:
     recipe, rid = LONG_RECIPES[recipe_name], recipe_id(recipe_name, LONG_RECIPES)
     results = study.load_results(out / "results.json")
@@ -298,7 +322,7 @@ def pack_call(out: Path, dest: Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("command", choices=("run", "status", "merge", "pack", "eval-snapshot"))
+    parser.add_argument("command", choices=("run", "status", "merge", "pack", "eval-snapshot", "epoch-starts"))
     parser.add_argument("--recipe", default="long-h100", choices=sorted(LONG_RECIPES))
     parser.add_argument("--budget-min", type=float, default=None, help="start no unit that would end past this")
     parser.add_argument("--out", type=Path, default=HERE, help="where results.json, curves/, figures/ go")
@@ -311,7 +335,14 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, help="eval-snapshot: the unit's seed")
     parser.add_argument("--epoch", type=int, help="eval-snapshot: the snapshot's epoch")
     parser.add_argument("--entries", type=Path, help="eval-snapshot: the JSON file its entries go to")
+    parser.add_argument("--curve", type=Path, help="epoch-starts: a pretraining's metrics.csv (loss curve)")
+    parser.add_argument("--batch-size", type=int, help="epoch-starts: that run's images per step")
     args = parser.parse_args(argv)
+    if args.command == "epoch-starts":
+        if args.curve is None or args.batch_size is None:
+            parser.error("epoch-starts needs --curve CSV and --batch-size N")
+        print(json.dumps(epoch_starts(args.curve, args.batch_size), indent=1))
+        return 0
     if args.command == "eval-snapshot":  # pretrain_unit's helper process (SnapshotEvaluator)
         if None in (args.arm, args.seed, args.epoch, args.entries):
             parser.error("eval-snapshot needs --arm, --seed, --epoch and --entries")

@@ -95,7 +95,7 @@ LONG_SNAPSHOT_EVALS = ("linprobe", "ft1")  # at every snapshot; the full fine-tu
 # per step in kernels; `study.py bench-train`, experiments/fashion_mnist/long/bench_train_*.json). lr follows
 # the paper's rule, blr 1.5e-4 x 2048 / 256 = 1.2e-3 (the 4-epoch study ran at 1e-3), warm-up 5 epochs.
 # The first 100-epoch run took 476 s, not 290: ~50 s of compilation and ~1.1 s at each epoch's start, where the
-# loader makes its first batch (long/cutoff_6205893.json).
+# loader makes its first batch (long/cutoff_6205893.json, long/cutoff_6205893_epoch_starts.json).
 LONG_RECIPES = {
     "long-h100": dict(
         code=1, dataset="fashion-mnist", train_images=None, num_workers=12, val_size=5000, max_steps=None,
