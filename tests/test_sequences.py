@@ -56,6 +56,24 @@ def test_sampler_resume_mid_epoch():
         StarBatchSampler(96, 16, 4, seed=7).load_state_dict(state)
 
 
+def test_a_pass_can_span_epochs_and_resume_inside_one():
+    epochs = [_epoch(StarBatchSampler(96, 8, 4, seed=7), e) for e in range(4)]
+    spanning = StarBatchSampler(96, 8, 4, seed=7)
+    spanning.set_epoch(1)
+    spanning.span_epochs(3, batches_per_epoch=5)  # the loop consumes 5 of the 12 batches per epoch
+    assert list(spanning) == epochs[1][:5] + epochs[2][:5] + epochs[3][:5]
+    assert spanning.epoch == 3 and spanning.state_dict(batches_done=2, epoch=2)["epoch"] == 2
+
+    resumed = StarBatchSampler(96, 8, 4, seed=7)
+    resumed.load_state_dict(spanning.state_dict(batches_done=2, epoch=2))
+    resumed.set_epoch(2)
+    resumed.span_epochs(2, batches_per_epoch=5)
+    assert list(resumed) == epochs[2][2:5] + epochs[3][:5]  # the resumed epoch's rest, then whole ones
+    for bad, match in [((0,), "at least 1 epoch"), ((2, 13), r"batches_per_epoch must be in \[1, 12\]")]:
+        with pytest.raises(ValueError, match=match):
+            spanning.span_epochs(*bad)
+
+
 def test_sampler_distributed_ranks_disjoint_and_covering():
     single = [i for b in _epoch(StarBatchSampler(96, 8, 4, seed=1), 5) for i in b]
     ranks = [StarBatchSampler(96, 8, 4, seed=1, num_replicas=3, rank=r) for r in range(3)]

@@ -251,6 +251,47 @@ def test_resume_retraces_the_uninterrupted_run(tmp_path, task, save_every, check
             torch.testing.assert_close(v, b["ema"][k], rtol=0, atol=1e-6)
 
 
+class PerEpochSampler:
+    """A StarBatchSampler without `span_epochs`: the trainer makes a new loader iterator at every epoch."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+        for name in ("set_epoch", "state_dict", "load_state_dict", "__len__", "__iter__"):
+            setattr(self, name, getattr(sampler, name))
+
+    def __len__(self):
+        return len(self.sampler)
+
+    def __iter__(self):
+        return iter(self.sampler)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_one_loader_iterator_spans_the_epochs_and_trains_on_what_per_epoch_iterators_give(tmp_path, monkeypatch,
+                                                                                          workers):
+    """7 batches per epoch, accum 2: each epoch trains on its first 6 batches, with one iterator for the run."""
+    starts, passes = [], StarBatchSampler.__iter__
+
+    def counted_passes(self):  # a generator: counts the passes that yield, not iter() calls (workers make two)
+        starts.append(self.epoch)
+        yield from passes(self)
+
+    monkeypatch.setattr(StarBatchSampler, "__iter__", counted_passes)
+    losses = {}
+    for name, wrap in [("spanning", lambda s: s), ("per-epoch", PerEpochSampler)]:
+        cfg = make_cfg(tmp_path / name, "pretrain")
+        model, loss_fn, train, _ = make_job(cfg)
+        data = make_data(56)
+        train = DataLoader(data, batch_sampler=wrap(StarBatchSampler(len(data), 8, 2, seed=cfg.seed)),
+                           num_workers=workers, persistent_workers=workers > 0, collate_fn=train.collate_fn,
+                           generator=torch.Generator())  # iter() would draw from the RNG the dropout uses
+        starts.clear()
+        build_trainer(cfg, model, loss_fn, train).fit()
+        assert starts == ([0] if name == "spanning" else [0, 1, 2])
+        losses[name] = read_losses(tmp_path / name)
+    assert sorted(losses["spanning"]) == list(range(1, 10)) and losses["spanning"] == losses["per-epoch"]
+
+
 def test_resume_auto_on_a_new_run_says_it_starts_from_scratch(tmp_path, capsys):
     cfg = dataclasses.replace(make_cfg(tmp_path / "new", "finetune"), resume="auto")
     trainer = build_trainer(cfg, *make_job(cfg))

@@ -46,7 +46,8 @@ class StarBatchSampler(Sampler[list[int]]):
     the ranks, never duplicated. Call `set_epoch(e)` before each epoch, as with DistributedSampler,
     or every epoch repeats the same order. len() is always a full epoch's batches (what LR schedules
     need), also while a resumed epoch yields only its remaining batches. With `sample_seeds` each index
-    comes as (index, key), the key naming the seed, epoch and index, for `SeededSamples`.
+    comes as (index, key), the key naming the seed, epoch and index, for `SeededSamples`. `span_epochs`
+    makes one iter() run through several epochs, so that one DataLoader iterator serves a whole run.
     """
 
     def __init__(self, num_images, batch_size, images_per_seq, seed=0, drop_last=True, num_replicas=None, rank=None,
@@ -76,6 +77,7 @@ class StarBatchSampler(Sampler[list[int]]):
         self.epoch = 0
         self._start_batch = 0  # where the next pass begins (non-zero only right after a resume)
         self._batches_yielded = 0
+        self._span = (1, None)  # epochs per iter(), batches taken from each (None: all)
 
     def __len__(self):
         full, rest = divmod(self.num_sequences, self.seqs_per_batch * self.num_replicas)
@@ -102,28 +104,48 @@ class StarBatchSampler(Sampler[list[int]]):
             batches.append(tail[self.rank * share:(self.rank + 1) * share])
         return batches
 
-    def __iter__(self):
-        start, self._start_batch = self._start_batch, 0
-        batches = self._rank_batches()
-        self._batches_yielded = start
-        for batch in batches[start:]:
-            self._batches_yielded += 1
-            indices = batch.flatten().tolist()
-            yield [(i, f"{self.seed}/{self.epoch}/{i}") for i in indices] if self.sample_seeds else indices
+    def span_epochs(self, epochs: int, batches_per_epoch: int | None = None) -> None:
+        """Make the next iter() yield `epochs` epochs back to back, from the current one, each cut to its first
+        `batches_per_epoch` batches (the ones a training loop consumes).
 
-    def state_dict(self, batches_done: int | None = None) -> dict:
+        A DataLoader's workers then load the next epoch's first batches while the current epoch's last ones
+        train; with one iter() per epoch the loop waits at every epoch start for a worker to load a whole
+        batch. The sampler's `epoch` runs ahead of the loop by the prefetch depth, so a loop saving its
+        position passes its own epoch and batch count to `state_dict`.
+        """
+        if epochs < 1:
+            raise ValueError(f"a pass spans at least 1 epoch, got {epochs}")
+        if batches_per_epoch is not None and not 1 <= batches_per_epoch <= len(self):
+            raise ValueError(f"batches_per_epoch must be in [1, {len(self)}], got {batches_per_epoch}")
+        self._span = (epochs, batches_per_epoch)
+
+    def __iter__(self):
+        epochs, per_epoch = self._span
+        for n in range(epochs):
+            if n:
+                self.epoch += 1
+            start, self._start_batch = self._start_batch, 0
+            batches = self._rank_batches()[:per_epoch]
+            self._batches_yielded = start
+            for batch in batches[start:]:
+                self._batches_yielded += 1
+                indices = batch.flatten().tolist()
+                yield [(i, f"{self.seed}/{self.epoch}/{i}") for i in indices] if self.sample_seeds else indices
+
+    def state_dict(self, batches_done: int | None = None, epoch: int | None = None) -> dict:
         """Position in the epoch, for resuming mid-epoch.
 
         With DataLoader workers the sampler runs ahead of the training loop by the prefetch depth, so
-        pass `batches_done` = the number of batches the loop has actually consumed this epoch; without
-        it the count of batches this sampler has handed out is stored (exact for num_workers=0).
-        `sequences_done` counts the sequences all ranks together consumed: the world-size-free position.
+        pass `batches_done` = the number of batches the loop has actually consumed this epoch (and, for
+        a pass that spans epochs, the loop's `epoch`); without them the sampler's own position is stored
+        (exact for num_workers=0). `sequences_done` counts the sequences all ranks together consumed: the
+        world-size-free position.
         """
         batches_done = self._batches_yielded if batches_done is None else batches_done
         if not 0 <= batches_done <= len(self):
             raise ValueError(f"batches_done must be in [0, {len(self)}], got {batches_done}")
         return {
-            "epoch": self.epoch,
+            "epoch": self.epoch if epoch is None else epoch,
             "batches_done": batches_done,
             "sequences_done": min(batches_done * self.seqs_per_batch * self.num_replicas, self.num_sequences),
             "seed": self.seed,

@@ -71,7 +71,9 @@ class Trainer:
     (e.g. `star.data.StarBatchSampler`, K=1 for classification) should have `set_epoch(epoch)`,
     `state_dict(batches_done=n)` and `load_state_dict(state)`, the last making the next iter() start
     at batch n of the saved epoch; without them resuming mid-epoch draws and discards the batches
-    already consumed (correct, but slow). `val_loader`, for classification tasks, yields (images, labels).
+    already consumed (correct, but slow). A sampler with `span_epochs` (and `state_dict(batches_done=n,
+    epoch=e)`) gets one iterator for the whole run, so no epoch starts by waiting for its first batch.
+    `val_loader`, for classification tasks, yields (images, labels).
     The model arrives on `device` with its optimizer, lr schedule and EMA built (`star.build.build_trainer`);
     `train_model` is the model as the loss calls it (DDP-wrapped, compiled), `model` the module whose weights
     are saved. The trainer owns the run directory: it locks it, resumes from it and writes to it.
@@ -100,6 +102,7 @@ class Trainer:
         self._saved_step: Optional[int] = None  # the step last_checkpoint holds: a step is saved once
         self._rng_to_restore: Optional[dict] = None
         self._sampler_to_restore: Optional[dict] = None
+        self._run_batches = None  # the iterator that spans the run's epochs, where the sampler can
         self.metrics, self._lock = None, None
         if self.is_main:  # the only writer of run_dir, from here to close()
             self._lock = lock_run_dir(self.run_dir)
@@ -315,9 +318,20 @@ class Trainer:
 
     def _sampler_state(self) -> Optional[dict]:
         sampler = getattr(self.train_loader, "batch_sampler", None)
-        return sampler.state_dict(batches_done=self.batches_done) if hasattr(sampler, "state_dict") else None
+        if not hasattr(sampler, "state_dict"):
+            return None
+        if hasattr(sampler, "span_epochs"):  # its own epoch may be ahead of the loop's
+            return sampler.state_dict(batches_done=self.batches_done, epoch=self.epoch)
+        return sampler.state_dict(batches_done=self.batches_done)
 
-    def _start_epoch_iterator(self):
+    def _epoch_batches(self):
+        """The iterator over the current epoch's remaining batches.
+
+        Where the batch sampler can span epochs, the first call makes one iterator for every epoch up to the
+        run's end, and later calls return it at the next epoch's start: the loader's workers load across the
+        epoch boundary, where a new iterator per epoch waits for a worker to load a whole batch."""
+        if self._run_batches is not None:
+            return self._run_batches
         sampler = getattr(self.train_loader, "batch_sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(self.epoch)
@@ -326,9 +340,15 @@ class Trainer:
             sampler.load_state_dict(self._sampler_to_restore)
             self.batches_done, skip = sampler.state_dict()["batches_done"], 0  # in this run's batches (world size)
         self._sampler_to_restore = None
-        # Creating the iterator draws from the RNG. A checkpoint from an epoch's end was saved before that
-        # epoch's iterator existed, so the RNG is restored first; one from mid-epoch after it, so after.
-        if self._rng_to_restore is not None and self.batches_done == 0:
+        spans = hasattr(sampler, "span_epochs")
+        if spans:
+            last_step = min(self.total_steps, self.cfg.max_steps or self.total_steps)
+            sampler.span_epochs(-(-last_step // self.steps_per_epoch) - self.epoch,
+                                self.steps_per_epoch * self.cfg.optim.accum_iter)
+        # Creating the iterator may draw from the RNG. A checkpoint from an epoch's end was saved before that
+        # epoch's iterator existed, so the RNG is restored first; one from mid-epoch, or from a run whose one
+        # iterator spans its epochs, after it, so after.
+        if self._rng_to_restore is not None and self.batches_done == 0 and not spans:
             set_rng_state(self._rng_to_restore)
             self._rng_to_restore = None
         it = iter(self.train_loader)
@@ -337,13 +357,15 @@ class Trainer:
         if self._rng_to_restore is not None:
             set_rng_state(self._rng_to_restore)
             self._rng_to_restore = None
+        if spans:
+            self._run_batches = it
         return it
 
     def train_one_epoch(self) -> None:
         """Run optimizer steps until the epoch ends or training is done; resumes mid-epoch."""
         cfg, accum = self.cfg, self.cfg.optim.accum_iter
         num_batches = self.steps_per_epoch * accum  # a trailing partial accumulation is dropped
-        it = self._start_epoch_iterator()
+        it = self._epoch_batches()
         self.train_model.train()
         quiet = os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true")  # tqdm's own switch, for log files
         bar = tqdm(total=num_batches, initial=self.batches_done, desc=f"{cfg.task} epoch {self.epoch}",
