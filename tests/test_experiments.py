@@ -516,7 +516,8 @@ def test_long_estimates_take_an_unmeasured_k_at_the_slowest_measured():
                "other-recipe/arm_k1/s0/pretrain": {"item": "pretrain", "num_images": 1, "wall_s": 9999.0}}
     assert long.estimate(results, rid, recipe, "pretrain", "arm_k1") == pytest.approx(1.1 * 476 + 20)
     assert long.estimate(results, rid, recipe, "ft1_e100", "arm_k1") == pytest.approx(1.1 * 30 + 20)
-    assert long.estimate({}, rid, recipe, "linprobe_e100", "arm_k1") == pytest.approx(1.1 * 25 + 20)
+    guess = recipe["estimate_s"]["linprobe"]
+    assert long.estimate({}, rid, recipe, "linprobe_e100", "arm_k1") == pytest.approx(1.1 * guess + 20)
 
 
 def test_epoch_starts_splits_a_curve_into_compilation_steady_rate_and_epoch_start_waits(tmp_path):
