@@ -277,19 +277,32 @@ def test_one_loader_iterator_spans_the_epochs_and_trains_on_what_per_epoch_itera
         yield from passes(self)
 
     monkeypatch.setattr(StarBatchSampler, "__iter__", counted_passes)
-    losses = {}
-    for name, wrap in [("spanning", lambda s: s), ("per-epoch", PerEpochSampler)]:
-        cfg = make_cfg(tmp_path / name, "pretrain")
+    def job(cfg, wrap=lambda sampler: sampler):
         model, loss_fn, train, _ = make_job(cfg)
         data = make_data(56)
         train = DataLoader(data, batch_sampler=wrap(StarBatchSampler(len(data), 8, 2, seed=cfg.seed)),
                            num_workers=workers, persistent_workers=workers > 0, collate_fn=train.collate_fn,
                            generator=torch.Generator())  # iter() would draw from the RNG the dropout uses
+        return model, loss_fn, train
+
+    losses = {}
+    for name, wrap in [("spanning", lambda s: s), ("per-epoch", PerEpochSampler)]:
+        cfg = make_cfg(tmp_path / name, "pretrain")
         starts.clear()
-        build_trainer(cfg, model, loss_fn, train).fit()
+        build_trainer(cfg, *job(cfg, wrap)).fit()
         assert starts == ([0] if name == "spanning" else [0, 1, 2])
         losses[name] = read_losses(tmp_path / name)
     assert sorted(losses["spanning"]) == list(range(1, 10)) and losses["spanning"] == losses["per-epoch"]
+
+    # stopped mid-epoch 1, when the workers have loaded into epoch 2, then resumed; and a fit() with a raised
+    # max_steps on the same trainer: its iterator was sized for the first fit's steps
+    cfg = make_cfg(tmp_path / "resumed", "pretrain", max_steps=4)
+    build_trainer(cfg, *job(cfg)).fit()
+    trainer = build_trainer(dataclasses.replace(cfg, resume="auto", max_steps=5), *job(cfg))
+    trainer.fit()
+    trainer.cfg = dataclasses.replace(trainer.cfg, max_steps=None)
+    trainer.fit()
+    assert read_losses(tmp_path / "resumed") == losses["spanning"]
 
 
 def test_resume_auto_on_a_new_run_says_it_starts_from_scratch(tmp_path, capsys):

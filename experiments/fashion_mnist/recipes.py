@@ -96,7 +96,8 @@ LONG_SNAPSHOT_EVALS = ("linprobe", "ft1")  # at every snapshot; the full fine-tu
 # the paper's rule, blr 1.5e-4 x 2048 / 256 = 1.2e-3 (the 4-epoch study ran at 1e-3), warm-up 5 epochs.
 # The first 100-epoch run took 476 s, not 290: ~50 s of compilation and ~1.1 s at each epoch's start, where the
 # loader made its first batch (long/cutoff_6205893.json, long/cutoff_6205893_epoch_starts.json); one loader
-# iterator now spans the run's epochs, so the guess below is 476 s less those 105 s, rounded up.
+# iterator now spans the run's epochs, so the pretraining guess below is 476 s less those 105 s, rounded up: a
+# projection, not a measurement. The evaluations' guesses are that run's times (19.9 and 32.7 s at epoch 25).
 LONG_RECIPES = {
     "long-h100": dict(
         code=1, dataset="fashion-mnist", train_images=None, num_workers=12, val_size=5000, max_steps=None,
@@ -105,7 +106,7 @@ LONG_RECIPES = {
         pretrain_run=dict(compile="true", compile_mode="reduce-overhead", snapshot_every=25),
         snapshots=(25, 50, 100),
         evals={item: RECIPES["h100"]["evals"][item] for item in LONG_SNAPSHOT_EVALS},
-        estimate_s=dict(pretrain=380, linprobe=20, ft1=33),  # the cut-off first run's times (H100), see above
+        estimate_s=dict(pretrain=380, linprobe=20, ft1=33),  # see above
     ),
     "long-smoke": dict(  # the same pipeline in seconds on a CPU (tests)
         dataset="synthetic", train_images=64, num_workers=0, val_size=16, max_steps=None,

@@ -72,7 +72,9 @@ class Trainer:
     `state_dict(batches_done=n)` and `load_state_dict(state)`, the last making the next iter() start
     at batch n of the saved epoch; without them resuming mid-epoch draws and discards the batches
     already consumed (correct, but slow). A sampler with `span_epochs` (and `state_dict(batches_done=n,
-    epoch=e)`) gets one iterator for the whole run, so no epoch starts by waiting for its first batch.
+    epoch=e)`) gets one iterator for the whole run, so no epoch starts by waiting for its first batch; a resume
+    is then exact where iter() draws nothing from the global RNG (`build_sequence_loader`'s loaders: a plain
+    DataLoader without a `generator` seeds its workers from it).
     `val_loader`, for classification tasks, yields (images, labels).
     The model arrives on `device` with its optimizer, lr schedule and EMA built (`star.build.build_trainer`);
     `train_model` is the model as the loss calls it (DDP-wrapped, compiled), `model` the module whose weights
@@ -296,6 +298,7 @@ class Trainer:
             self.close()
             raise
         finally:
+            self._run_batches = None  # sized for this fit(): a later one (a raised max_steps) makes its own
             if self.metrics is not None:
                 self.metrics.close()
         return results
@@ -341,10 +344,11 @@ class Trainer:
             self.batches_done, skip = sampler.state_dict()["batches_done"], 0  # in this run's batches (world size)
         self._sampler_to_restore = None
         spans = hasattr(sampler, "span_epochs")
-        if spans:
+        if spans:  # every epoch this fit() reaches: the current one's consumed batches plus the steps left
+            per_epoch = self.steps_per_epoch * self.cfg.optim.accum_iter
             last_step = min(self.total_steps, self.cfg.max_steps or self.total_steps)
-            sampler.span_epochs(-(-last_step // self.steps_per_epoch) - self.epoch,
-                                self.steps_per_epoch * self.cfg.optim.accum_iter)
+            batches = self.batches_done + (last_step - self.step) * self.cfg.optim.accum_iter
+            sampler.span_epochs(-(-batches // per_epoch), per_epoch)
         # Creating the iterator may draw from the RNG. A checkpoint from an epoch's end was saved before that
         # epoch's iterator existed, so the RNG is restored first; one from mid-epoch, or from a run whose one
         # iterator spans its epochs, after it, so after.
