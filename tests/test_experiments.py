@@ -534,3 +534,74 @@ def test_epoch_starts_splits_a_curve_into_compilation_steady_rate_and_epoch_star
     assert got["steps_per_epoch"] == 10 and got["first_step_s"] == pytest.approx(10.0)
     assert got["steady_img_s"] == 1000 and got["epoch_start_windows"] == 2
     assert got["extra_s_per_epoch_start"] == pytest.approx(0.3) and got["extra_s_total"] == pytest.approx(0.6)
+
+
+def test_long_finetune_search_climbs_the_epochs_ladder_only_while_it_gains_then_tries_each_variant():
+    from experiments.fashion_mnist import long
+
+    ft = dict(recipes.LONG_FT_RECIPES["long-ft-h100"], ladder=(12, 25, 50), gain=0.2, variant_epochs=25,
+              variants={"blr2e-3": {"optim.blr": 2e-3}, "ld0.9": {"optim.layer_decay": 0.9}})
+    results = {}
+
+    def holdout(item, top1, seed=0):
+        results[study.item_key("r", "star_k4", seed, item)] = {"val_top1": top1}
+
+    assert long.next_finetunes(ft, results, "r", "star_k4") == [(0, "tune_e12")]
+    holdout("tune_e12", 90.0)
+    assert long.next_finetunes(ft, results, "r", "star_k4") == [(0, "tune_e25")]
+    holdout("tune_e25", 90.1)  # +0.1 < gain: the 50-epoch rung is not run
+    assert long.next_finetunes(ft, results, "r", "star_k4") == [(0, "tune_blr2e-3"), (0, "tune_ld0.9")]
+    holdout("tune_blr2e-3", 90.1)  # ties go to the base
+    holdout("tune_ld0.9", 89.0)
+    assert long.next_finetunes(ft, results, "r", "star_k4") == [(s, "ft100") for s in recipes.SEEDS]
+    assert long.finetune_choice(ft, results, "r", "star_k4") == {"epochs": 25, "variant": "base"}
+    holdout("tune_e25", 90.5)  # a gain of 0.5: climb on
+    assert long.next_finetunes(ft, results, "r", "star_k4") == [(0, "tune_e50")]
+    holdout("tune_e50", 90.4)
+    holdout("tune_ld0.9", 90.9)
+    assert long.finetune_choice(ft, results, "r", "star_k4") == {"epochs": 25, "variant": "ld0.9"}
+    spec, flags = long.finetune_spec(ft, "ft100", {"epochs": 25, "variant": "ld0.9"})
+    assert spec["epochs"] == 25 and spec["blr"] == ft["base"]["blr"]
+    assert flags == ["--compile", "true", "--compile_mode", "reduce-overhead", "--optim.layer_decay", "0.9"]
+    assert long.finetune_spec(ft, "tune_e50", None)[0]["epochs"] == 50
+    rid = recipes.ft_recipe_id("long-ft-h100")
+    assert rid.startswith("long-ft-h100-") and rid != recipes.recipe_id("long-ft-h100", recipes.LONG_FT_RECIPES)
+
+
+def test_long_finetune_stage_tunes_on_the_holdout_then_measures_the_choice_on_test(tmp_path, one_thread,
+                                                                                   monkeypatch):
+    from experiments.fashion_mnist import long
+
+    monkeypatch.setattr(long, "LONG_UNITS", [("star_k4", 0)])
+    monkeypatch.setattr(long, "LONG_FT_ARMS", ("scratch", "star_k4"))
+    monkeypatch.setattr(long, "SEEDS", (0,))
+    device, home = tmp_path / "device", tmp_path / "home"
+    assert long.run_units("long-smoke", device, device / "runs", budget_s=None)
+    # nothing fits a spent budget
+    assert not long.run_finetunes("long-ft-smoke", device, device / "runs", lambda: 0.0)
+    rid = recipes.ft_recipe_id("long-ft-smoke")
+    assert not any(k.startswith(rid) for k in json.loads((device / "results.json").read_text()))
+    # at home, without the encoder: scratch finishes, star_k4 waits for its encoder to be carried
+    returned = tmp_path / "returned"
+    returned.mkdir()
+    long.pack_call(device, returned)
+    long.merge(returned, home)
+    (home / "encoders").rename(tmp_path / "away")
+    assert not long.run_finetunes("long-ft-smoke", home, tmp_path / "runs", lambda: None)
+    results = json.loads((home / "results.json").read_text())
+    assert f"{rid}/scratch/s0/ft100" in results and not any(k.startswith(f"{rid}/star_k4/") for k in results)
+    assert long.needed_encoders("long-smoke", home) == ["enc-star_k4-s0"]
+    assert long.stage("long-smoke", home, tmp_path / "carry", 2**30) == []  # not home
+    (tmp_path / "away").rename(home / "encoders")
+    assert long.stage("long-smoke", home, tmp_path / "carry", 1) == []  # over the limit
+    assert long.stage("long-smoke", home, tmp_path / "carry", 2**30) == ["enc-star_k4-s0"]
+    assert long.run_finetunes("long-ft-smoke", home, tmp_path / "runs", lambda: None, encoders=tmp_path / "carry")
+    results = json.loads((home / "results.json").read_text())
+    for arm in ("scratch", "star_k4"):
+        tuned = {k.rsplit("/", 1)[1]: e for k, e in results.items() if k.startswith(f"{rid}/{arm}/s0/tune_")}
+        assert {"tune_e1", "tune_e2", "tune_blr2e-3"} <= set(tuned)
+        assert all("test_top1" not in e and 0 <= e["val_top1"] <= 100 for e in tuned.values())  # holdout only
+        final = results[f"{rid}/{arm}/s0/ft100"]
+        assert 0 <= final["test_top1"] <= 100 and final["epochs"] == final["choice"]["epochs"]
+        assert final["choice"] == long.finetune_choice(recipes.LONG_FT_RECIPES["long-ft-smoke"], results, rid, arm)
+    assert long.needed_encoders("long-smoke", home) == []

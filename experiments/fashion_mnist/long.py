@@ -2,9 +2,10 @@
 
 The long study (recipes.LONG_*), on the machinery of study.py, in resumable units:
 
-    python -m experiments.fashion_mnist.long run --budget-min 9.4   # the next units that fit in 9.4 minutes
+    python -m experiments.fashion_mnist.long run --budget-min 9.2   # the next work that fits in 9.2 minutes
     python -m experiments.fashion_mnist.long status                # done / to do
     python -m experiments.fashion_mnist.long merge --returned DIR  # bring a GPU call's results and encoders home
+    python -m experiments.fashion_mnist.long stage                 # long/carry: the encoders the next call needs
     python -m experiments.fashion_mnist.long epoch-starts --curve CSV --batch-size 2048  # where a run's time went
 
 (from the repo root, with star importable: installed, or PYTHONPATH=src). One GPU call:
@@ -17,8 +18,12 @@ evaluation recipes), each measured once on the test split and recorded as it end
 evaluated beside the pretraining, which must fit one call with them, since those snapshots do not outlive
 it. The last one's encoder (pretraining weights without the decoder, fp32, in parts under 16 MiB for the
 device's file limit) comes home to encoders/: its evaluations run in the same call if they fit, else in a
-later one that carries encoders/; the full fine-tunes of the issue are to start from these encoders too (not
-built yet). Results go to long/results.json under keys that name the recipe, as in study.py.
+later one that carries it (`stage` copies what the next call needs into carry/, which the call names).
+
+The full fine-tune (recipes.LONG_FT_RECIPES) fills the time the units leave: for no pretraining, ARM and STAR
+alike, settings chosen on the holdout from seed 0's 100-epoch encoder (`next_finetunes`: an epochs ladder,
+then lr, layer decay and augmentation variants), then the choice on every seed, measured once on the test
+split. Results go to long/results.json under keys that name the recipe, as in study.py.
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ from star.models.hub import CONFIG_NAME, RUN_CONFIG_FILE, WEIGHTS_NAME, snapshot
 from star.training.provenance import environment
 
 from . import study
-from .recipes import LONG_ARMS, LONG_RECIPES, LONG_SNAPSHOT_EVALS, LONG_UNITS, recipe_id
+from .recipes import (LONG_ARMS, LONG_FT_ARMS, LONG_FT_RECIPES, LONG_RECIPES, LONG_SNAPSHOT_EVALS, LONG_UNITS,
+                      SEEDS, ft_recipe_id, recipe_id)
 
 HERE = Path(__file__).resolve().parent / "long"
 REPO = Path(__file__).resolve().parents[2]
@@ -208,15 +214,16 @@ def pretrain_unit(recipe_name: str, arm: str, seed: int, out: Path, runs: Path) 
         raise RuntimeError(f"{arm} s{seed}: evaluating a snapshot beside the pretraining failed: {beside.failed}")
 
 
-def evaluate_last(recipe_name: str, arm: str, seed: int, out: Path, runs: Path, encoders: Path, evals) -> None:
+def evaluate_last(recipe_name: str, arm: str, seed: int, out: Path, runs: Path, encoders: Path, evals) -> bool:
     """The last snapshot's evaluations `evals`, from the encoder this call pretrained (still under runs/) or
-    one brought home by an earlier call (in `encoders`, unpacked)."""
+    one brought home by an earlier call (in `encoders`, unpacked); False, running nothing, where neither is here."""
     recipe, rid = LONG_RECIPES[recipe_name], recipe_id(recipe_name, LONG_RECIPES)
     last = recipe["snapshots"][-1]
-    snapshot = unit_snapshot(runs, arm, seed, last)
-    if not (snapshot / CONFIG_NAME).is_file():
-        unpack_encoder(encoders, encoder_stem(arm, seed), snapshot)
+    if find_encoder(arm, seed, (encoders,), unit_snapshot(runs, arm, seed, last)) is None:
+        print(f"[long] {arm} s{seed}: the epoch-{last} evaluations wait: its encoder was not carried", flush=True)
+        return False
     evaluate_snapshot(recipe_name, arm, seed, runs, last, _recorder(out, rid, arm, seed), evals)
+    return True
 
 
 def run_units(recipe_name: str, out: Path, runs: Path, budget_s: float | None,
@@ -242,6 +249,7 @@ def run_units(recipe_name: str, out: Path, runs: Path, budget_s: float | None,
             return False
         return True
 
+    finished = True
     for arm, seed in LONG_UNITS:
         results = study.load_results(out / "results.json")
         missing = [i for i in ["pretrain", *snapshot_items(recipe)] if study.item_key(rid, arm, seed, i) not in results]
@@ -255,9 +263,106 @@ def run_units(recipe_name: str, out: Path, runs: Path, budget_s: float | None,
         for item in missing:
             if not fits(f"{arm} s{seed} {item}", item, arm):
                 return False
-            evaluate_last(recipe_name, arm, seed, out, runs, encoders, [item.split("_e")[0]])
+            if not evaluate_last(recipe_name, arm, seed, out, runs, encoders, [item.split("_e")[0]]):
+                finished = False  # a later call carries its encoder; the next units go on
+                break
         shutil.rmtree(runs / arm / f"s{seed}", ignore_errors=True)
-    return True
+    return finished
+
+
+# ---------------------------------------------------------------------------- the full fine-tune
+
+
+def next_finetunes(ft: dict, results: dict, rid: str, arm: str) -> list[tuple[int, str]]:
+    """The arm's fine-tunes to run next, as (seed, item), given what is recorded: the epochs ladder rung by rung
+    (`tune_e<epochs>`, a rung only while the one before gained `gain` holdout points), then the variants at
+    `variant_epochs` (`tune_<variant>`), then `ft100` of every seed with `finetune_choice`; [] when all are done."""
+    def val(item):
+        return results.get(study.item_key(rid, arm, 0, item), {}).get("val_top1")
+
+    for i, epochs in enumerate(ft["ladder"]):
+        if val(f"tune_e{epochs}") is None:
+            return [(0, f"tune_e{epochs}")]
+        if i and val(f"tune_e{epochs}") - val(f"tune_e{ft['ladder'][i - 1]}") < ft["gain"]:
+            break
+    variants = [(0, f"tune_{name}") for name in ft["variants"] if val(f"tune_{name}") is None]
+    return variants or [(seed, "ft100") for seed in SEEDS if study.item_key(rid, arm, seed, "ft100") not in results]
+
+
+def finetune_choice(ft: dict, results: dict, rid: str, arm: str) -> dict:
+    """The settings the holdout chose for the arm's final fine-tunes: the best rung's epochs, and the best of the
+    base and the variants at variant_epochs (ties to the base)."""
+    def val(item):
+        return results[study.item_key(rid, arm, 0, item)]["val_top1"]
+
+    rungs = [e for e in ft["ladder"] if study.item_key(rid, arm, 0, f"tune_e{e}") in results]
+    base = f"tune_e{ft['variant_epochs']}"
+    best = max(["base", *ft["variants"]], key=lambda v: (val(base if v == "base" else f"tune_{v}"), v == "base"))
+    return {"epochs": max(rungs, key=lambda e: val(f"tune_e{e}")), "variant": best}
+
+
+def finetune_spec(ft: dict, item: str, choice: dict | None) -> tuple[dict, list[str]]:
+    """An item's classifier settings and its command-line overrides: a rung is the base at its epochs, a variant
+    the base at variant_epochs with the variant's overrides, ft100 the choice."""
+    if item == "ft100":
+        epochs, variant = choice["epochs"], choice["variant"]
+    elif item.startswith("tune_e") and item[6:].isdigit():
+        epochs, variant = int(item[6:]), "base"
+    else:
+        epochs, variant = ft["variant_epochs"], item.removeprefix("tune_")
+    flags = study._flags(ft["run"]) + study._flags({} if variant == "base" else ft["variants"][variant])
+    return {**ft["base"], "epochs": epochs}, flags
+
+
+def finetune_estimate(results: dict, rid: str, ft: dict, epochs: int) -> float:
+    """Seconds a fine-tune of `epochs` should take: the slowest measured seconds per epoch of this recipe's
+    fine-tunes (compilation spread over their epochs, so longer runs come out a little high), else the recipe's
+    guess; 1.1x margin and 20 s for start-up and the test pass."""
+    rates = [e["wall_s"] / e["epochs"] for k, e in results.items() if k.startswith(rid + "/") and "epochs" in e]
+    seconds = max(rates) * epochs if rates else ft["estimate_s"]["start"] + ft["estimate_s"]["epoch"] * epochs
+    return 1.1 * seconds + 20
+
+
+def find_encoder(arm: str, seed: int, folders, model_dir: Path) -> Path | None:
+    """The unit's 100-epoch encoder as a model folder (unpacked into model_dir from the first of `folders` that
+    holds it), or None where no folder does."""
+    if (model_dir / CONFIG_NAME).is_file():
+        return model_dir
+    for folder in folders:
+        if folder is not None and (folder / f"{encoder_stem(arm, seed)}.json").is_file():
+            return unpack_encoder(folder, encoder_stem(arm, seed), model_dir)
+    return None
+
+
+def run_finetunes(ft_name: str, out: Path, runs: Path, seconds_left, encoders: Path | None = None) -> bool:
+    """The fine-tune stage's next items, arm by arm, each started only if its estimate fits `seconds_left()`
+    (None: no budget) and its encoder is here (this call's, in out/encoders, or one carried in `encoders`); an
+    arm that cannot go on gives way to the next. True when every arm's final fine-tunes are recorded."""
+    ft, rid = LONG_FT_RECIPES[ft_name], ft_recipe_id(ft_name)
+    recipe, runs = LONG_RECIPES[ft["pretraining"]], runs / rid
+    finished = True
+    for arm in LONG_FT_ARMS:
+        while todo := next_finetunes(ft, study.load_results(out / "results.json"), rid, arm):
+            results = study.load_results(out / "results.json")
+            seed, item = todo[0]
+            choice = finetune_choice(ft, results, rid, arm) if item == "ft100" else None
+            spec, flags = finetune_spec(ft, item, choice)
+            needed, left = finetune_estimate(results, rid, ft, spec["epochs"]), seconds_left()
+            pretrained = None
+            if arm in LONG_ARMS:  # scratch starts from random weights
+                pretrained = find_encoder(arm, seed, (encoders, out / "encoders"), runs / "encoders" / f"{arm}_s{seed}")
+            missing = arm in LONG_ARMS and pretrained is None
+            if missing or (left is not None and needed > left):
+                why = "its encoder is not here" if missing else f"needs ~{needed:.0f}s, {left:.0f}s left"
+                print(f"[long] {arm} s{seed} {item} waits: {why}", flush=True)
+                finished = False
+                break
+            print(f"[long] {arm} s{seed}: {item} ({spec['epochs']} epochs{' '.join(['', *flags])})", flush=True)
+            run_dir = study._fresh(runs / arm / f"s{seed}" / item)
+            entry = study.evaluate_encoder({**recipe, "evals": {item: spec}}, item, seed, run_dir, pretrained,
+                                           flags_after=flags, test=item == "ft100")
+            _recorder(out, rid, arm, seed)(item, {**entry, "flags": flags, **({"choice": choice} if choice else {})})
+    return finished
 
 
 def epoch_starts(curve: Path, batch_size: int) -> dict:
@@ -281,6 +386,49 @@ def epoch_starts(curve: Path, batch_size: int) -> dict:
                 extra_s_total=sum(extra))
 
 
+def finetune_recipe(recipe_name: str) -> str:
+    """The fine-tune recipe that starts from `recipe_name`'s encoders."""
+    return next(name for name, ft in LONG_FT_RECIPES.items() if ft["pretraining"] == recipe_name)
+
+
+def needed_encoders(recipe_name: str, out: Path) -> list[str]:
+    """The encoders the next calls need, in the order they need them: units whose last snapshot's evaluations
+    are missing, then each arm's next fine-tune."""
+    recipe, rid = LONG_RECIPES[recipe_name], recipe_id(recipe_name, LONG_RECIPES)
+    ft_name = finetune_recipe(recipe_name)
+    results, ft_rid = study.load_results(out / "results.json"), ft_recipe_id(ft_name)
+    stems = [encoder_stem(arm, seed) for arm, seed in LONG_UNITS
+             if study.item_key(rid, arm, seed, "pretrain") in results
+             and any(study.item_key(rid, arm, seed, i) not in results for i in snapshot_items(recipe))]
+    for arm in LONG_FT_ARMS:
+        todo = next_finetunes(LONG_FT_RECIPES[ft_name], results, ft_rid, arm)
+        if todo and arm in LONG_ARMS:
+            stems.append(encoder_stem(arm, todo[0][0]))
+    return list(dict.fromkeys(stems))
+
+
+def stage(recipe_name: str, out: Path, carry: Path, limit_bytes: int) -> list[str]:
+    """Fill `carry` (emptied first) with the encoders the next call needs first, as many as fit `limit_bytes`
+    (the device takes 64 MiB of working tree in all); the call reads them with --encoders. Returns their stems."""
+    shutil.rmtree(carry, ignore_errors=True)
+    carry.mkdir(parents=True)
+    staged, size = [], 0
+    for stem in needed_encoders(recipe_name, out):
+        files = sorted((out / "encoders").glob(f"{stem}.*"))
+        if not files:
+            print(f"[long] stage: {stem} is needed but not home (its pretraining's call did not come back?)")
+            continue
+        nbytes = sum(f.stat().st_size for f in files)
+        if size + nbytes > limit_bytes:
+            break
+        for f in files:
+            shutil.copy(f, carry / f.name)
+        staged.append(stem)
+        size += nbytes
+    print(f"[long] staged {staged or 'no encoder'} in {carry} ({size / 2**20:.1f} MiB)")
+    return staged
+
+
 def status(recipe_name: str, out: Path) -> None:
     recipe, rid = LONG_RECIPES[recipe_name], recipe_id(recipe_name, LONG_RECIPES)
     results = study.load_results(out / "results.json")
@@ -289,6 +437,12 @@ def status(recipe_name: str, out: Path) -> None:
         done = sum(study.item_key(rid, arm, seed, i) in results for i in items)
         encoder = (out / "encoders" / f"{encoder_stem(arm, seed)}.json").is_file()
         print(f"{arm} s{seed}: {done}/{len(items)} items" + (", encoder home" if encoder else ""))
+    ft_name = finetune_recipe(recipe_name)
+    ft, ft_rid = LONG_FT_RECIPES[ft_name], ft_recipe_id(ft_name)
+    for arm in LONG_FT_ARMS:
+        done = sorted(k.split("/", 1)[1] for k in results if k.startswith(f"{ft_rid}/{arm}/"))
+        todo = next_finetunes(ft, results, ft_rid, arm)
+        print(f"fine-tune {arm}: done {done or 'nothing'}; next {todo[:1] or 'nothing (finished)'}")
 
 
 def merge(returned: Path, out: Path) -> None:
@@ -322,7 +476,8 @@ def pack_call(out: Path, dest: Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("command", choices=("run", "status", "merge", "pack", "eval-snapshot", "epoch-starts"))
+    parser.add_argument("command", choices=("run", "status", "merge", "pack", "stage", "eval-snapshot",
+                                            "epoch-starts"))
     parser.add_argument("--recipe", default="long-h100", choices=sorted(LONG_RECIPES))
     parser.add_argument("--budget-min", type=float, default=None, help="start no unit that would end past this")
     parser.add_argument("--out", type=Path, default=HERE, help="where results.json, curves/, figures/ go")
@@ -330,6 +485,10 @@ def main(argv=None) -> int:
     parser.add_argument("--encoders", type=Path, default=None,
                         help="run: where encoders brought home by earlier calls are read (default OUT/encoders)")
     parser.add_argument("--returned", type=Path, help="merge: a GPU call's folder (long.tgz and enc-* files)")
+    parser.add_argument("--carry", type=Path, default=HERE / "carry",
+                        help="stage: the folder the next call carries (emptied, then given the encoders it needs)")
+    parser.add_argument("--carry-mib", type=float, default=24.0,
+                        help="stage: at most this much (30 MB of Fashion-MNIST and the tree travel too, in 64 MiB)")
     parser.add_argument("--dest", type=Path, help="pack: the folder the call's files go to ($OUT)")
     parser.add_argument("--arm", choices=sorted(LONG_ARMS), help="eval-snapshot: the unit's arm")
     parser.add_argument("--seed", type=int, help="eval-snapshot: the unit's seed")
@@ -363,10 +522,15 @@ def main(argv=None) -> int:
     if args.command == "status":
         status(args.recipe, args.out)
         return 0
-    finished = run_units(args.recipe, args.out, args.runs, None if args.budget_min is None else 60 * args.budget_min,
-                         args.encoders)
+    if args.command == "stage":
+        stage(args.recipe, args.out, args.carry, int(args.carry_mib * 2**20))
+        return 0
+    start, budget = time.perf_counter(), None if args.budget_min is None else 60 * args.budget_min
+    units = run_units(args.recipe, args.out, args.runs, budget, args.encoders)
+    tuned = run_finetunes(finetune_recipe(args.recipe), args.out, args.runs,  # the time the units left
+                          lambda: None if budget is None else budget - (time.perf_counter() - start), args.encoders)
     status(args.recipe, args.out)
-    return 0 if finished else 3
+    return 0 if units and tuned else 3
 
 
 if __name__ == "__main__":

@@ -118,3 +118,36 @@ LONG_RECIPES = {
         estimate_s=dict(pretrain=5, linprobe=5, ft1=5),
     ),
 }
+
+# The long study's full fine-tune (long.py, after the pretraining units): each arm's settings are chosen on the
+# holdout from seed 0's 100-epoch encoder (scratch: random weights) by the same search, then the chosen settings
+# run on every seed and are measured once on the test split. The search: the epochs ladder at the base settings,
+# a rung only while the one before gained `gain` holdout points; then each variant at `variant_epochs` against
+# the base there (lr, layer decay, augmentation); the final runs take the best rung's epochs and the best of
+# base and variants at variant_epochs. 100 epochs do not fit a device call (about 60 s of compilation plus
+# 5.1 s per epoch at the 10.8k images/s of bench-train's CUDA-graph row, against a 552 s budget): the ladder
+# stops at 50.
+LONG_FT_ARMS = ("scratch", "arm_k1", "star_k4")
+LONG_FT_RECIPES = {
+    "long-ft-h100": dict(
+        pretraining="long-h100",
+        base=dict(RECIPES["h100"]["evals"]["ft100"]),  # the 4-epoch study's, chosen there with tune.py
+        run={"compile": "true", "compile_mode": "reduce-overhead"},
+        ladder=(12, 25, 50), gain=0.2, variant_epochs=25,
+        variants={"blr2e-3": {"optim.blr": 2e-3}, "ld0.9": {"optim.layer_decay": 0.9},
+                  "strong_aug": {"model.drop_path_rate": 0.2, "data.auto_augment": "rand-m9-mstd0.5-inc1"}},
+        estimate_s=dict(start=60, epoch=6),  # a guess from the numbers above, until a fine-tune is measured
+    ),
+    "long-ft-smoke": dict(
+        pretraining="long-smoke",
+        base=dict(RECIPES["smoke"]["evals"]["ft100"]),
+        run={}, ladder=(1, 2, 3), gain=0.0, variant_epochs=2, variants={"blr2e-3": {"optim.blr": 2e-3}},
+        estimate_s=dict(start=5, epoch=5),
+    ),
+}
+
+
+def ft_recipe_id(name: str) -> str:
+    """recipe_id of a fine-tune recipe, whose hash also covers its pretraining recipe's contents."""
+    recipe = LONG_FT_RECIPES[name]
+    return recipe_id(name, {name: {**recipe, "pretraining": recipe_id(recipe["pretraining"], LONG_RECIPES)}})

@@ -113,9 +113,10 @@ def pretrain_config(recipe: dict, arm: str, seed: int, output_dir: Path, arms: d
     return apply_overrides(load_config(PRESET, "pretrain"), flags)
 
 
-def eval_config(recipe: dict, item: str, seed: int, output_dir: Path, pretrained, extra_epochs: int = 0) -> TrainConfig:
+def eval_config(recipe: dict, item: str, seed: int, output_dir: Path, pretrained, extra_epochs: int = 0,
+                flags_after=()) -> TrainConfig:
     """A classifier run. `pretrained` None trains from scratch; `extra_epochs` are the scratch arm's share of
-    the pretraining compute."""
+    the pretraining compute; `flags_after`, command-line overrides, come last."""
     spec = dict(recipe["evals"][item])
     task, fraction = spec.pop("task"), spec.pop("label_fraction")
     spec["epochs"] += extra_epochs
@@ -123,7 +124,7 @@ def eval_config(recipe: dict, item: str, seed: int, output_dir: Path, pretrained
     flags = _common(recipe, seed, output_dir) + _flags(encoder, "model") + _flags(spec, "optim")
     flags += ["--data.label_fraction", str(fraction), "--data.val_size", str(recipe["val_size"]),
               "--pretrained", str(pretrained), "--data.num_samples", str(recipe["train_images"])]
-    return apply_overrides(load_config(PRESET, task), flags)
+    return apply_overrides(load_config(PRESET, task), flags + list(flags_after))
 
 
 def random_encoder(recipe: dict, seed: int, folder: Path) -> Path:
@@ -206,21 +207,25 @@ def do_eval(recipe: dict, arm: str, seed: int, item: str, runs: Path) -> dict:
     return evaluate_encoder(recipe, item, seed, run_dir, pretrained, extra)
 
 
-def evaluate_encoder(recipe: dict, item: str, seed: int, run_dir: Path, pretrained, extra_epochs: int = 0) -> dict:
+def evaluate_encoder(recipe: dict, item: str, seed: int, run_dir: Path, pretrained, extra_epochs: int = 0,
+                     flags_after=(), test: bool = True) -> dict:
     """Train evaluation `item`'s classifier from `pretrained` (None: from scratch) in run_dir, then measure it
-    once on the test split; the entry to record."""
-    cfg = eval_config(recipe, item, seed, run_dir, pretrained, extra_epochs)
+    once on the test split (unless `test` is False: a run that chooses settings sees only the holdout); the
+    entry to record."""
+    cfg = eval_config(recipe, item, seed, run_dir, pretrained, extra_epochs, flags_after)
     start = time.perf_counter()
     val = run(cfg)
     wall = time.perf_counter() - start
-    eval_batch = min(1024, max(s["batch_size"] for s in recipe["evals"].values()))
-    test = evaluate_run(str(run_dir), ["--data.num_workers", str(recipe["num_workers"])], split="test",
-                        device=cfg.device, batch_size=eval_batch)
+    entry = {"val_top1": val.get("val/top1"), "val_loss": val.get("val/loss"), "wall_s": wall,
+             "img_s": _throughput(run_dir), "epochs": cfg.optim.epochs, "label_fraction": cfg.data.label_fraction}
+    if test:
+        eval_batch = min(1024, max(s["batch_size"] for s in recipe["evals"].values()))
+        measured = evaluate_run(str(run_dir), ["--data.num_workers", str(recipe["num_workers"])], split="test",
+                                device=cfg.device, batch_size=eval_batch)
+        entry.update(test_top1=measured["top1"], test_loss=measured["loss"])
     _prune(run_dir)
     shutil.rmtree(run_dir / "model", ignore_errors=True)
-    return {"test_top1": test["top1"], "test_loss": test["loss"], "val_top1": val.get("val/top1"),
-            "wall_s": wall, "img_s": _throughput(run_dir), "epochs": cfg.optim.epochs,
-            "label_fraction": cfg.data.label_fraction}
+    return entry
 
 
 def unit_items(arm: str) -> list[str]:
