@@ -605,3 +605,43 @@ def test_long_finetune_stage_tunes_on_the_holdout_then_measures_the_choice_on_te
         assert 0 <= final["test_top1"] <= 100 and final["epochs"] == final["choice"]["epochs"]
         assert final["choice"] == long.finetune_choice(recipes.LONG_FT_RECIPES["long-ft-smoke"], results, rid, arm)
     assert long.needed_encoders("long-smoke", home) == []
+
+
+def test_long_report_gives_verdicts_only_with_three_seeds_and_names_the_best_full_fine_tune(tmp_path):
+    from experiments.fashion_mnist import long_report
+
+    rid = recipes.recipe_id("long-h100", recipes.LONG_RECIPES)
+    ft_rid = recipes.ft_recipe_id("long-ft-h100")
+    results = {}
+
+    def add(recipe, arm, seed, item, **entry):
+        results[study.item_key(recipe, arm, seed, item)] = dict(item=item, commit="abc1234", device="H100",
+                                                                wall_s=60.0, **entry)
+
+    for seed in recipes.SEEDS:
+        for arm, top1 in (("star_k4", 85.0), ("arm_k1", 83.0)):
+            add(rid, arm, seed, "pretrain")
+            for epoch in (25, 50, 100):
+                for item in ("linprobe", "ft1"):
+                    add(rid, arm, seed, f"{item}_e{epoch}", test_top1=top1 + 0.1 * seed - (item == "ft1") * 2,
+                        beside_pretraining=epoch < 100)
+    for arm, top1 in (("scratch", 92.0), ("arm_k1", 93.5), ("star_k4", 93.6)):
+        for item, epochs in (("tune_e12", 12), ("tune_e25", 25), ("tune_e50", 50)):
+            add(ft_rid, arm, 0, item, val_top1=top1 + epochs / 100, epochs=epochs)
+        for seed in recipes.SEEDS:
+            add(ft_rid, arm, seed, "ft100", test_top1=top1 + 0.2 * seed, epochs=50,
+                choice={"epochs": 50, "variant": "base"})
+    results["star_k4_only/seed/pretrain"] = dict(item="pretrain", commit="x", device="y", wall_s=1e6)  # not mine
+    page = long_report.build(tmp_path, results)
+    assert "**Status:** 6 of 8 pretraining units done" in page
+    # STAR 85.1 +- 0.1 vs ARM 83.1 +- 0.1: 2 points, 20 std
+    assert "- linear probe, 100 epochs: STAR vs ARM: **STAR ahead** by 2.00 points (20.0 std)" in page
+    assert "| STAR (K=4) | linear probe | 85.10 ± 0.10 (3) |" in page
+    assert "- Best full fine-tune: STAR (K=4), 93.80% test top-1 (3 seeds); the 94.0% goal is missed by 0.20 points." \
+        in page
+    assert "- ARM (K=1) vs no pretraining: **ARM (K=1) ahead** by 1.50 points" in page
+    assert "| total | 36.0 |" in page  # 6 pretrainings, 12 last-snapshot evaluations, 9 tunes, 9 finals: 1 min each
+    assert (tmp_path / "fashion-mnist-long" / "accuracy_vs_epochs.png").is_file()
+    one_seed = {k: v for k, v in results.items() if "/s0/" in k}
+    page = long_report.build(tmp_path, one_seed)
+    assert "STAR vs ARM: no verdict yet (STAR 1 of 3 seeds, ARM 1); so far +2.00 points" in page
