@@ -566,6 +566,15 @@ def test_long_finetune_search_climbs_the_epochs_ladder_only_while_it_gains_then_
     assert long.finetune_spec(ft, "tune_e50", None)[0]["epochs"] == 50
     rid = recipes.ft_recipe_id("long-ft-h100")
     assert rid.startswith("long-ft-h100-") and rid != recipes.recipe_id("long-ft-h100", recipes.LONG_FT_RECIPES)
+    guess = ft["estimate_s"]["start"] + 50 * ft["estimate_s"]["epoch"]
+    assert long.finetune_estimate({}, rid, ft, 50) == pytest.approx(1.1 * guess + 20)
+    old = {f"{rid}/scratch/s0/tune_e12": {"epochs": 12, "wall_s": 120.0}}  # before images_per_epoch was recorded
+    assert long.finetune_estimate(old, rid, ft, 50) == pytest.approx(1.1 * 500 + 20)
+    # 10 s per epoch of training at the slower rate, and at most 40 s outside it (the 12-epoch run's)
+    timed = {**old, f"{rid}/scratch/s0/tune_e25": {"epochs": 25, "wall_s": 150.0, "images_per_epoch": 1000,
+                                                   "img_s": 200.0},
+             f"{rid}/arm_k1/s0/tune_e12": {"epochs": 12, "wall_s": 160.0, "images_per_epoch": 1000, "img_s": 100.0}}
+    assert long.finetune_estimate(timed, rid, ft, 50) == pytest.approx(1.1 * (40 + 500) + 20)
 
 
 def test_long_finetune_stage_tunes_on_the_holdout_then_measures_the_choice_on_test(tmp_path, one_thread,
@@ -603,6 +612,7 @@ def test_long_finetune_stage_tunes_on_the_holdout_then_measures_the_choice_on_te
         assert all("test_top1" not in e and 0 <= e["val_top1"] <= 100 for e in tuned.values())  # holdout only
         final = results[f"{rid}/{arm}/s0/ft100"]
         assert 0 <= final["test_top1"] <= 100 and final["epochs"] == final["choice"]["epochs"]
+        assert final["images_per_epoch"] == 48  # 64 images less the 16 of the holdout, in 3 batches of 16
         assert final["choice"] == long.finetune_choice(recipes.LONG_FT_RECIPES["long-ft-smoke"], results, rid, arm)
     assert long.needed_encoders("long-smoke", home) == []
 

@@ -315,11 +315,20 @@ def finetune_spec(ft: dict, item: str, choice: dict | None) -> tuple[dict, list[
 
 
 def finetune_estimate(results: dict, rid: str, ft: dict, epochs: int) -> float:
-    """Seconds a fine-tune of `epochs` should take: the slowest measured seconds per epoch of this recipe's
-    fine-tunes (compilation spread over their epochs, so longer runs come out a little high), else the recipe's
-    guess; 1.1x margin and 20 s for start-up and the test pass."""
-    rates = [e["wall_s"] / e["epochs"] for k, e in results.items() if k.startswith(rid + "/") and "epochs" in e]
-    seconds = max(rates) * epochs if rates else ft["estimate_s"]["start"] + ft["estimate_s"]["epoch"] * epochs
+    """Seconds a fine-tune of `epochs` should take, from this recipe's measured fine-tunes: where they recorded
+    their images per epoch, the epochs at the slowest training rate plus the most time spent outside training
+    (compilation, evaluation); else the slowest seconds per epoch (compilation spread over the epochs, so high
+    for longer runs); else the recipe's guess. 1.1x margin and 20 s for start-up and the test pass."""
+    mine = [e for k, e in results.items() if k.startswith(rid + "/") and "epochs" in e]
+    timed = [e for e in mine if "images_per_epoch" in e]
+    if timed:
+        train_s = {id(e): e["epochs"] * e["images_per_epoch"] / e["img_s"] for e in timed}
+        seconds = (max(e["wall_s"] - train_s[id(e)] for e in timed)
+                   + epochs * max(e["images_per_epoch"] / e["img_s"] for e in timed))
+    elif mine:
+        seconds = epochs * max(e["wall_s"] / e["epochs"] for e in mine)
+    else:
+        seconds = ft["estimate_s"]["start"] + ft["estimate_s"]["epoch"] * epochs
     return 1.1 * seconds + 20
 
 
@@ -361,6 +370,8 @@ def run_finetunes(ft_name: str, out: Path, runs: Path, seconds_left, encoders: P
             run_dir = study._fresh(runs / arm / f"s{seed}" / item)
             entry = study.evaluate_encoder({**recipe, "evals": {item: spec}}, item, seed, run_dir, pretrained,
                                            flags_after=flags, test=item == "ft100")
+            last = study._train_rows(run_dir)[-1]  # what finetune_estimate needs: the images of one epoch
+            entry["images_per_epoch"] = round(int(last["step"]) / float(last["epoch"])) * spec["batch_size"]
             _recorder(out, rid, arm, seed)(item, {**entry, "flags": flags, **({"choice": choice} if choice else {})})
     return finished
 
