@@ -491,13 +491,13 @@ def test_long_unit_evaluates_every_snapshot_and_brings_its_encoder_home(tmp_path
     long.merge(returned, home)
     assert json.loads((home / "results.json").read_text()) == results
     assert (home / study.curve_file(rid, "star_k4", 0)).is_file()
-    model_dir = long.unpack_encoder(home / "encoders", "enc-star_k4-s0", tmp_path / "unpacked")
+    model_dir = long.unpack_encoder(home / "encoders", f"enc-{rid}-star_k4-s0", tmp_path / "unpacked")
     parts = {k: v for f in sorted((home / "encoders").glob("*.safetensors")) for k, v in load_file(str(f)).items()}
     classifier, report = classifier_from_pretrain(model_dir, num_classes=10)
     assert torch.equal(classifier.state_dict()["patch_embed.proj.weight"], parts["patch_embed.proj.weight"])
     assert not any(k.startswith(("decoder", "feature_")) for k in parts)
     with pytest.raises(FileNotFoundError, match="not brought home"):
-        long.unpack_encoder(home / "encoders", "enc-arm_k1-s0", tmp_path / "none")
+        long.unpack_encoder(home / "encoders", f"enc-{rid}-arm_k1-s0", tmp_path / "none")
     # a call cut off after the pretraining: the last snapshot's evaluations run later from the encoder brought home
     cut = {k: v for k, v in results.items() if not k.endswith("_e2")}
     study._write_results(home / "results.json", cut)
@@ -554,16 +554,36 @@ def test_long_finetune_search_climbs_the_epochs_ladder_only_while_it_gains_then_
     holdout("tune_blr2e-3", 90.1)  # ties go to the base
     holdout("tune_ld0.9", 89.0)
     assert long.next_finetunes(ft, results, "r", "star_k4") == [(s, "ft100") for s in recipes.SEEDS]
-    assert long.finetune_choice(ft, results, "r", "star_k4") == {"epochs": 25, "variant": "base"}
+    assert long.finetune_choice(ft, results, "r", "star_k4") == {"epochs": 25, "variant": "base",
+                                                                  "search_run": "tune_e25", "holdout_top1": 90.1}
     holdout("tune_e25", 90.5)  # a gain of 0.5: climb on
     assert long.next_finetunes(ft, results, "r", "star_k4") == [(0, "tune_e50")]
     holdout("tune_e50", 90.4)
     holdout("tune_ld0.9", 90.9)
-    assert long.finetune_choice(ft, results, "r", "star_k4") == {"epochs": 25, "variant": "ld0.9"}
+    assert long.finetune_choice(ft, results, "r", "star_k4")["search_run"] == "tune_ld0.9"
     spec, flags = long.finetune_spec(ft, "ft100", {"epochs": 25, "variant": "ld0.9"})
     assert spec["epochs"] == 25 and spec["blr"] == ft["base"]["blr"]
     assert flags == ["--compile", "true", "--compile_mode", "reduce-overhead", "--optim.layer_decay", "0.9"]
     assert long.finetune_spec(ft, "tune_e50", None)[0]["epochs"] == 50
+    assert not long.still_gaining(ft, results, "r", "star_k4")
+    # 50 epochs win the ladder (and still gain), ld0.9 wins at 25: the pair is run before it is chosen
+    holdout("tune_e50", 91.0)
+    assert long.still_gaining(ft, results, "r", "star_k4")
+    assert long.next_finetunes(ft, results, "r", "star_k4") == [(0, "tune_ld0.9_e50")]
+    spec, flags = long.finetune_spec(ft, "tune_ld0.9_e50", None)
+    assert spec["epochs"] == 50 and flags[-2:] == ["--optim.layer_decay", "0.9"]
+    with pytest.raises(ValueError, match="not recorded yet"):
+        long.finetune_choice(ft, results, "r", "star_k4")
+    holdout("tune_ld0.9_e50", 90.8)  # the variant does not carry over to 50 epochs: the rung's base settings
+    assert long.finetune_choice(ft, results, "r", "star_k4") == {"epochs": 50, "variant": "base",
+                                                                  "search_run": "tune_e50", "holdout_top1": 91.0}
+    holdout("tune_ld0.9_e50", 91.3)
+    assert long.finetune_choice(ft, results, "r", "star_k4")["search_run"] == "tune_ld0.9_e50"
+    assert long.next_finetunes(ft, results, "r", "star_k4") == [(s, "ft100") for s in recipes.SEEDS]
+    with pytest.raises(ValueError, match="first two rungs"):
+        long.check_finetune_recipe(dict(ft, variant_epochs=50), recipes.LONG_RECIPES["long-h100"])
+    with pytest.raises(ValueError, match="would select on test"):
+        long.check_finetune_recipe(ft, dict(recipes.LONG_RECIPES["long-h100"], val_size=0))
     rid = recipes.ft_recipe_id("long-ft-h100")
     assert rid.startswith("long-ft-h100-") and rid != recipes.recipe_id("long-ft-h100", recipes.LONG_FT_RECIPES)
     guess = ft["estimate_s"]["start"] + 50 * ft["estimate_s"]["epoch"]
@@ -599,11 +619,12 @@ def test_long_finetune_stage_tunes_on_the_holdout_then_measures_the_choice_on_te
     assert not long.run_finetunes("long-ft-smoke", home, tmp_path / "runs", lambda: None)
     results = json.loads((home / "results.json").read_text())
     assert f"{rid}/scratch/s0/ft100" in results and not any(k.startswith(f"{rid}/star_k4/") for k in results)
-    assert long.needed_encoders("long-smoke", home) == ["enc-star_k4-s0"]
+    stem = f"enc-{recipes.recipe_id('long-smoke', recipes.LONG_RECIPES)}-star_k4-s0"
+    assert long.needed_encoders("long-smoke", home) == [stem]
     assert long.stage("long-smoke", home, tmp_path / "carry", 2**30) == []  # not home
     (tmp_path / "away").rename(home / "encoders")
     assert long.stage("long-smoke", home, tmp_path / "carry", 1) == []  # over the limit
-    assert long.stage("long-smoke", home, tmp_path / "carry", 2**30) == ["enc-star_k4-s0"]
+    assert long.stage("long-smoke", home, tmp_path / "carry", 2**30) == [stem]
     assert long.run_finetunes("long-ft-smoke", home, tmp_path / "runs", lambda: None, encoders=tmp_path / "carry")
     results = json.loads((home / "results.json").read_text())
     for arm in ("scratch", "star_k4"):
@@ -640,18 +661,20 @@ def test_long_report_gives_verdicts_only_with_three_seeds_and_names_the_best_ful
             add(ft_rid, arm, 0, item, val_top1=top1 + epochs / 100, epochs=epochs)
         for seed in recipes.SEEDS:
             add(ft_rid, arm, seed, "ft100", test_top1=top1 + 0.2 * seed, epochs=50,
-                choice={"epochs": 50, "variant": "base"})
+                choice={"epochs": 50, "variant": "base", "search_run": "tune_e50", "holdout_top1": top1 + 0.5})
     results["star_k4_only/seed/pretrain"] = dict(item="pretrain", commit="x", device="y", wall_s=1e6)  # not mine
     page = long_report.build(tmp_path, results)
     assert "**Status:** 6 of 8 pretraining units done" in page
     # STAR 85.1 +- 0.1 vs ARM 83.1 +- 0.1: 2 points, 20 std
     assert "- linear probe, 100 epochs: STAR vs ARM: **STAR ahead** by 2.00 points (20.0 std)" in page
     assert "| STAR (K=4) | linear probe | 85.10 ± 0.10 (3) |" in page
-    assert "- Best full fine-tune: STAR (K=4), 93.80% test top-1 (3 seeds); the 94.0% goal is missed by 0.20 points." \
-        in page
+    assert ("- Best full fine-tune: STAR (K=4), 93.80% test top-1 (mean of 3 seeds); the 94.0% goal is missed by "
+            "0.20 points; against ARM (K=1): within 2 std: no difference shown") in page
     assert "- ARM (K=1) vs no pretraining: **ARM (K=1) ahead** by 1.50 points" in page
     assert "| total | 36.0 |" in page  # 6 pretrainings, 12 last-snapshot evaluations, 9 tunes, 9 finals: 1 min each
     assert (tmp_path / "fashion-mnist-long" / "accuracy_vs_epochs.png").is_file()
     one_seed = {k: v for k, v in results.items() if "/s0/" in k}
     page = long_report.build(tmp_path, one_seed)
     assert "STAR vs ARM: no verdict yet (STAR 1 of 3 seeds, ARM 1); so far +2.00 points" in page
+    assert "- Best full fine-tune: STAR (K=4), 93.60% test top-1 (mean of 1 seed, provisional: 1 of 3 seeds)" in page
+    assert "still gained" in page  # 25 -> 50 epochs gained 0.25 points on the holdout for every arm

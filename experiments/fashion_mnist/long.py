@@ -84,8 +84,9 @@ def estimate(results: dict, rid: str, recipe: dict, item: str, arm: str) -> floa
     return 1.1 * (seconds or recipe["estimate_s"][item.split("_e")[0]]) + 20
 
 
-def encoder_stem(arm: str, seed: int) -> str:
-    return f"enc-{arm}-s{seed}"
+def encoder_stem(rid: str, arm: str, seed: int) -> str:
+    """A unit's encoder files' name: the recipe's id in it, so that no encoder of another recipe is taken."""
+    return f"enc-{rid}-{arm}-s{seed}"
 
 
 def pack_encoder(model_dir: Path, dest: Path, stem: str) -> list[Path]:
@@ -209,7 +210,7 @@ def pretrain_unit(recipe_name: str, arm: str, seed: int, out: Path, runs: Path) 
     record("pretrain", {**pretrain, "snapshots_evaluated_beside": earlier})
     for item, entry in beside.entries.items():
         record(item, {**entry, "beside_pretraining": True})
-    pack_encoder(unit_snapshot(runs, arm, seed, last), out / "encoders", encoder_stem(arm, seed))
+    pack_encoder(unit_snapshot(runs, arm, seed, last), out / "encoders", encoder_stem(rid, arm, seed))
     if beside.failed:
         raise RuntimeError(f"{arm} s{seed}: evaluating a snapshot beside the pretraining failed: {beside.failed}")
 
@@ -219,7 +220,7 @@ def evaluate_last(recipe_name: str, arm: str, seed: int, out: Path, runs: Path, 
     one brought home by an earlier call (in `encoders`, unpacked); False, running nothing, where neither is here."""
     recipe, rid = LONG_RECIPES[recipe_name], recipe_id(recipe_name, LONG_RECIPES)
     last = recipe["snapshots"][-1]
-    if find_encoder(arm, seed, (encoders,), unit_snapshot(runs, arm, seed, last)) is None:
+    if find_encoder(encoder_stem(rid, arm, seed), (encoders,), unit_snapshot(runs, arm, seed, last)) is None:
         print(f"[long] {arm} s{seed}: the epoch-{last} evaluations wait: its encoder was not carried", flush=True)
         return False
     evaluate_snapshot(recipe_name, arm, seed, runs, last, _recorder(out, rid, arm, seed), evals)
@@ -273,43 +274,91 @@ def run_units(recipe_name: str, out: Path, runs: Path, budget_s: float | None,
 # ---------------------------------------------------------------------------- the full fine-tune
 
 
+def _holdout(results: dict, rid: str, arm: str):
+    """item -> the arm's seed-0 holdout top-1 of that search run, None while it is not recorded."""
+    return lambda item: results.get(study.item_key(rid, arm, 0, item), {}).get("val_top1")
+
+
+def _best(ft: dict, val) -> tuple[int, str]:
+    """The best rung's epochs (ties: fewer epochs) and the best of the base and the variants at variant_epochs
+    (ties: the base)."""
+    rungs = [e for e in ft["ladder"] if val(f"tune_e{e}") is not None]
+    at = {"base": val(f"tune_e{ft['variant_epochs']}"), **{v: val(f"tune_{v}") for v in ft["variants"]}}
+    return max(rungs, key=lambda e: val(f"tune_e{e}")), max(at, key=lambda v: (at[v], v == "base"))
+
+
+def _combination(ft: dict, val) -> str | None:
+    """The search run of the best variant at the best rung's epochs, where that pair was not run already."""
+    epochs, variant = _best(ft, val)
+    return None if variant == "base" or epochs == ft["variant_epochs"] else f"tune_{variant}_e{epochs}"
+
+
+def check_finetune_recipe(ft: dict, recipe: dict) -> None:
+    """Refuse a search that could select on the test split or compare a variant with a base never run."""
+    if not recipe["val_size"]:
+        raise ValueError("the fine-tune search needs a holdout (val_size > 0): without one it would select on test")
+    if ft["variant_epochs"] not in ft["ladder"][:2]:
+        raise ValueError(f"variant_epochs {ft['variant_epochs']} must be one of the ladder's first two rungs "
+                         f"{ft['ladder'][:2]} (those always run): the variants are compared with the base there")
+
+
 def next_finetunes(ft: dict, results: dict, rid: str, arm: str) -> list[tuple[int, str]]:
     """The arm's fine-tunes to run next, as (seed, item), given what is recorded: the epochs ladder rung by rung
     (`tune_e<epochs>`, a rung only while the one before gained `gain` holdout points), then the variants at
-    `variant_epochs` (`tune_<variant>`), then `ft100` of every seed with `finetune_choice`; [] when all are done."""
-    def val(item):
-        return results.get(study.item_key(rid, arm, 0, item), {}).get("val_top1")
-
+    `variant_epochs` (`tune_<variant>`), then the best variant at the best rung's epochs if that pair has not
+    run (`tune_<variant>_e<epochs>`), then `ft100` of every seed with `finetune_choice`; [] when all are done."""
+    val = _holdout(results, rid, arm)
     for i, epochs in enumerate(ft["ladder"]):
         if val(f"tune_e{epochs}") is None:
             return [(0, f"tune_e{epochs}")]
         if i and val(f"tune_e{epochs}") - val(f"tune_e{ft['ladder'][i - 1]}") < ft["gain"]:
             break
     variants = [(0, f"tune_{name}") for name in ft["variants"] if val(f"tune_{name}") is None]
-    return variants or [(seed, "ft100") for seed in SEEDS if study.item_key(rid, arm, seed, "ft100") not in results]
+    if variants:
+        return variants
+    combination = _combination(ft, val)
+    if combination is not None and val(combination) is None:
+        return [(0, combination)]
+    return [(seed, "ft100") for seed in SEEDS if study.item_key(rid, arm, seed, "ft100") not in results]
+
+
+def still_gaining(ft: dict, results: dict, rid: str, arm: str) -> bool:
+    """Whether the ladder's last rung ran and still gained `gain` holdout points over the one before: the
+    search stopped at the ladder's end, not because more epochs stopped helping."""
+    val, (before, last) = _holdout(results, rid, arm), ft["ladder"][-2:]
+    return None not in (val(f"tune_e{last}"), val(f"tune_e{before}")) and \
+        val(f"tune_e{last}") - val(f"tune_e{before}") >= ft["gain"]
 
 
 def finetune_choice(ft: dict, results: dict, rid: str, arm: str) -> dict:
-    """The settings the holdout chose for the arm's final fine-tunes: the best rung's epochs, and the best of the
-    base and the variants at variant_epochs (ties to the base)."""
-    def val(item):
-        return results[study.item_key(rid, arm, 0, item)]["val_top1"]
-
-    rungs = [e for e in ft["ladder"] if study.item_key(rid, arm, 0, f"tune_e{e}") in results]
-    base = f"tune_e{ft['variant_epochs']}"
-    best = max(["base", *ft["variants"]], key=lambda v: (val(base if v == "base" else f"tune_{v}"), v == "base"))
-    return {"epochs": max(rungs, key=lambda e: val(f"tune_e{e}")), "variant": best}
+    """The settings the holdout chose for the arm's final fine-tunes, every one of them run on the holdout: the
+    best rung's epochs with the best variant where that pair beat the rung, else the rung's base settings."""
+    val = _holdout(results, rid, arm)
+    epochs, variant = _best(ft, val)
+    combination = _combination(ft, val)
+    if combination is not None:
+        if val(combination) is None:
+            raise ValueError(f"{arm}: {combination} is not recorded yet; the choice waits for it")
+        variant = variant if val(combination) > val(f"tune_e{epochs}") else "base"
+    item = (f"tune_e{epochs}" if variant == "base" else
+            f"tune_{variant}" if epochs == ft["variant_epochs"] else f"tune_{variant}_e{epochs}")
+    return {"epochs": epochs, "variant": variant, "search_run": item, "holdout_top1": val(item)}
 
 
 def finetune_spec(ft: dict, item: str, choice: dict | None) -> tuple[dict, list[str]]:
     """An item's classifier settings and its command-line overrides: a rung is the base at its epochs, a variant
-    the base at variant_epochs with the variant's overrides, ft100 the choice."""
+    the base at variant_epochs with the variant's overrides (at <epochs> with a `_e<epochs>` suffix), ft100
+    the choice."""
+    name = item.removeprefix("tune_")
     if item == "ft100":
         epochs, variant = choice["epochs"], choice["variant"]
-    elif item.startswith("tune_e") and item[6:].isdigit():
-        epochs, variant = int(item[6:]), "base"
+    elif name[:1] == "e" and name[1:].isdigit():
+        epochs, variant = int(name[1:]), "base"
+    elif name.rpartition("_e")[0] in ft["variants"] and name.rpartition("_e")[2].isdigit():
+        variant, _, rest = name.rpartition("_e")
+        epochs = int(rest)
     else:
-        epochs, variant = ft["variant_epochs"], item.removeprefix("tune_")
+        epochs, variant = ft["variant_epochs"], name
     flags = study._flags(ft["run"]) + study._flags({} if variant == "base" else ft["variants"][variant])
     return {**ft["base"], "epochs": epochs}, flags
 
@@ -332,24 +381,26 @@ def finetune_estimate(results: dict, rid: str, ft: dict, epochs: int) -> float:
     return 1.1 * seconds + 20
 
 
-def find_encoder(arm: str, seed: int, folders, model_dir: Path) -> Path | None:
-    """The unit's 100-epoch encoder as a model folder (unpacked into model_dir from the first of `folders` that
-    holds it), or None where no folder does."""
+def find_encoder(stem: str, folders, model_dir: Path) -> Path | None:
+    """Encoder `stem` as a model folder: model_dir itself if it holds a model (a snapshot this call pretrained),
+    else unpacked into it from the first of `folders` that holds the encoder; None where none does."""
     if (model_dir / CONFIG_NAME).is_file():
         return model_dir
     for folder in folders:
-        if folder is not None and (folder / f"{encoder_stem(arm, seed)}.json").is_file():
-            return unpack_encoder(folder, encoder_stem(arm, seed), model_dir)
+        if folder is not None and (folder / f"{stem}.json").is_file():
+            return unpack_encoder(folder, stem, model_dir)
     return None
 
 
 def run_finetunes(ft_name: str, out: Path, runs: Path, seconds_left, encoders: Path | None = None) -> bool:
     """The fine-tune stage's next items, arm by arm, each started only if its estimate fits `seconds_left()`
-    (None: no budget) and its encoder is here (this call's, in out/encoders, or one carried in `encoders`); an
-    arm that cannot go on gives way to the next. True when every arm's final fine-tunes are recorded."""
+    (None: no budget) and, for a pretrained arm, its pretraining is recorded and its encoder here (this call's,
+    in out/encoders, or one carried in `encoders`); an arm that cannot go on gives way to the next. True when
+    every arm's final fine-tunes are recorded."""
     ft, rid = LONG_FT_RECIPES[ft_name], ft_recipe_id(ft_name)
-    recipe, runs = LONG_RECIPES[ft["pretraining"]], runs / rid
-    finished = True
+    recipe, pre_rid = LONG_RECIPES[ft["pretraining"]], recipe_id(ft["pretraining"], LONG_RECIPES)
+    check_finetune_recipe(ft, recipe)
+    runs, finished = runs / rid, True
     for arm in LONG_FT_ARMS:
         while todo := next_finetunes(ft, study.load_results(out / "results.json"), rid, arm):
             results = study.load_results(out / "results.json")
@@ -357,12 +408,17 @@ def run_finetunes(ft_name: str, out: Path, runs: Path, seconds_left, encoders: P
             choice = finetune_choice(ft, results, rid, arm) if item == "ft100" else None
             spec, flags = finetune_spec(ft, item, choice)
             needed, left = finetune_estimate(results, rid, ft, spec["epochs"]), seconds_left()
-            pretrained = None
+            why, pretrained = None, None
             if arm in LONG_ARMS:  # scratch starts from random weights
-                pretrained = find_encoder(arm, seed, (encoders, out / "encoders"), runs / "encoders" / f"{arm}_s{seed}")
-            missing = arm in LONG_ARMS and pretrained is None
-            if missing or (left is not None and needed > left):
-                why = "its encoder is not here" if missing else f"needs ~{needed:.0f}s, {left:.0f}s left"
+                if study.item_key(pre_rid, arm, seed, "pretrain") not in results:
+                    why = f"its pretraining ({pre_rid}) is not recorded"
+                else:  # unpacked afresh: a folder left by an earlier run could hold another encoder
+                    pretrained = find_encoder(encoder_stem(pre_rid, arm, seed), (encoders, out / "encoders"),
+                                              study._fresh(runs / "encoders" / f"{arm}_s{seed}"))
+                    why = "its encoder is not here" if pretrained is None else None
+            if why is None and left is not None and needed > left:
+                why = f"needs ~{needed:.0f}s, {left:.0f}s left"
+            if why is not None:
                 print(f"[long] {arm} s{seed} {item} waits: {why}", flush=True)
                 finished = False
                 break
@@ -370,6 +426,8 @@ def run_finetunes(ft_name: str, out: Path, runs: Path, seconds_left, encoders: P
             run_dir = study._fresh(runs / arm / f"s{seed}" / item)
             entry = study.evaluate_encoder({**recipe, "evals": {item: spec}}, item, seed, run_dir, pretrained,
                                            flags_after=flags, test=item == "ft100")
+            if entry["val_top1"] is None:  # the search would schedule it again and again
+                raise RuntimeError(f"{arm} s{seed} {item} reported no holdout accuracy")
             last = study._train_rows(run_dir)[-1]  # what finetune_estimate needs: the images of one epoch
             entry["images_per_epoch"] = round(int(last["step"]) / float(last["epoch"])) * spec["batch_size"]
             _recorder(out, rid, arm, seed)(item, {**entry, "flags": flags, **({"choice": choice} if choice else {})})
@@ -408,13 +466,13 @@ def needed_encoders(recipe_name: str, out: Path) -> list[str]:
     recipe, rid = LONG_RECIPES[recipe_name], recipe_id(recipe_name, LONG_RECIPES)
     ft_name = finetune_recipe(recipe_name)
     results, ft_rid = study.load_results(out / "results.json"), ft_recipe_id(ft_name)
-    stems = [encoder_stem(arm, seed) for arm, seed in LONG_UNITS
+    stems = [encoder_stem(rid, arm, seed) for arm, seed in LONG_UNITS
              if study.item_key(rid, arm, seed, "pretrain") in results
              and any(study.item_key(rid, arm, seed, i) not in results for i in snapshot_items(recipe))]
     for arm in LONG_FT_ARMS:
         todo = next_finetunes(LONG_FT_RECIPES[ft_name], results, ft_rid, arm)
-        if todo and arm in LONG_ARMS:
-            stems.append(encoder_stem(arm, todo[0][0]))
+        if todo and arm in LONG_ARMS and study.item_key(rid, arm, todo[0][0], "pretrain") in results:
+            stems.append(encoder_stem(rid, arm, todo[0][0]))
     return list(dict.fromkeys(stems))
 
 
@@ -446,7 +504,7 @@ def status(recipe_name: str, out: Path) -> None:
     for arm, seed in LONG_UNITS:
         items = ["pretrain", *snapshot_items(recipe)]
         done = sum(study.item_key(rid, arm, seed, i) in results for i in items)
-        encoder = (out / "encoders" / f"{encoder_stem(arm, seed)}.json").is_file()
+        encoder = (out / "encoders" / f"{encoder_stem(rid, arm, seed)}.json").is_file()
         print(f"{arm} s{seed}: {done}/{len(items)} items" + (", encoder home" if encoder else ""))
     ft_name = finetune_recipe(recipe_name)
     ft, ft_rid = LONG_FT_RECIPES[ft_name], ft_recipe_id(ft_name)
@@ -462,7 +520,7 @@ def merge(returned: Path, out: Path) -> None:
     if not archive.is_file():
         raise SystemExit(f"merge: no long.tgz in {returned}")
     merged = study.merge(archive, out)
-    taken = {encoder_stem(key.split("/")[1], int(key.split("/")[2][1:]))
+    taken = {encoder_stem(key.split("/")[0], key.split("/")[1], int(key.split("/")[2][1:]))
              for key in merged["added"] + merged["replaced"] if key.endswith("/pretrain")}
     encoders = [p for p in sorted(returned.glob("enc-*")) if p.name.split(".")[0] in taken]
     skipped = len(list(returned.glob("enc-*"))) - len(encoders)
@@ -490,7 +548,8 @@ def main(argv=None) -> int:
     parser.add_argument("command", choices=("run", "status", "merge", "pack", "stage", "eval-snapshot",
                                             "epoch-starts"))
     parser.add_argument("--recipe", default="long-h100", choices=sorted(LONG_RECIPES))
-    parser.add_argument("--budget-min", type=float, default=None, help="start no unit that would end past this")
+    parser.add_argument("--budget-min", type=float, default=None,
+                        help="run: start no unit or fine-tune that would end past this")
     parser.add_argument("--out", type=Path, default=HERE, help="where results.json, curves/, figures/ go")
     parser.add_argument("--runs", type=Path, default=HERE / "runs", help="scratch space for the runs' weights")
     parser.add_argument("--encoders", type=Path, default=None,
