@@ -678,3 +678,21 @@ def test_long_report_gives_verdicts_only_with_three_seeds_and_names_the_best_ful
     assert "STAR vs ARM: no verdict yet (STAR 1 of 3 seeds, ARM 1); so far +2.00 points" in page
     assert "- Best full fine-tune: STAR (K=4), 93.60% test top-1 (mean of 1 seed, provisional: 1 of 3 seeds)" in page
     assert "still gained" in page  # 25 -> 50 epochs gained 0.25 points on the holdout for every arm
+
+
+@pytest.mark.parametrize("finetunes_done", [False, True])
+def test_long_run_leaves_the_single_seed_units_until_the_fine_tunes_are_done(tmp_path, monkeypatch, finetunes_done):
+    from experiments.fashion_mnist import long
+
+    calls = []
+    monkeypatch.setattr(long, "run_units", lambda name, out, runs, budget, encoders=None, units=None:
+                        calls.append(("units", budget, units)) or True)
+    monkeypatch.setattr(long, "run_finetunes", lambda *a, **k: calls.append(("finetunes",)) or finetunes_done)
+    monkeypatch.setattr(long, "status", lambda *a: None)
+    rc = long.main(["run", "--budget-min", "9", "--out", str(tmp_path), "--runs", str(tmp_path / "runs")])
+    claim = [u for u in recipes.LONG_UNITS if u not in recipes.LONG_LAST_UNITS]
+    assert calls[0] == ("units", 540.0, claim) and len(claim) == 6 and calls[1] == ("finetunes",)
+    if finetunes_done:
+        assert rc == 0 and calls[2][0] == "units" and calls[2][2] == recipes.LONG_LAST_UNITS and calls[2][1] < 540
+    else:
+        assert rc == 3 and len(calls) == 2

@@ -20,10 +20,11 @@ it. The last one's encoder (pretraining weights without the decoder, fp32, in pa
 device's file limit) comes home to encoders/: its evaluations run in the same call if they fit, else in a
 later one that carries it (`stage` copies what the next call needs into carry/, which the call names).
 
-The full fine-tune (recipes.LONG_FT_RECIPES) fills the time the units leave: for no pretraining, ARM and STAR
-alike, settings chosen on the holdout from seed 0's 100-epoch encoder (`next_finetunes`: an epochs ladder,
-then lr, layer decay and augmentation variants), then the choice on every seed, measured once on the test
-split. Results go to long/results.json under keys that name the recipe, as in study.py.
+The full fine-tune (recipes.LONG_FT_RECIPES) fills the time the claim's units leave; the single-seed units,
+the issue's first cut, run after it. For no pretraining, ARM and STAR alike, the settings are chosen on the
+holdout from seed 0's 100-epoch encoder (`next_finetunes`: an epochs ladder, then lr, layer decay and
+augmentation variants), then the choice runs on every seed and is measured once on the test split. Results
+go to long/results.json under keys that name the recipe, as in study.py.
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ from star.models.hub import CONFIG_NAME, RUN_CONFIG_FILE, WEIGHTS_NAME, snapshot
 from star.training.provenance import environment
 
 from . import study
-from .recipes import (LONG_ARMS, LONG_FT_ARMS, LONG_FT_RECIPES, LONG_RECIPES, LONG_SNAPSHOT_EVALS, LONG_UNITS,
-                      SEEDS, ft_recipe_id, recipe_id)
+from .recipes import (LONG_ARMS, LONG_FT_ARMS, LONG_FT_RECIPES, LONG_LAST_UNITS, LONG_RECIPES, LONG_SNAPSHOT_EVALS,
+                      LONG_UNITS, SEEDS, ft_recipe_id, recipe_id)
 
 HERE = Path(__file__).resolve().parent / "long"
 REPO = Path(__file__).resolve().parents[2]
@@ -228,11 +229,12 @@ def evaluate_last(recipe_name: str, arm: str, seed: int, out: Path, runs: Path, 
 
 
 def run_units(recipe_name: str, out: Path, runs: Path, budget_s: float | None,
-              encoders: Path | None = None) -> bool:
+              encoders: Path | None = None, units=None) -> bool:
     """The unfinished work of the units in order, each piece started only if its estimate fits what is left
     of the budget: a unit's pretraining with its earlier snapshots' evaluations (which must fit whole: those
     snapshots do not outlive the call), then its last snapshot's evaluations, in this call or, from the encoder
-    brought home (`encoders`, by default out/encoders), in a later one. True when every unit is done."""
+    brought home (`encoders`, by default out/encoders), in a later one. `units`: LONG_UNITS unless given.
+    True when every one of them is done."""
     recipe, rid = LONG_RECIPES[recipe_name], recipe_id(recipe_name, LONG_RECIPES)
     encoders = out / "encoders" if encoders is None else encoders
     every, epochs = recipe["pretrain_run"].get("snapshot_every", 0), recipe["pretrain"]["epochs"]
@@ -251,7 +253,7 @@ def run_units(recipe_name: str, out: Path, runs: Path, budget_s: float | None,
         return True
 
     finished = True
-    for arm, seed in LONG_UNITS:
+    for arm, seed in LONG_UNITS if units is None else units:
         results = study.load_results(out / "results.json")
         missing = [i for i in ["pretrain", *snapshot_items(recipe)] if study.item_key(rid, arm, seed, i) not in results]
         if not missing:
@@ -596,11 +598,18 @@ def main(argv=None) -> int:
         stage(args.recipe, args.out, args.carry, int(args.carry_mib * 2**20))
         return 0
     start, budget = time.perf_counter(), None if args.budget_min is None else 60 * args.budget_min
-    units = run_units(args.recipe, args.out, args.runs, budget, args.encoders)
-    tuned = run_finetunes(finetune_recipe(args.recipe), args.out, args.runs,  # the time the units left
-                          lambda: None if budget is None else budget - (time.perf_counter() - start), args.encoders)
+
+    def left():
+        return None if budget is None else budget - (time.perf_counter() - start)
+
+    # the claim's units, the fine-tunes in the time they leave, and only then the single-seed units (the first cut)
+    units = run_units(args.recipe, args.out, args.runs, budget, args.encoders,
+                      [u for u in LONG_UNITS if u not in LONG_LAST_UNITS])
+    done = run_finetunes(finetune_recipe(args.recipe), args.out, args.runs, left, args.encoders) and units
+    if done:
+        done = run_units(args.recipe, args.out, args.runs, left(), args.encoders, LONG_LAST_UNITS)
     status(args.recipe, args.out)
-    return 0 if units and tuned else 3
+    return 0 if done else 3
 
 
 if __name__ == "__main__":

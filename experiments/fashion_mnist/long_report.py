@@ -153,7 +153,8 @@ def build(out: Path, results: dict) -> str:
         "[recipes.py](../../experiments/fashion_mnist/recipes.py)).",
         "",
         f"**Status:** {len(units_done)} of {len(LONG_UNITS)} pretraining units done "
-        f"({', '.join(f'{NAMES[a]} seed {s}' for a, s in units_done) or 'none'}). Code at "
+        f"({', '.join(f'{NAMES[a]} seed {s}' for a, s in units_done) or 'none'}); the single-seed units run "
+        f"after the full fine-tunes, as the first cut should the plan pass about {BUDGET_MIN} GPU minutes. Code at "
         f"{', '.join(commits) or '-'}; {', '.join(devices) or '-'}. Until every cell has 3 seeds the numbers "
         "are a first signal, not a result.",
         "",
