@@ -303,6 +303,7 @@ def test_one_loader_iterator_spans_the_epochs_and_trains_on_what_per_epoch_itera
     trainer.cfg = dataclasses.replace(trainer.cfg, max_steps=None)
     trainer.fit()
     assert read_losses(tmp_path / "resumed") == losses["spanning"]
+    assert len(list(trainer.train_loader)) == 7  # after fit(), iterating the loader gives one epoch again
 
 
 def test_resume_auto_on_a_new_run_says_it_starts_from_scratch(tmp_path, capsys):

@@ -299,6 +299,8 @@ class Trainer:
             raise
         finally:
             self._run_batches = None  # sized for this fit(): a later one (a raised max_steps) makes its own
+            if hasattr(sampler := getattr(self.train_loader, "batch_sampler", None), "span_epochs"):
+                sampler.span_epochs(1)  # a plain iter() of the loader is one epoch again
             if self.metrics is not None:
                 self.metrics.close()
         return results
