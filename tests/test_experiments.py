@@ -659,6 +659,8 @@ def test_long_report_gives_verdicts_only_with_three_seeds_and_names_the_best_ful
     for arm, top1 in (("scratch", 92.0), ("arm_k1", 93.5), ("star_k4", 93.6)):
         for item, epochs in (("tune_e12", 12), ("tune_e25", 25), ("tune_e50", 50)):
             add(ft_rid, arm, 0, item, val_top1=top1 + epochs / 100, epochs=epochs)
+        for variant in recipes.LONG_FT_RECIPES["long-ft-h100"]["variants"]:
+            add(ft_rid, arm, 0, f"tune_{variant}", val_top1=top1, epochs=25)
         for seed in recipes.SEEDS:
             add(ft_rid, arm, seed, "ft100", test_top1=top1 + 0.2 * seed, epochs=50,
                 choice={"epochs": 50, "variant": "base", "search_run": "tune_e50", "holdout_top1": top1 + 0.5})
@@ -671,7 +673,10 @@ def test_long_report_gives_verdicts_only_with_three_seeds_and_names_the_best_ful
     assert ("- Best full fine-tune: STAR (K=4), 93.80% test top-1 (mean of 3 seeds); the 94.0% goal is missed by "
             "0.20 points; against ARM (K=1): within 2 std: no difference shown") in page
     assert "- ARM (K=1) vs no pretraining: **ARM (K=1) ahead** by 1.50 points" in page
-    assert "| total | 36.0 |" in page  # 6 pretrainings, 12 last-snapshot evaluations, 9 tunes, 9 finals: 1 min each
+    assert "| total | 45.0 |" in page  # 6 pretrainings, 12 last evaluations, 18 search runs, 9 finals: 1 min each
+    # left: the 2 single-seed units, each a pretraining and 2 evaluations at 1.1 x 60 s + 20 s
+    assert "pretraining units 9, fine-tune search 0, final full fine-tunes 0 GPU minutes; with what is spent, at " \
+        "most 54 of the 150." in page
     assert (tmp_path / "fashion-mnist-long" / "accuracy_vs_epochs.png").is_file()
     one_seed = {k: v for k, v in results.items() if "/s0/" in k}
     page = long_report.build(tmp_path, one_seed)

@@ -131,6 +131,36 @@ def gpu_minutes(results: dict, rid: str, ft_rid: str) -> dict:
     return minutes
 
 
+def minutes_left(results: dict, recipe: dict, rid: str, ft: dict, ft_rid: str) -> dict:
+    """An upper bound on the GPU minutes still to spend, by stage, with the scheduler's own estimates (1.1x and
+    20 s per run): every unit not done at the slowest measured unit, and for the fine-tune search every run it
+    could still take (each rung, each variant, one pair at the ladder's top), then 3 seeds of each arm's choice
+    (or of the ladder's top while it is open)."""
+    units = [(a, s) for a, s in LONG_UNITS if any(item_key(rid, a, s, i) not in results
+                                                  for i in ["pretrain", *long.snapshot_items(recipe)])]
+    per_unit = long.estimate(results, rid, recipe, "pretrain", "star_k4") + sum(
+        long.estimate(results, rid, recipe, f"{i}_e{recipe['snapshots'][-1]}", "star_k4") for i in LONG_SNAPSHOT_EVALS)
+
+    def run_s(epochs):
+        return long.finetune_estimate(results, ft_rid, ft, epochs)
+
+    search, finals = 0.0, 0.0
+    for arm in LONG_FT_ARMS:
+        recorded = {k.rsplit("/", 1)[1] for k in results if k.startswith(f"{ft_rid}/{arm}/s0/tune_")}
+        todo = long.next_finetunes(ft, results, ft_rid, arm)
+        if not todo:
+            continue
+        if todo[0][1] != "ft100":  # the search is open: every run it could still take
+            wanted = [(f"tune_e{e}", e) for e in ft["ladder"]] + [(f"tune_{v}", ft["variant_epochs"])
+                                                                  for v in ft["variants"]]
+            search += sum(run_s(e) for item, e in wanted if item not in recorded) + run_s(ft["ladder"][-1])
+            finals += sum(item_key(ft_rid, arm, s, "ft100") not in results for s in SEEDS) * run_s(ft["ladder"][-1])
+        else:
+            finals += len(todo) * run_s(long.finetune_choice(ft, results, ft_rid, arm)["epochs"])
+    return {"pretraining units": len(units) * per_unit / 60, "fine-tune search": search / 60,
+            "final full fine-tunes": finals / 60}
+
+
 def build(out: Path, results: dict) -> str:
     recipe_name = "long-h100"
     recipe, rid = LONG_RECIPES[recipe_name], recipe_id(recipe_name, LONG_RECIPES)
@@ -203,6 +233,13 @@ def build(out: Path, results: dict) -> str:
               f"({minutes['beside']:.1f} minutes of wall time, inside the pretraining's). The issue's budget is about "
               f"{BUDGET_MIN} GPU minutes. Not counted here: each device call's start-up and packing, and a fine-tune's "
               "test pass and encoder unpacking (seconds each)."]
+    left = minutes_left(results, recipe, rid, ft, ft_rid)
+    lines += ["", "At most this much is left, by the scheduler's estimates (`minutes_left`): "
+              + ", ".join(f"{k} {v:.0f}" for k, v in left.items())
+              + f" GPU minutes; with what is spent, at most {total + sum(left.values()):.0f} of the {BUDGET_MIN}."
+              + ("" if any("images_per_epoch" in e for k, e in results.items() if k.startswith(ft_rid + "/")) else
+                 " The fine-tune estimates are high until a fine-tune has recorded its images per epoch (none so far"
+                 " has): they take the slowest seconds per epoch, compilation spread in.")]
     return "\n".join(lines) + "\n"
 
 
