@@ -62,7 +62,8 @@ def verdict(a: list[float], b: list[float], name_a: str, name_b: str) -> str:
 
 
 def plot_snapshots(results: dict, rid: str, epochs, path: Path) -> bool:
-    """Test top-1 against pretraining epochs, one panel per evaluation, one line per arm (mean, seeds as dots)."""
+    """Test top-1 against pretraining epochs, one panel per evaluation, one line per arm (mean ± std over seeds,
+    every seed as a dot)."""
     fig, axes = plt.subplots(1, len(LONG_SNAPSHOT_EVALS), figsize=(10, 3.6))
     drawn = False
     for ax, item in zip(axes, LONG_SNAPSHOT_EVALS):
@@ -72,8 +73,9 @@ def plot_snapshots(results: dict, rid: str, epochs, path: Path) -> bool:
             if not points:
                 continue
             drawn = True
-            ax.plot([e for e, _ in points], [statistics.mean(v) for _, v in points], marker="o", color=COLORS[arm],
-                    label=NAMES[arm])
+            spread = [mean_std(v)[1] if len(v) > 1 else 0.0 for _, v in points]
+            ax.errorbar([e for e, _ in points], [statistics.mean(v) for _, v in points], yerr=spread, marker="o",
+                        capsize=3, color=COLORS[arm], label=NAMES[arm])
             for e, v in points:
                 ax.scatter([e] * len(v), v, color=COLORS[arm], s=10, alpha=0.5)
         ax.set(title=EVAL_NAMES[item], xlabel="pretraining epochs", xticks=list(epochs))
