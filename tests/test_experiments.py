@@ -701,3 +701,7 @@ def test_long_run_leaves_the_single_seed_units_until_the_fine_tunes_are_done(tmp
         assert rc == 0 and calls[2][0] == "units" and calls[2][2] == recipes.LONG_LAST_UNITS and calls[2][1] < 540
     else:
         assert rc == 3 and len(calls) == 2
+    for only, ran in (("units", ["units"]), ("finetunes", ["finetunes"])):  # one stage alone: never "all done"
+        calls.clear()
+        assert long.main(["run", "--only", only, "--out", str(tmp_path), "--runs", str(tmp_path / "runs")]) == 3
+        assert [c[0] for c in calls] == ran

@@ -3,6 +3,7 @@
 The long study (recipes.LONG_*), on the machinery of study.py, in resumable units:
 
     python -m experiments.fashion_mnist.long run --budget-min 9.2   # the next work that fits in 9.2 minutes
+    python -m experiments.fashion_mnist.long run --only finetunes  # only the fine-tune stage (or: units)
     python -m experiments.fashion_mnist.long status                # done / to do
     python -m experiments.fashion_mnist.long merge --returned DIR  # bring a GPU call's results and encoders home
     python -m experiments.fashion_mnist.long stage                 # long/carry: the encoders the next call needs
@@ -554,6 +555,9 @@ def main(argv=None) -> int:
                         help="run: start no unit or fine-tune that would end past this")
     parser.add_argument("--out", type=Path, default=HERE, help="where results.json, curves/, figures/ go")
     parser.add_argument("--runs", type=Path, default=HERE / "runs", help="scratch space for the runs' weights")
+    parser.add_argument("--only", choices=("units", "finetunes"),
+                        help="run: only the claim's pretraining units, or only the fine-tunes (a call that carries "
+                             "an encoder for them); by default both, then the single-seed units")
     parser.add_argument("--encoders", type=Path, default=None,
                         help="run: where encoders brought home by earlier calls are read (default OUT/encoders)")
     parser.add_argument("--returned", type=Path, help="merge: a GPU call's folder (long.tgz and enc-* files)")
@@ -603,9 +607,11 @@ def main(argv=None) -> int:
         return None if budget is None else budget - (time.perf_counter() - start)
 
     # the claim's units, the fine-tunes in the time they leave, and only then the single-seed units (the first cut)
-    units = run_units(args.recipe, args.out, args.runs, budget, args.encoders,
-                      [u for u in LONG_UNITS if u not in LONG_LAST_UNITS])
-    done = run_finetunes(finetune_recipe(args.recipe), args.out, args.runs, left, args.encoders) and units
+    units = args.only == "finetunes" or run_units(args.recipe, args.out, args.runs, budget, args.encoders,
+                                                  [u for u in LONG_UNITS if u not in LONG_LAST_UNITS])
+    done = args.only == "units" or run_finetunes(finetune_recipe(args.recipe), args.out, args.runs, left,
+                                                 args.encoders)
+    done = done and units and args.only is None
     if done:
         done = run_units(args.recipe, args.out, args.runs, left(), args.encoders, LONG_LAST_UNITS)
     status(args.recipe, args.out)
