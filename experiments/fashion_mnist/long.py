@@ -357,9 +357,8 @@ def finetune_spec(ft: dict, item: str, choice: dict | None) -> tuple[dict, list[
         epochs, variant = choice["epochs"], choice["variant"]
     elif name[:1] == "e" and name[1:].isdigit():
         epochs, variant = int(name[1:]), "base"
-    elif name.rpartition("_e")[0] in ft["variants"] and name.rpartition("_e")[2].isdigit():
-        variant, _, rest = name.rpartition("_e")
-        epochs = int(rest)
+    elif (pair := name.rpartition("_e"))[0] in ft["variants"] and pair[2].isdigit():
+        variant, epochs = pair[0], int(pair[2])
     else:
         epochs, variant = ft["variant_epochs"], name
     flags = study._flags(ft["run"]) + study._flags({} if variant == "base" else ft["variants"][variant])
@@ -405,8 +404,7 @@ def run_finetunes(ft_name: str, out: Path, runs: Path, seconds_left, encoders: P
     check_finetune_recipe(ft, recipe)
     runs, finished = runs / rid, True
     for arm in LONG_FT_ARMS:
-        while todo := next_finetunes(ft, study.load_results(out / "results.json"), rid, arm):
-            results = study.load_results(out / "results.json")
+        while todo := next_finetunes(ft, results := study.load_results(out / "results.json"), rid, arm):
             seed, item = todo[0]
             choice = finetune_choice(ft, results, rid, arm) if item == "ft100" else None
             spec, flags = finetune_spec(ft, item, choice)

@@ -124,10 +124,10 @@ LONG_RECIPES = {
 # holdout from seed 0's 100-epoch encoder (scratch: random weights) by the same search, then the chosen settings
 # run on every seed and are measured once on the test split. The search: the epochs ladder at the base settings,
 # a rung only while the one before gained `gain` holdout points; then each variant at `variant_epochs` against
-# the base there (lr, layer decay, augmentation); the final runs take the best rung's epochs and the best of
-# base and variants at variant_epochs. 100 epochs do not fit a device call (about 60 s of compilation plus
-# 5.1 s per epoch at the 10.8k images/s of bench-train's CUDA-graph row, against a 552 s budget): the ladder
-# stops at 50.
+# the base there (lr, layer decay, augmentation); then the best variant at the best rung's epochs where those
+# differ, taken only if it beats the rung (long.finetune_choice). 100 epochs do not fit a device call (about
+# 60 s of compilation plus 5.1 s per epoch at the 10.8k images/s of bench-train's CUDA-graph row, against a
+# 552 s budget): the ladder stops at 50.
 LONG_FT_ARMS = ("scratch", "arm_k1", "star_k4")
 LONG_FT_RECIPES = {
     "long-ft-h100": dict(

@@ -227,7 +227,7 @@ class Trainer:
         else:
             load_state_dict_checked(self.model, weights, str(ckpt))
         self._check_resumable(ckpt, state)
-        sampler = getattr(self.train_loader, "batch_sampler", None)
+        sampler = self._batch_sampler
         if state["data"]["sampler"] is not None and hasattr(sampler, "load_state_dict"):
             sampler.load_state_dict(state["data"]["sampler"])  # refuses another data order now, not after a start
         # the checkpoint's group hyperparameters give way to this config's (the lr is set by the schedule)
@@ -299,8 +299,8 @@ class Trainer:
             raise
         finally:
             self._run_batches = None  # sized for this fit(): a later one (a raised max_steps) makes its own
-            if hasattr(sampler := getattr(self.train_loader, "batch_sampler", None), "span_epochs"):
-                sampler.span_epochs(1)  # a plain iter() of the loader is one epoch again
+            if hasattr(self._batch_sampler, "span_epochs"):
+                self._batch_sampler.span_epochs(1)  # a plain iter() of the loader is one epoch again
             if self.metrics is not None:
                 self.metrics.close()
         return results
@@ -321,8 +321,13 @@ class Trainer:
             print(f"epoch {self.epoch} step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
         return results
 
+    @property
+    def _batch_sampler(self):
+        """The train loader's batch sampler (a StarBatchSampler for the loaders star builds), or None."""
+        return getattr(self.train_loader, "batch_sampler", None)
+
     def _sampler_state(self) -> Optional[dict]:
-        sampler = getattr(self.train_loader, "batch_sampler", None)
+        sampler = self._batch_sampler
         if not hasattr(sampler, "state_dict"):
             return None
         if hasattr(sampler, "span_epochs"):  # its own epoch may be ahead of the loop's
@@ -337,7 +342,7 @@ class Trainer:
         epoch boundary, where a new iterator per epoch waits for a worker to load a whole batch."""
         if self._run_batches is not None:
             return self._run_batches
-        sampler = getattr(self.train_loader, "batch_sampler", None)
+        sampler = self._batch_sampler
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(self.epoch)
         skip = self.batches_done
