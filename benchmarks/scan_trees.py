@@ -27,8 +27,8 @@ PASS1_BC_AHEAD = (
     f"{I12}B_next, C_next = _chunk_bc(B_ptr, C_ptr, first + k + 1, pid_b, L, offs_n, mask_n, N, CHUNK, REVERSE, rows,\n"
     f"{I12}                           ORDER)\n")
 PASS1_START = "        dy_next = _chunk_dy(dy_ptr, first, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE, rows, ORDER)\n"
-PASS1_START_BC = PASS1_START + (
-    "        B_next, C_next = _chunk_bc(B_ptr, C_ptr, first, pid_b, L, offs_n, mask_n, N, CHUNK, REVERSE, rows, ORDER)\n")
+PASS1_START_BC = PASS1_START + ("        B_next, C_next = _chunk_bc(B_ptr, C_ptr, first, pid_b, L, offs_n, mask_n, N, "
+                                 "CHUNK, REVERSE, rows, ORDER)\n")
 PASS2_START = "        dy_next = _chunk_dy(dy_ptr, last, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE, rows, ORDER)\n"
 PASS2_LOOP = "        for j in range(seg_chunks):\n            k = seg_chunks - 1 - j\n"
 H0 = f"{I12}h0 = tl.load(scratch_base + k * N_PAD * BLOCK_D)\n"
