@@ -16,7 +16,6 @@ repeated and gathered into scan order once instead). A reversed order is the rev
 few large kernels instead of a dozen small ones per direction, which is what bounds small models.
 """
 
-import functools
 import math
 from typing import Optional, Sequence
 
@@ -24,37 +23,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import checkpoint
 
 from star.ops import causal_conv1d, layer_norm, selective_scan, swiglu
 from star.ops.groups import repeat_runs
 from star.ops.impls import IMPLS, is_triton
 from star.ops.orders import check_permutations, from_scan_order, to_scan_order
 
-# what a block recomputes in backward instead of keeping for it: nothing; the scan's inputs (conv, x_proj and
-# dt, rerun from in_proj's output, while the Triton scan's own outputs, y and its segment states, are kept, so
-# the scan itself does not run again); the whole mixer from in_proj's output (conv, x_proj, dt and the scan,
-# whose activations are most of a block's); or the whole block from its input
-RECOMPUTE = ("none", "scan_inputs", "mixer", "block")
+# what a block recomputes in backward instead of keeping for it: nothing; the mixer from in_proj's output
+# (conv, x_proj, dt and the scan, whose activations are most of a block's); or the whole block from its input
+RECOMPUTE = ("none", "mixer", "block")
 
 
-def keep_scan_outputs(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    """Selective checkpointing policy of recompute="scan_inputs": keep the Triton scan's outputs, recompute
-    the rest. The PyTorch forms of the scan are plain torch ops, so with them the whole mixer is recomputed."""
-    if op.name() == "star::selective_scan_fwd":
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def recomputed(fn, recompute: bool, *args, policy=None):
+def recomputed(fn, recompute: bool, *args):
     """`fn(*args)`; with `recompute` (while gradients are on) backward keeps only the inputs and reruns `fn`
-    (non-reentrant `torch.utils.checkpoint`, which replays the RNG state), or, given a selective checkpointing
-    `policy` (torch.utils.checkpoint.create_selective_checkpoint_contexts), keeps what it says to save too."""
+    (non-reentrant `torch.utils.checkpoint`, which replays the RNG state)."""
     if recompute and torch.is_grad_enabled():
-        if policy is None:
-            return checkpoint(fn, *args, use_reentrant=False)
-        return checkpoint(fn, *args, use_reentrant=False,
-                          context_fn=functools.partial(create_selective_checkpoint_contexts, policy))
+        return checkpoint(fn, *args, use_reentrant=False)
     return fn(*args)
 
 
@@ -96,14 +81,12 @@ class MambaMixer(nn.Module):
     """Mamba-1 mixer (expand 1, no bias on in/out projections) over one or several scan directions."""
 
     def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 1,
-                 num_directions: int = 1, depth: int = 1, scan_impl: str = "auto", recompute: str = "none"):
+                 num_directions: int = 1, depth: int = 1, scan_impl: str = "auto", recompute_scan: bool = False):
         super().__init__()
         d_inner = expand * dim
         if scan_impl not in IMPLS:
             raise ValueError(f"scan_impl must be one of {IMPLS}, got {scan_impl!r}")
-        if recompute not in ("none", "scan_inputs", "mixer"):
-            raise ValueError(f"a mixer's recompute must be none, scan_inputs or mixer, got {recompute!r}")
-        self.scan_impl, self.recompute = scan_impl, recompute
+        self.scan_impl, self.recompute_scan = scan_impl, recompute_scan
         self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False)
         self.directions = nn.ModuleList(
             SelectiveSSM(d_inner, d_state, d_conv, dt_rank=math.ceil(dim / 16)) for _ in range(num_directions))
@@ -123,8 +106,7 @@ class MambaMixer(nn.Module):
         else:
             if tuple(orders.shape) != (num, l):
                 raise ValueError(f"scan orders must be (directions, tokens) = ({num}, {l}), got {tuple(orders.shape)}")
-        y = recomputed(self._scan, self.recompute != "none", *xz.chunk(2, dim=-1), num, orders,  # keeps xz
-                       policy=keep_scan_outputs if self.recompute == "scan_inputs" else None)
+        y = recomputed(self._scan, self.recompute_scan, *xz.chunk(2, dim=-1), num, orders)  # recomputed: keeps xz
         if num > 1:
             y = y.view(num, b, l, -1).mean(0)
         return self.out_proj(y)
@@ -202,7 +184,7 @@ class MambaMLPBlock(nn.Module):
         self.recompute_block = recompute == "block"
         self.norm1 = LayerNorm(dim, impl=scan_impl)
         self.mixer = MambaMixer(dim, d_state, d_conv, expand, num_directions, depth, scan_impl,
-                                recompute=recompute if recompute != "block" else "none")
+                                recompute_scan=recompute == "mixer")
         self.norm2 = LayerNorm(dim, impl=scan_impl)
         self.mlp = SwiGLU(dim, int(dim * 4 * 2 / 3), scan_impl)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
