@@ -5,11 +5,12 @@
 
 Each tree is a copy of this tree's `src` with one edit, made by exact text replacement (an edit whose text is no
 longer found fails, so a tree never silently equals main). Two kinds:
-- candidates, same results as main, faster or not: SEGMENT 16 or 64 (checkpoint memory against scratch size),
-  the backward's CHUNK 4, and loads issued one chunk ahead for the chunk's entering state (pass 2) and its B, C
-  rows (both passes), which the backward now waits for inside each chunk;
+- candidates, same results as main, faster or not: SEGMENT 16 or 64 (checkpoint memory against scratch size)
+  and the backward's CHUNK 4;
 - ablations, wrong gradients, timed only to price one stage by the difference: no dB partial stores, no
   scratch (pass 2 starts every chunk from the segment's checkpoint), no pass 1 at all.
+The loads issued a chunk ahead for B, C and the entering state (variants ahead_bc, ahead_h0, ahead_both of
+this script at 9a0e880) are in main since.
 """
 import argparse
 import shutil
@@ -18,58 +19,41 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parent.parent / "src"
 CHUNKS = "star/ops/triton/selective_scan_chunks.py"
 SCAN = "star/ops/triton/selective_scan.py"
-I12, I16 = " " * 12, " " * 16  # the bodies of the backward's chunk loops
+I12 = " " * 12  # the bodies of the backward's chunk loops
 
-PASS1_BC = (f"{I12}Bt, Ct = _chunk_bc(B_ptr, C_ptr, first + k, pid_b, L, offs_n, mask_n, N, CHUNK, REVERSE, rows, "
-            "ORDER)\n")
-PASS1_BC_AHEAD = (
-    f"{I12}Bt, Ct = B_next, C_next\n"
-    f"{I12}B_next, C_next = _chunk_bc(B_ptr, C_ptr, first + k + 1, pid_b, L, offs_n, mask_n, N, CHUNK, REVERSE, rows,\n"
-    f"{I12}                           ORDER)\n")
-PASS1_START = "        dy_next = _chunk_dy(dy_ptr, first, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE, rows, ORDER)\n"
-PASS1_START_BC = PASS1_START + ("        B_next, C_next = _chunk_bc(B_ptr, C_ptr, first, pid_b, L, offs_n, mask_n, N, "
-                                 "CHUNK, REVERSE, rows, ORDER)\n")
-PASS2_START = "        dy_next = _chunk_dy(dy_ptr, last, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE, rows, ORDER)\n"
-PASS2_LOOP = "        for j in range(seg_chunks):\n            k = seg_chunks - 1 - j\n"
-H0 = f"{I12}h0 = tl.load(scratch_base + k * N_PAD * BLOCK_D)\n"
 STORE_DB = (f"{I12}_store_channel_sum(dB_part_ptr, g * (delta * u)[:, None, :], t, part_bc_base, mask_t, N, N_PAD, "
             f"CHUNK,\n{I12}                   BLOCK_D, PRECISION)\n")
+H0 = f"{I12}h0 = h0_next\n"
 CKPT_STATE = "tl.load(ckpt_base + seg * N * D, mask=mask_nd, other=0.0)"
 
-# name -> [(file, old text, new text[, times the old text occurs: its first occurrence is replaced])]
+
+# name -> [(file, old text, new text)]
 EDITS = {
     "seg16": [(CHUNKS, "CUDA_CONFIG = dict(SEGMENT=32,", "CUDA_CONFIG = dict(SEGMENT=16,")],
     "seg64": [(CHUNKS, "CUDA_CONFIG = dict(SEGMENT=32,", "CUDA_CONFIG = dict(SEGMENT=64,")],
     "bwd_c4": [(CHUNKS, "bwd=dict(BLOCK_D=32, CHUNK=2, num_warps=1),\n                   RESIDENT_PER_SM=8",
                 "bwd=dict(BLOCK_D=32, CHUNK=4, num_warps=1),\n                   RESIDENT_PER_SM=8")],
-    "ahead_h0": [(SCAN, PASS2_LOOP, "        h0_next = tl.load(scratch_base + (seg_chunks - 1) * N_PAD * BLOCK_D)\n"
-                  + PASS2_LOOP + f"{I12}h0 = h0_next\n"
-                  f"{I12}h0_next = tl.load(scratch_base + tl.maximum(k - 1, 0) * N_PAD * BLOCK_D)\n"),
-                 (SCAN, H0, "")],
-    "ahead_bc": [(SCAN, PASS1_START, PASS1_START_BC), (SCAN, PASS1_BC, PASS1_BC_AHEAD, 2),
-                 (SCAN, PASS2_START, PASS2_START + PASS1_START_BC[len(PASS1_START):].replace("first,", "last,")),
-                 (SCAN, PASS1_BC, PASS1_BC_AHEAD.replace("first + k + 1", "first + k - 1"))],
     "ablate_db": [(SCAN, STORE_DB, "")],
     "ablate_scratch": [(SCAN, f"{I12}tl.store(scratch_base + k * N_PAD * BLOCK_D, h)\n", ""),
                        (SCAN, H0, f"{I12}h0 = {CKPT_STATE}\n")],
     "ablate_pass1": [(SCAN, "        for k in range(seg_chunks):\n", "        for k in range(0):\n"),
                      (SCAN, H0, f"{I12}h0 = {CKPT_STATE}\n")],
 }
-EDITS["ahead_both"] = EDITS["ahead_h0"] + EDITS["ahead_bc"]
 
 
 def make_tree(name: str, dest: Path) -> Path:
-    """dest/name/src: a copy of src with the edits of `name` applied in order, each found as often as it says."""
+    """dest/name/src: a copy of src with the edits of `name` applied in order, each replacing exactly one
+    occurrence."""
     tree = dest / name
     shutil.rmtree(tree, ignore_errors=True)
     shutil.copytree(SRC, tree / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    for file, old, new, *times in EDITS[name]:
-        path, times = tree / "src" / file, times[0] if times else 1
+    for file, old, new in EDITS[name]:
+        path = tree / "src" / file
         text = path.read_text()
-        if text.count(old) != times:
+        if text.count(old) != 1:
             raise SystemExit(f"scan_trees.py: {name}: the text to replace occurs {text.count(old)} times in {file}, "
-                             f"not {times} (the source moved on): {old.strip()[:80]!r}")
-        path.write_text(text.replace(old, new, 1))
+                             f"not once (the source moved on): {old.strip()[:80]!r}")
+        path.write_text(text.replace(old, new))
     return tree
 
 

@@ -16,8 +16,8 @@ from last to first, each in two passes:
      a_{t+1} comes from the chunk's own decay tile, carried inside the reverse scan, and from the
      following chunk, so no second exp is needed.
 Every loop over chunks issues the next chunk's loads before the current chunk's math (software pipelining
-by hand; the kernels were latency bound, each chunk waiting for its own loads). The forward prefetches all
-five tiles; the backward, near the register limit, only the per-channel ones (u, delta, z, dy).
+by hand; the kernels were latency bound, each chunk waiting for its own loads): the forward's five tiles, and
+the backward's too, with, in pass 2, the chunk's entering state from the scratch.
 Nothing is accumulated with atomics: dA, dD and d_delta_bias are per-batch partials and dB, dC are
 per-channel-block partials, summed afterwards by torch in a fixed order, so gradients are deterministic.
 u, delta and z may be strided views (only the channel stride must be 1), which saves the copies of the
@@ -147,6 +147,7 @@ def _scan_bwd_kernel(
                                                   stride_ub, stride_ul, stride_deltab, stride_deltal, stride_zb,
                                                   stride_zl, CHUNK, REVERSE, HAS_Z, rows, ORDER)
         dy_next = _chunk_dy(dy_ptr, first, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE, rows, ORDER)
+        B_next, C_next = _chunk_bc(B_ptr, C_ptr, first, pid_b, L, offs_n, mask_n, N, CHUNK, REVERSE, rows, ORDER)
         for k in range(seg_chunks):
             tl.store(scratch_base + k * N_PAD * BLOCK_D, h)
             u, delta, z, dy = u_next, delta_next, z_next, dy_next
@@ -154,7 +155,9 @@ def _scan_bwd_kernel(
                                                       mask_d, stride_ub, stride_ul, stride_deltab, stride_deltal,
                                                       stride_zb, stride_zl, CHUNK, REVERSE, HAS_Z, rows, ORDER)
             dy_next = _chunk_dy(dy_ptr, first + k + 1, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE, rows, ORDER)
-            Bt, Ct = _chunk_bc(B_ptr, C_ptr, first + k, pid_b, L, offs_n, mask_n, N, CHUNK, REVERSE, rows, ORDER)
+            Bt, Ct = B_next, C_next
+            B_next, C_next = _chunk_bc(B_ptr, C_ptr, first + k + 1, pid_b, L, offs_n, mask_n, N, CHUNK, REVERSE, rows,
+                                       ORDER)
             t, mask_t, mask, offs = _chunk_index(first + k, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE, rows, ORDER)
             u, delta, _, Bt, Ct, z = _chunk_values(u, delta, Bt, Ct, z, mask, bias, HAS_BIAS, SOFTPLUS)
             dy = dy.to(tl.float32)
@@ -170,15 +173,20 @@ def _scan_bwd_kernel(
                                                   stride_ub, stride_ul, stride_deltab, stride_deltal, stride_zb,
                                                   stride_zl, CHUNK, REVERSE, HAS_Z, rows, ORDER)
         dy_next = _chunk_dy(dy_ptr, last, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE, rows, ORDER)
+        B_next, C_next = _chunk_bc(B_ptr, C_ptr, last, pid_b, L, offs_n, mask_n, N, CHUNK, REVERSE, rows, ORDER)
+        h0_next = tl.load(scratch_base + (seg_chunks - 1) * N_PAD * BLOCK_D)
         for j in range(seg_chunks):
             k = seg_chunks - 1 - j
-            h0 = tl.load(scratch_base + k * N_PAD * BLOCK_D)
+            h0 = h0_next
+            h0_next = tl.load(scratch_base + tl.maximum(k - 1, 0) * N_PAD * BLOCK_D)
             u, delta, z, dy = u_next, delta_next, z_next, dy_next
             # chunk first - 1 is the next segment's (or, before the sequence start, masked): loaded, not used
             u_next, delta_next, z_next = _chunk_loads(u_ptr, delta_ptr, z_ptr, first + k - 1, pid_b, L, offs_d,
                                                       mask_d, stride_ub, stride_ul, stride_deltab, stride_deltal,
                                                       stride_zb, stride_zl, CHUNK, REVERSE, HAS_Z, rows, ORDER)
-            Bt, Ct = _chunk_bc(B_ptr, C_ptr, first + k, pid_b, L, offs_n, mask_n, N, CHUNK, REVERSE, rows, ORDER)
+            Bt, Ct = B_next, C_next
+            B_next, C_next = _chunk_bc(B_ptr, C_ptr, first + k - 1, pid_b, L, offs_n, mask_n, N, CHUNK, REVERSE, rows,
+                                       ORDER)
             dy_next = _chunk_dy(dy_ptr, first + k - 1, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE, rows, ORDER)
             t, mask_t, mask, offs = _chunk_index(first + k, pid_b, L, D, offs_d, mask_d, CHUNK, REVERSE, rows, ORDER)
             u, delta, dsoftplus, Bt, Ct, z = _chunk_values(u, delta, Bt, Ct, z, mask, bias, HAS_BIAS, SOFTPLUS)
