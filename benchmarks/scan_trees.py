@@ -94,12 +94,19 @@ def make_tree(name: str, dest: Path) -> Path:
     for file, old, new in EDITS[name]:
         path = tree / "src" / file
         text = path.read_text()
-        first, last = old if isinstance(old, tuple) else (old, "")
-        if text.count(first) != 1 or last not in text:
+        first, last = old if isinstance(old, tuple) else (old, None)
+        start = text.find(first)
+        end = start + len(first)
+        if last is not None:  # the span runs to the one occurrence of `last` after `first`
+            found = text.find(last, end)
+            if found >= 0 and text.find(last, found + len(last)) < 0:
+                end = found + len(last)
+            else:
+                first = last  # named in the error below
+                start = -1
+        if start < 0 or text.count(first) != 1:
             raise SystemExit(f"scan_trees.py: {name}: the text to replace is not found once in {file} (the source "
                              f"moved on): {first.strip()[:80]!r}")
-        start = text.index(first)
-        end = text.index(last, start + len(first)) + len(last) if last else start + len(first)
         path.write_text(text[:start] + new + text[end:])
     return tree
 

@@ -16,8 +16,8 @@ from last to first, each in two passes:
      a_{t+1} comes from the chunk's own decay tile, carried inside the reverse scan, and from the
      following chunk, so no second exp is needed.
 Every loop over chunks issues the next chunk's loads before the current chunk's math (software pipelining
-by hand; the kernels were latency bound, each chunk waiting for its own loads): the forward's five tiles, and
-the backward's too, with, in pass 2, the chunk's entering state from the scratch.
+by hand; the kernels were latency bound, each chunk waiting for its own loads): the forward's five tiles, the
+backward's six (u, delta, z, dy, B, C) and, in pass 2, the next chunk's entering state from the scratch.
 Nothing is accumulated with atomics: dA, dD and d_delta_bias are per-batch partials and dB, dC are
 per-channel-block partials, summed afterwards by torch in a fixed order, so gradients are deterministic.
 u, delta and z may be strided views (only the channel stride must be 1), which saves the copies of the
