@@ -31,6 +31,7 @@ import argparse
 import datetime
 import json
 import math
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -50,20 +51,28 @@ BENCH_SIZES = ("tiny", "small", "base")
 
 
 def time_steps(step, warmup: int, steps: int) -> tuple:
-    """Median ms per step (CUDA events around each step) and peak GiB allocated."""
+    """Median ms per step (CUDA events around each step), peak GiB allocated, and the median host ms: how long
+    the step's Python takes to return, each step started on an idle GPU. A host ms close to the step's ms means
+    the GPU waits for the host (or the launch queue is full)."""
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, host = [], []
     for _ in range(steps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
+        began = time.perf_counter()
         step()
+        host.append((time.perf_counter() - began) * 1e3)
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2], torch.cuda.max_memory_allocated() / 2**30
+    return median(times), torch.cuda.max_memory_allocated() / 2**30, median(host)
+
+
+def median(values: list) -> float:
+    return sorted(values)[len(values) // 2]
 
 
 def training_step(model, loss_fn):
@@ -89,8 +98,8 @@ def measure(model, loss_fn, warmup, steps, parts, profile: bool) -> dict:
     """ms per step and peak GiB; with `profile`, also ms per part and per kind of kernel of one more step, its
     largest kernels, and the MiB of activations a forward keeps for backward, per part."""
     step = training_step(model, loss_fn)
-    ms, mem = time_steps(step, warmup, steps)
-    row = dict(ms=ms, peak_gib=mem)
+    ms, mem, host_ms = time_steps(step, warmup, steps)
+    row = dict(ms=ms, peak_gib=mem, host_ms=host_ms)
     if profile:
         kernels = {}
         row["breakdown_ms"] = step_breakdown(model, step.forward_backward, step.optimizer, parts, KERNEL_RULES,
@@ -198,14 +207,16 @@ def markdown(meta, rows):
     if meta.get("compile"):
         head[-1] += f" Every model compiled with torch.compile (mode {meta.get('compile_mode') or 'default'})."
     columns = ["size"] + ([] if finetune else ["K"]) + ["model", "scan / attention", "batch", "ms / step",
-                                                         "images / s", "tokens / s", "peak GiB"]
+                                                         "host ms", "images / s", "tokens / s", "peak GiB"]
     lines = head + ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         cells = [r["size"]] + ([] if finetune else [r["num_images"]]) + [r["model"], r["impl"], r["batch"]]
         if r.get("ms"):
-            cells += [f"{r['ms']:.1f}", f"{r['images_per_s']:.0f}", f"{r['tokens_per_s']:.0f}", f"{r['peak_gib']:.1f}"]
+            host = f"{r['host_ms']:.1f}" if "host_ms" in r else "-"  # rows timed before it was recorded
+            cells += [f"{r['ms']:.1f}", host, f"{r['images_per_s']:.0f}", f"{r['tokens_per_s']:.0f}",
+                      f"{r['peak_gib']:.1f}"]
         else:
-            cells += [r.get("error", "failed"), "", "", ""]
+            cells += [r.get("error", "failed"), "", "", "", ""]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     profiled = [r for r in rows if r.get("breakdown_ms")]
     if profiled:
