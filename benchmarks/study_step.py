@@ -15,6 +15,7 @@ which removes per-kernel launch cost). Writes study_step.json (with the top ops 
 import argparse
 import datetime
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -88,7 +89,7 @@ def measure(step, device, warmup: int, steps: int) -> dict:
     # kernels only: a CPU op's self_device_time_total repeats the time of the kernels it launched
     device_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
     top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
-    return {"ms": sorted(times)[len(times) // 2], "device_ms": device_us / 1e3 / steps,
+    return {"ms": statistics.median_high(times), "device_ms": device_us / 1e3 / steps,
             "top_ops_by_host_time": [{"op": e.key, "calls_per_step": e.count / steps,
                                       "host_ms_per_step": e.self_cpu_time_total / 1e3 / steps} for e in top]}
 

@@ -31,6 +31,7 @@ import argparse
 import datetime
 import json
 import math
+import statistics
 import time
 from pathlib import Path
 from typing import Optional
@@ -68,11 +69,8 @@ def time_steps(step, warmup: int, steps: int) -> tuple:
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
-    return median(times), torch.cuda.max_memory_allocated() / 2**30, median(host)
-
-
-def median(values: list) -> float:
-    return sorted(values)[len(values) // 2]
+    return (statistics.median_high(times), torch.cuda.max_memory_allocated() / 2**30,
+            statistics.median_high(host))
 
 
 def training_step(model, loss_fn):
