@@ -290,9 +290,9 @@ def _best(ft: dict, val) -> tuple[int, str]:
     return max(rungs, key=lambda e: val(f"tune_e{e}")), max(at, key=lambda v: (at[v], v == "base"))
 
 
-def _combination(ft: dict, val) -> str | None:
-    """The search run of the best variant at the best rung's epochs, where that pair was not run already."""
-    epochs, variant = _best(ft, val)
+def _combination(ft: dict, epochs: int, variant: str) -> str | None:
+    """The search run of the best variant at the best rung's epochs (`_best`), where that pair was not run
+    already."""
     return None if variant == "base" or epochs == ft["variant_epochs"] else f"tune_{variant}_e{epochs}"
 
 
@@ -319,7 +319,7 @@ def next_finetunes(ft: dict, results: dict, rid: str, arm: str) -> list[tuple[in
     variants = [(0, f"tune_{name}") for name in ft["variants"] if val(f"tune_{name}") is None]
     if variants:
         return variants
-    combination = _combination(ft, val)
+    combination = _combination(ft, *_best(ft, val))
     if combination is not None and val(combination) is None:
         return [(0, combination)]
     return [(seed, "ft100") for seed in SEEDS if study.item_key(rid, arm, seed, "ft100") not in results]
@@ -338,7 +338,7 @@ def finetune_choice(ft: dict, results: dict, rid: str, arm: str) -> dict:
     best rung's epochs with the best variant where that pair beat the rung, else the rung's base settings."""
     val = _holdout(results, rid, arm)
     epochs, variant = _best(ft, val)
-    combination = _combination(ft, val)
+    combination = _combination(ft, epochs, variant)
     if combination is not None:
         if val(combination) is None:
             raise ValueError(f"{arm}: {combination} is not recorded yet; the choice waits for it")
