@@ -5,6 +5,7 @@ build the models they name, and the report is built from what was recorded."""
 import argparse
 import json
 import math
+import shutil
 import tarfile
 
 import pytest
@@ -638,6 +639,64 @@ def test_long_finetune_stage_tunes_on_the_holdout_then_measures_the_choice_on_te
     assert long.needed_encoders("long-smoke", home) == []
 
 
+def test_long_rebuild_pretrains_a_lost_encoder_again_and_takes_it_only_if_it_repeats_the_run(tmp_path, one_thread,
+                                                                                              monkeypatch):
+    from experiments.fashion_mnist import long
+
+    monkeypatch.setattr(long, "LONG_UNITS", [("star_k4", 0)])
+    monkeypatch.setattr(long, "LONG_FT_ARMS", ("scratch", "star_k4"))
+    monkeypatch.setattr(long, "SEEDS", (0,))
+    pre_rid, rid = recipes.recipe_id("long-smoke", recipes.LONG_RECIPES), recipes.ft_recipe_id("long-ft-smoke")
+    first = tmp_path / "first"
+    assert long.run_units("long-smoke", first, first / "runs", budget_s=None)
+    shutil.rmtree(first / "encoders")  # lost with the machine it was on
+    # without --rebuild the fine-tunes wait; with it, but not the time for it, too; --ft-arms leaves scratch out
+    assert not long.run_finetunes("long-ft-smoke", first, tmp_path / "runs", lambda: None, arms=("star_k4",))
+    assert not long.run_finetunes("long-ft-smoke", first, tmp_path / "runs", lambda: 1.0, arms=("star_k4",),
+                                  rebuild=True)
+    assert not any(k.startswith(rid) or "rebuild" in k for k in json.loads((first / "results.json").read_text()))
+    # a device call: the unit is pretrained again, repeats its loss curve, and its encoder serves the fine-tunes
+    device = tmp_path / "device"
+    shutil.copytree(first, device)
+    (device / "start.json").write_text((first / "results.json").read_text())
+    assert long.run_finetunes("long-ft-smoke", device, device / "runs", lambda: None, arms=("star_k4",),
+                              rebuild=True)
+    results = json.loads((device / "results.json").read_text())
+    again = results[f"{pre_rid}/star_k4/s0/rebuild0"]
+    assert again["matched"] and again["steps_compared"] > 0 and again["first_difference"] is None
+    assert again["final_loss"] == results[f"{pre_rid}/star_k4/s0/pretrain"]["final_loss"] and again["wall_s"] > 0
+    assert f"{rid}/star_k4/s0/ft100" in results and not any(k.startswith(f"{rid}/scratch/") for k in results)
+    # merge takes the rebuilt encoder home, as it does a new pretraining's
+    returned = tmp_path / "returned"
+    returned.mkdir()
+    long.pack_call(device, returned)
+    long.merge(returned, first)
+    assert (first / "encoders" / f"enc-{pre_rid}-star_k4-s0.json").is_file()
+    # a run that does not repeat the recorded curve is recorded as such, its encoder is not taken, and the unit is
+    # not pretrained again and again
+    shutil.rmtree(first / "encoders")
+    for key in [k for k in results if k.startswith(rid) or "rebuild" in k]:
+        results.pop(key)
+    curve = first / study.curve_file(pre_rid, "star_k4", 0)
+    rows = curve.read_text().splitlines()
+    header = rows[0].split(",")
+    at = next(i for i, r in enumerate(rows[1:], 1) if r.split(",")[header.index("train/loss")])
+    cells = rows[at].split(",")
+    cells[header.index("train/loss")] = "9.5"
+    rows[at] = ",".join(cells)
+    curve.write_text("\n".join(rows) + "\n")
+    (first / "results.json").write_text(json.dumps(results))
+    assert not long.run_finetunes("long-ft-smoke", first, tmp_path / "runs", lambda: None, arms=("star_k4",),
+                                  rebuild=True)
+    results = json.loads((first / "results.json").read_text())
+    again = results[f"{pre_rid}/star_k4/s0/rebuild0"]
+    assert not again["matched"] and again["first_difference"]["step"] == int(cells[header.index("step")])
+    assert not (first / "encoders").exists() and not any(k.startswith(rid) for k in results)
+    assert not long.run_finetunes("long-ft-smoke", first, tmp_path / "runs", lambda: None, arms=("star_k4",),
+                                  rebuild=True)
+    assert [k for k in json.loads((first / "results.json").read_text()) if "rebuild" in k] == [
+        f"{pre_rid}/star_k4/s0/rebuild0"]
+
 def test_long_report_gives_verdicts_only_with_three_seeds_and_names_the_best_full_fine_tune(tmp_path):
     from experiments.fashion_mnist import long_report
 
@@ -690,7 +749,7 @@ def test_long_run_leaves_the_single_seed_units_until_the_fine_tunes_are_done(tmp
     from experiments.fashion_mnist import long
 
     calls = []
-    monkeypatch.setattr(long, "run_units", lambda name, out, runs, budget, encoders=None, units=None:
+    monkeypatch.setattr(long, "run_units", lambda name, out, runs, budget, encoders=None, units=None, rebuild=False:
                         calls.append(("units", budget, units)) or True)
     monkeypatch.setattr(long, "run_finetunes", lambda *a, **k: calls.append(("finetunes",)) or finetunes_done)
     monkeypatch.setattr(long, "status", lambda *a: None)

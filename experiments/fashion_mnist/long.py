@@ -4,6 +4,7 @@ The long study (recipes.LONG_*), on the machinery of study.py, in resumable unit
 
     python -m experiments.fashion_mnist.long run --budget-min 9.2   # the next work that fits in 9.2 minutes
     python -m experiments.fashion_mnist.long run --only finetunes  # only the fine-tune stage (or: units)
+    python -m experiments.fashion_mnist.long run --rebuild         # pretrain again where a needed encoder is lost
     python -m experiments.fashion_mnist.long status                # done / to do
     python -m experiments.fashion_mnist.long merge --returned DIR  # bring a GPU call's results and encoders home
     python -m experiments.fashion_mnist.long stage                 # long/carry: the encoders the next call needs
@@ -20,6 +21,9 @@ evaluated beside the pretraining, which must fit one call with them, since those
 it. The last one's encoder (pretraining weights without the decoder, fp32, in parts under 16 MiB for the
 device's file limit) comes home to encoders/: its evaluations run in the same call if they fit, else in a
 later one that carries it (`stage` copies what the next call needs into carry/, which the call names).
+encoders/ is not committed (20 MB an encoder), so it does not outlive the machine it is on; where a needed one
+is lost, `run --rebuild` pretrains its unit again and takes the encoder only if the loss curve repeats the
+recorded one at every logged step (the kernels sum in a fixed order), so the recorded evaluations hold for it.
 
 The full fine-tune (recipes.LONG_FT_RECIPES) fills the time the claim's units leave; the single-seed units,
 the issue's first cut, run after it. For no pretraining, ARM and STAR alike, the settings are chosen on the
@@ -56,6 +60,7 @@ HERE = Path(__file__).resolve().parent / "long"
 REPO = Path(__file__).resolve().parents[2]
 PART_BYTES = 15 * 2**20  # the device returns files of at most 16 MiB
 DECODER = ("decoder", "feature_")  # names of the pretraining-only weights: the decoder and its feature projection
+REBUILD = "rebuild"  # the items of a unit pretrained again for its lost encoder: rebuild0, rebuild1, ...
 
 
 def unit_snapshot(runs: Path, arm: str, seed: int, epoch: int) -> Path:
@@ -217,24 +222,66 @@ def pretrain_unit(recipe_name: str, arm: str, seed: int, out: Path, runs: Path) 
         raise RuntimeError(f"{arm} s{seed}: evaluating a snapshot beside the pretraining failed: {beside.failed}")
 
 
-def evaluate_last(recipe_name: str, arm: str, seed: int, out: Path, runs: Path, encoders: Path, evals) -> bool:
-    """The last snapshot's evaluations `evals`, from the encoder this call pretrained (still under runs/) or
-    one brought home by an earlier call (in `encoders`, unpacked); False, running nothing, where neither is here."""
+def rebuild_encoder(recipe_name: str, arm: str, seed: int, out: Path, runs: Path) -> tuple[Path | None, str | None]:
+    """Pretrain a recorded unit again (same recipe and seed, so the same data order and initial weights) for its
+    last encoder, which did not outlive the session that made it: encoders/ is not committed (20 MB each). The
+    kernels sum in a fixed order, so on the same kind of card the run should repeat the first one step for step;
+    its encoder is taken only if the loss equals the recorded one at every logged step, so that the evaluations
+    recorded from the first encoder hold for it. Recorded as item rebuild<N> (its wall time counts in the
+    report). Returns (the last snapshot's model folder, None), or (None, why) where the run did not repeat or
+    an earlier rebuild of the unit did not."""
+    recipe, rid = LONG_RECIPES[recipe_name], recipe_id(recipe_name, LONG_RECIPES)
+    results = study.load_results(out / "results.json")
+    earlier = {k: e for k, e in results.items() if k.startswith(study.item_key(rid, arm, seed, REBUILD))}
+    if any(not e["matched"] for e in earlier.values()):
+        return None, f"an earlier rebuild did not repeat its pretraining ({', '.join(sorted(earlier))})"
+    first = results[study.item_key(rid, arm, seed, "pretrain")]
+    print(f"[long] {arm} seed {seed}: pretrain again for the lost epoch-{recipe['snapshots'][-1]} encoder", flush=True)
+    scratch = study._fresh(runs / arm / f"s{seed}" / REBUILD)  # its curve and picture, apart from the recorded
+    entry = study.do_pretrain(recipe, arm, seed, runs, scratch, rid, arms=LONG_ARMS)
+    curve, recorded_curve = scratch / study.curve_file(rid, arm, seed), out / study.curve_file(rid, arm, seed)
+    losses = [(r["step"], r["train/loss"]) for r in csv.DictReader(open(curve, newline="")) if r.get("train/loss")]
+    recorded = ([(r["step"], r["train/loss"]) for r in csv.DictReader(open(recorded_curve, newline=""))
+                 if r.get("train/loss")] if recorded_curve.is_file() else None)
+    differ = next((new for new, old in zip(losses, recorded or []) if new != old), None)
+    matched = entry["final_loss"] == first["final_loss"] and (recorded is None or
+                                                               (differ is None and len(losses) == len(recorded)))
+    compared = {"steps_compared": len(recorded) if recorded is not None else 0,
+                "first_difference": None if differ is None else {"step": int(differ[0]), "loss": float(differ[1])}}
+    _recorder(out, rid, arm, seed)(f"{REBUILD}{len(earlier)}", {**entry, "matched": matched, **compared})
+    if not matched:
+        return None, (f"pretraining it again did not repeat the recorded run (final loss {entry['final_loss']} "
+                      f"against {first['final_loss']}; {compared})")
+    snapshot = unit_snapshot(runs, arm, seed, recipe["snapshots"][-1])
+    pack_encoder(snapshot, out / "encoders", encoder_stem(rid, arm, seed))  # home with the call's files
+    return snapshot, None
+
+
+def evaluate_last(recipe_name: str, arm: str, seed: int, out: Path, runs: Path, encoders: Path, evals,
+                  rebuild_fits=lambda: False) -> bool:
+    """The last snapshot's evaluations `evals`, from the encoder this call pretrained (still under runs/), one
+    brought home by an earlier call (in `encoders`, unpacked) or, where `rebuild_fits()`, one pretrained again
+    (`rebuild_encoder`); False, running nothing, where none is here."""
     recipe, rid = LONG_RECIPES[recipe_name], recipe_id(recipe_name, LONG_RECIPES)
     last = recipe["snapshots"][-1]
-    if find_encoder(encoder_stem(rid, arm, seed), (encoders,), unit_snapshot(runs, arm, seed, last)) is None:
-        print(f"[long] {arm} s{seed}: the epoch-{last} evaluations wait: its encoder was not carried", flush=True)
+    encoder = find_encoder(encoder_stem(rid, arm, seed), (encoders,), unit_snapshot(runs, arm, seed, last))
+    why = "its encoder was not carried"
+    if encoder is None and rebuild_fits():
+        encoder, why = rebuild_encoder(recipe_name, arm, seed, out, runs)
+    if encoder is None:
+        print(f"[long] {arm} s{seed}: the epoch-{last} evaluations wait: {why}", flush=True)
         return False
     evaluate_snapshot(recipe_name, arm, seed, runs, last, _recorder(out, rid, arm, seed), evals)
     return True
 
 
 def run_units(recipe_name: str, out: Path, runs: Path, budget_s: float | None,
-              encoders: Path | None = None, units=None) -> bool:
+              encoders: Path | None = None, units=None, rebuild: bool = False) -> bool:
     """The unfinished work of the units in order, each piece started only if its estimate fits what is left
     of the budget: a unit's pretraining with its earlier snapshots' evaluations (which must fit whole: those
     snapshots do not outlive the call), then its last snapshot's evaluations, in this call or, from the encoder
-    brought home (`encoders`, by default out/encoders), in a later one. `units`: LONG_UNITS unless given.
+    brought home (`encoders`, by default out/encoders), in a later one (with `rebuild`, from the unit pretrained
+    again where that encoder is lost and the pretraining fits too). `units`: LONG_UNITS unless given.
     True when every one of them is done."""
     recipe, rid = LONG_RECIPES[recipe_name], recipe_id(recipe_name, LONG_RECIPES)
     encoders = out / "encoders" if encoders is None else encoders
@@ -267,7 +314,8 @@ def run_units(recipe_name: str, out: Path, runs: Path, budget_s: float | None,
         for item in missing:
             if not fits(f"{arm} s{seed} {item}", item, arm):
                 return False
-            if not evaluate_last(recipe_name, arm, seed, out, runs, encoders, [item.split("_e")[0]]):
+            if not evaluate_last(recipe_name, arm, seed, out, runs, encoders, [item.split("_e")[0]],
+                                 lambda: rebuild and fits(f"{arm} s{seed} pretrain again", "pretrain", arm)):
                 finished = False  # a later call carries its encoder; the next units go on
                 break
         shutil.rmtree(runs / arm / f"s{seed}", ignore_errors=True)
@@ -394,16 +442,18 @@ def find_encoder(stem: str, folders, model_dir: Path) -> Path | None:
     return None
 
 
-def run_finetunes(ft_name: str, out: Path, runs: Path, seconds_left, encoders: Path | None = None) -> bool:
-    """The fine-tune stage's next items, arm by arm, each started only if its estimate fits `seconds_left()`
-    (None: no budget) and, for a pretrained arm, its pretraining is recorded and its encoder here (this call's,
-    in out/encoders, or one carried in `encoders`); an arm that cannot go on gives way to the next. True when
-    every arm's final fine-tunes are recorded."""
+def run_finetunes(ft_name: str, out: Path, runs: Path, seconds_left, encoders: Path | None = None,
+                  arms=None, rebuild: bool = False) -> bool:
+    """The fine-tune stage's next items, arm by arm (`arms`, by default LONG_FT_ARMS), each started only if its
+    estimate fits `seconds_left()` (None: no budget) and, for a pretrained arm, its pretraining is recorded and
+    its encoder here (this call's, in out/encoders, or one carried in `encoders`; with `rebuild`, a lost one is
+    pretrained again where that fits); an arm that cannot go on gives way to the next. True when every arm's
+    final fine-tunes are recorded."""
     ft, rid = LONG_FT_RECIPES[ft_name], ft_recipe_id(ft_name)
     recipe, pre_rid = LONG_RECIPES[ft["pretraining"]], recipe_id(ft["pretraining"], LONG_RECIPES)
     check_finetune_recipe(ft, recipe)
     runs, finished = runs / rid, True
-    for arm in LONG_FT_ARMS:
+    for arm in LONG_FT_ARMS if arms is None else arms:
         while todo := next_finetunes(ft, results := study.load_results(out / "results.json"), rid, arm):
             seed, item = todo[0]
             choice = finetune_choice(ft, results, rid, arm) if item == "ft100" else None
@@ -416,7 +466,11 @@ def run_finetunes(ft_name: str, out: Path, runs: Path, seconds_left, encoders: P
                 else:  # unpacked afresh: a folder left by an earlier run could hold another encoder
                     pretrained = find_encoder(encoder_stem(pre_rid, arm, seed), (encoders, out / "encoders"),
                                               study._fresh(runs / "encoders" / f"{arm}_s{seed}"))
-                    why = "its encoder is not here" if pretrained is None else None
+                    again = estimate(results, pre_rid, recipe, "pretrain", arm)
+                    why = None if pretrained else f"its encoder is not here (pretraining it again: ~{again:.0f}s)"
+                    if pretrained is None and rebuild and (left is None or again <= left):
+                        pretrained, why = rebuild_encoder(ft["pretraining"], arm, seed, out, runs)
+                        left = seconds_left()
             if why is None and left is not None and needed > left:
                 why = f"needs ~{needed:.0f}s, {left:.0f}s left"
             if why is not None:
@@ -516,13 +570,16 @@ def status(recipe_name: str, out: Path) -> None:
 
 
 def merge(returned: Path, out: Path) -> None:
-    """Bring one call's folder home: its long.tgz through study.merge, its encoder files into out/encoders/."""
+    """Bring one call's folder home: its long.tgz through study.merge, its encoder files into out/encoders/
+    (those of the pretrainings it recorded, and of the rebuilds that repeated theirs)."""
     archive = returned / "long.tgz"
     if not archive.is_file():
         raise SystemExit(f"merge: no long.tgz in {returned}")
     merged = study.merge(archive, out)
+    results = study.load_results(out / "results.json")
     taken = {encoder_stem(key.split("/")[0], key.split("/")[1], int(key.split("/")[2][1:]))
-             for key in merged["added"] + merged["replaced"] if key.endswith("/pretrain")}
+             for key in merged["added"] + merged["replaced"]
+             if key.endswith("/pretrain") or key.rsplit("/", 1)[1].startswith(REBUILD) and results[key]["matched"]}
     encoders = [p for p in sorted(returned.glob("enc-*")) if p.name.split(".")[0] in taken]
     skipped = len(list(returned.glob("enc-*"))) - len(encoders)
     (out / "encoders").mkdir(parents=True, exist_ok=True)
@@ -556,6 +613,11 @@ def main(argv=None) -> int:
     parser.add_argument("--only", choices=("units", "finetunes"),
                         help="run: only the claim's pretraining units, or only the fine-tunes (a call that carries "
                              "an encoder for them); by default both, then the single-seed units")
+    parser.add_argument("--ft-arms", nargs="+", choices=LONG_FT_ARMS, default=None,
+                        help="run: the fine-tune stage's arms, in this order (default: all, scratch first)")
+    parser.add_argument("--rebuild", action="store_true",
+                        help="run: pretrain a recorded unit again where its encoder is needed and lost (taken only "
+                             "if it repeats the recorded loss curve step for step); by default that work waits")
     parser.add_argument("--encoders", type=Path, default=None,
                         help="run: where encoders brought home by earlier calls are read (default OUT/encoders)")
     parser.add_argument("--returned", type=Path, help="merge: a GPU call's folder (long.tgz and enc-* files)")
@@ -606,12 +668,12 @@ def main(argv=None) -> int:
 
     # the claim's units, the fine-tunes in the time they leave, and only then the single-seed units (the first cut)
     units = args.only == "finetunes" or run_units(args.recipe, args.out, args.runs, budget, args.encoders,
-                                                  [u for u in LONG_UNITS if u not in LONG_LAST_UNITS])
+                                                  [u for u in LONG_UNITS if u not in LONG_LAST_UNITS], args.rebuild)
     done = args.only == "units" or run_finetunes(finetune_recipe(args.recipe), args.out, args.runs, left,
-                                                 args.encoders)
+                                                 args.encoders, args.ft_arms, args.rebuild)
     done = done and units and args.only is None
     if done:
-        done = run_units(args.recipe, args.out, args.runs, left(), args.encoders, LONG_LAST_UNITS)
+        done = run_units(args.recipe, args.out, args.runs, left(), args.encoders, LONG_LAST_UNITS, args.rebuild)
     status(args.recipe, args.out)
     return 0 if done else 3
 

@@ -3,16 +3,19 @@
 # long.tgz and the new encoders' files in $OUT, to bring home with
 # `python -m experiments.fashion_mnist.long merge --returned <the call's folder>` before the next call.
 # Usage, in the repo root on the GPU machine (Fashion-MNIST's .gz files in $STAR_DATA, by default .fmnist):
-#     OUT=<folder> bash experiments/fashion_mnist/long_call.sh COMMIT [BUDGET_MIN] [units|finetunes]
+#     OUT=<folder> bash experiments/fashion_mnist/long_call.sh COMMIT [BUDGET_MIN] [units|finetunes|all] [RUN_ARGS...]
 # COMMIT is the commit the results are recorded with: give it literally (the device's copy has no true git
 # history). The encoders the call needs (last-snapshot evaluations, fine-tunes) travel in
 # experiments/fashion_mnist/long/carry: fill it with `long.py stage` and name it in the call's carry (one
-# encoder is 20 MB, beside 30 MB of Fashion-MNIST, in the device's 64 MiB).
+# encoder is 20 MB, beside 30 MB of Fashion-MNIST, in the device's 64 MiB). RUN_ARGS go to `long.py run` as they
+# are (e.g. --rebuild, --ft-arms arm_k1).
 set -uo pipefail
-commit=${1:?usage: OUT=<folder> long_call.sh COMMIT [BUDGET_MIN] [units|finetunes]}
+commit=${1:?usage: OUT=<folder> long_call.sh COMMIT [BUDGET_MIN] [units|finetunes|all] [RUN_ARGS...]}
 if [[ $commit =~ ^[0-9a-f]{40}$ ]]; then commit=${commit:0:7}; fi  # recorded short, as git_commit() does
 budget=${2:-9.2}
-only=${3:+--only $3}  # one stage alone (long.py run --only); both by default
+only=${3:-all}  # one stage alone (long.py run --only), or all
+[ "$only" = all ] && only= || only="--only $only"
+shift $(( $# < 3 ? $# : 3 ))  # what is left goes to long.py run
 : "${OUT:?set OUT to the folder the results go to}"
 export PYTHONPATH=$PWD/src STAR_DATA=${STAR_DATA:-$PWD/.fmnist} STAR_COMMIT=$commit TQDM_DISABLE=1 PYTHONUNBUFFERED=1
 work=/tmp/long && rm -rf $work /tmp/longruns && mkdir -p $work  # a warm machine keeps an earlier call's files
@@ -23,8 +26,8 @@ done
 cp $work/results.json $work/start.json  # what the call started from, for merge
 # a unit that overruns its estimate is stopped 20 s past the budget, leaving time to pack what is done
 timeout -k 5 "$(python3 -c "print(int($budget * 60 + 20))")" python3 -m experiments.fashion_mnist.long run \
-    --budget-min "$budget" --out $work --runs /tmp/longruns --encoders "$PWD/experiments/fashion_mnist/long/carry" $only \
-    > "$OUT/log.txt" 2>&1
+    --budget-min "$budget" --out $work --runs /tmp/longruns --encoders "$PWD/experiments/fashion_mnist/long/carry" \
+    $only "$@" > "$OUT/log.txt" 2>&1
 rc=$?
 python3 -m experiments.fashion_mnist.long pack --out $work --dest "$OUT" || exit 1
 echo "long_call.sh: run exited $rc (3: stopped by its budget with work left; 124: killed at the deadline)"

@@ -126,6 +126,7 @@ def gpu_minutes(results: dict, rid: str, ft_rid: str) -> dict:
     stages = {"pretraining": [e for e in mine if e["item"] == "pretrain"],
               "snapshot evaluations after the pretraining": [e for e in mine if not e.get("beside_pretraining")
                                                              and e["item"].split("_e")[0] in LONG_SNAPSHOT_EVALS],
+              "pretraining again for lost encoders": [e for e in mine if e["item"].startswith(long.REBUILD)],
               "fine-tune search (holdout)": [e for e in mine if e["item"].startswith("tune_")],
               "final full fine-tunes": [e for e in mine if e["item"] == "ft100"]}
     minutes = {name: sum(e["wall_s"] for e in entries) / 60 for name, entries in stages.items()}
