@@ -470,6 +470,59 @@ def test_four_direction_mixer_kernels_match_the_gathered_path():
 
 
 @needs_kernels
+@pytest.mark.filterwarnings("ignore:A saved_tensors_hooks context")  # the test counts what autograd keeps
+@pytest.mark.parametrize("num_directions", [1, 4])
+def test_recompute_mixer_on_the_kernels_reruns_the_scan_inputs_but_not_the_scan(num_directions):
+    """recompute="mixer" on the kernels (star.ops.triton.scan_recomputed): backward reruns the conv and the
+    projections but not the scan's forward, gives the gradients of recompute="none" exactly, and keeps less."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from star.models.mamba import MambaMixer, scan_orders
+
+    class Ops(TorchDispatchMode):  # the star ops that run while active
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.name().startswith("star::"):
+                self.names.append(func.name())
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    side = 3
+    grid = torch.arange(side * side).view(side, side)
+    rows, cols = grid.flatten(), grid.t().flatten()
+    orders = scan_orders([rows, rows.flip(0), cols, cols.flip(0)][:num_directions]).to(DEVICE)
+    orders = orders if num_directions > 1 else None
+    mixer = MambaMixer(CHANNELS, num_directions=num_directions, scan_impl="triton").to(DEVICE)
+    x = torch.randn(2, side * side, CHANNELS, device=DEVICE, requires_grad=True)
+    results = {}
+    b, l = x.shape[:2]
+
+    def activation(t):  # a saved tensor with a token axis (the parameters' and the scan states' have none)
+        return {l, b * l, num_directions * b * l} & set(t.shape)
+
+    for recompute in (False, True):
+        mixer.recompute_scan = recompute
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: kept.append(t.numel() * t.element_size() if activation(t) else 0) or t, lambda t: t):
+            out = mixer(x, orders)
+        with Ops() as backward_ops:
+            grads = torch.autograd.grad(out.square().sum(), [x, *mixer.parameters()])
+        results[recompute] = out.detach(), grads, sum(kept), backward_ops.names
+    (out, grads, kept, ops), (out_r, grads_r, kept_r, ops_r) = results[False], results[True]
+    assert torch.equal(out_r, out)
+    for g_r, g in zip(grads_r, grads):
+        assert torch.equal(g_r, g)
+    assert "star::causal_conv1d_fwd" not in ops and "star::causal_conv1d_fwd" in ops_r  # the conv is rerun
+    assert "star::selective_scan_fwd" not in ops_r and "star::selective_scan_bwd" in ops_r  # the scan is not
+    assert kept_r < 0.6 * kept, (kept_r, kept)  # kept: x, z and the projections' inputs; not u, delta, B, C
+    with torch.no_grad():  # no backward to come: the plain path
+        assert torch.equal(mixer(x, orders), out)
+
+@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_swiglu_matches_reference(dtype):
     """The packed SwiGLU gate silu(g) * v: value and gradient against float64, rows and channels with ragged

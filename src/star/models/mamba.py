@@ -27,11 +27,13 @@ from torch.utils.checkpoint import checkpoint
 
 from star.ops import causal_conv1d, layer_norm, selective_scan, swiglu
 from star.ops.groups import repeat_runs
-from star.ops.impls import IMPLS, is_triton
+from star.ops.impls import IMPLS, is_triton, load_triton_op
 from star.ops.orders import check_permutations, from_scan_order, to_scan_order
 
 # what a block recomputes in backward instead of keeping for it: nothing; the mixer from in_proj's output
-# (conv, x_proj, dt and the scan, whose activations are most of a block's); or the whole block from its input
+# (conv, x_proj and dt, whose outputs and saved tensors are most of a block's; on the Triton kernels the scan keeps
+# its segment states and does not run again, star.ops.triton.scan_recomputed; elsewhere it reruns too); or the
+# whole block from its input
 RECOMPUTE = ("none", "mixer", "block")
 
 
@@ -106,7 +108,8 @@ class MambaMixer(nn.Module):
         else:
             if tuple(orders.shape) != (num, l):
                 raise ValueError(f"scan orders must be (directions, tokens) = ({num}, {l}), got {tuple(orders.shape)}")
-        y = recomputed(self._scan, self.recompute_scan, *xz.chunk(2, dim=-1), num, orders)  # recomputed: keeps xz
+        kernels = is_triton("selective_scan", self.scan_impl, xz)  # which recompute themselves (in _scan)
+        y = recomputed(self._scan, self.recompute_scan and not kernels, *xz.chunk(2, dim=-1), num, orders)
         if num > 1:
             y = y.view(num, b, l, -1).mean(0)
         return self.out_proj(y)
@@ -121,23 +124,33 @@ class MambaMixer(nn.Module):
             return get(ssm).unsqueeze(0) if num == 1 else torch.stack([get(s) for s in dirs])
 
         impl = self.scan_impl
+        kernels = is_triton("selective_scan", impl, x)
         # The kernels visit the rows of a scan order in place; the PyTorch forms would gather and scatter in each
         # op (conv and scan), so for them the mixer puts its two inputs in scan order once and its output back.
         # The kernels also read x and z once for all directions (a shared input: no repeated copy is kept).
-        gather = orders is not None and not is_triton("selective_scan", impl, x)
+        gather = orders is not None and not kernels
         if gather:
             x, z = (to_scan_order(repeat_runs(t, num * t.shape[0]), orders) for t in (x, z))
         op_orders = None if gather else orders
-        x = causal_conv1d(x, stack(lambda s: s.conv1d.weight[:, 0]), stack(lambda s: s.conv1d.bias),
-                          activation="silu", impl=impl, order=op_orders, shared=num > 1 and not gather)
-        n, l, d = x.shape
-        dt_bc = torch.bmm(x.reshape(num, -1, d), stack(lambda s: s.x_proj.weight).transpose(1, 2))
-        dt, B, C = dt_bc.split([ssm.dt_rank, ssm.d_state, ssm.d_state], dim=-1)
-        delta = torch.bmm(dt, stack(lambda s: s.dt_proj.weight).transpose(1, 2))  # bias added (fp32) in the scan
-        y = selective_scan(
-            x, delta.reshape(n, l, d), -torch.exp(stack(lambda s: s.A_log)), B.reshape(n, l, -1), C.reshape(n, l, -1),
-            stack(lambda s: s.D), z=z, delta_bias=stack(lambda s: s.dt_proj.bias), delta_softplus=True, impl=impl,
-            order=op_orders)
+
+        def scan_inputs(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight):  # (u, delta, B, C)
+            u = causal_conv1d(x, conv_weight, conv_bias, activation="silu", impl=impl, order=op_orders,
+                              shared=num > 1 and not gather)
+            n, l, d = u.shape
+            dt_bc = torch.bmm(u.reshape(num, -1, d), x_proj_weight.transpose(1, 2))
+            dt, B, C = dt_bc.split([ssm.dt_rank, ssm.d_state, ssm.d_state], dim=-1)
+            delta = torch.bmm(dt, dt_proj_weight.transpose(1, 2))  # bias added (fp32) in the scan
+            return u, delta.reshape(n, l, d), B.reshape(n, l, -1), C.reshape(n, l, -1)
+
+        weights = [stack(lambda s: s.conv1d.weight[:, 0]), stack(lambda s: s.conv1d.bias),
+                   stack(lambda s: s.x_proj.weight), stack(lambda s: s.dt_proj.weight)]
+        A, D, delta_bias = -torch.exp(stack(lambda s: s.A_log)), stack(lambda s: s.D), stack(lambda s: s.dt_proj.bias)
+        if kernels and self.recompute_scan and torch.is_grad_enabled():
+            return load_triton_op("selective_scan_recomputing_inputs")(
+                scan_inputs, x, weights, A, D, z=z, delta_bias=delta_bias, delta_softplus=True, order=op_orders)
+        u, delta, B, C = scan_inputs(x, *weights)
+        y = selective_scan(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=True, impl=impl,
+                           order=op_orders)
         return from_scan_order(y, orders) if gather else y
 
 
