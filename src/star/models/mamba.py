@@ -133,24 +133,20 @@ class MambaMixer(nn.Module):
             x, z = (to_scan_order(repeat_runs(t, num * t.shape[0]), orders) for t in (x, z))
         op_orders = None if gather else orders
 
-        def scan_inputs(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight):  # (u, delta, B, C)
-            u = causal_conv1d(x, conv_weight, conv_bias, activation="silu", impl=impl, order=op_orders,
-                              shared=num > 1 and not gather)
-            n, l, d = u.shape
-            dt_bc = torch.bmm(u.reshape(num, -1, d), x_proj_weight.transpose(1, 2))
-            dt, B, C = dt_bc.split([ssm.dt_rank, ssm.d_state, ssm.d_state], dim=-1)
-            delta = torch.bmm(dt, dt_proj_weight.transpose(1, 2))  # bias added (fp32) in the scan
-            return u, delta.reshape(n, l, d), B.reshape(n, l, -1), C.reshape(n, l, -1)
-
-        weights = [stack(lambda s: s.conv1d.weight[:, 0]), stack(lambda s: s.conv1d.bias),
-                   stack(lambda s: s.x_proj.weight), stack(lambda s: s.dt_proj.weight)]
+        conv_weight, conv_bias = stack(lambda s: s.conv1d.weight[:, 0]), stack(lambda s: s.conv1d.bias)
+        x_proj_weight, dt_proj_weight = stack(lambda s: s.x_proj.weight), stack(lambda s: s.dt_proj.weight)
         A, D, delta_bias = -torch.exp(stack(lambda s: s.A_log)), stack(lambda s: s.D), stack(lambda s: s.dt_proj.bias)
-        if kernels and self.recompute_scan and torch.is_grad_enabled():
-            return load_triton_op("selective_scan_recomputing_inputs")(
-                scan_inputs, x, weights, A, D, z=z, delta_bias=delta_bias, delta_softplus=True, order=op_orders)
-        u, delta, B, C = scan_inputs(x, *weights)
-        y = selective_scan(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=True, impl=impl,
-                           order=op_orders)
+        if kernels and self.recompute_scan and torch.is_grad_enabled():  # the same computation, inputs recomputed
+            return load_triton_op("mixer_scan_recomputed")(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A,
+                                                           D, z, delta_bias, ssm.dt_rank, op_orders, shared=num > 1)
+        x = causal_conv1d(x, conv_weight, conv_bias, activation="silu", impl=impl, order=op_orders,
+                          shared=num > 1 and not gather)
+        n, l, d = x.shape
+        dt_bc = torch.bmm(x.reshape(num, -1, d), x_proj_weight.transpose(1, 2))
+        dt, B, C = dt_bc.split([ssm.dt_rank, ssm.d_state, ssm.d_state], dim=-1)
+        delta = torch.bmm(dt, dt_proj_weight.transpose(1, 2))  # bias added (fp32) in the scan
+        y = selective_scan(x, delta.reshape(n, l, d), A, B.reshape(n, l, -1), C.reshape(n, l, -1), D, z=z,
+                           delta_bias=delta_bias, delta_softplus=True, impl=impl, order=op_orders)
         return from_scan_order(y, orders) if gather else y
 
 

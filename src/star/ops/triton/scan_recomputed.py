@@ -1,63 +1,100 @@
-"""The Triton selective scan with inputs that backward recomputes instead of keeping (the mixer's
-`recompute="mixer"` on the kernels, the role mamba_ssm's `mamba_inner_fn` plays for its CUDA kernels).
+"""The mixer's conv, projections and scan on the Triton kernels, with the scan's inputs recomputed in backward
+instead of kept (`recompute="mixer"` on the kernels; the role mamba_ssm's `mamba_inner_fn` plays for its CUDA
+kernels).
 
-`make_inputs(x, *weights)` builds the scan's (u, delta, B, C) from a block's activation x: in the mixer, the
-conv with SiLU and the x_proj/dt_proj matmuls. Forward runs it and the scan without keeping anything of it
-but the scan's segment states; backward runs `make_inputs` again with gradients on, takes the scan's
-backward kernel from the kept states (the scan's forward does not run again) and sends its input gradients
-back through the recomputed graph. What stays alive between forward and backward is x, the weights, the
-scan's parameters, its gate z and its states; not u, delta, B, C or the conv's and matmuls' saved tensors.
+From x (in_proj's first half, (b, l, d)), in forward and again in backward:
+
+    u = silu(conv(x)),  [dt | B | C] = u @ x_proj^T,  delta = dt @ dt_proj^T,  y = scan(u, delta, A, B, C, D, z)
+
+with grouped (per-direction) weights, as `star.models.mamba.MambaMixer._scan` computes it. Forward keeps x, the
+weights, the scan's parameters, its gate z and its segment states; not u, delta, B, C or what the conv and the
+matmuls would keep. Backward reruns the conv and the matmuls in the forward's dtypes, runs the scan's backward
+kernel from the kept states (the scan's forward does not run again) and takes the gradients through the matmuls
+and the conv by hand: the same ops autograd would run, so the gradients are those of the unrecomputed mixer, and
+no autograd call inside backward (which would break a torch.compile graph at every block).
 """
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from star.ops.orders import order_table
+from star.ops.triton.causal_conv1d import _causal_conv1d_bwd, _causal_conv1d_fwd
 from star.ops.triton.selective_scan import _channels_contiguous, _selective_scan_bwd, _selective_scan_fwd
 
 
-def _kernel_layout(u, delta, A, B, C, D, z, delta_bias):
-    """The layouts the kernels read, as `selective_scan_triton_unchecked` gives them."""
-    u, delta, z = (_channels_contiguous(t) for t in (u, delta, z))
-    A, B, C, D, delta_bias = (t.contiguous() if t is not None else None for t in (A, B, C, D, delta_bias))
+def _scan_inputs(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, order, shared, dt_rank, mm_dtype):
+    """u, the matmuls' operands in their dtype, [dt | B | C] and delta (grouped: (groups, b * l, ...))."""
+    u = _causal_conv1d_fwd(x, conv_weight, conv_bias, "silu", False, order, shared)
+    u_mm = u.reshape(x_proj_weight.shape[0], -1, u.shape[-1]).to(mm_dtype)
+    x_proj, dt_proj = x_proj_weight.to(mm_dtype), dt_proj_weight.to(mm_dtype)
+    dt_bc = torch.bmm(u_mm, x_proj.transpose(1, 2))
+    delta = torch.bmm(dt_bc[..., :dt_rank], dt_proj.transpose(1, 2))
+    return u, u_mm, x_proj, dt_proj, dt_bc, delta
+
+
+def _scan_layout(u, delta, A, dt_bc, D, z, delta_bias, dt_rank):
+    """The scan's (u, delta, A, B, C, D, z, delta_bias) in (b, l, ...) layout as its kernels read them."""
+    n_state = (dt_bc.shape[-1] - dt_rank) // 2
+    b, l, d = u.shape
+    B, C = [t.reshape(b, l, n_state).contiguous() for t in dt_bc[..., dt_rank:].split(n_state, dim=-1)]
+    u, delta, z = [_channels_contiguous(t) for t in (u, delta.reshape(b, l, d), z)]
+    A, D, delta_bias = [t.contiguous() if t is not None else None for t in (A, D, delta_bias)]
     return u, delta, A, B, C, D, z, delta_bias
 
 
-class _ScanOfRecomputedInputs(torch.autograd.Function):
+class _MixerScanRecomputed(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, make_inputs, delta_softplus, order, A, D, z, delta_bias, x, *weights):
+    def forward(ctx, x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, z, delta_bias, order, shared,
+                dt_rank):
         device = x.device.type
-        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-        u, delta, B, C = make_inputs(x, *weights)
+        enabled = torch.is_autocast_enabled(device)
+        mm_dtype = torch.get_autocast_dtype(device) if enabled else x.dtype  # without autocast: one dtype
         order = order_table(order) if order is not None else None
-        y, ckpt = _selective_scan_fwd(*_kernel_layout(u, delta, A, B, C, D, z, delta_bias), order, delta_softplus,
-                                      False, True)
-        ctx.save_for_backward(x, A, D, z, delta_bias, order, ckpt, *weights)
-        ctx.make_inputs, ctx.delta_softplus = make_inputs, delta_softplus
+        with torch.autocast(device, enabled=False):  # the matmuls run in mm_dtype, as autocast would run them
+            u, _, _, _, dt_bc, delta = _scan_inputs(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, order,
+                                                    shared, dt_rank, mm_dtype)
+            y, ckpt = _selective_scan_fwd(*_scan_layout(u, delta, A, dt_bc, D, z, delta_bias, dt_rank), order, True,
+                                          False, True)
+        ctx.save_for_backward(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, z, delta_bias, order,
+                              ckpt)
+        ctx.shared, ctx.dt_rank, ctx.mm_dtype = shared, dt_rank, mm_dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, A, D, z, delta_bias, order, ckpt, *weights = ctx.saved_tensors
-        device, enabled, dtype = ctx.autocast
-        leaves = [t.detach().requires_grad_() for t in (x, *weights)]
-        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):  # forward's numerics
-            u, delta, B, C = ctx.make_inputs(*leaves)
-        u_, delta_, A, B_, C_, D, z, delta_bias = _kernel_layout(u.detach(), delta.detach(), A, B.detach(),
-                                                                 C.detach(), D, z, delta_bias)
-        du, ddelta, dA, dB, dC, dD, dz, dbias = _selective_scan_bwd(
-            dy.contiguous(), u_, delta_, A, B_, C_, D, z, delta_bias, order, ckpt, ctx.delta_softplus, False)
-        grads = torch.autograd.grad((u, delta, B, C), leaves, (du, ddelta, dB, dC), allow_unused=True)
-        return (None, None, None, dA, dD if D is not None else None, dz if z is not None else None,
-                dbias if delta_bias is not None else None, *grads)
+        x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, z, delta_bias, order, ckpt = ctx.saved_tensors
+        shared, dt_rank = ctx.shared, ctx.dt_rank
+        with torch.autocast(x.device.type, enabled=False):
+            u, u_mm, x_proj, dt_proj, dt_bc, delta = _scan_inputs(x, conv_weight, conv_bias, x_proj_weight,
+                                                                  dt_proj_weight, order, shared, dt_rank, ctx.mm_dtype)
+            du, ddelta, dA, dB, dC, dD, dz, dbias = _selective_scan_bwd(
+                dy.contiguous(), *_scan_layout(u, delta, A, dt_bc, D, z, delta_bias, dt_rank), order, ckpt, True,
+                False)
+            # delta = dt @ dt_proj^T and [dt | B | C] = u @ x_proj^T, backwards, as autograd's bmm backward runs them
+            groups = x_proj.shape[0]
+            ddelta = ddelta.reshape(groups, -1, ddelta.shape[-1])
+            d_dt_bc = torch.cat([torch.bmm(ddelta, dt_proj), dB.reshape(groups, -1, dB.shape[-1]),
+                                 dC.reshape(groups, -1, dC.shape[-1])], dim=-1)
+            d_dt_proj = torch.bmm(dt_bc[..., :dt_rank].transpose(1, 2), ddelta).transpose(1, 2)
+            d_x_proj = torch.bmm(u_mm.transpose(1, 2), d_dt_bc).transpose(1, 2)
+            du = du + torch.bmm(d_dt_bc, x_proj).reshape(du.shape).to(du.dtype)
+            dx, d_conv_weight, d_conv_bias = _causal_conv1d_bwd(du.contiguous(), x, conv_weight, conv_bias, "silu",
+                                                                False, order, shared)
+        return (dx, d_conv_weight, d_conv_bias if conv_bias is not None else None,
+                d_x_proj.to(x_proj_weight.dtype), d_dt_proj.to(dt_proj_weight.dtype), dA,
+                dD if D is not None else None, dz if z is not None else None,
+                dbias if delta_bias is not None else None, None, None, None)
 
 
-def selective_scan_recomputing_inputs(make_inputs: Callable, x: Tensor, weights, A: Tensor,
-                                      D: Optional[Tensor] = None, z: Optional[Tensor] = None,
-                                      delta_bias: Optional[Tensor] = None, delta_softplus: bool = True,
-                                      order: Optional[Tensor] = None) -> Tensor:
-    """`selective_scan(*make_inputs(x, *weights), A, D, z, delta_bias, delta_softplus, order=order)` on the
-    Triton kernels, with the scan's inputs recomputed in backward (module docstring). No shape checks: the
-    caller (the mixer) builds the inputs itself."""
-    return _ScanOfRecomputedInputs.apply(make_inputs, delta_softplus, order, A, D, z, delta_bias, x, *weights)
+def mixer_scan_recomputed(x: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor], x_proj_weight: Tensor,
+                          dt_proj_weight: Tensor, A: Tensor, D: Optional[Tensor], z: Optional[Tensor],
+                          delta_bias: Optional[Tensor], dt_rank: int, order: Optional[Tensor] = None,
+                          shared: bool = False) -> Tensor:
+    """The scan's output y from in_proj's halves x and z (module docstring), softplus on delta + delta_bias.
+    Weights grouped as the mixer stacks them: conv (groups, d, k), x_proj (groups, dt_rank + 2 n, d), dt_proj
+    (groups, d, dt_rank), A (groups, d, n), D and delta_bias (groups, d); `shared`: x and z are one run of
+    sequences that every group reads. No shape checks: the caller (the mixer) builds the inputs itself."""
+    return _MixerScanRecomputed.apply(x, conv_weight.contiguous(), conv_bias.contiguous() if conv_bias is not None
+                                      else None, x_proj_weight, dt_proj_weight, A, D, z, delta_bias, order, shared,
+                                      dt_rank)
