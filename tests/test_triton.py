@@ -472,9 +472,11 @@ def test_four_direction_mixer_kernels_match_the_gathered_path():
 @needs_kernels
 @pytest.mark.filterwarnings("ignore:A saved_tensors_hooks context")  # the test counts what autograd keeps
 @pytest.mark.parametrize("num_directions", [1, 4])
-def test_recompute_mixer_on_the_kernels_reruns_the_scan_inputs_but_not_the_scan(num_directions):
+@pytest.mark.parametrize("autocast", [False, True])
+def test_recompute_mixer_on_the_kernels_reruns_the_scan_inputs_but_not_the_scan(num_directions, autocast):
     """recompute="mixer" on the kernels (star.ops.triton.scan_recomputed): backward reruns the conv and the
-    projections but not the scan's forward, gives the gradients of recompute="none" exactly, and keeps less."""
+    projections but not the scan's forward, gives the gradients of recompute="none" exactly (float32, and bf16
+    autocast), keeps less, and compiles without a graph break."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from star.models.mamba import MambaMixer, scan_orders
@@ -507,10 +509,12 @@ def test_recompute_mixer_on_the_kernels_reruns_the_scan_inputs_but_not_the_scan(
         mixer.recompute_scan = recompute
         kept = []
         with torch.autograd.graph.saved_tensors_hooks(
-                lambda t: kept.append(t.numel() * t.element_size() if activation(t) else 0) or t, lambda t: t):
+                lambda t: kept.append(t.numel() * t.element_size() if activation(t) else 0) or t, lambda t: t), \
+                torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
             out = mixer(x, orders)
+        assert out.dtype == (torch.bfloat16 if autocast else torch.float32)
         with Ops() as backward_ops:
-            grads = torch.autograd.grad(out.square().sum(), [x, *mixer.parameters()])
+            grads = torch.autograd.grad(out.float().square().sum(), [x, *mixer.parameters()])
         results[recompute] = out.detach(), grads, sum(kept), backward_ops.names
     (out, grads, kept, ops), (out_r, grads_r, kept_r, ops_r) = results[False], results[True]
     assert torch.equal(out_r, out)
@@ -519,8 +523,12 @@ def test_recompute_mixer_on_the_kernels_reruns_the_scan_inputs_but_not_the_scan(
     assert "star::causal_conv1d_fwd" not in ops and "star::causal_conv1d_fwd" in ops_r  # the conv is rerun
     assert "star::selective_scan_fwd" not in ops_r and "star::selective_scan_bwd" in ops_r  # the scan is not
     assert kept_r < 0.6 * kept, (kept_r, kept)  # kept: x, z and the projections' inputs; not u, delta, B, C
-    with torch.no_grad():  # no backward to come: the plain path
-        assert torch.equal(mixer(x, orders), out)
+    if not autocast:
+        with torch.no_grad():  # no backward to come: the plain path
+            assert torch.equal(mixer(x, orders), out)
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(lambda x: mixer(x, orders).square().sum())(x)
+        assert explained.graph_break_count == 0, explained.break_reasons
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
