@@ -51,7 +51,8 @@ class ModelConfig:
     fc_norm: Optional[bool] = None  # classifier: LayerNorm the pooled features (True) or every token (ARM's)
     drop_path_rate: Optional[float] = None
     scan_impl: Optional[Literal["auto", "ref", "chunked", "triton"]] = None
-    # what backward recomputes instead of keeping: none, the mixer from in_proj's output, or the whole block
+    # what backward recomputes instead of keeping: none, the mixer's conv and projections (models/mamba.py), or
+    # the whole block
     recompute: Optional[Literal["none", "mixer", "block"]] = None
 
     def overrides(self) -> dict[str, Any]:
