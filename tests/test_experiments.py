@@ -655,6 +655,16 @@ def test_long_rebuild_pretrains_a_lost_encoder_again_and_takes_it_only_if_it_rep
     assert not long.run_finetunes("long-ft-smoke", first, tmp_path / "runs", lambda: 1.0, arms=("star_k4",),
                                   rebuild=True)
     assert not any(k.startswith(rid) or "rebuild" in k for k in json.loads((first / "results.json").read_text()))
+    # nor on another kind of card than the one it was pretrained on: nothing runs, nothing is recorded
+    results = json.loads((first / "results.json").read_text())
+    key = f"{pre_rid}/star_k4/s0/pretrain"
+    (first / "results.json").write_text(json.dumps({**results, key: {**results[key], "device": "another card"}}))
+    assert "pretrained on another card" in long.rebuild_blocked(first, pre_rid, "star_k4", 0)
+    assert not long.run_finetunes("long-ft-smoke", first, tmp_path / "runs", lambda: None, arms=("star_k4",),
+                                  rebuild=True)
+    assert json.loads((first / "results.json").read_text())[key]["device"] == "another card"
+    assert not any("rebuild" in k for k in json.loads((first / "results.json").read_text()))
+    (first / "results.json").write_text(json.dumps(results))
     # a device call: the unit is pretrained again, repeats its loss curve, and its encoder serves the fine-tunes
     device = tmp_path / "device"
     shutil.copytree(first, device)
@@ -663,7 +673,8 @@ def test_long_rebuild_pretrains_a_lost_encoder_again_and_takes_it_only_if_it_rep
                               rebuild=True)
     results = json.loads((device / "results.json").read_text())
     again = results[f"{pre_rid}/star_k4/s0/rebuild0"]
-    assert again["matched"] and again["steps_compared"] > 0 and again["first_difference"] is None
+    assert again["matched"] and again["steps_compared"] == again["steps_recorded"] > 0
+    assert again["first_difference"] is None and not (device / "runs" / "rebuild").exists()
     assert again["final_loss"] == results[f"{pre_rid}/star_k4/s0/pretrain"]["final_loss"] and again["wall_s"] > 0
     assert f"{rid}/star_k4/s0/ft100" in results and not any(k.startswith(f"{rid}/scratch/") for k in results)
     # merge takes the rebuilt encoder home, as it does a new pretraining's
@@ -691,11 +702,14 @@ def test_long_rebuild_pretrains_a_lost_encoder_again_and_takes_it_only_if_it_rep
     results = json.loads((first / "results.json").read_text())
     again = results[f"{pre_rid}/star_k4/s0/rebuild0"]
     assert not again["matched"] and again["first_difference"]["step"] == int(cells[header.index("step")])
+    assert again["first_difference"]["recorded_loss"] == 9.5
     assert not (first / "encoders").exists() and not any(k.startswith(rid) for k in results)
     assert not long.run_finetunes("long-ft-smoke", first, tmp_path / "runs", lambda: None, arms=("star_k4",),
                                   rebuild=True)
     assert [k for k in json.loads((first / "results.json").read_text()) if "rebuild" in k] == [
         f"{pre_rid}/star_k4/s0/rebuild0"]
+    assert "rebuild0 did not repeat" in long.rebuild_blocked(first, pre_rid, "star_k4", 0)
+
 
 def test_long_report_gives_verdicts_only_with_three_seeds_and_names_the_best_full_fine_tune(tmp_path):
     from experiments.fashion_mnist import long_report
@@ -764,3 +778,6 @@ def test_long_run_leaves_the_single_seed_units_until_the_fine_tunes_are_done(tmp
         calls.clear()
         assert long.main(["run", "--only", only, "--out", str(tmp_path), "--runs", str(tmp_path / "runs")]) == 3
         assert [c[0] for c in calls] == ran
+    calls.clear()  # the fine-tunes of some arms: the others may not be done, so the single-seed units wait
+    assert long.main(["run", "--ft-arms", "arm_k1", "--out", str(tmp_path), "--runs", str(tmp_path / "runs")]) == 3
+    assert [c[0] for c in calls] == ["units", "finetunes"]

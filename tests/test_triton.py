@@ -523,12 +523,17 @@ def test_recompute_mixer_on_the_kernels_reruns_the_scan_inputs_but_not_the_scan(
     assert "star::causal_conv1d_fwd" not in ops and "star::causal_conv1d_fwd" in ops_r  # the conv is rerun
     assert "star::selective_scan_fwd" not in ops_r and "star::selective_scan_bwd" in ops_r  # the scan is not
     assert kept_r < 0.6 * kept, (kept_r, kept)  # kept: x, z and the projections' inputs; not u, delta, B, C
-    if not autocast:
-        with torch.no_grad():  # no backward to come: the plain path
-            assert torch.equal(mixer(x, orders), out)
-        torch._dynamo.reset()
-        explained = torch._dynamo.explain(lambda x: mixer(x, orders).square().sum())(x)
-        assert explained.graph_break_count == 0, explained.break_reasons
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):  # no backward: plain path
+        assert torch.equal(mixer(x, orders), out)
+
+    def step(x):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+            return mixer(x, orders).float().square().sum()
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(step)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

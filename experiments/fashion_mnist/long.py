@@ -79,8 +79,11 @@ def estimate(results: dict, rid: str, recipe: dict, item: str, arm: str) -> floa
     same images/s), else the recipe's guess; with study.py's 1.1x margin and 20 s for start-up and packing."""
     mine = [e for k, e in results.items() if k.startswith(rid + "/") and "wall_s" in e]
 
+    def kind_of(item):  # a rebuild is a pretraining run again
+        return "pretrain" if item.startswith(REBUILD) else item.split("_e")[0]
+
     def slowest(kind, same=lambda e: True):
-        return max((e["wall_s"] for e in mine if e.get("item", "").split("_e")[0] == kind and same(e)), default=None)
+        return max((e["wall_s"] for e in mine if kind_of(e.get("item", "")) == kind and same(e)), default=None)
 
     if item == "pretrain":
         seconds = slowest("pretrain", lambda e: e.get("num_images") == LONG_ARMS[arm]["num_images"])
@@ -222,37 +225,64 @@ def pretrain_unit(recipe_name: str, arm: str, seed: int, out: Path, runs: Path) 
         raise RuntimeError(f"{arm} s{seed}: evaluating a snapshot beside the pretraining failed: {beside.failed}")
 
 
+def _losses(curve: Path) -> list[tuple[str, str]]:
+    """(step, train/loss) of every logged row of a metrics.csv, as written."""
+    with open(curve, newline="") as f:
+        return [(r["step"], r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+
+
+def rebuild_blocked(out: Path, rid: str, arm: str, seed: int) -> str | None:
+    """Why the unit cannot be pretrained again here for its encoder, or None: its recorded curve must be home (to
+    compare with), the card must be the kind it ran on, and no earlier rebuild on this card at this commit may
+    have failed to repeat it (that one would fail again)."""
+    results, env = study.load_results(out / "results.json"), environment()
+    first = results[study.item_key(rid, arm, seed, "pretrain")]
+    if not (out / study.curve_file(rid, arm, seed)).is_file():
+        return f"its recorded loss curve ({study.curve_file(rid, arm, seed)}) is not here to compare with"
+    if env["device"] != first["device"]:
+        return f"it was pretrained on {first['device']}, this is {env['device']}"
+    failed = sorted(k.rsplit("/", 1)[1] for k, e in results.items()
+                    if k.startswith(study.item_key(rid, arm, seed, REBUILD)) and not e["matched"]
+                    and (e["device"], e["commit"]) == (env["device"], env["commit"]))
+    return f"{', '.join(failed)} did not repeat its pretraining on this card at this commit" if failed else None
+
+
 def rebuild_encoder(recipe_name: str, arm: str, seed: int, out: Path, runs: Path) -> tuple[Path | None, str | None]:
     """Pretrain a recorded unit again (same recipe and seed, so the same data order and initial weights) for its
-    last encoder, which did not outlive the session that made it: encoders/ is not committed (20 MB each). The
+    last encoder, which did not outlive the machine that made it: encoders/ is not committed (20 MB each). The
     kernels sum in a fixed order, so on the same kind of card the run should repeat the first one step for step;
     its encoder is taken only if the loss equals the recorded one at every logged step, so that the evaluations
     recorded from the first encoder hold for it. Recorded as item rebuild<N> (its wall time counts in the
-    report). Returns (the last snapshot's model folder, None), or (None, why) where the run did not repeat or
-    an earlier rebuild of the unit did not."""
+    report). Returns (the last snapshot, now at its place under `runs`, None), or (None, why) where the run
+    did not repeat or cannot start (`rebuild_blocked`)."""
     recipe, rid = LONG_RECIPES[recipe_name], recipe_id(recipe_name, LONG_RECIPES)
+    why = rebuild_blocked(out, rid, arm, seed)
+    if why is not None:
+        return None, why
     results = study.load_results(out / "results.json")
-    earlier = {k: e for k, e in results.items() if k.startswith(study.item_key(rid, arm, seed, REBUILD))}
-    if any(not e["matched"] for e in earlier.values()):
-        return None, f"an earlier rebuild did not repeat its pretraining ({', '.join(sorted(earlier))})"
     first = results[study.item_key(rid, arm, seed, "pretrain")]
-    print(f"[long] {arm} seed {seed}: pretrain again for the lost epoch-{recipe['snapshots'][-1]} encoder", flush=True)
-    scratch = study._fresh(runs / arm / f"s{seed}" / REBUILD)  # its curve and picture, apart from the recorded
-    entry = study.do_pretrain(recipe, arm, seed, runs, scratch, rid, arms=LONG_ARMS)
-    curve, recorded_curve = scratch / study.curve_file(rid, arm, seed), out / study.curve_file(rid, arm, seed)
-    losses = [(r["step"], r["train/loss"]) for r in csv.DictReader(open(curve, newline="")) if r.get("train/loss")]
-    recorded = ([(r["step"], r["train/loss"]) for r in csv.DictReader(open(recorded_curve, newline=""))
-                 if r.get("train/loss")] if recorded_curve.is_file() else None)
-    differ = next((new for new, old in zip(losses, recorded or []) if new != old), None)
-    matched = entry["final_loss"] == first["final_loss"] and (recorded is None or
-                                                               (differ is None and len(losses) == len(recorded)))
-    compared = {"steps_compared": len(recorded) if recorded is not None else 0,
-                "first_difference": None if differ is None else {"step": int(differ[0]), "loss": float(differ[1])}}
-    _recorder(out, rid, arm, seed)(f"{REBUILD}{len(earlier)}", {**entry, "matched": matched, **compared})
+    n = sum(k.startswith(study.item_key(rid, arm, seed, REBUILD)) for k in results)
+    print(f"[long] {arm} s{seed}: pretrain again for the lost epoch-{recipe['snapshots'][-1]} encoder", flush=True)
+    scratch = study._fresh(runs / REBUILD)  # its run, curve and picture, apart from what is trusted and recorded
+    entry = study.do_pretrain(recipe, arm, seed, scratch / "runs", scratch, rid, arms=LONG_ARMS)
+    curve = study.curve_file(rid, arm, seed)
+    losses, recorded = _losses(scratch / curve), _losses(out / curve)
+    differ = next(((new, old) for new, old in zip(losses, recorded) if new != old), None)
+    matched = entry["final_loss"] == first["final_loss"] and differ is None and len(losses) == len(recorded)
+    compared = {"steps_compared": min(len(losses), len(recorded)), "steps_recorded": len(recorded),
+                "first_difference": None if differ is None else {"step": int(differ[0][0]),
+                                                                 "loss": float(differ[0][1]),
+                                                                 "recorded_loss": float(differ[1][1])}}
+    _recorder(out, rid, arm, seed)(f"{REBUILD}{n}", {**entry, "matched": matched, **compared})
+    last = recipe["snapshots"][-1]
     if not matched:
+        shutil.rmtree(scratch, ignore_errors=True)
         return None, (f"pretraining it again did not repeat the recorded run (final loss {entry['final_loss']} "
                       f"against {first['final_loss']}; {compared})")
-    snapshot = unit_snapshot(runs, arm, seed, recipe["snapshots"][-1])
+    snapshot = study._fresh(unit_snapshot(runs, arm, seed, last))
+    snapshot.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(unit_snapshot(scratch / "runs", arm, seed, last), snapshot)
+    shutil.rmtree(scratch, ignore_errors=True)
     pack_encoder(snapshot, out / "encoders", encoder_stem(rid, arm, seed))  # home with the call's files
     return snapshot, None
 
@@ -292,11 +322,12 @@ def run_units(recipe_name: str, out: Path, runs: Path, budget_s: float | None,
     start, runs = time.perf_counter(), runs / rid
     last_items = [i for i in snapshot_items(recipe) if i.endswith(f"_e{recipe['snapshots'][-1]}")]
 
-    def fits(what, item, arm):
-        needed = estimate(study.load_results(out / "results.json"), rid, recipe, item, arm)
+    def fits(what, item, arm, extra=()):
+        results = study.load_results(out / "results.json")
+        needed = sum(estimate(results, rid, recipe, i, arm) for i in (item, *extra))
         left = None if budget_s is None else budget_s - (time.perf_counter() - start)
         if left is not None and needed > left:
-            print(f"[long] stopping before {what}: needs ~{needed:.0f}s, {left:.0f}s left")
+            print(f"[long] not starting {what}: needs ~{needed:.0f}s, {left:.0f}s left")
             return False
         return True
 
@@ -315,7 +346,8 @@ def run_units(recipe_name: str, out: Path, runs: Path, budget_s: float | None,
             if not fits(f"{arm} s{seed} {item}", item, arm):
                 return False
             if not evaluate_last(recipe_name, arm, seed, out, runs, encoders, [item.split("_e")[0]],
-                                 lambda: rebuild and fits(f"{arm} s{seed} pretrain again", "pretrain", arm)):
+                                 lambda: rebuild and fits(f"pretraining {arm} s{seed} again for {item}", item, arm,
+                                                          ["pretrain"])):
                 finished = False  # a later call carries its encoder; the next units go on
                 break
         shutil.rmtree(runs / arm / f"s{seed}", ignore_errors=True)
@@ -467,8 +499,12 @@ def run_finetunes(ft_name: str, out: Path, runs: Path, seconds_left, encoders: P
                     pretrained = find_encoder(encoder_stem(pre_rid, arm, seed), (encoders, out / "encoders"),
                                               study._fresh(runs / "encoders" / f"{arm}_s{seed}"))
                     again = estimate(results, pre_rid, recipe, "pretrain", arm)
-                    why = None if pretrained else f"its encoder is not here (pretraining it again: ~{again:.0f}s)"
-                    if pretrained is None and rebuild and (left is None or again <= left):
+                    blocked = None if pretrained else rebuild_blocked(out, pre_rid, arm, seed)
+                    why = None if pretrained else "its encoder is not here (" + (
+                        f"and cannot be rebuilt: {blocked})" if blocked else
+                        f"--rebuild pretrains it again in ~{again:.0f}s)" if not rebuild else
+                        f"pretraining it again needs ~{again:.0f}s)")
+                    if pretrained is None and rebuild and not blocked and (left is None or again <= left):
                         pretrained, why = rebuild_encoder(ft["pretraining"], arm, seed, out, runs)
                         left = seconds_left()
             if why is None and left is not None and needed > left:
@@ -540,7 +576,8 @@ def stage(recipe_name: str, out: Path, carry: Path, limit_bytes: int) -> list[st
     for stem in needed_encoders(recipe_name, out):
         files = sorted((out / "encoders").glob(f"{stem}.*"))
         if not files:
-            print(f"[long] stage: {stem} is needed but not home (its pretraining's call did not come back?)")
+            print(f"[long] stage: {stem} is needed but not home (lost with its machine? `run --rebuild` "
+                  "pretrains it again)")
             continue
         nbytes = sum(f.stat().st_size for f in files)
         if size + nbytes > limit_bytes:
@@ -671,7 +708,7 @@ def main(argv=None) -> int:
                                                   [u for u in LONG_UNITS if u not in LONG_LAST_UNITS], args.rebuild)
     done = args.only == "units" or run_finetunes(finetune_recipe(args.recipe), args.out, args.runs, left,
                                                  args.encoders, args.ft_arms, args.rebuild)
-    done = done and units and args.only is None
+    done = done and units and args.only is None and args.ft_arms is None  # not with some arms left out
     if done:
         done = run_units(args.recipe, args.out, args.runs, left(), args.encoders, LONG_LAST_UNITS, args.rebuild)
     status(args.recipe, args.out)

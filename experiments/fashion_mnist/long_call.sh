@@ -3,14 +3,14 @@
 # long.tgz and the new encoders' files in $OUT, to bring home with
 # `python -m experiments.fashion_mnist.long merge --returned <the call's folder>` before the next call.
 # Usage, in the repo root on the GPU machine (Fashion-MNIST's .gz files in $STAR_DATA, by default .fmnist):
-#     OUT=<folder> bash experiments/fashion_mnist/long_call.sh COMMIT [BUDGET_MIN] [units|finetunes|all] [RUN_ARGS...]
+#     OUT=<folder> bash experiments/fashion_mnist/long_call.sh COMMIT [BUDGET_MIN [units|finetunes|all [RUN_ARGS...]]]
 # COMMIT is the commit the results are recorded with: give it literally (the device's copy has no true git
 # history). The encoders the call needs (last-snapshot evaluations, fine-tunes) travel in
 # experiments/fashion_mnist/long/carry: fill it with `long.py stage` and name it in the call's carry (one
 # encoder is 20 MB, beside 30 MB of Fashion-MNIST, in the device's 64 MiB). RUN_ARGS go to `long.py run` as they
 # are (e.g. --rebuild, --ft-arms arm_k1).
 set -uo pipefail
-commit=${1:?usage: OUT=<folder> long_call.sh COMMIT [BUDGET_MIN] [units|finetunes|all] [RUN_ARGS...]}
+commit=${1:?usage: OUT=<folder> long_call.sh COMMIT [BUDGET_MIN [units|finetunes|all [RUN_ARGS...]]]}
 if [[ $commit =~ ^[0-9a-f]{40}$ ]]; then commit=${commit:0:7}; fi  # recorded short, as git_commit() does
 budget=${2:-9.2}
 only=${3:-all}  # one stage alone (long.py run --only), or all

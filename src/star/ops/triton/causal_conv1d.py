@@ -255,13 +255,18 @@ def causal_conv1d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
     return causal_conv1d_triton_unchecked(x, weight, bias, activation, reverse, order, shared)
 
 
+def check_kernel_size(weight: Tensor) -> None:
+    """The kernels' own limit on the conv's kernel size (its taps unroll)."""
+    if not 1 <= weight.shape[-1] <= 16:
+        raise ValueError(f"kernel_size must be in [1, 16] for the Triton conv, got {weight.shape[-1]}")
+
+
 def causal_conv1d_triton_unchecked(x, weight, bias=None, activation=None, reverse=False, order=None,
                                    shared=False) -> Tensor:
     """`causal_conv1d_triton` without the op's input checks: the op table's Triton entry, which
     `star.ops.causal_conv1d` calls once it has checked the inputs itself. The kernel's own limit on the
     kernel size is checked here, on every path."""
-    if not 1 <= weight.shape[-1] <= 16:
-        raise ValueError(f"kernel_size must be in [1, 16] for the Triton conv, got {weight.shape[-1]}")
+    check_kernel_size(weight)
     bias = bias.contiguous() if bias is not None else None
     order = order_table(order) if order is not None else None
     x = x if x.stride(-1) == 1 else x.contiguous()  # rows may be strided (the mixer's (x, z) split): not copied

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from star.ops.orders import order_table
-from star.ops.triton.causal_conv1d import _causal_conv1d_bwd, _causal_conv1d_fwd
+from star.ops.triton.causal_conv1d import _causal_conv1d_bwd, _causal_conv1d_fwd, check_kernel_size
 from star.ops.triton.selective_scan import _channels_contiguous, _selective_scan_bwd, _selective_scan_fwd
 
 
@@ -49,13 +49,16 @@ class _MixerScanRecomputed(torch.autograd.Function):
                 dt_rank):
         device = x.device.type
         enabled = torch.is_autocast_enabled(device)
-        mm_dtype = torch.get_autocast_dtype(device) if enabled else x.dtype  # without autocast: one dtype
+        mm_dtype = torch.get_autocast_dtype(device) if enabled else x.dtype
+        if not enabled and x_proj_weight.dtype != x.dtype:  # as the plain path's bmm refuses them
+            raise RuntimeError(f"the mixer's activations are {x.dtype} but its weights {x_proj_weight.dtype}: run it "
+                               f"under autocast or in one dtype")
         order = order_table(order) if order is not None else None
         with torch.autocast(device, enabled=False):  # the matmuls run in mm_dtype, as autocast would run them
             u, _, _, _, dt_bc, delta = _scan_inputs(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, order,
                                                     shared, dt_rank, mm_dtype)
             y, ckpt = _selective_scan_fwd(*_scan_layout(u, delta, A, dt_bc, D, z, delta_bias, dt_rank), order, True,
-                                          False, True)
+                                          False, any(ctx.needs_input_grad))  # no states without a backward
         ctx.save_for_backward(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, z, delta_bias, order,
                               ckpt)
         ctx.shared, ctx.dt_rank, ctx.mm_dtype = shared, dt_rank, mm_dtype
@@ -65,22 +68,24 @@ class _MixerScanRecomputed(torch.autograd.Function):
     def backward(ctx, dy):
         x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, z, delta_bias, order, ckpt = ctx.saved_tensors
         shared, dt_rank = ctx.shared, ctx.dt_rank
-        with torch.autocast(x.device.type, enabled=False):
-            u, u_mm, x_proj, dt_proj, dt_bc, delta = _scan_inputs(x, conv_weight, conv_bias, x_proj_weight,
-                                                                  dt_proj_weight, order, shared, dt_rank, ctx.mm_dtype)
-            du, ddelta, dA, dB, dC, dD, dz, dbias = _selective_scan_bwd(
-                dy.contiguous(), *_scan_layout(u, delta, A, dt_bc, D, z, delta_bias, dt_rank), order, ckpt, True,
-                False)
-            # delta = dt @ dt_proj^T and [dt | B | C] = u @ x_proj^T, backwards, as autograd's bmm backward runs them
-            groups = x_proj.shape[0]
-            ddelta = ddelta.reshape(groups, -1, ddelta.shape[-1])
-            d_dt_bc = torch.cat([torch.bmm(ddelta, dt_proj), dB.reshape(groups, -1, dB.shape[-1]),
-                                 dC.reshape(groups, -1, dC.shape[-1])], dim=-1)
-            d_dt_proj = torch.bmm(dt_bc[..., :dt_rank].transpose(1, 2), ddelta).transpose(1, 2)
-            d_x_proj = torch.bmm(u_mm.transpose(1, 2), d_dt_bc).transpose(1, 2)
-            du = du + torch.bmm(d_dt_bc, x_proj).reshape(du.shape).to(du.dtype)
-            dx, d_conv_weight, d_conv_bias = _causal_conv1d_bwd(du.contiguous(), x, conv_weight, conv_bias, "silu",
-                                                                False, order, shared)
+        # The matmuls' operands are cast to the forward's dtype by hand. Backward runs outside autocast (the trainer
+        # calls it there; autograd's CUDA threads do not inherit it), and switching autocast off here would break
+        # a torch.compile trace whose forward entered autocast; an autocast of the forward's dtype changes nothing.
+        u, u_mm, x_proj, dt_proj, dt_bc, delta = _scan_inputs(x, conv_weight, conv_bias, x_proj_weight,
+                                                              dt_proj_weight, order, shared, dt_rank, ctx.mm_dtype)
+        du, ddelta, dA, dB, dC, dD, dz, dbias = _selective_scan_bwd(
+            dy.contiguous(), *_scan_layout(u, delta, A, dt_bc, D, z, delta_bias, dt_rank), order, ckpt, True,
+            False)
+        # delta = dt @ dt_proj^T and [dt | B | C] = u @ x_proj^T, backwards, as autograd's bmm backward runs them
+        groups = x_proj.shape[0]
+        ddelta = ddelta.reshape(groups, -1, ddelta.shape[-1])
+        d_dt_bc = torch.cat([torch.bmm(ddelta, dt_proj), dB.reshape(groups, -1, dB.shape[-1]),
+                             dC.reshape(groups, -1, dC.shape[-1])], dim=-1)
+        d_dt_proj = torch.bmm(dt_bc[..., :dt_rank].transpose(1, 2), ddelta).transpose(1, 2)
+        d_x_proj = torch.bmm(u_mm.transpose(1, 2), d_dt_bc).transpose(1, 2)
+        du = du + torch.bmm(d_dt_bc, x_proj).reshape(du.shape).to(du.dtype)
+        dx, d_conv_weight, d_conv_bias = _causal_conv1d_bwd(du.contiguous(), x, conv_weight, conv_bias, "silu",
+                                                            False, order, shared)
         return (dx, d_conv_weight, d_conv_bias if conv_bias is not None else None,
                 d_x_proj.to(x_proj_weight.dtype), d_dt_proj.to(dt_proj_weight.dtype), dA,
                 dD if D is not None else None, dz if z is not None else None,
@@ -95,6 +100,7 @@ def mixer_scan_recomputed(x: Tensor, conv_weight: Tensor, conv_bias: Optional[Te
     Weights grouped as the mixer stacks them: conv (groups, d, k), x_proj (groups, dt_rank + 2 n, d), dt_proj
     (groups, d, dt_rank), A (groups, d, n), D and delta_bias (groups, d); `shared`: x and z are one run of
     sequences that every group reads. No shape checks: the caller (the mixer) builds the inputs itself."""
+    check_kernel_size(conv_weight)
     return _MixerScanRecomputed.apply(x, conv_weight.contiguous(), conv_bias.contiguous() if conv_bias is not None
                                       else None, x_proj_weight, dt_proj_weight, A, D, z, delta_bias, order, shared,
                                       dt_rank)
