@@ -408,15 +408,17 @@ def test_inputs_are_checked_once_on_every_path(monkeypatch):
 
 
 @needs_kernels
-@pytest.mark.parametrize("name", ["pretrain", "classifier"])
-def test_models_compile_fullgraph_and_match_eager(name):
+@pytest.mark.parametrize("name, recompute", [("pretrain", "none"), ("classifier", "none"), ("pretrain", "mixer"),
+                                             ("classifier", "mixer")])
+def test_models_compile_fullgraph_and_match_eager(name, recompute):
     """Whole models with the Triton ops trace into one graph (torch.compile fullgraph; inductor on CUDA,
-    aot_eager under the CPU interpreter) and a training step matches eager: loss and every gradient."""
+    aot_eager under the CPU interpreter) and a training step matches eager: loss and every gradient; also with
+    the mixer's scan inputs recomputed (star.ops.triton.scan_recomputed)."""
     from star.models import StarPretrain, VisionMambaClassifier
 
     torch.manual_seed(0)
     # small: under the interpreter every kernel runs element by element in Python
-    common = dict(img_size=8, patch_size=4, in_chans=1, embed_dim=16, depth=1, scan_impl="triton")
+    common = dict(img_size=8, patch_size=4, in_chans=1, embed_dim=16, depth=1, scan_impl="triton", recompute=recompute)
     if name == "pretrain":
         model = StarPretrain(**common, cluster_size=1, num_images=2, decoder_dim=16, decoder_num_heads=2,
                              decoder_depth=1)
