@@ -742,7 +742,7 @@ def test_long_report_gives_verdicts_only_with_three_seeds_and_names_the_best_ful
     assert "**Status:** 6 of 8 pretraining units done" in page
     # STAR 85.1 +- 0.1 vs ARM 83.1 +- 0.1: 2 points, 20 std
     assert "- linear probe, 100 epochs: STAR vs ARM: **STAR ahead** by 2.00 points (20.0 std)" in page
-    assert "| STAR (K=4) | linear probe | 85.10 ± 0.10 (3) |" in page
+    assert "| STAR (K=4) | linear probe | 85.10 ± 0.10 (n=3) |" in page
     assert ("- Best full fine-tune: STAR (K=4), 93.80% test top-1 (mean of 3 seeds); the 94.0% goal is missed by "
             "0.20 points; against ARM (K=1): within 2 std: no difference shown") in page
     assert "- ARM (K=1) vs no pretraining: **ARM (K=1) ahead** by 1.50 points" in page

@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from . import long  # noqa: E402
 from .recipes import (LONG_ARMS, LONG_FT_ARMS, LONG_FT_RECIPES, LONG_RECIPES, LONG_SNAPSHOT_EVALS,  # noqa: E402
                       LONG_UNITS, SEEDS, ft_recipe_id, recipe_id)
+from .report import fmt  # noqa: E402
 from .stats import beyond, margin, mean_std  # noqa: E402
 from .study import HERE, item_key, load_results  # noqa: E402
 
@@ -39,15 +40,6 @@ def snapshot_values(results: dict, rid: str, arm: str, item: str, epoch: int) ->
     """Test top-1 of one evaluation of one arm's epoch-`epoch` snapshot, in seed order, recorded seeds only."""
     keys = [item_key(rid, arm, seed, f"{item}_e{epoch}") for seed in SEEDS]
     return [results[k]["test_top1"] for k in keys if k in results]
-
-
-def cell(values: list[float]) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.2f} (1 seed)"
-    mean, std = mean_std(values)
-    return f"{mean:.2f} ± {std:.2f} ({len(values)})"
 
 
 def verdict(a: list[float], b: list[float], name_a: str, name_b: str) -> str:
@@ -209,14 +201,14 @@ def build(out: Path, results: dict) -> str:
     for arm in LONG_ARMS:
         for item in LONG_SNAPSHOT_EVALS:
             lines.append(f"| {NAMES[arm]} | {EVAL_NAMES[item]} | "
-                         + " | ".join(cell(snapshot_values(results, rid, arm, item, e)) for e in epochs) + " |")
+                         + " | ".join(fmt(snapshot_values(results, rid, arm, item, e)) for e in epochs) + " |")
     first = load_results(HERE / "results.json")
     first_rid = recipe_id("h100")
     none = {item: [first[k]["test_top1"] for k in (item_key(first_rid, "scratch", s, item) for s in SEEDS)
                    if k in first] for item in LONG_SNAPSHOT_EVALS}
     lines += ["", "No pretraining, from the first study (the same evaluation recipes and test split; the linear "
               "probe of a random encoder, the 1%-label fine-tune from random weights with 4 more epochs): "
-              + ", ".join(f"{EVAL_NAMES[i]} {cell(none[i])}" for i in LONG_SNAPSHOT_EVALS) + "."]
+              + ", ".join(f"{EVAL_NAMES[i]} {fmt(none[i])}" for i in LONG_SNAPSHOT_EVALS) + "."]
     if plot_snapshots(results, rid, epochs, figures / "accuracy_vs_epochs.png"):
         lines += ["", "![accuracy against pretraining epochs](fashion-mnist-long/accuracy_vs_epochs.png)"]
     lines += ["", "### Verdicts (2 std)", ""]
@@ -274,7 +266,7 @@ def full_finetune(results: dict, ft_rid: str, ft: dict, figures: Path) -> list[s
     for arm in LONG_FT_ARMS:
         choice = finals[arm][0]["choice"] if finals[arm] else None
         todo = long.next_finetunes(ft, results, ft_rid, arm)
-        lines.append(f"- {NAMES[arm]}: {cell([e['test_top1'] for e in finals[arm]])}"
+        lines.append(f"- {NAMES[arm]}: {fmt([e['test_top1'] for e in finals[arm]])}"
                      + (f", {choice['epochs']} epochs, settings {choice['variant']} (holdout "
                         f"{choice['holdout_top1']:.2f})" if choice else "")
                      + (f"; next: {todo[0][1]} seed {todo[0][0]}" if todo else ""))
