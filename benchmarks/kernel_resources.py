@@ -31,9 +31,10 @@ BF16 = {"u_ptr", "delta_ptr", "z_ptr", "dy_ptr", "y_ptr", "du_ptr", "ddelta_ptr"
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
-def _compile(kernel, constexprs: dict, pointer_type, num_warps: int, arch: int, divisible=()):
+def _compile(kernel, constexprs: dict, pointer_type, num_warps: int, arch: int, divisible=(), maxnreg=None):
     """Compile `kernel` with these constexprs; pointer_type(name) gives each pointer's element type, and the
-    arguments named in `divisible` are declared multiples of 16 (as a launch finds them)."""
+    arguments named in `divisible` are declared multiples of 16 (as a launch finds them); `maxnreg` caps the
+    registers as the tile configuration's launch option does."""
     params = list(inspect.signature(kernel.fn).parameters)
     constexprs = {k: v for k, v in constexprs.items() if k in params}
     signature = {p: "constexpr" if p in constexprs else pointer_type(p) if p.endswith("_ptr") else "i32"
@@ -41,7 +42,8 @@ def _compile(kernel, constexprs: dict, pointer_type, num_warps: int, arch: int, 
     source = ASTSource(fn=kernel, signature=signature, attrs={(params.index(p),): [["tt.divisibility", 16]]
                                                               for p in params if p in divisible},
                        constexprs={(params.index(k),): v for k, v in constexprs.items()})
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))
+    options = dict(num_warps=num_warps, **({} if maxnreg is None else {"maxnreg": maxnreg}))
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def compile_kernel(direction: str, arch: int):
@@ -52,7 +54,7 @@ def compile_kernel(direction: str, arch: int):
                       HAS_BIAS=True, SOFTPLUS=True, REVERSE=False, ORDER=False, HAS_INIT=False)
     constexprs.update(PRECISION="tf32") if direction == "bwd" else constexprs.update(SAVE_STATES=True)
     return _compile(kernel, constexprs, lambda p: "*bf16" if p in BF16 else "*i32" if p == "order_ptr" else "*fp32",
-                    tiles["num_warps"], arch)
+                    tiles["num_warps"], arch, maxnreg=tiles.get("maxnreg"))
 
 
 def compile_conv(direction: str, arch: int):

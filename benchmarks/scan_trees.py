@@ -6,8 +6,10 @@
 Each tree is a copy of this tree's `src` with one edit, made by exact text replacement (an edit whose text is no
 longer found fails, so a tree never silently equals main). Two kinds:
 - candidates, same results as main, faster or not: SEGMENT 16 or 64 (checkpoint memory against scratch size),
-  the backward's CHUNK 4, and pass 1 rebuilding only the entering states (from u, delta and B, step by step
-  from rows, which Triton 3.6 compiles) with dC taken in pass 2 instead;
+  the backward's CHUNK 4, pass 1 rebuilding only the entering states (from u, delta and B, step by step
+  from rows, which Triton 3.6 compiles) with dC taken in pass 2 instead, and the backward capped at 200, 168 or
+  128 registers (ptxas's maxnreg: 10, 12 or 16 warps per SM instead of 8, for spills; the kernel is
+  latency-bound with 8);
 - ablations, wrong gradients, timed only to price one stage by the difference: no dB partial stores, no
   scratch (pass 2 starts every chunk from the segment's checkpoint), no pass 1 at all.
 The loads issued a chunk ahead for B, C and the entering state (variants ahead_bc, ahead_h0, ahead_both of
@@ -65,6 +67,7 @@ def _chunk_end_state(h, delta, u, Bt, A2, CHUNK: tl.constexpr):
 
 """
 STORE_SUM = "@triton.jit\ndef _store_channel_sum("
+BWD_TILES = "bwd=dict(BLOCK_D=32, CHUNK=2, num_warps=1),\n                   RESIDENT_PER_SM=8"  # CUDA_CONFIG's
 IMPORTS = "from star.ops.triton.selective_scan_chunks import (CUDA_CONFIG, LOG2E, _channel_block, _chunk_bc, "
 
 
@@ -72,11 +75,12 @@ IMPORTS = "from star.ops.triton.selective_scan_chunks import (CUDA_CONFIG, LOG2E
 EDITS = {
     "seg16": [(CHUNKS, "CUDA_CONFIG = dict(SEGMENT=32,", "CUDA_CONFIG = dict(SEGMENT=16,")],
     "seg64": [(CHUNKS, "CUDA_CONFIG = dict(SEGMENT=32,", "CUDA_CONFIG = dict(SEGMENT=64,")],
-    "bwd_c4": [(CHUNKS, "bwd=dict(BLOCK_D=32, CHUNK=2, num_warps=1),\n                   RESIDENT_PER_SM=8",
-                "bwd=dict(BLOCK_D=32, CHUNK=4, num_warps=1),\n                   RESIDENT_PER_SM=8")],
+    "bwd_c4": [(CHUNKS, BWD_TILES, BWD_TILES.replace("CHUNK=2", "CHUNK=4"))],
     "states_pass1": [(SCAN, PASS1, PASS1_STATES), (SCAN, DD, STORE_DC + DD),
                      (SCAN, IMPORTS, IMPORTS + "_chunk_end_state, _delta_values, "),
                      (CHUNKS, STORE_SUM, END_STATE + STORE_SUM)],
+    **{f"bwd_maxnreg{cap}": [(CHUNKS, BWD_TILES, BWD_TILES.replace("num_warps=1)", f"num_warps=1, maxnreg={cap})"))]
+       for cap in (200, 168, 128)},
     "ablate_db": [(SCAN, STORE_DB, "")],
     "ablate_scratch": [(SCAN, f"{I12}tl.store(scratch_base + k * N_PAD * BLOCK_D, h)\n", ""),
                        (SCAN, H0, f"{I12}h0 = {CKPT_STATE}\n")],
