@@ -498,15 +498,16 @@ def run_finetunes(ft_name: str, out: Path, runs: Path, seconds_left, encoders: P
                 else:  # unpacked afresh: a folder left by an earlier run could hold another encoder
                     pretrained = find_encoder(encoder_stem(pre_rid, arm, seed), (encoders, out / "encoders"),
                                               study._fresh(runs / "encoders" / f"{arm}_s{seed}"))
-                    again = estimate(results, pre_rid, recipe, "pretrain", arm)
-                    blocked = None if pretrained else rebuild_blocked(out, pre_rid, arm, seed)
-                    why = None if pretrained else "its encoder is not here (" + (
-                        f"and cannot be rebuilt: {blocked})" if blocked else
-                        f"--rebuild pretrains it again in ~{again:.0f}s)" if not rebuild else
-                        f"pretraining it again needs ~{again:.0f}s)")
-                    if pretrained is None and rebuild and not blocked and (left is None or again <= left):
-                        pretrained, why = rebuild_encoder(ft["pretraining"], arm, seed, out, runs)
-                        left = seconds_left()
+                    if pretrained is None:
+                        blocked = rebuild_blocked(out, pre_rid, arm, seed)
+                        again = estimate(results, pre_rid, recipe, "pretrain", arm)
+                        if rebuild and blocked is None and (left is None or again <= left):
+                            pretrained, why = rebuild_encoder(ft["pretraining"], arm, seed, out, runs)
+                            left = seconds_left()
+                        else:
+                            why = "its encoder is not here (" + (
+                                f"and cannot be rebuilt: {blocked})" if blocked else
+                                f"pretraining it again needs ~{again:.0f}s{'' if rebuild else ', with --rebuild'})")
             if why is None and left is not None and needed > left:
                 why = f"needs ~{needed:.0f}s, {left:.0f}s left"
             if why is not None:

@@ -109,14 +109,16 @@ class MambaMixer(nn.Module):
             if tuple(orders.shape) != (num, l):
                 raise ValueError(f"scan orders must be (directions, tokens) = ({num}, {l}), got {tuple(orders.shape)}")
         kernels = is_triton("selective_scan", self.scan_impl, xz)  # which recompute themselves (in _scan)
-        y = recomputed(self._scan, self.recompute_scan and not kernels, *xz.chunk(2, dim=-1), num, orders)
+        y = recomputed(self._scan, self.recompute_scan and not kernels, *xz.chunk(2, dim=-1), num, orders, kernels)
         if num > 1:
             y = y.view(num, b, l, -1).mean(0)
         return self.out_proj(y)
 
-    def _scan(self, x: torch.Tensor, z: torch.Tensor, num: int, orders: Optional[torch.Tensor]) -> torch.Tensor:
+    def _scan(self, x: torch.Tensor, z: torch.Tensor, num: int, orders: Optional[torch.Tensor],
+              kernels: bool) -> torch.Tensor:
         """Conv, projections and scan of the (b, l, d) halves of in_proj's output, once per direction: run g of
-        the (num * b, l, d) result with direction g's parameters along scan order g."""
+        the (num * b, l, d) result with direction g's parameters along scan order g. `kernels`: the scan is
+        the Triton kernel (`is_triton`)."""
         dirs = self.directions
         ssm = dirs[0]
 
@@ -124,7 +126,6 @@ class MambaMixer(nn.Module):
             return get(ssm).unsqueeze(0) if num == 1 else torch.stack([get(s) for s in dirs])
 
         impl = self.scan_impl
-        kernels = is_triton("selective_scan", impl, x)
         # The kernels visit the rows of a scan order in place; the PyTorch forms would gather and scatter in each
         # op (conv and scan), so for them the mixer puts its two inputs in scan order once and its output back.
         # The kernels also read x and z once for all directions (a shared input: no repeated copy is kept).

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from star.ops.orders import order_table
 from star.ops.triton.causal_conv1d import _causal_conv1d_bwd, _causal_conv1d_fwd, check_kernel_size
-from star.ops.triton.selective_scan import _channels_contiguous, _selective_scan_bwd, _selective_scan_fwd
+from star.ops.triton.selective_scan import _selective_scan_bwd, _selective_scan_fwd, kernel_layout
 
 
 def _scan_inputs(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, order, shared, dt_rank, mm_dtype):
@@ -37,10 +37,8 @@ def _scan_layout(u, delta, A, dt_bc, D, z, delta_bias, dt_rank):
     """The scan's (u, delta, A, B, C, D, z, delta_bias) in (b, l, ...) layout as its kernels read them."""
     n_state = (dt_bc.shape[-1] - dt_rank) // 2
     b, l, d = u.shape
-    B, C = [t.reshape(b, l, n_state).contiguous() for t in dt_bc[..., dt_rank:].split(n_state, dim=-1)]
-    u, delta, z = [_channels_contiguous(t) for t in (u, delta.reshape(b, l, d), z)]
-    A, D, delta_bias = [t.contiguous() if t is not None else None for t in (A, D, delta_bias)]
-    return u, delta, A, B, C, D, z, delta_bias
+    B, C = [t.reshape(b, l, n_state) for t in dt_bc[..., dt_rank:].split(n_state, dim=-1)]
+    return kernel_layout(u, delta.reshape(b, l, d), A, B, C, D, z, delta_bias)
 
 
 class _MixerScanRecomputed(torch.autograd.Function):

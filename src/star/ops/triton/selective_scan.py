@@ -345,6 +345,14 @@ def _channels_contiguous(x: Optional[Tensor]) -> Optional[Tensor]:
     return x if x is None or x.stride(-1) == 1 else x.contiguous()
 
 
+def kernel_layout(u, delta, A, B, C, D, z, delta_bias) -> tuple:
+    """The scan's inputs (u, delta, A, B, C, D, z, delta_bias) in the layouts its kernels read: activations with
+    channel stride 1 (copied only where it is not), the rest contiguous."""
+    u, delta, z = [_channels_contiguous(x) for x in (u, delta, z)]
+    A, B, C, D, delta_bias = [x.contiguous() if x is not None else None for x in (A, B, C, D, delta_bias)]
+    return u, delta, A, B, C, D, z, delta_bias
+
+
 def selective_scan_triton(
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     D: Optional[Tensor] = None, z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
@@ -361,8 +369,7 @@ def selective_scan_triton_unchecked(u, delta, A, B, C, D=None, z=None, delta_bia
     """`selective_scan_triton` without the input checks: the op table's Triton entry, which
     `star.ops.selective_scan` calls once it has checked the inputs itself."""
     tensors = [u, delta, A, B, C, D, z, delta_bias]
-    u, delta, z = (_channels_contiguous(x) for x in (u, delta, z))
-    A, B, C, D, delta_bias = (x.contiguous() if x is not None else None for x in (A, B, C, D, delta_bias))
+    u, delta, A, B, C, D, z, delta_bias = kernel_layout(*tensors)
     save_states = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
     order = order_table(order) if order is not None else None
     y, _ = _selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, order, delta_softplus, reverse, save_states)
