@@ -130,7 +130,9 @@ def minutes_left(results: dict, recipe: dict, rid: str, ft: dict, ft_rid: str) -
     """An upper bound on the GPU minutes still to spend, by stage, with the scheduler's own estimates (1.1x and
     20 s per run): every unit not done at the slowest measured unit, and for the fine-tune search every run it
     could still take (each rung, each variant, one pair at the ladder's top), then 3 seeds of each arm's choice
-    (or of the ladder's top while it is open)."""
+    (or of the ladder's top while it is open). Encoders do not outlive a device session, so each recorded unit whose
+    encoder a fine-tune still needs is counted as pretrained once more (`long.py run --rebuild`): once if its
+    fine-tunes share one session, more otherwise."""
     units = [(a, s) for a, s in LONG_UNITS if any(item_key(rid, a, s, i) not in results
                                                   for i in ["pretrain", *long.snapshot_items(recipe)])]
     per_unit = long.estimate(results, rid, recipe, "pretrain", "star_k4") + sum(
@@ -139,12 +141,15 @@ def minutes_left(results: dict, recipe: dict, rid: str, ft: dict, ft_rid: str) -
     def run_s(epochs):
         return long.finetune_estimate(results, ft_rid, ft, epochs)
 
-    search, finals = 0.0, 0.0
+    search, finals, rebuilds = 0.0, 0.0, set()
     for arm in LONG_FT_ARMS:
         recorded = {k.rsplit("/", 1)[1] for k in results if k.startswith(f"{ft_rid}/{arm}/s0/tune_")}
         todo = long.next_finetunes(ft, results, ft_rid, arm)
         if not todo:
             continue
+        if arm in LONG_ARMS:  # a pretrained arm: the seeds whose fine-tunes are left need their units' encoders
+            rebuilds |= {(arm, s) for s in ({0, *SEEDS} if todo[0][1] != "ft100" else {s for s, _ in todo})
+                         if item_key(rid, arm, s, "pretrain") in results}
         if todo[0][1] != "ft100":  # the search is open: every run it could still take
             wanted = [(f"tune_e{e}", e) for e in ft["ladder"]] + [(f"tune_{v}", ft["variant_epochs"])
                                                                   for v in ft["variants"]]
@@ -152,8 +157,9 @@ def minutes_left(results: dict, recipe: dict, rid: str, ft: dict, ft_rid: str) -
             finals += sum(item_key(ft_rid, arm, s, "ft100") not in results for s in SEEDS) * run_s(ft["ladder"][-1])
         else:
             finals += len(todo) * run_s(long.finetune_choice(ft, results, ft_rid, arm)["epochs"])
-    return {"pretraining units": len(units) * per_unit / 60, "fine-tune search": search / 60,
-            "final full fine-tunes": finals / 60}
+    rebuild_s = sum(long.estimate(results, rid, recipe, "pretrain", arm) for arm, _ in rebuilds)
+    return {"pretraining units": len(units) * per_unit / 60, "pretraining again for lost encoders": rebuild_s / 60,
+            "fine-tune search": search / 60, "final full fine-tunes": finals / 60}
 
 
 def build(out: Path, results: dict) -> str:
@@ -229,9 +235,10 @@ def build(out: Path, results: dict) -> str:
               f"{BUDGET_MIN} GPU minutes. Not counted here: each device call's start-up and packing, and a fine-tune's "
               "test pass and encoder unpacking (seconds each)."]
     left = minutes_left(results, recipe, rid, ft, ft_rid)
-    lines += ["", "At most this much is left, by the scheduler's estimates (`minutes_left`): "
+    lines += ["", "Left, by the scheduler's estimates (`minutes_left`: every run the fine-tune search could still take,"
+              " and one rebuild for each lost encoder a fine-tune still needs): "
               + ", ".join(f"{k} {v:.0f}" for k, v in left.items())
-              + f" GPU minutes; with what is spent, at most {total + sum(left.values()):.0f} of the {BUDGET_MIN}."
+              + f" GPU minutes; with what is spent, about {total + sum(left.values()):.0f} of the {BUDGET_MIN}."
               + ("" if any("images_per_epoch" in e for k, e in results.items() if k.startswith(ft_rid + "/")) else
                  " The fine-tune estimates are high until a fine-tune has recorded its images per epoch (none so far"
                  " has): they take the slowest seconds per epoch, compilation spread in.")]
