@@ -234,6 +234,7 @@ def build(out: Path, results: dict) -> str:
               f"({minutes['beside']:.1f} minutes of wall time, inside the pretraining's). The issue's budget is about "
               f"{BUDGET_MIN} GPU minutes. Not counted here: each device call's start-up and packing, and a fine-tune's "
               "test pass and encoder unpacking (seconds each)."]
+    lines += rebuilds(results, rid, ft_rid)
     left = minutes_left(results, recipe, rid, ft, ft_rid)
     lines += ["", "Left, by the scheduler's estimates (`minutes_left`: every run the fine-tune search could still take,"
               " and one rebuild for each lost encoder a fine-tune still needs): "
@@ -243,6 +244,35 @@ def build(out: Path, results: dict) -> str:
                  " The fine-tune estimates are high until a fine-tune has recorded its images per epoch (none so far"
                  " has): they take the slowest seconds per epoch, compilation spread in.")]
     return "\n".join(lines) + "\n"
+
+
+def rebuilds(results: dict, rid: str, ft_rid: str) -> list[str]:
+    """The units pretrained again for a lost encoder (`long.py run --rebuild`): how close each came to the recorded
+    run, and what was measured from its encoder."""
+    again = {k: e for k, e in results.items() if k.startswith(rid + "/") and e["item"].startswith(long.REBUILD)}
+    if not again:
+        return []
+    lines = ["", "## Encoders pretrained again", "",
+             "Encoders do not outlive a device session, so a unit whose encoder a later session needs is pretrained "
+             "again with its recipe and seed (`long.py run --rebuild`). Its encoder is taken only if the loss lies "
+             f"within {long.REBUILD_RTOL:g} (relative) of the recorded run at every logged step and at the end; what "
+             "is measured from it is recorded with `encoder: rebuild<N>`; what was recorded before stays that of the "
+             "first encoder.", "",
+             "| unit | item | commit | taken | bit for bit | largest relative difference | first step that differs | "
+             "results from its encoder |", "|---|---|---|---|---|---|---|---|"]
+    for key, e in sorted(again.items()):
+        _, arm, seed, item = key.split("/")
+        used = sum(1 for k, r in results.items() if k.startswith((f"{rid}/{arm}/{seed}/", f"{ft_rid}/{arm}/{seed}/"))
+                   and r.get("encoder") == item)
+        worst = e.get("max_rel_difference")  # not recorded by the first rebuild, which was compared bit for bit
+        first = e["first_difference"]
+        differs = "-" if first is None else "{step} ({loss:.7f} against {recorded_loss:.7f})".format(**first)
+        lines.append(f"| {NAMES[arm]} {seed} | {item} | {e['commit']} | {'yes' if e['matched'] else 'no'} | "
+                     f"{'yes' if e.get('bitwise', first is None) else 'no'} | "
+                     f"{'-' if worst is None else format(worst, '.1e')} | {differs} | {used} |")
+    if any("rtol" not in e for e in again.values()):
+        lines += ["", "A row without its largest difference ran when only a bit-for-bit repeat was taken."]
+    return lines
 
 
 def full_finetune(results: dict, ft_rid: str, ft: dict, figures: Path) -> list[str]:
