@@ -101,6 +101,12 @@ def cpu_self_time(event):
     return [(event.name, event.self_cpu_time_total / 1e3)] if not event.name.startswith(PREFIX) else []
 
 
+def host_time(event):
+    """(name, ms of its own CPU time) of every event, the parts' ranges too (their own time is the Python between
+    the ops of the part's modules): where the host's time in a step goes."""
+    return [(event.name, event.self_cpu_time_total / 1e3)]
+
+
 # kind of kernel -> name fragments (lower case), first match wins; a kernel matching none is "other"
 KERNEL_KINDS = {
     "scan forward": ("_scan_fwd_kernel",), "scan backward": ("_scan_bwd_kernel",), "scan parts": ("_part_",),
@@ -174,7 +180,9 @@ def saved_by_part(model: nn.Module, forward: Callable, parts) -> Dict[str, float
 def step_breakdown(model: nn.Module, forward_backward: Callable, optimizer, parts, kernel_rules,
                    device: str = "cuda", kernels: Optional[dict] = None) -> Dict[str, float]:
     """Profile one step (forward + backward, then the optimizer) and return ms per part, plus "total". Given a
-    dict `kernels`, also fill it with "kinds" and "top" (`by_kernel`) of the same step."""
+    dict `kernels`, also fill it with "kinds" and "top" (`by_kernel`) of the same step, and on CUDA with "host"
+    (host ms per part, `host_time`, with "total"), "top_host" (the host's largest ops by own time) and
+    "launches" (the CUDA kernels the step launched)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -190,6 +198,11 @@ def step_breakdown(model: nn.Module, forward_backward: Callable, optimizer, part
     totals["total"] = sum(totals.values())
     if kernels is not None:
         kernels["kinds"], kernels["top"] = by_kernel(prof.events(), cost)
+        if device == "cuda":
+            kernels["host"] = categorize(prof.events(), host_time, {})
+            kernels["host"]["total"] = sum(kernels["host"].values())
+            kernels["top_host"] = by_kernel(prof.events(), host_time)[1]
+            kernels["launches"] = sum(len(ev.kernels) for ev in prof.events())
     return totals
 
 

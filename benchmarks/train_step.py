@@ -25,7 +25,9 @@ decoder, optimizer, ... for STAR; attention, MLPs, norms, ... for the ViT. The p
 images/s against K for every model into train_step.png. --recompute none mixer block times STAR at each
 `--model.recompute` setting ("+recompute <setting>" in the implementation's name).
 --profile also splits the step by kind of kernel, lists its largest kernels and counts the activations a
-forward keeps for backward, by part. --render JSON rebuilds the Markdown table of an earlier run's JSON.
+forward keeps for backward, by part, and splits the step's host time by part with the host's largest ops and the
+number of kernels launched (an eager STAR step is host-bound). --render JSON rebuilds the Markdown table of an
+earlier run's JSON.
 """
 import argparse
 import datetime
@@ -103,6 +105,8 @@ def measure(model, loss_fn, warmup, steps, parts, profile: bool) -> dict:
         row["breakdown_ms"] = step_breakdown(model, step.forward_backward, step.optimizer, parts, KERNEL_RULES,
                                              kernels=kernels)
         row["kernel_kinds_ms"], row["top_kernels_ms"] = kernels["kinds"], kernels["top"]
+        row["host_parts_ms"], row["top_host_ms"] = kernels["host"], kernels["top_host"]
+        row["kernel_launches"] = kernels["launches"]
         with torch.autocast("cuda", dtype=torch.bfloat16):
             row["saved_mib"] = saved_by_part(model, loss_fn, parts)
     return row
@@ -224,12 +228,20 @@ def markdown(meta, rows):
         for key, what in (("kernel_kinds_ms", "CUDA kernel time of the same step by kind of kernel, ms "
                                               "(breakdown.KERNEL_KINDS, by kernel name):"),
                           ("saved_mib", "Activations one forward keeps for backward, MiB, by part (each storage "
-                                        "once, parameters left out; breakdown.saved_by_part):")):
+                                        "once, parameters left out; breakdown.saved_by_part):"),
+                          ("host_parts_ms", "Host (CPU) time of the same step by part, ms: each op's own time and "
+                                            "the Python between the ops of a part (breakdown.host_time), backward "
+                                            "counted with the forward op; under the profiler, so above the host ms "
+                                            "of the plain steps:")):
             lines += ["", what, ""] + _part_table([r for r in profiled if key in r], key, finetune)
         for r in profiled:
             lines += ["", f"Largest kernels of {r['model']} ({r['impl']}"
                       + ("" if finetune else f", K={r['num_images']}") + "), ms:", ""]
             lines += [f"- {ms:.1f} `{name}`" for name, ms in r.get("top_kernels_ms", {}).items()]
+            if "top_host_ms" in r:
+                lines += ["", f"Largest host ops of the same step, ms of their own CPU time "
+                          f"({r['kernel_launches']} CUDA kernels launched):", ""]
+                lines += [f"- {ms:.1f} `{name}`" for name, ms in r["top_host_ms"].items()]
     return "\n".join(lines) + "\n"
 
 

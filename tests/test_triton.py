@@ -413,7 +413,7 @@ def test_inputs_are_checked_once_on_every_path(monkeypatch):
 def test_models_compile_fullgraph_and_match_eager(name, recompute):
     """Whole models with the Triton ops trace into one graph (torch.compile fullgraph; inductor on CUDA,
     aot_eager under the CPU interpreter) and a training step matches eager: loss and every gradient; also with
-    the mixer's scan inputs recomputed (star.ops.triton.scan_recomputed)."""
+    the mixer's scan inputs recomputed (star.ops.triton.mixer_scan)."""
     from star.models import StarPretrain, VisionMambaClassifier
 
     torch.manual_seed(0)
@@ -471,16 +471,34 @@ def test_four_direction_mixer_kernels_match_the_gathered_path():
         torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-3, atol=1e-5, msg=k)
 
 
+def _composed_mixer_scan(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, z, delta_bias, dt_rank,
+                         order=None, shared=False, recompute=False):
+    """star.ops.triton.mixer_scan as the separate Triton ops compose it under autograd (`recompute` aside)."""
+    from star.ops import causal_conv1d, selective_scan
+
+    u = causal_conv1d(x, conv_weight, conv_bias, activation="silu", impl="triton", order=order, shared=shared)
+    n, l, d = u.shape
+    dt_bc = torch.bmm(u.reshape(x_proj_weight.shape[0], -1, d), x_proj_weight.transpose(1, 2))
+    n_state = (dt_bc.shape[-1] - dt_rank) // 2
+    dt, B, C = dt_bc.split([dt_rank, n_state, n_state], dim=-1)
+    delta = torch.bmm(dt, dt_proj_weight.transpose(1, 2))
+    return selective_scan(u, delta.reshape(n, l, d), A, B.reshape(n, l, -1), C.reshape(n, l, -1), D, z=z,
+                          delta_bias=delta_bias, delta_softplus=True, impl="triton", order=order)
+
+
 @needs_kernels
 @pytest.mark.filterwarnings("ignore:A saved_tensors_hooks context")  # the test counts what autograd keeps
 @pytest.mark.parametrize("num_directions", [1, 4])
 @pytest.mark.parametrize("autocast", [False, True])
-def test_recompute_mixer_on_the_kernels_reruns_the_scan_inputs_but_not_the_scan(num_directions, autocast):
-    """recompute="mixer" on the kernels (star.ops.triton.scan_recomputed): backward reruns the conv and the
-    projections but not the scan's forward, gives the gradients of recompute="none" exactly (float32, and bf16
-    autocast), keeps less, and compiles without a graph break."""
+def test_mixer_scan_equals_the_composed_ops_and_recompute_reruns_the_scan_inputs_but_not_the_scan(
+        num_directions, autocast, monkeypatch):
+    """The mixer on the kernels runs conv, projections and scan as one autograd function (star.ops.triton.mixer_scan):
+    output and every gradient equal those of the separate ops composed by autograd, exactly (float32, and bf16
+    autocast). With recompute="mixer" its backward reruns the conv and the projections but not the scan's forward,
+    with the same gradients, and keeps less. Both compile without a graph break."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    import star.models.mamba as mamba
     from star.models.mamba import MambaMixer, scan_orders
 
     class Ops(TorchDispatchMode):  # the star ops that run while active
@@ -507,34 +525,43 @@ def test_recompute_mixer_on_the_kernels_reruns_the_scan_inputs_but_not_the_scan(
     def activation(t):  # a saved tensor with a token axis (the parameters' and the scan states' have none)
         return {l, b * l, num_directions * b * l} & set(t.shape)
 
-    for recompute in (False, True):
-        mixer.recompute_scan = recompute
-        kept = []
-        with torch.autograd.graph.saved_tensors_hooks(
-                lambda t: kept.append(t.numel() * t.element_size() if activation(t) else 0) or t, lambda t: t), \
-                torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
-            out = mixer(x, orders)
-        assert out.dtype == (torch.bfloat16 if autocast else torch.float32)
-        with Ops() as backward_ops:
-            grads = torch.autograd.grad(out.float().square().sum(), [x, *mixer.parameters()])
-        results[recompute] = out.detach(), grads, sum(kept), backward_ops.names
-    (out, grads, kept, ops), (out_r, grads_r, kept_r, ops_r) = results[False], results[True]
-    assert torch.equal(out_r, out)
-    for g_r, g in zip(grads_r, grads):
-        assert torch.equal(g_r, g)
+    for mode in ("composed", "none", "mixer"):
+        mixer.recompute_scan = mode == "mixer"
+        with monkeypatch.context() as patch:
+            if mode == "composed":
+                patch.setattr(mamba, "load_triton_op", lambda name: _composed_mixer_scan)
+            kept = []
+            with torch.autograd.graph.saved_tensors_hooks(
+                    lambda t: kept.append(t.numel() * t.element_size() if activation(t) else 0) or t, lambda t: t), \
+                    torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+                out = mixer(x, orders)
+            assert out.dtype == (torch.bfloat16 if autocast else torch.float32)
+            with Ops() as backward_ops:
+                grads = torch.autograd.grad(out.float().square().sum(), [x, *mixer.parameters()])
+        results[mode] = out.detach(), grads, sum(kept), backward_ops.names
+    out_c, grads_c, kept_c, _ = results["composed"]
+    (out, grads, kept, ops), (out_r, grads_r, kept_r, ops_r) = results["none"], results["mixer"]
+    for o, g in ((out, grads), (out_r, grads_r)):
+        assert torch.equal(o, out_c)
+        for g, g_c in zip(g, grads_c):
+            assert torch.equal(g, g_c)
     assert "star::causal_conv1d_fwd" not in ops and "star::causal_conv1d_fwd" in ops_r  # the conv is rerun
     assert "star::selective_scan_fwd" not in ops_r and "star::selective_scan_bwd" in ops_r  # the scan is not
-    assert kept_r < 0.6 * kept, (kept_r, kept)  # kept: x, z and the projections' inputs; not u, delta, B, C
-    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):  # no backward: plain path
+    assert kept <= kept_c, (kept, kept_c)  # none keeps x, z, u, [dt | B | C] and delta, as the composed ops do
+    assert kept_r < 0.6 * kept, (kept_r, kept)  # mixer: x, z and the projections' inputs; not u, delta, B, C
+    mixer.recompute_scan = False
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):  # no backward to prepare
         assert torch.equal(mixer(x, orders), out)
 
     def step(x):
         with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
             return mixer(x, orders).float().square().sum()
 
-    torch._dynamo.reset()
-    explained = torch._dynamo.explain(step)(x)
-    assert explained.graph_break_count == 0, explained.break_reasons
+    for recompute in (False, True):
+        mixer.recompute_scan = recompute
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(step)(x)
+        assert explained.graph_break_count == 0, (recompute, explained.break_reasons)
 
 
 @needs_kernels

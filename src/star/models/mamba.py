@@ -32,7 +32,7 @@ from star.ops.orders import check_permutations, from_scan_order, to_scan_order
 
 # what a block recomputes in backward instead of keeping for it: nothing; the mixer from in_proj's output
 # (conv, x_proj and dt, whose outputs and saved tensors are most of a block's; on the Triton kernels the scan keeps
-# its segment states and does not run again, star.ops.triton.scan_recomputed; elsewhere it reruns too); or the
+# its segment states and does not run again, star.ops.triton.mixer_scan; elsewhere it reruns too); or the
 # whole block from its input
 RECOMPUTE = ("none", "mixer", "block")
 
@@ -125,30 +125,26 @@ class MambaMixer(nn.Module):
         def stack(get):  # the directions' parameters as one (num, ...) grouped parameter
             return get(ssm).unsqueeze(0) if num == 1 else torch.stack([get(s) for s in dirs])
 
-        impl = self.scan_impl
-        # The kernels visit the rows of a scan order in place; the PyTorch forms would gather and scatter in each
-        # op (conv and scan), so for them the mixer puts its two inputs in scan order once and its output back.
-        # The kernels also read x and z once for all directions (a shared input: no repeated copy is kept).
-        gather = orders is not None and not kernels
-        if gather:
-            x, z = (to_scan_order(repeat_runs(t, num * t.shape[0]), orders) for t in (x, z))
-        op_orders = None if gather else orders
-
         conv_weight, conv_bias = stack(lambda s: s.conv1d.weight[:, 0]), stack(lambda s: s.conv1d.bias)
         x_proj_weight, dt_proj_weight = stack(lambda s: s.x_proj.weight), stack(lambda s: s.dt_proj.weight)
         A, D, delta_bias = -torch.exp(stack(lambda s: s.A_log)), stack(lambda s: s.D), stack(lambda s: s.dt_proj.bias)
-        if kernels and self.recompute_scan and torch.is_grad_enabled():  # the same computation, inputs recomputed
-            return load_triton_op("mixer_scan_recomputed")(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A,
-                                                           D, z, delta_bias, ssm.dt_rank, op_orders, shared=num > 1)
-        x = causal_conv1d(x, conv_weight, conv_bias, activation="silu", impl=impl, order=op_orders,
-                          shared=num > 1 and not gather)
+        if kernels:  # the ops below as one autograd function, which reads the scan orders and x, z in place
+            return load_triton_op("mixer_scan")(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, z,
+                                                delta_bias, ssm.dt_rank, orders, shared=num > 1,
+                                                recompute=self.recompute_scan)
+        # The PyTorch forms would gather and scatter in each op (conv and scan), so the mixer puts its two inputs in
+        # scan order once, one run per direction, and its output back.
+        if orders is not None:
+            x, z = (to_scan_order(repeat_runs(t, num * t.shape[0]), orders) for t in (x, z))
+        impl = self.scan_impl
+        x = causal_conv1d(x, conv_weight, conv_bias, activation="silu", impl=impl)
         n, l, d = x.shape
         dt_bc = torch.bmm(x.reshape(num, -1, d), x_proj_weight.transpose(1, 2))
         dt, B, C = dt_bc.split([ssm.dt_rank, ssm.d_state, ssm.d_state], dim=-1)
         delta = torch.bmm(dt, dt_proj_weight.transpose(1, 2))  # bias added (fp32) in the scan
         y = selective_scan(x, delta.reshape(n, l, d), A, B.reshape(n, l, -1), C.reshape(n, l, -1), D, z=z,
-                           delta_bias=delta_bias, delta_softplus=True, impl=impl, order=op_orders)
-        return from_scan_order(y, orders) if gather else y
+                           delta_bias=delta_bias, delta_softplus=True, impl=impl)
+        return from_scan_order(y, orders) if orders is not None else y
 
 
 class SwiGLU(nn.Module):

@@ -6,10 +6,10 @@ CUDA graphs capture them; they also run on CPU tensors under TRITON_INTERPRET=1 
 """
 from .causal_conv1d import causal_conv1d_triton, causal_conv1d_triton_unchecked
 from .layer_norm import layer_norm_triton, layer_norm_triton_unchecked
-from .scan_recomputed import mixer_scan_recomputed
+from .mixer_scan import mixer_scan
 from .selective_scan import selective_scan_triton, selective_scan_triton_unchecked
 from .swiglu import swiglu_triton, swiglu_triton_unchecked
 
 __all__ = ["causal_conv1d_triton", "causal_conv1d_triton_unchecked", "layer_norm_triton", "layer_norm_triton_unchecked",
-           "mixer_scan_recomputed", "selective_scan_triton", "selective_scan_triton_unchecked", "swiglu_triton",
+           "mixer_scan", "selective_scan_triton", "selective_scan_triton_unchecked", "swiglu_triton",
            "swiglu_triton_unchecked"]

@@ -1,17 +1,19 @@
-"""The mixer's conv, projections and scan on the Triton kernels, with the scan's inputs recomputed in backward
-instead of kept (`recompute="mixer"` on the kernels; the role mamba_ssm's `mamba_inner_fn` plays for its CUDA
-kernels).
+"""The mixer's conv, projections and scan on the Triton kernels as one autograd function (the role mamba_ssm's
+`mamba_inner_fn` plays for its CUDA kernels), with the scan's inputs kept for backward or recomputed there
+(`recompute="mixer"`).
 
-From x (in_proj's first half, (b, l, d)), in forward and again in backward:
+From x (in_proj's first half, (b, l, d)):
 
     u = silu(conv(x)),  [dt | B | C] = u @ x_proj^T,  delta = dt @ dt_proj^T,  y = scan(u, delta, A, B, C, D, z)
 
-with grouped (per-direction) weights, as `star.models.mamba.MambaMixer._scan` computes it. Forward keeps x, the
-weights, the scan's parameters, its gate z and its segment states; not u, delta, B, C or what the conv and the
-matmuls would keep. Backward reruns the conv and the matmuls in the forward's dtypes, runs the scan's backward
-kernel from the kept states (the scan's forward does not run again) and takes the gradients through the matmuls
-and the conv by hand: the same ops autograd would run, so the gradients are those of the unrecomputed mixer, and
-no autograd call inside backward (which would break a torch.compile graph at every block).
+with grouped (per-direction) weights, as `star.models.mamba.MambaMixer._scan` composes them on the PyTorch forms.
+One function instead of the conv's, the matmuls' and the scan's autograd nodes and custom-op wrappers: an eager
+STAR-B pretraining step at K=4 is host-bound, and the host time per op is what this saves. Forward keeps x, the
+weights, the scan's parameters, its gate z and its segment states, and, unless recomputing, u, [dt | B | C] and
+delta. Backward (rerunning the conv and the matmuls in the forward's dtypes where recomputing) runs the scan's
+backward kernel from the kept states (the scan's forward does not run again) and takes the gradients through the
+matmuls and the conv by hand: the ops autograd would run, so the gradients are those of the composed ops, and no
+autograd call inside backward (which would break a torch.compile graph at every block).
 """
 from typing import Optional
 
@@ -23,14 +25,19 @@ from star.ops.triton.causal_conv1d import _causal_conv1d_bwd, _causal_conv1d_fwd
 from star.ops.triton.selective_scan import _selective_scan_bwd, _selective_scan_fwd, kernel_layout
 
 
+def _operands(u, x_proj_weight, dt_proj_weight, mm_dtype):
+    """The matmuls' operands in their dtype, grouped: u as (groups, b * l, d), x_proj and dt_proj."""
+    return (u.reshape(x_proj_weight.shape[0], -1, u.shape[-1]).to(mm_dtype), x_proj_weight.to(mm_dtype),
+            dt_proj_weight.to(mm_dtype))
+
+
 def _scan_inputs(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, order, shared, dt_rank, mm_dtype):
-    """u, the matmuls' operands in their dtype, [dt | B | C] and delta (grouped: (groups, b * l, ...))."""
+    """u, [dt | B | C] and delta (grouped: (groups, b * l, ...))."""
     u = _causal_conv1d_fwd(x, conv_weight, conv_bias, "silu", False, order, shared)
-    u_mm = u.reshape(x_proj_weight.shape[0], -1, u.shape[-1]).to(mm_dtype)
-    x_proj, dt_proj = x_proj_weight.to(mm_dtype), dt_proj_weight.to(mm_dtype)
+    u_mm, x_proj, dt_proj = _operands(u, x_proj_weight, dt_proj_weight, mm_dtype)
     dt_bc = torch.bmm(u_mm, x_proj.transpose(1, 2))
     delta = torch.bmm(dt_bc[..., :dt_rank], dt_proj.transpose(1, 2))
-    return u, u_mm, x_proj, dt_proj, dt_bc, delta
+    return u, dt_bc, delta
 
 
 def _scan_layout(u, delta, A, dt_bc, D, z, delta_bias, dt_rank):
@@ -41,36 +48,42 @@ def _scan_layout(u, delta, A, dt_bc, D, z, delta_bias, dt_rank):
     return kernel_layout(u, delta.reshape(b, l, d), A, B, C, D, z, delta_bias)
 
 
-class _MixerScanRecomputed(torch.autograd.Function):
+class _MixerScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, z, delta_bias, order, shared,
-                dt_rank):
+                dt_rank, recompute):
         device = x.device.type
         enabled = torch.is_autocast_enabled(device)
         mm_dtype = torch.get_autocast_dtype(device) if enabled else x.dtype
-        if not enabled and x_proj_weight.dtype != x.dtype:  # as the plain path's bmm refuses them
+        if not enabled and x_proj_weight.dtype != x.dtype:  # as the composed ops' bmm refuses them
             raise RuntimeError(f"the mixer's activations are {x.dtype} but its weights {x_proj_weight.dtype}: run it "
                                f"under autocast or in one dtype")
         order = order_table(order) if order is not None else None
         with torch.autocast(device, enabled=False):  # the matmuls run in mm_dtype, as autocast would run them
-            u, _, _, _, dt_bc, delta = _scan_inputs(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, order,
-                                                    shared, dt_rank, mm_dtype)
+            u, dt_bc, delta = _scan_inputs(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, order, shared,
+                                           dt_rank, mm_dtype)
             y, ckpt = _selective_scan_fwd(*_scan_layout(u, delta, A, dt_bc, D, z, delta_bias, dt_rank), order, True,
                                           False, any(ctx.needs_input_grad))  # no states without a backward
+        kept = () if recompute else (u, dt_bc, delta)
         ctx.save_for_backward(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, z, delta_bias, order,
-                              ckpt)
-        ctx.shared, ctx.dt_rank, ctx.mm_dtype = shared, dt_rank, mm_dtype
+                              ckpt, *kept)
+        ctx.shared, ctx.dt_rank, ctx.mm_dtype, ctx.recompute = shared, dt_rank, mm_dtype, recompute
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, z, delta_bias, order, ckpt = ctx.saved_tensors
+        x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, z, delta_bias, order, ckpt, *kept = \
+            ctx.saved_tensors
         shared, dt_rank = ctx.shared, ctx.dt_rank
         # The matmuls' operands are cast to the forward's dtype by hand. Backward runs outside autocast (the trainer
         # calls it there; autograd's CUDA threads do not inherit it), and switching autocast off here would break
         # a torch.compile trace whose forward entered autocast; an autocast of the forward's dtype changes nothing.
-        u, u_mm, x_proj, dt_proj, dt_bc, delta = _scan_inputs(x, conv_weight, conv_bias, x_proj_weight,
-                                                              dt_proj_weight, order, shared, dt_rank, ctx.mm_dtype)
+        if ctx.recompute:
+            u, dt_bc, delta = _scan_inputs(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, order, shared,
+                                           dt_rank, ctx.mm_dtype)
+        else:
+            u, dt_bc, delta = kept
+        u_mm, x_proj, dt_proj = _operands(u, x_proj_weight, dt_proj_weight, ctx.mm_dtype)
         du, ddelta, dA, dB, dC, dD, dz, dbias = _selective_scan_bwd(
             dy.contiguous(), *_scan_layout(u, delta, A, dt_bc, D, z, delta_bias, dt_rank), order, ckpt, True,
             False)
@@ -87,18 +100,18 @@ class _MixerScanRecomputed(torch.autograd.Function):
         return (dx, d_conv_weight, d_conv_bias if conv_bias is not None else None,
                 d_x_proj.to(x_proj_weight.dtype), d_dt_proj.to(dt_proj_weight.dtype), dA,
                 dD if D is not None else None, dz if z is not None else None,
-                dbias if delta_bias is not None else None, None, None, None)
+                dbias if delta_bias is not None else None, None, None, None, None)
 
 
-def mixer_scan_recomputed(x: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor], x_proj_weight: Tensor,
-                          dt_proj_weight: Tensor, A: Tensor, D: Optional[Tensor], z: Optional[Tensor],
-                          delta_bias: Optional[Tensor], dt_rank: int, order: Optional[Tensor] = None,
-                          shared: bool = False) -> Tensor:
+def mixer_scan(x: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor], x_proj_weight: Tensor,
+               dt_proj_weight: Tensor, A: Tensor, D: Optional[Tensor], z: Optional[Tensor],
+               delta_bias: Optional[Tensor], dt_rank: int, order: Optional[Tensor] = None, shared: bool = False,
+               recompute: bool = False) -> Tensor:
     """The scan's output y from in_proj's halves x and z (module docstring), softplus on delta + delta_bias.
     Weights grouped as the mixer stacks them: conv (groups, d, k), x_proj (groups, dt_rank + 2 n, d), dt_proj
     (groups, d, dt_rank), A (groups, d, n), D and delta_bias (groups, d); `shared`: x and z are one run of
-    sequences that every group reads. No shape checks: the caller (the mixer) builds the inputs itself."""
+    sequences that every group reads; `recompute`: rerun the conv and the matmuls in backward instead of keeping
+    their outputs. No shape checks: the caller (the mixer) builds the inputs itself."""
     check_kernel_size(conv_weight)
-    return _MixerScanRecomputed.apply(x, conv_weight.contiguous(), conv_bias.contiguous() if conv_bias is not None
-                                      else None, x_proj_weight, dt_proj_weight, A, D, z, delta_bias, order, shared,
-                                      dt_rank)
+    return _MixerScan.apply(x, conv_weight.contiguous(), conv_bias.contiguous() if conv_bias is not None else None,
+                            x_proj_weight, dt_proj_weight, A, D, z, delta_bias, order, shared, dt_rank, recompute)
