@@ -7,15 +7,16 @@ From x (in_proj's first half, (b, l, d)):
     u = silu(conv(x)),  [dt | B | C] = u @ x_proj^T,  delta = dt @ dt_proj^T,  y = scan(u, delta, A, B, C, D, z)
 
 with grouped (per-direction) weights, as `star.models.mamba.MambaMixer._scan` composes them on the PyTorch forms.
-One function instead of the conv's, the matmuls' and the scan's autograd nodes and custom-op wrappers: an eager
-STAR-B pretraining step at K=4 is host-bound, and the host time per op is what this saves. Forward keeps x, the
-weights, the scan's parameters, its gate z and its segment states, and, unless recomputing, u, [dt | B | C] and
-delta. Backward (rerunning the conv and the matmuls in the forward's dtypes where recomputing) runs the scan's
-backward kernel from the kept states (the scan's forward does not run again) and takes the gradients through the
-matmuls and the conv by hand: the ops autograd would run, so the gradients are those of the composed ops, and no
-autograd call inside backward (which would break a torch.compile graph at every block).
+One function instead of the conv's, the matmuls' and the scan's autograd nodes and custom-op wrappers, and of the
+ops that stack the directions' parameters and take A = -exp(A_log): less work for the host per step (in one H100
+call the eager STAR-B pretraining step's time followed its host time, docs/benchmarks). Forward keeps x, the
+stacked weights, the scan's parameters, its gate z and its segment states, and, unless recomputing, u,
+[dt | B | C] and delta. Backward (rerunning the conv and the matmuls in the forward's dtypes where recomputing)
+runs the scan's backward kernel from the kept states (the scan's forward does not run again) and takes the
+gradients through the matmuls and the conv by hand: the ops autograd would run, so the gradients are those of the
+composed ops, and no autograd call inside backward (which would break a torch.compile graph at every block).
 """
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -48,10 +49,30 @@ def _scan_layout(u, delta, A, dt_bc, D, z, delta_bias, dt_rank):
     return kernel_layout(u, delta.reshape(b, l, d), A, B, C, D, z, delta_bias)
 
 
+PARAMS = 7  # per direction: conv weight (d, 1, k), conv bias, x_proj and dt_proj weights, A_log, D, dt bias
+
+
+def _stacked(params, num):
+    """The directions' parameters (PARAMS each, flat) grouped, (num, ...) each, in PARAMS' order; None stays None."""
+    stacked = []
+    for i in range(PARAMS):
+        group = params[i::PARAMS]
+        if group[0] is None:
+            stacked.append(None)
+            continue
+        if i == 0:  # nn.Conv1d's depthwise (d, 1, k) weight as the kernels' (d, k)
+            group = [w[:, 0] for w in group]
+        stacked.append(group[0].unsqueeze(0) if num == 1 else torch.stack(group))
+    return stacked
+
+
 class _MixerScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, z, delta_bias, order, shared,
-                dt_rank, recompute):
+    def forward(ctx, x, z, order, shared, dt_rank, recompute, num, *params):
+        conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A_log, D, delta_bias = _stacked(params, num)
+        check_kernel_size(conv_weight)
+        A = -torch.exp(A_log)
+        conv_weight = conv_weight.contiguous()
         device = x.device.type
         enabled = torch.is_autocast_enabled(device)
         mm_dtype = torch.get_autocast_dtype(device) if enabled else x.dtype
@@ -67,7 +88,7 @@ class _MixerScan(torch.autograd.Function):
         kept = () if recompute else (u, dt_bc, delta)
         ctx.save_for_backward(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, z, delta_bias, order,
                               ckpt, *kept)
-        ctx.shared, ctx.dt_rank, ctx.mm_dtype, ctx.recompute = shared, dt_rank, mm_dtype, recompute
+        ctx.shared, ctx.dt_rank, ctx.mm_dtype, ctx.recompute, ctx.num = shared, dt_rank, mm_dtype, recompute, num
         return y
 
     @staticmethod
@@ -97,21 +118,24 @@ class _MixerScan(torch.autograd.Function):
         du = du + torch.bmm(d_dt_bc, x_proj).reshape(du.shape).to(du.dtype)
         dx, d_conv_weight, d_conv_bias = _causal_conv1d_bwd(du.contiguous(), x, conv_weight, conv_bias, "silu",
                                                             False, order, shared)
-        return (dx, d_conv_weight, d_conv_bias if conv_bias is not None else None,
-                d_x_proj.to(x_proj_weight.dtype), d_dt_proj.to(dt_proj_weight.dtype), dA,
-                dD if D is not None else None, dz if z is not None else None,
-                dbias if delta_bias is not None else None, None, None, None, None)
+        # A = -exp(A_log): dA_log = dA * A, the product autograd's exp and neg backward take (bit for bit)
+        grads = (d_conv_weight, d_conv_bias if conv_bias is not None else None, d_x_proj.to(x_proj_weight.dtype),
+                 d_dt_proj.to(dt_proj_weight.dtype), dA * A, dD if D is not None else None,
+                 dbias if delta_bias is not None else None)
+        per_direction = []
+        for g in range(ctx.num):  # each direction's share, in its parameter's shape
+            per_direction += [None if grad is None else grad[g].unsqueeze(1) if i == 0 else grad[g]
+                              for i, grad in enumerate(grads)]
+        return (dx, dz if z is not None else None, None, None, None, None, None, *per_direction)
 
 
-def mixer_scan(x: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor], x_proj_weight: Tensor,
-               dt_proj_weight: Tensor, A: Tensor, D: Optional[Tensor], z: Optional[Tensor],
-               delta_bias: Optional[Tensor], dt_rank: int, order: Optional[Tensor] = None, shared: bool = False,
-               recompute: bool = False) -> Tensor:
+def mixer_scan(x: Tensor, z: Optional[Tensor], params: Sequence[Optional[Tensor]], dt_rank: int,
+               order: Optional[Tensor] = None, shared: bool = False, recompute: bool = False) -> Tensor:
     """The scan's output y from in_proj's halves x and z (module docstring), softplus on delta + delta_bias.
-    Weights grouped as the mixer stacks them: conv (groups, d, k), x_proj (groups, dt_rank + 2 n, d), dt_proj
-    (groups, d, dt_rank), A (groups, d, n), D and delta_bias (groups, d); `shared`: x and z are one run of
-    sequences that every group reads; `recompute`: rerun the conv and the matmuls in backward instead of keeping
-    their outputs. No shape checks: the caller (the mixer) builds the inputs itself."""
-    check_kernel_size(conv_weight)
-    return _MixerScan.apply(x, conv_weight.contiguous(), conv_bias.contiguous() if conv_bias is not None else None,
-                            x_proj_weight, dt_proj_weight, A, D, z, delta_bias, order, shared, dt_rank, recompute)
+    `params`: each direction's parameters as `star.models.mamba.SelectiveSSM` holds them, PARAMS a direction, flat:
+    conv1d weight (d, 1, k) and bias (d,) or None, x_proj weight (dt_rank + 2 n, d), dt_proj weight (d, dt_rank),
+    A_log (d, n), D (d,) or None, dt_proj bias (d,) or None; run g of the output uses direction g's. `shared`: x
+    and z are one run of sequences that every direction reads; `recompute`: rerun the conv and the matmuls in
+    backward instead of keeping their outputs. No shape checks: the caller (the mixer) builds the inputs itself."""
+    num = len(params) // PARAMS
+    return _MixerScan.apply(x, z, order, shared, dt_rank, recompute, num, *params)
