@@ -78,6 +78,7 @@ EDITS = {
     "bwd_c4": [(CHUNKS, BWD_TILES, BWD_TILES.replace("CHUNK=2", "CHUNK=4"))],
     # 16 channels a program: a warp's other 16 lanes split the state, so a thread holds half the states
     "bwd_d16": [(CHUNKS, BWD_TILES, BWD_TILES.replace("BLOCK_D=32", "BLOCK_D=16"))],
+    "bwd_d16_c4": [(CHUNKS, BWD_TILES, BWD_TILES.replace("BLOCK_D=32", "BLOCK_D=16").replace("CHUNK=2", "CHUNK=4"))],
     "states_pass1": [(SCAN, PASS1, PASS1_STATES), (SCAN, DD, STORE_DC + DD),
                      (SCAN, IMPORTS, IMPORTS + "_chunk_end_state, _delta_values, "),
                      (CHUNKS, STORE_SUM, END_STATE + STORE_SUM)],
