@@ -103,7 +103,10 @@ def cpu_self_time(event):
 
 def host_time(event):
     """(name, ms of its own CPU time) of every event, the parts' ranges too (their own time is the Python between
-    the ops of the part's modules): where the host's time in a step goes."""
+    the ops of the part's modules): where the host's time in a step goes. A synchronize is left out: its time is
+    the host waiting for the GPU."""
+    if event.name.startswith("cuda") and "Synchronize" in event.name:
+        return []
     return [(event.name, event.self_cpu_time_total / 1e3)]
 
 

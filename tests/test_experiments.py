@@ -699,6 +699,11 @@ def test_long_rebuild_pretrains_a_lost_encoder_again_and_takes_it_only_if_it_rep
         "rebuild0"
     unpacked = long.find_encoder(f"enc-{pre_rid}-star_k4-s0", (first / "encoders",), tmp_path / "unpacked")
     assert long.encoder_source(unpacked) == "rebuild0"
+    # a rebuild does not replace an encoder kept at home (here the first rebuild's, marked to tell it apart)
+    kept = first / "encoders" / f"enc-{pre_rid}-star_k4-s0.json"
+    kept.write_text(json.dumps({**json.loads(kept.read_text()), "marked": True}))
+    long.merge(returned, first)
+    assert json.loads(kept.read_text())["marked"]
     # a run that does not repeat the recorded curve is recorded as such, its encoder is not taken, and the unit is
     # not pretrained again and again
     shutil.rmtree(first / "encoders")
@@ -721,6 +726,15 @@ def test_long_rebuild_pretrains_a_lost_encoder_again_and_takes_it_only_if_it_rep
     assert [k for k in json.loads((first / "results.json").read_text()) if "rebuild" in k] == [
         f"{pre_rid}/star_k4/s0/rebuild0"]
     assert "rebuild0 did not repeat" in long.rebuild_blocked(first, pre_rid, "star_k4", 0)
+
+
+def test_long_rebuild_tolerance_refuses_losses_that_are_not_finite():
+    from experiments.fashion_mnist import long
+
+    assert long.largest_difference([(1.0, 1.0), (0.5005, 0.5), (0.0, 0.0)]) == pytest.approx(1e-3)
+    assert long.largest_difference([(1e-4, 0.0)]) == 1e-4  # against a recorded 0: absolute
+    for pairs in ([(1.0, 1.0), (math.nan, 1.0)], [(1.0, 1.0), (1.0, math.nan)], [(math.inf, math.inf)]):
+        assert long.largest_difference(pairs) == math.inf
 
 
 def test_long_report_gives_verdicts_only_with_three_seeds_and_names_the_best_full_fine_tune(tmp_path):

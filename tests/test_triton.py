@@ -510,15 +510,18 @@ def test_mixer_scan_equals_the_composed_ops_and_recompute_reruns_the_scan_inputs
     import star.models.mamba as mamba
     from star.models.mamba import MambaMixer, scan_orders
 
-    class Ops(TorchDispatchMode):  # the star ops that run while active
+    class Ops(TorchDispatchMode):  # the star ops that run while active, and the scan states they keep
         def __init__(self):
             super().__init__()
-            self.names = []
+            self.names, self.states = [], 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
             if func.name().startswith("star::"):
                 self.names.append(func.name())
-            return func(*args, **(kwargs or {}))
+            if func.name() == "star::selective_scan_fwd":
+                self.states += out[1].numel()
+            return out
 
     torch.manual_seed(0)
     side = 3
@@ -559,8 +562,10 @@ def test_mixer_scan_equals_the_composed_ops_and_recompute_reruns_the_scan_inputs
     assert kept <= kept_c, (kept, kept_c)  # none keeps x, z, u, [dt | B | C] and delta, as the composed ops do
     assert kept_r < 0.6 * kept, (kept_r, kept)  # mixer: x, z and the projections' inputs; not u, delta, B, C
     mixer.recompute_scan = False
-    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):  # no backward to prepare
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast), Ops() as no_grad_ops:
         assert torch.equal(mixer(x, orders), out)
+    assert no_grad_ops.names == ["star::causal_conv1d_fwd", "star::selective_scan_fwd"]
+    assert no_grad_ops.states == 0  # no backward to prepare: the scan keeps no segment states
 
     def step(x):
         with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):

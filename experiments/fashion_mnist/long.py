@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import shutil
 import statistics
 import subprocess
@@ -264,6 +265,13 @@ def rebuild_blocked(out: Path, rid: str, arm: str, seed: int) -> str | None:
     return f"{', '.join(failed)} did not repeat its pretraining on this card at this commit" if failed else None
 
 
+def largest_difference(pairs) -> float:
+    """The largest relative difference |new - old| / |old| (|new| where old is 0) over (new, old) loss pairs;
+    inf where a loss is not finite (a diverged run, or a broken record), which no tolerance admits."""
+    return max((abs(new - old) / abs(old) if old else abs(new)) if math.isfinite(new) and math.isfinite(old)
+               else math.inf for new, old in pairs)
+
+
 def rebuild_encoder(recipe_name: str, arm: str, seed: int, out: Path, runs: Path) -> tuple[Path | None, str | None]:
     """Pretrain a recorded unit again (same recipe and seed, so the same data order and initial weights) for its
     last encoder, which did not outlive the machine that made it: encoders/ is not committed (20 MB each). The
@@ -289,7 +297,7 @@ def rebuild_encoder(recipe_name: str, arm: str, seed: int, out: Path, runs: Path
     pairs = [(float(new[1]), float(old[1])) for new, old in zip(losses, recorded)] + [
         (entry["final_loss"], first["final_loss"])]
     differ = next(((new, old) for new, old in zip(losses, recorded) if new != old), None)
-    worst = max(abs(new - old) / abs(old) if old else abs(new) for new, old in pairs)
+    worst = largest_difference(pairs)
     same_steps = [step for step, _ in losses] == [step for step, _ in recorded]
     compared = {"steps_compared": min(len(losses), len(recorded)), "steps_recorded": len(recorded),
                 "bitwise": same_steps and differ is None and entry["final_loss"] == first["final_loss"],
@@ -640,7 +648,8 @@ def status(recipe_name: str, out: Path) -> None:
 
 def merge(returned: Path, out: Path) -> None:
     """Bring one call's folder home: its long.tgz through study.merge, its encoder files into out/encoders/
-    (those of the pretrainings it recorded, and of the rebuilds that repeated theirs)."""
+    (those of the pretrainings it recorded, and of the rebuilds that repeated theirs where no encoder of that unit
+    is here already)."""
     archive = returned / "long.tgz"
     if not archive.is_file():
         raise SystemExit(f"merge: no long.tgz in {returned}")
@@ -649,13 +658,20 @@ def merge(returned: Path, out: Path) -> None:
     taken = {encoder_stem(key.split("/")[0], key.split("/")[1], int(key.split("/")[2][1:]))
              for key in merged["added"] + merged["replaced"]
              if key.endswith("/pretrain") or key.rsplit("/", 1)[1].startswith(REBUILD) and results[key]["matched"]}
+    home = out / "encoders"
+
+    def kept_home(stem):  # a rebuild never replaces an encoder kept here (the unit's own, or an earlier rebuild)
+        source = json.loads((returned / f"{stem}.json").read_text()).get("encoder_source", "pretrain")
+        return source != "pretrain" and (home / f"{stem}.json").is_file()
+
+    taken = {stem for stem in taken if (returned / f"{stem}.json").is_file() and not kept_home(stem)}
     encoders = [p for p in sorted(returned.glob("enc-*")) if p.name.split(".")[0] in taken]
     skipped = len(list(returned.glob("enc-*"))) - len(encoders)
-    (out / "encoders").mkdir(parents=True, exist_ok=True)
+    home.mkdir(parents=True, exist_ok=True)
     for path in encoders:  # only those of pretrainings recorded here: a repeat's encoder would not match them
-        shutil.copy(path, out / "encoders" / path.name)
-    print(f"[long] {len(encoders)} encoder files brought home to {out / 'encoders'}"
-          + (f"; {skipped} of repeated pretrainings left out" if skipped else ""))
+        shutil.copy(path, home / path.name)
+    print(f"[long] {len(encoders)} encoder files brought home to {home}"
+          + (f"; {skipped} left out (of repeated pretrainings, or rebuilds of encoders kept here)" if skipped else ""))
 
 
 def pack_call(out: Path, dest: Path) -> None:

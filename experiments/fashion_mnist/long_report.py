@@ -131,8 +131,8 @@ def minutes_left(results: dict, recipe: dict, rid: str, ft: dict, ft_rid: str) -
     20 s per run): every unit not done at the slowest measured unit, and for the fine-tune search every run it
     could still take (each rung, each variant, one pair at the ladder's top), then 3 seeds of each arm's choice
     (or of the ladder's top while it is open). Encoders do not outlive a device session, so each recorded unit whose
-    encoder a fine-tune still needs is counted as pretrained once more (`long.py run --rebuild`): once if its
-    fine-tunes share one session, more otherwise."""
+    encoder a fine-tune still needs is counted as pretrained once more (`long.py run --rebuild`), whether or not its
+    encoder is at home now; a unit whose fine-tunes span sessions pays more than that."""
     units = [(a, s) for a, s in LONG_UNITS if any(item_key(rid, a, s, i) not in results
                                                   for i in ["pretrain", *long.snapshot_items(recipe)])]
     per_unit = long.estimate(results, rid, recipe, "pretrain", "star_k4") + sum(

@@ -68,7 +68,7 @@ def _stacked(params, num):
 
 class _MixerScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, z, order, shared, dt_rank, recompute, num, *params):
+    def forward(ctx, x, z, order, shared, dt_rank, recompute, grad_enabled, num, *params):
         conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A_log, D, delta_bias = _stacked(params, num)
         check_kernel_size(conv_weight)
         A = -torch.exp(A_log)
@@ -84,7 +84,7 @@ class _MixerScan(torch.autograd.Function):
             u, dt_bc, delta = _scan_inputs(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, order, shared,
                                            dt_rank, mm_dtype)
             y, ckpt = _selective_scan_fwd(*_scan_layout(u, delta, A, dt_bc, D, z, delta_bias, dt_rank), order, True,
-                                          False, any(ctx.needs_input_grad))  # no states without a backward
+                                          False, grad_enabled and any(ctx.needs_input_grad))  # states for backward
         kept = () if recompute else (u, dt_bc, delta)
         ctx.save_for_backward(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, z, delta_bias, order,
                               ckpt, *kept)
@@ -126,7 +126,7 @@ class _MixerScan(torch.autograd.Function):
         for g in range(ctx.num):  # each direction's share, in its parameter's shape
             per_direction += [None if grad is None else grad[g].unsqueeze(1) if i == 0 else grad[g]
                               for i, grad in enumerate(grads)]
-        return (dx, dz if z is not None else None, None, None, None, None, None, *per_direction)
+        return (dx, dz if z is not None else None, None, None, None, None, None, None, *per_direction)
 
 
 def mixer_scan(x: Tensor, z: Optional[Tensor], params: Sequence[Optional[Tensor]], dt_rank: int,
@@ -137,5 +137,5 @@ def mixer_scan(x: Tensor, z: Optional[Tensor], params: Sequence[Optional[Tensor]
     A_log (d, n), D (d,) or None, dt_proj bias (d,) or None; run g of the output uses direction g's. `shared`: x
     and z are one run of sequences that every direction reads; `recompute`: rerun the conv and the matmuls in
     backward instead of keeping their outputs. No shape checks: the caller (the mixer) builds the inputs itself."""
-    num = len(params) // PARAMS
-    return _MixerScan.apply(x, z, order, shared, dt_rank, recompute, num, *params)
+    num = len(params) // PARAMS  # grad mode is off inside forward: whether a backward can follow is asked here
+    return _MixerScan.apply(x, z, order, shared, dt_rank, recompute, torch.is_grad_enabled(), num, *params)
