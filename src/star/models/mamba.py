@@ -122,14 +122,15 @@ class MambaMixer(nn.Module):
         dirs = self.directions
         ssm = dirs[0]
 
-        def stack(get):  # the directions' parameters as one (num, ...) grouped parameter
-            return get(ssm).unsqueeze(0) if num == 1 else torch.stack([get(s) for s in dirs])
-
         if kernels:  # the ops below as one autograd function, which reads the scan orders and x, z in place
             params = [t for s in dirs for t in (s.conv1d.weight, s.conv1d.bias, s.x_proj.weight, s.dt_proj.weight,
                                                 s.A_log, s.D, s.dt_proj.bias)]
             return load_triton_op("mixer_scan")(x, z, params, ssm.dt_rank, orders, shared=num > 1,
                                                 recompute=self.recompute_scan)
+
+        def stack(get):  # the directions' parameters as one (num, ...) grouped parameter
+            return get(ssm).unsqueeze(0) if num == 1 else torch.stack([get(s) for s in dirs])
+
         conv_weight, conv_bias = stack(lambda s: s.conv1d.weight[:, 0]), stack(lambda s: s.conv1d.bias)
         x_proj_weight, dt_proj_weight = stack(lambda s: s.x_proj.weight), stack(lambda s: s.dt_proj.weight)
         A, D, delta_bias = -torch.exp(stack(lambda s: s.A_log)), stack(lambda s: s.D), stack(lambda s: s.dt_proj.bias)
