@@ -475,16 +475,10 @@ def _composed_mixer_scan(x, z, params, dt_rank, order=None, shared=False, recomp
     """star.ops.triton.mixer_scan as autograd composes it from the directions' parameters and the separate Triton
     ops (`recompute` aside)."""
     from star.ops import causal_conv1d, selective_scan
-    from star.ops.triton.mixer_scan import PARAMS
+    from star.ops.groups import stack_directions
 
-    num = len(params) // PARAMS
-
-    def stack(i, get=lambda t: t):  # parameter i of every direction, grouped as the mixer's PyTorch path groups it
-        group = [get(t) for t in params[i::PARAMS]]
-        return group[0].unsqueeze(0) if num == 1 else torch.stack(group)
-
-    conv_weight, conv_bias, x_proj_weight, dt_proj_weight = stack(0, lambda w: w[:, 0]), stack(1), stack(2), stack(3)
-    A, D, delta_bias = -torch.exp(stack(4)), stack(5), stack(6)
+    conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A_log, D, delta_bias = stack_directions(params)
+    A = -torch.exp(A_log)
     u = causal_conv1d(x, conv_weight, conv_bias, activation="silu", impl="triton", order=order, shared=shared)
     n, l, d = u.shape
     dt_bc = torch.bmm(u.reshape(x_proj_weight.shape[0], -1, d), x_proj_weight.transpose(1, 2))

@@ -26,7 +26,7 @@ from timm.layers import DropPath
 from torch.utils.checkpoint import checkpoint
 
 from star.ops import causal_conv1d, layer_norm, selective_scan, swiglu
-from star.ops.groups import repeat_runs
+from star.ops.groups import repeat_runs, stack_directions
 from star.ops.impls import IMPLS, is_triton, load_triton_op
 from star.ops.orders import check_permutations, from_scan_order, to_scan_order
 
@@ -122,18 +122,13 @@ class MambaMixer(nn.Module):
         dirs = self.directions
         ssm = dirs[0]
 
+        params = [t for s in dirs for t in (s.conv1d.weight, s.conv1d.bias, s.x_proj.weight, s.dt_proj.weight,
+                                            s.A_log, s.D, s.dt_proj.bias)]  # in star.ops.groups.DIRECTION_PARAMS' order
         if kernels:  # the ops below as one autograd function, which reads the scan orders and x, z in place
-            params = [t for s in dirs for t in (s.conv1d.weight, s.conv1d.bias, s.x_proj.weight, s.dt_proj.weight,
-                                                s.A_log, s.D, s.dt_proj.bias)]
             return load_triton_op("mixer_scan")(x, z, params, ssm.dt_rank, orders, shared=num > 1,
                                                 recompute=self.recompute_scan)
-
-        def stack(get):  # the directions' parameters as one (num, ...) grouped parameter
-            return get(ssm).unsqueeze(0) if num == 1 else torch.stack([get(s) for s in dirs])
-
-        conv_weight, conv_bias = stack(lambda s: s.conv1d.weight[:, 0]), stack(lambda s: s.conv1d.bias)
-        x_proj_weight, dt_proj_weight = stack(lambda s: s.x_proj.weight), stack(lambda s: s.dt_proj.weight)
-        A, D, delta_bias = -torch.exp(stack(lambda s: s.A_log)), stack(lambda s: s.D), stack(lambda s: s.dt_proj.bias)
+        conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A_log, D, delta_bias = stack_directions(params)
+        A = -torch.exp(A_log)
         # The PyTorch forms would gather and scatter in each op (conv and scan), so the mixer puts its two inputs in
         # scan order once, one run per direction, and its output back.
         if orders is not None:

@@ -32,6 +32,27 @@ def sum_per_group(part: torch.Tensor, groups: int) -> torch.Tensor:
     return part.view(groups, -1, *part.shape[1:]).sum(1)
 
 
+# a mixer direction's parameters, in the order `stack_directions` takes and returns them: conv1d weight (d, 1, k)
+# and bias, x_proj and dt_proj weights, A_log, D, dt_proj bias
+DIRECTION_PARAMS = 7
+
+
+def stack_directions(params):
+    """The mixer directions' parameters (DIRECTION_PARAMS each, flat, direction by direction) as grouped parameters,
+    (directions, ...) each, in DIRECTION_PARAMS' order; the conv weight as the ops' (d, k); None stays None."""
+    num = len(params) // DIRECTION_PARAMS
+    stacked = []
+    for i in range(DIRECTION_PARAMS):
+        group = params[i::DIRECTION_PARAMS]
+        if group[0] is None:
+            stacked.append(None)
+            continue
+        if i == 0:  # nn.Conv1d's depthwise (d, 1, k) weight as the ops' (d, k)
+            group = [w[:, 0] for w in group]
+        stacked.append(group[0].unsqueeze(0) if num == 1 else torch.stack(group))
+    return stacked
+
+
 def repeat_runs(x: torch.Tensor, batch: int) -> torch.Tensor:
     """A shared input repeated into one run per group, `batch` sequences in all (x itself if it has them)."""
     return x if x.shape[0] == batch else x.repeat(batch // x.shape[0], *([1] * (x.dim() - 1)))

@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from star.ops.groups import DIRECTION_PARAMS, stack_directions
 from star.ops.orders import order_table
 from star.ops.triton.causal_conv1d import _causal_conv1d_bwd, _causal_conv1d_fwd, check_kernel_size
 from star.ops.triton.selective_scan import _selective_scan_bwd, _selective_scan_fwd, kernel_layout
@@ -49,27 +50,10 @@ def _scan_layout(u, delta, A, dt_bc, D, z, delta_bias, dt_rank):
     return kernel_layout(u, delta.reshape(b, l, d), A, B, C, D, z, delta_bias)
 
 
-PARAMS = 7  # per direction: conv weight (d, 1, k), conv bias, x_proj and dt_proj weights, A_log, D, dt bias
-
-
-def _stacked(params, num):
-    """The directions' parameters (PARAMS each, flat) grouped, (num, ...) each, in PARAMS' order; None stays None."""
-    stacked = []
-    for i in range(PARAMS):
-        group = params[i::PARAMS]
-        if group[0] is None:
-            stacked.append(None)
-            continue
-        if i == 0:  # nn.Conv1d's depthwise (d, 1, k) weight as the kernels' (d, k)
-            group = [w[:, 0] for w in group]
-        stacked.append(group[0].unsqueeze(0) if num == 1 else torch.stack(group))
-    return stacked
-
-
 class _MixerScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, z, order, shared, dt_rank, recompute, grad_enabled, num, *params):
-        conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A_log, D, delta_bias = _stacked(params, num)
+    def forward(ctx, x, z, order, shared, dt_rank, recompute, grad_enabled, *params):
+        conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A_log, D, delta_bias = stack_directions(params)
         check_kernel_size(conv_weight)
         A = -torch.exp(A_log)
         conv_weight = conv_weight.contiguous()
@@ -88,7 +72,8 @@ class _MixerScan(torch.autograd.Function):
         kept = () if recompute else (u, dt_bc, delta)
         ctx.save_for_backward(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, z, delta_bias, order,
                               ckpt, *kept)
-        ctx.shared, ctx.dt_rank, ctx.mm_dtype, ctx.recompute, ctx.num = shared, dt_rank, mm_dtype, recompute, num
+        ctx.shared, ctx.dt_rank, ctx.mm_dtype, ctx.recompute = shared, dt_rank, mm_dtype, recompute
+        ctx.num = len(params) // DIRECTION_PARAMS
         return y
 
     @staticmethod
@@ -126,16 +111,16 @@ class _MixerScan(torch.autograd.Function):
         for g in range(ctx.num):  # each direction's share, in its parameter's shape
             per_direction += [None if grad is None else grad[g].unsqueeze(1) if i == 0 else grad[g]
                               for i, grad in enumerate(grads)]
-        return (dx, dz if z is not None else None, None, None, None, None, None, None, *per_direction)
+        return (dx, dz if z is not None else None, None, None, None, None, None, *per_direction)
 
 
 def mixer_scan(x: Tensor, z: Optional[Tensor], params: Sequence[Optional[Tensor]], dt_rank: int,
                order: Optional[Tensor] = None, shared: bool = False, recompute: bool = False) -> Tensor:
     """The scan's output y from in_proj's halves x and z (module docstring), softplus on delta + delta_bias.
-    `params`: each direction's parameters as `star.models.mamba.SelectiveSSM` holds them, PARAMS a direction, flat:
+    `params`: each direction's parameters as `star.models.mamba.SelectiveSSM` holds them, flat (`stack_directions`):
     conv1d weight (d, 1, k) and bias (d,) or None, x_proj weight (dt_rank + 2 n, d), dt_proj weight (d, dt_rank),
     A_log (d, n), D (d,) or None, dt_proj bias (d,) or None; run g of the output uses direction g's. `shared`: x
     and z are one run of sequences that every direction reads; `recompute`: rerun the conv and the matmuls in
     backward instead of keeping their outputs. No shape checks: the caller (the mixer) builds the inputs itself."""
-    num = len(params) // PARAMS  # grad mode is off inside forward: whether a backward can follow is asked here
-    return _MixerScan.apply(x, z, order, shared, dt_rank, recompute, torch.is_grad_enabled(), num, *params)
+    # grad mode is off inside forward: whether a backward can follow is asked here
+    return _MixerScan.apply(x, z, order, shared, dt_rank, recompute, torch.is_grad_enabled(), *params)
