@@ -26,8 +26,7 @@ images/s against K for every model into train_step.png. --recompute none mixer b
 `--model.recompute` setting ("+recompute <setting>" in the implementation's name).
 --profile also splits the step by kind of kernel, lists its largest kernels and counts the activations a
 forward keeps for backward, by part, and splits the step's host time by part with the host's largest ops and the
-number of kernels launched (an eager STAR step is host-bound). --render JSON rebuilds the Markdown table of an
-earlier run's JSON.
+number of kernels launched. --render JSON rebuilds the Markdown table of an earlier run's JSON.
 """
 import argparse
 import datetime
