@@ -444,6 +444,48 @@ def test_models_compile_fullgraph_and_match_eager(name, recompute):
 
 
 @needs_kernels
+def test_compiled_blocks_leave_the_norm_and_the_gate_to_inductor():
+    """Under torch.compile a block's norms and SwiGLU gate trace as their PyTorch forms, which inductor fuses with
+    the residual adds and casts, and the mixer keeps its kernels; eager runs every kernel."""
+    import torch.fx
+
+    from star.models.mamba import MambaMLPBlock
+
+    def ops_in(gm):  # the graph's calls, also inside the subgraphs of higher-order ops (the autograd function)
+        return {str(node.target) for m in gm.modules() if isinstance(m, torch.fx.GraphModule)
+                for node in m.graph.nodes if node.op == "call_function"}
+
+    traced = []
+
+    def recording(gm, example_inputs):
+        traced.append(ops_in(gm))
+        return gm.forward
+
+    block = MambaMLPBlock(16, scan_impl="triton").to(DEVICE)
+    x = torch.randn(2, 5, 16, device=DEVICE)
+    compiled_out = torch.compile(block, backend=recording, fullgraph=True)(x)
+    (ops,) = traced
+    assert not [op for op in ops if "layer_norm_fwd" in op or "swiglu" in op], sorted(ops)
+    assert any("selective_scan_fwd" in op for op in ops) and any("causal_conv1d_fwd" in op for op in ops), sorted(ops)
+    with _OpsSeen() as seen:
+        eager_out = block(x)
+    assert {"star.layer_norm_fwd.default", "star.swiglu_fwd.default", "star.selective_scan_fwd.default"} <= seen.ops
+    torch.testing.assert_close(compiled_out, eager_out, rtol=1e-5, atol=1e-6)
+
+
+class _OpsSeen(torch.utils._python_dispatch.TorchDispatchMode):
+    """The ops that reach the dispatcher's Python key (custom ops as themselves) while it is on."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@needs_kernels
 def test_four_direction_mixer_kernels_match_the_gathered_path():
     """The 4-direction mixer on the kernels (scan orders read in place) equals the mixer on the PyTorch forms
     (inputs gathered into scan order once, output scattered back): output and every gradient, float32."""

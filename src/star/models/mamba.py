@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from star.ops import causal_conv1d, layer_norm, selective_scan, swiglu
 from star.ops.groups import repeat_runs, stack_directions
-from star.ops.impls import IMPLS, is_triton, load_triton_op
+from star.ops.impls import IMPLS, compiled_form, is_triton, load_triton_op
 from star.ops.orders import check_permutations, from_scan_order, to_scan_order
 
 # what a block recomputes in backward instead of keeping for it: nothing; the mixer from in_proj's output
@@ -146,7 +146,8 @@ class MambaMixer(nn.Module):
 
 class SwiGLU(nn.Module):
     """fc2(silu(fc1_g(x)) * fc1_x(x)) with timm's SwiGLU parameter names (checkpoints load either way), run as
-    one packed fc1 matmul and one gate op (`star.ops.swiglu`) that keeps only the matmul's output for backward."""
+    one packed fc1 matmul and one gate op (`star.ops.swiglu`) that keeps only the matmul's output for backward
+    (under torch.compile, the gate's reference form for inductor to fuse: `star.ops.impls.compiled_form`)."""
 
     def __init__(self, dim: int, hidden: int, impl: str = "auto"):
         super().__init__()
@@ -158,12 +159,13 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gx = F.linear(x, torch.cat([self.fc1_g.weight, self.fc1_x.weight]),
                       torch.cat([self.fc1_g.bias, self.fc1_x.bias]))
-        return self.fc2(swiglu(gx, impl=self.impl))
+        return self.fc2(swiglu(gx, impl=compiled_form(self.impl)))
 
 
 class LayerNorm(nn.LayerNorm):
     """nn.LayerNorm (same parameters) whose output is in the autocast dtype while autocast is on, written by the
-    norm itself (`star.ops.layer_norm`) instead of an fp32 output that the next matmul casts."""
+    norm itself (`star.ops.layer_norm`) instead of an fp32 output that the next matmul casts. Under torch.compile
+    the norm's reference form, which inductor fuses with the residual add before it (`compiled_form`)."""
 
     def __init__(self, dim: int, eps: float = 1e-5, impl: str = "auto"):
         super().__init__(dim, eps=eps)
@@ -172,7 +174,7 @@ class LayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device = x.device.type
         out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        return layer_norm(x, self.weight, self.bias, self.eps, out_dtype, impl=self.impl)
+        return layer_norm(x, self.weight, self.bias, self.eps, out_dtype, impl=compiled_form(self.impl))
 
 
 class MambaMLPBlock(nn.Module):

@@ -63,6 +63,14 @@ def implementation(op: str, impl: str, x: torch.Tensor) -> Callable:
     return row[impl]
 
 
+def compiled_form(impl: str) -> str:
+    """The impl a model's norm or gate runs: under torch.compile their reference form, which inductor lowers to
+    its own kernels fused with the residual adds and casts around them (a custom op would stay a kernel apart,
+    and compiling gave STAR-B nothing, docs/benchmarks); the impl asked for in eager, or where a PyTorch form was
+    asked for. The scan and the conv keep their kernels, which inductor cannot write."""
+    return "ref" if impl in ("auto", "triton") and torch.compiler.is_compiling() else impl
+
+
 def is_triton(op: str, impl: str, x: torch.Tensor) -> bool:
     """Whether `implementation(op, impl, x)` is the op's Triton kernel (not one of its PyTorch forms)."""
     return implementation(op, impl, x) not in (OPS[op]["ref"], OPS[op]["chunked"])
