@@ -56,10 +56,12 @@ ALLOCATOR_COUNTS = ("num_device_alloc", "num_device_free", "num_alloc_retries") 
 
 
 def time_steps(step, warmup: int, steps: int) -> tuple:
-    """Median ms per step (CUDA events around each step), peak GiB allocated, the median host ms: how long the
-    step's Python takes to return, each step started on an idle GPU, and the caching allocator's cudaMalloc and
-    cudaFree calls and retries per timed step. A host ms close to the step's ms means the GPU waits for the host
-    (or the launch queue is full, or the step waits on the GPU: a cudaFree synchronizes the device)."""
+    """Median ms per step (CUDA events around each step), peak GiB allocated and reserved (the caching allocator's
+    pools: CUDA graphs keep their memory in a pool of their own, and their replays allocate nothing, so only
+    reserved counts it), the median host ms: how long the step's Python takes to return, each step started on an
+    idle GPU, and the caching allocator's cudaMalloc and cudaFree calls and retries per timed step. A host ms
+    close to the step's ms means the GPU waits for the host (or the launch queue is full, or the step waits on
+    the GPU: a cudaFree synchronizes the device)."""
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
@@ -78,7 +80,7 @@ def time_steps(step, warmup: int, steps: int) -> tuple:
     after = torch.cuda.memory_stats()
     allocator = {k: (after.get(k, 0) - before.get(k, 0)) / steps for k in ALLOCATOR_COUNTS}
     return (statistics.median_high(times), torch.cuda.max_memory_allocated() / 2**30,
-            statistics.median_high(host), allocator)
+            torch.cuda.max_memory_reserved() / 2**30, statistics.median_high(host), allocator)
 
 
 def training_step(model, loss_fn):
@@ -104,8 +106,8 @@ def measure(model, loss_fn, warmup, steps, parts, profile: bool) -> dict:
     """ms per step and peak GiB; with `profile`, also ms per part and per kind of kernel of one more step, its
     largest kernels, and the MiB of activations a forward keeps for backward, per part."""
     step = training_step(model, loss_fn)
-    ms, mem, host_ms, allocator = time_steps(step, warmup, steps)
-    row = dict(ms=ms, peak_gib=mem, host_ms=host_ms, allocator_per_step=allocator)
+    ms, mem, reserved, host_ms, allocator = time_steps(step, warmup, steps)
+    row = dict(ms=ms, peak_gib=mem, reserved_gib=reserved, host_ms=host_ms, allocator_per_step=allocator)
     if profile:
         kernels = {}
         row["breakdown_ms"] = step_breakdown(model, step.forward_backward, step.optimizer, parts, KERNEL_RULES,
@@ -216,7 +218,7 @@ def markdown(meta, rows):
         head[-1] += f" Every model compiled with torch.compile (mode {meta.get('compile_mode') or 'default'})."
     columns = ["size"] + ([] if finetune else ["K"]) + ["model", "scan / attention", "batch", "ms / step",
                                                          "host ms", "images / s", "tokens / s", "peak GiB",
-                                                         "cudaMalloc / cudaFree per step"]
+                                                         "reserved GiB", "cudaMalloc / cudaFree per step"]
     lines = head + ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         cells = [r["size"]] + ([] if finetune else [r["num_images"]]) + [r["model"], r["impl"], r["batch"]]
@@ -224,10 +226,11 @@ def markdown(meta, rows):
             host = f"{r['host_ms']:.1f}" if "host_ms" in r else "-"  # rows timed before it was recorded
             counts = r.get("allocator_per_step")
             cells += [f"{r['ms']:.1f}", host, f"{r['images_per_s']:.0f}", f"{r['tokens_per_s']:.0f}",
-                      f"{r['peak_gib']:.1f}", "-" if counts is None else
+                      f"{r['peak_gib']:.1f}", f"{r['reserved_gib']:.1f}" if "reserved_gib" in r else "-",
+                      "-" if counts is None else
                       f"{counts['num_device_alloc']:g} / {counts['num_device_free']:g}"]
         else:
-            cells += [r.get("error", "failed"), "", "", "", "", ""]
+            cells += [r.get("error", "failed"), "", "", "", "", "", ""]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     profiled = [r for r in rows if r.get("breakdown_ms")]
     if profiled:
