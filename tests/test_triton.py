@@ -467,22 +467,19 @@ def test_compiled_blocks_leave_the_norm_and_the_gate_to_inductor():
     (ops,) = traced
     assert not [op for op in ops if "layer_norm_fwd" in op or "swiglu" in op], sorted(ops)
     assert any("selective_scan_fwd" in op for op in ops) and any("causal_conv1d_fwd" in op for op in ops), sorted(ops)
-    with _OpsSeen() as seen:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OpsSeen(TorchDispatchMode):  # the ops that reach the dispatcher's Python key, custom ops as themselves
+        ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with OpsSeen() as seen:
         eager_out = block(x)
     assert {"star.layer_norm_fwd.default", "star.swiglu_fwd.default", "star.selective_scan_fwd.default"} <= seen.ops
     torch.testing.assert_close(compiled_out, eager_out, rtol=1e-5, atol=1e-6)
-
-
-class _OpsSeen(torch.utils._python_dispatch.TorchDispatchMode):
-    """The ops that reach the dispatcher's Python key (custom ops as themselves) while it is on."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.add(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 @needs_kernels

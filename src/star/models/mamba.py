@@ -165,7 +165,7 @@ class SwiGLU(nn.Module):
 class LayerNorm(nn.LayerNorm):
     """nn.LayerNorm (same parameters) whose output is in the autocast dtype while autocast is on, written by the
     norm itself (`star.ops.layer_norm`) instead of an fp32 output that the next matmul casts. Under torch.compile
-    the norm's reference form, which inductor fuses with the residual add before it (`compiled_form`)."""
+    the norm's reference form, for inductor to fuse with the residual add before it (`compiled_form`)."""
 
     def __init__(self, dim: int, eps: float = 1e-5, impl: str = "auto"):
         super().__init__(dim, eps=eps)

@@ -64,11 +64,12 @@ def implementation(op: str, impl: str, x: torch.Tensor) -> Callable:
 
 
 def compiled_form(impl: str) -> str:
-    """The impl a model's norm or gate runs: under torch.compile their reference form, which inductor lowers to
-    its own kernels fused with the residual adds and casts around them (a custom op would stay a kernel apart,
-    and compiling gave STAR-B nothing, docs/benchmarks); the impl asked for in eager, or where a PyTorch form was
-    asked for. The scan and the conv keep their kernels, which inductor cannot write."""
-    return "ref" if impl in ("auto", "triton") and torch.compiler.is_compiling() else impl
+    """The impl a model's norm or gate runs: under torch.compile (and torch.export) their reference form, even
+    where a kernel was named, so that inductor can fuse them with the residual adds and casts around them (a
+    custom op stays a kernel apart; compiling gave STAR-B nothing, docs/benchmarks); the impl asked for in eager,
+    or where a PyTorch form was asked for. The scan and the conv keep their kernels, which inductor cannot
+    write."""
+    return "ref" if impl not in ("ref", "chunked") and torch.compiler.is_compiling() else impl
 
 
 def is_triton(op: str, impl: str, x: torch.Tensor) -> bool:
