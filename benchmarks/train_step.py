@@ -173,8 +173,8 @@ def run(args):
     extra = dict(task=args.task, compile_model=compile_model, profile=args.profile)
     for size in args.sizes:
         for k in args.num_images if args.task == "pretrain" else [1]:
-            runs = [(f"vit_{size}", impl_label("sdpa", compile_model),
-                     lambda: bench_vit(size, k, args.images, args.warmup, args.steps, **extra))]
+            runs = [] if args.no_vit else [(f"vit_{size}", impl_label("sdpa", compile_model),
+                                            lambda: bench_vit(size, k, args.images, args.warmup, args.steps, **extra))]
             for impl in args.impls:
                 if impl == "chunked" and (size not in args.chunked_sizes or k > args.chunked_max_images):
                     continue
@@ -308,6 +308,8 @@ def main():
                         choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
                         help="torch.compile's mode with --compile (reduce-overhead: CUDA graphs)")
     parser.add_argument("--profile", action="store_true", help="add each step's time by part of the model")
+    parser.add_argument("--no-vit", action="store_true",
+                        help="time STAR only (the ViT rows of another run in the same process or call serve)")
     parser.add_argument("--recompute", nargs="+", default=["none"], choices=RECOMPUTE,
                         help="STAR's --model.recompute settings to time (each a row)")
     parser.add_argument("--render", type=Path, metavar="JSON",
