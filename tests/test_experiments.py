@@ -492,6 +492,13 @@ def test_long_unit_evaluates_every_snapshot_and_brings_its_encoder_home(tmp_path
     long.merge(returned, home)
     assert json.loads((home / "results.json").read_text()) == results
     assert (home / study.curve_file(rid, "star_k4", 0)).is_file()
+    # merged after a later call of the same chain (which carried this record on): the encoder still comes home
+    later = tmp_path / "later"
+    later.mkdir()
+    shutil.copy(home / "results.json", later / "results.json")
+    long.merge(returned, later)
+    names = lambda folder: sorted(p.name for p in (folder / "encoders").iterdir())  # noqa: E731
+    assert names(later) == names(home) != []
     model_dir = long.unpack_encoder(home / "encoders", f"enc-{rid}-star_k4-s0", tmp_path / "unpacked")
     parts = {k: v for f in sorted((home / "encoders").glob("*.safetensors")) for k, v in load_file(str(f)).items()}
     classifier, report = classifier_from_pretrain(model_dir, num_classes=10)

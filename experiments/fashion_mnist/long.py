@@ -655,14 +655,27 @@ def merge(returned: Path, out: Path) -> None:
         raise SystemExit(f"merge: no long.tgz in {returned}")
     merged = study.merge(archive, out)
     results = study.load_results(out / "results.json")
-    taken = {encoder_stem(key.split("/")[0], key.split("/")[1], int(key.split("/")[2][1:]))
-             for key in merged["added"] + merged["replaced"]
-             if key.endswith("/pretrain") or key.rsplit("/", 1)[1].startswith(REBUILD) and results[key]["matched"]}
     home = out / "encoders"
 
+    def stem_of(key):
+        rid, arm, seed, _ = key.split("/")
+        return encoder_stem(rid, arm, int(seed[1:]))
+
+    def source(stem):  # the run that made the returned encoder: "pretrain" or a rebuild's item
+        return json.loads((returned / f"{stem}.json").read_text()).get("encoder_source", "pretrain")
+
+    makers = [key for key in results if key.endswith("/pretrain")
+              or key.rsplit("/", 1)[1].startswith(REBUILD) and results[key]["matched"]]
+    new = set(merged["added"] + merged["replaced"])
+    taken = {stem_of(key) for key in makers if key in new}
+    # An encoder whose run was recorded here already, identically (a later call of the same chain, which carried
+    # the record on, was merged first), is taken where none is here: it is that record's encoder.
+    taken |= {stem_of(key) for key in makers if key not in new and key not in merged["reruns"]
+              and (returned / f"{stem_of(key)}.json").is_file() and not (home / f"{stem_of(key)}.json").is_file()
+              and source(stem_of(key)) == key.rsplit("/", 1)[1]}
+
     def kept_home(stem):  # a rebuild never replaces an encoder kept here (the unit's own, or an earlier rebuild)
-        source = json.loads((returned / f"{stem}.json").read_text()).get("encoder_source", "pretrain")
-        return source != "pretrain" and (home / f"{stem}.json").is_file()
+        return source(stem) != "pretrain" and (home / f"{stem}.json").is_file()
 
     taken = {stem for stem in taken if (returned / f"{stem}.json").is_file() and not kept_home(stem)}
     encoders = [p for p in sorted(returned.glob("enc-*")) if p.name.split(".")[0] in taken]

@@ -10,9 +10,10 @@
 # encoder is 20 MB, beside 30 MB of Fashion-MNIST, in the device's 64 MiB). RUN_ARGS go to `long.py run` as they
 # are (e.g. --rebuild, --ft-arms arm_k1).
 # Chaining calls on one warm machine (it is given back 30 s after a call ends, too soon to merge and stage at home
-# in between): every call leaves its new encoders in the machine's carry folder, where a later call finds them
-# unless it carries that folder itself, and FROM_MACHINE=1 starts a call from the previous call's results on the
-# machine instead of the tree's. Merge the calls' folders at home in the order they ran.
+# in between): every call leaves its new encoders in the machine's carry folder (listed in carry/.from_machine),
+# where a later call finds them unless it carries that folder itself, and FROM_MACHINE=1 starts a call from the
+# previous call's results on the machine instead of the tree's. A call that does not start from them drops
+# them: they belong to records it does not have. Merge the calls' folders at home (in any order).
 set -uo pipefail
 commit=${1:?usage: OUT=<folder> long_call.sh COMMIT [BUDGET_MIN [units|finetunes|all [RUN_ARGS...]]]}
 if [[ $commit =~ ^[0-9a-f]{40}$ ]]; then commit=${commit:0:7}; fi  # recorded short, as git_commit() does
@@ -24,9 +25,17 @@ shift $(( $# < 3 ? $# : 3 ))  # what is left goes to long.py run
 export PYTHONPATH=$PWD/src STAR_DATA=${STAR_DATA:-$PWD/.fmnist} STAR_COMMIT=$commit TQDM_DISABLE=1 PYTHONUNBUFFERED=1
 work=/tmp/long
 from=experiments/fashion_mnist/long
+carry=experiments/fashion_mnist/long/carry
+keep_encoders() {  # the call's new encoders (in folder $1) for a later call on this machine
+    compgen -G "$1/enc-*" > /dev/null || return 0
+    mkdir -p $carry && cp "$1"/enc-* $carry/ && (cd "$1" && ls enc-*) >> $carry/.from_machine
+}
 if [ "${FROM_MACHINE:-0}" = 1 ]; then
     [ -f $work/results.json ] || { echo "long_call.sh: FROM_MACHINE=1, but no earlier call left its results"; exit 2; }
     rm -rf /tmp/long_previous && mv $work /tmp/long_previous && from=/tmp/long_previous
+    keep_encoders $from/encoders  # again: that call may have been stopped before it kept them
+elif [ -f $carry/.from_machine ]; then
+    (cd $carry && xargs rm -f < .from_machine && rm .from_machine)
 fi
 rm -rf $work /tmp/longruns && mkdir -p $work  # a warm machine keeps an earlier call's files
 for name in results.json curves figures; do
@@ -40,8 +49,6 @@ timeout -k 5 "$(python3 -c "print(int($budget * 60 + 20))")" python3 -m experime
     $only "$@" > "$OUT/log.txt" 2>&1
 rc=$?
 python3 -m experiments.fashion_mnist.long pack --out $work --dest "$OUT" || exit 1
-if compgen -G "$work/encoders/enc-*" > /dev/null; then  # for a later call on this machine (see the top)
-    mkdir -p experiments/fashion_mnist/long/carry && cp $work/encoders/enc-* experiments/fashion_mnist/long/carry/
-fi
+keep_encoders $work/encoders
 echo "long_call.sh: run exited $rc (3: stopped by its budget with work left; 124: killed at the deadline)"
 exit $rc
