@@ -445,7 +445,7 @@ def test_models_compile_fullgraph_and_match_eager(name, recompute):
 
 @needs_kernels
 def test_compiled_blocks_leave_the_norm_and_the_gate_to_inductor():
-    """Under torch.compile a block's norms and SwiGLU gate trace as their PyTorch forms, which inductor fuses with
+    """Under torch.compile a block's norms and SwiGLU gate trace as their PyTorch forms, for inductor to fuse with
     the residual adds and casts, and the mixer keeps its kernels; eager runs every kernel."""
     import torch.fx
 
