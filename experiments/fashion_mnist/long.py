@@ -664,20 +664,23 @@ def merge(returned: Path, out: Path) -> None:
     def source(stem):  # the run that made the returned encoder: "pretrain" or a rebuild's item
         return json.loads((returned / f"{stem}.json").read_text()).get("encoder_source", "pretrain")
 
-    makers = [key for key in results if key.endswith("/pretrain")
-              or key.rsplit("/", 1)[1].startswith(REBUILD) and results[key]["matched"]]
     new = set(merged["added"] + merged["replaced"])
-    taken = {stem_of(key) for key in makers if key in new}
-    # An encoder whose run was recorded here already, identically (a later call of the same chain, which carried
-    # the record on, was merged first), is taken where none is here: it is that record's encoder.
-    taken |= {stem_of(key) for key in makers if key not in new and key not in merged["reruns"]
-              and (returned / f"{stem_of(key)}.json").is_file() and not (home / f"{stem_of(key)}.json").is_file()
-              and source(stem_of(key)) == key.rsplit("/", 1)[1]}
-
-    def kept_home(stem):  # a rebuild never replaces an encoder kept here (the unit's own, or an earlier rebuild)
-        return source(stem) != "pretrain" and (home / f"{stem}.json").is_file()
-
-    taken = {stem for stem in taken if (returned / f"{stem}.json").is_file() and not kept_home(stem)}
+    taken = set()
+    for key in results:  # the runs that make encoders: pretrainings, and rebuilds that repeated theirs
+        item = key.rsplit("/", 1)[1]
+        if not (item == "pretrain" or item.startswith(REBUILD) and results[key]["matched"]):
+            continue
+        stem = stem_of(key)
+        if not (returned / f"{stem}.json").is_file():
+            continue
+        at_home = (home / f"{stem}.json").is_file()
+        if key in new:  # a rebuild never replaces an encoder kept here (the unit's own, or an earlier rebuild)
+            if source(stem) == "pretrain" or not at_home:
+                taken.add(stem)
+        # a run recorded here already, identically (a later call of the same chain, which carried the record on,
+        # was merged first): its encoder, where none is here
+        elif key not in merged["reruns"] and not at_home and source(stem) == item:
+            taken.add(stem)
     encoders = [p for p in sorted(returned.glob("enc-*")) if p.name.split(".")[0] in taken]
     skipped = len(list(returned.glob("enc-*"))) - len(encoders)
     home.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ shift $(( $# < 3 ? $# : 3 ))  # what is left goes to long.py run
 : "${OUT:?set OUT to the folder the results go to}"
 export PYTHONPATH=$PWD/src STAR_DATA=${STAR_DATA:-$PWD/.fmnist} STAR_COMMIT=$commit TQDM_DISABLE=1 PYTHONUNBUFFERED=1
 work=/tmp/long
-from=experiments/fashion_mnist/long
+from=experiments/fashion_mnist/long  # what the call starts from: the tree's results, or (below) the machine's
 carry=experiments/fashion_mnist/long/carry
 keep_encoders() {  # the call's new encoders (in folder $1) for a later call on this machine
     compgen -G "$1/enc-*" > /dev/null || return 0
@@ -45,7 +45,7 @@ done
 cp $work/results.json $work/start.json  # what the call started from, for merge
 # a unit that overruns its estimate is stopped 20 s past the budget, leaving time to pack what is done
 timeout -k 5 "$(python3 -c "print(int($budget * 60 + 20))")" python3 -m experiments.fashion_mnist.long run \
-    --budget-min "$budget" --out $work --runs /tmp/longruns --encoders "$PWD/experiments/fashion_mnist/long/carry" \
+    --budget-min "$budget" --out $work --runs /tmp/longruns --encoders "$PWD/$carry" \
     $only "$@" > "$OUT/log.txt" 2>&1
 rc=$?
 python3 -m experiments.fashion_mnist.long pack --out $work --dest "$OUT" || exit 1
