@@ -443,6 +443,27 @@ def test_models_compile_fullgraph_and_match_eager(name, recompute):
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-3, atol=1e-5, msg=k)
 
 
+def _star_ops():
+    """A dispatch mode that records the star ops run while it is on (`names`) and the scan states their forwards
+    keep (`states`, in elements)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class StarOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names, self.states = [], 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.name().startswith("star::"):
+                self.names.append(func.name())
+            if func.name() == "star::selective_scan_fwd":
+                self.states += out[1].numel()
+            return out
+
+    return StarOps()
+
+
 @needs_kernels
 def test_compiled_blocks_leave_the_norm_and_the_gate_to_inductor():
     """Under torch.compile a block's norms and SwiGLU gate trace as their PyTorch forms, for inductor to fuse with
@@ -467,18 +488,9 @@ def test_compiled_blocks_leave_the_norm_and_the_gate_to_inductor():
     (ops,) = traced
     assert not [op for op in ops if "layer_norm_fwd" in op or "swiglu" in op], sorted(ops)
     assert any("selective_scan_fwd" in op for op in ops) and any("causal_conv1d_fwd" in op for op in ops), sorted(ops)
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class OpsSeen(TorchDispatchMode):  # the ops that reach the dispatcher's Python key, custom ops as themselves
-        ops = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.add(str(func))
-            return func(*args, **(kwargs or {}))
-
-    with OpsSeen() as seen:
+    with _star_ops() as seen:
         eager_out = block(x)
-    assert {"star.layer_norm_fwd.default", "star.swiglu_fwd.default", "star.selective_scan_fwd.default"} <= seen.ops
+    assert {"star::layer_norm_fwd", "star::swiglu_fwd", "star::selective_scan_fwd"} <= set(seen.names)
     torch.testing.assert_close(compiled_out, eager_out, rtol=1e-5, atol=1e-6)
 
 
@@ -538,23 +550,8 @@ def test_mixer_scan_equals_the_composed_ops_and_recompute_reruns_the_scan_inputs
     output and every gradient equal those of the separate ops composed by autograd, exactly (float32, and bf16
     autocast). With recompute="mixer" its backward reruns the conv and the projections but not the scan's forward,
     with the same gradients, and keeps less. Both compile without a graph break."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     import star.models.mamba as mamba
     from star.models.mamba import MambaMixer, scan_orders
-
-    class Ops(TorchDispatchMode):  # the star ops that run while active, and the scan states they keep
-        def __init__(self):
-            super().__init__()
-            self.names, self.states = [], 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if func.name().startswith("star::"):
-                self.names.append(func.name())
-            if func.name() == "star::selective_scan_fwd":
-                self.states += out[1].numel()
-            return out
 
     torch.manual_seed(0)
     side = 3
@@ -581,7 +578,7 @@ def test_mixer_scan_equals_the_composed_ops_and_recompute_reruns_the_scan_inputs
                     torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
                 out = mixer(x, orders)
             assert out.dtype == (torch.bfloat16 if autocast else torch.float32)
-            with Ops() as backward_ops:
+            with _star_ops() as backward_ops:
                 grads = torch.autograd.grad(out.float().square().sum(), [x, *mixer.parameters()])
         results[mode] = out.detach(), grads, sum(kept), backward_ops.names
     out_c, grads_c, kept_c, _ = results["composed"]
@@ -595,7 +592,7 @@ def test_mixer_scan_equals_the_composed_ops_and_recompute_reruns_the_scan_inputs
     assert kept <= kept_c, (kept, kept_c)  # none keeps x, z, u, [dt | B | C] and delta, as the composed ops do
     assert kept_r < 0.6 * kept, (kept_r, kept)  # mixer: x, z and the projections' inputs; not u, delta, B, C
     mixer.recompute_scan = False
-    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast), Ops() as no_grad_ops:
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast), _star_ops() as no_grad_ops:
         assert torch.equal(mixer(x, orders), out)
     assert no_grad_ops.names == ["star::causal_conv1d_fwd", "star::selective_scan_fwd"]
     assert no_grad_ops.states == 0  # no backward to prepare: the scan keeps no segment states
